@@ -24,9 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 DESCRIPTOR_SET = Path("deploy/envoy/myl.pb")
 # Protos whose Python code we generate (google/* comes from googleapis-common-protos).
-PYTHON_SOURCES = sorted(
-    str(p.relative_to(PROTOS)) for p in (PROTOS / "myl").rglob("*.proto")
-)
+PYTHON_SOURCES = sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / "myl").rglob("*.proto"))
 # Protos the gateway transcodes, plus the error detail types it must render.
 GATEWAY_SOURCES = [
     "myl/cert/v1/cert.proto",

@@ -1,0 +1,1 @@
+DROP TABLE IF EXISTS device_api_keys;

@@ -1,0 +1,211 @@
+"""The Redis cache layer shared by both services.
+
+Redis is a cache, never the source of truth. Every call goes through a circuit
+breaker: after `breaker_threshold` consecutive failures the circuit opens and
+calls answer at once (a miss for reads, nothing for writes) for
+`breaker_reset` seconds; then one call probes Redis again. A down Redis thus
+costs microseconds per call instead of a timeout.
+
+Invalidations that fail are remembered and replayed when Redis answers again,
+and every entry has a TTL, so an entry can never outlive a change for long.
+
+Keys are `myl:<namespace>:{<tag>}<suffix>`: the hash tag keeps all keys of one
+entity in one Redis Cluster slot, so pipelines and scripts run unchanged on a
+cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from google.protobuf.message import DecodeError, Message
+from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisError
+
+from shared.config import RedisConfig
+from shared.logging import get_logger
+from shared.metrics import CIRCUIT_OPEN, REDIS_ERRORS
+
+M = TypeVar("M", bound=Message)
+T = TypeVar("T")
+
+log = get_logger(__name__)
+
+
+def cache_key(namespace: str, tag: str, suffix: str = "") -> str:
+    """`myl:<namespace>:{<tag>}<suffix>`; `tag` decides the cluster slot."""
+    return f"myl:{namespace}:{{{tag}}}{suffix}"
+
+
+class CircuitBreaker:
+    """Counts consecutive failures; open means "do not even try"."""
+
+    def __init__(
+        self, threshold: int, reset_after: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.threshold = threshold
+        self.reset_after = reset_after
+        self.clock = clock
+        self.failures = 0
+        self.opened_at: float | None = None
+
+    def allow(self) -> bool:
+        if self.opened_at is None:
+            return True
+        if self.clock() - self.opened_at >= self.reset_after:
+            # Half-open: let this call probe; a failure re-opens at once.
+            self.opened_at = None
+            self.failures = self.threshold - 1
+            return True
+        return False
+
+    @property
+    def is_open(self) -> bool:
+        return self.opened_at is not None
+
+    def success(self) -> None:
+        self.failures = 0
+        if self.opened_at is not None:
+            self.opened_at = None
+            CIRCUIT_OPEN.set(0)
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold and self.opened_at is None:
+            self.opened_at = self.clock()
+            CIRCUIT_OPEN.set(1)
+            log.warning("redis circuit opened", failures=self.failures)
+
+
+class Cache:
+    """get/set/delete with TTL, protobuf values, pipelines and scripts."""
+
+    def __init__(self, client: aioredis.Redis | None, breaker: CircuitBreaker) -> None:
+        self.client = client
+        self.breaker = breaker
+        self._pending_deletes: set[str] = set()
+
+    @classmethod
+    def from_config(cls, config: RedisConfig) -> Cache:
+        breaker = CircuitBreaker(config.breaker_threshold, config.breaker_reset)
+        if not config.enabled:
+            return cls(None, breaker)
+        client = aioredis.Redis(
+            host=config.host,
+            port=config.port,
+            password=config.password or None,
+            db=config.db,
+            socket_timeout=config.socket_timeout,
+            socket_connect_timeout=config.socket_timeout,
+            health_check_interval=0,
+            max_connections=256,
+        )
+        return cls(client, breaker)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+    @property
+    def available(self) -> bool:
+        return self.client is not None and not self.breaker.is_open
+
+    async def run(self, operation: Callable[[aioredis.Redis], Awaitable[T]], default: T) -> T:
+        """Run one Redis operation behind the breaker; `default` when Redis is away."""
+        client = self.client
+        if client is None or not self.breaker.allow():
+            REDIS_ERRORS.labels("short_circuit").inc()
+            return default
+        try:
+            if self._pending_deletes:
+                await self._replay_deletes(client)
+            result = await operation(client)
+        except (RedisError, OSError) as exc:
+            self.breaker.failure()
+            REDIS_ERRORS.labels(type(exc).__name__).inc()
+            return default
+        self.breaker.success()
+        return result
+
+    async def _replay_deletes(self, client: aioredis.Redis) -> None:
+        keys = list(self._pending_deletes)
+        await client.delete(*keys)
+        self._pending_deletes.difference_update(keys)
+        log.info("replayed cache invalidations", count=len(keys))
+
+    async def get(self, key: str) -> bytes | None:
+        async def op(client: aioredis.Redis) -> bytes | None:
+            value = await client.get(key)
+            return value if isinstance(value, bytes) else None
+
+        return await self.run(op, None)
+
+    async def set(self, key: str, value: bytes, ttl: float) -> bool:
+        async def op(client: aioredis.Redis) -> bool:
+            return bool(await client.set(key, value, px=max(1, int(ttl * 1000))))
+
+        return await self.run(op, False)
+
+    async def delete(self, *keys: str) -> bool:
+        """Invalidate; when Redis is away the keys are deleted once it is back."""
+
+        async def op(client: aioredis.Redis) -> bool:
+            await client.delete(*keys)
+            return True
+
+        done = await self.run(op, False)
+        if not done and self.client is not None:
+            self._pending_deletes.update(keys)
+        return done
+
+    async def get_message(self, key: str, message_type: type[M]) -> M | None:
+        raw = await self.get(key)
+        if raw is None:
+            return None
+        message = message_type()
+        try:
+            message.ParseFromString(raw)
+        except DecodeError:
+            return None
+        return message
+
+    async def set_message(self, key: str, message: Message, ttl: float) -> bool:
+        return await self.set(key, message.SerializeToString(), ttl)
+
+    async def pipeline(
+        self, build: Callable[[Pipeline], None], default: Sequence[Any]
+    ) -> Sequence[Any]:
+        """Run the commands `build` queues in one round trip (no MULTI)."""
+
+        async def op(client: aioredis.Redis) -> Sequence[Any]:
+            pipe = client.pipeline(transaction=False)
+            build(pipe)
+            result: list[Any] = await pipe.execute()
+            return result
+
+        return await self.run(op, default)
+
+    def register_script(self, source: str) -> Script:
+        return Script(self, source)
+
+
+class Script:
+    """A Lua script run with EVALSHA (loading it on first use) behind the breaker."""
+
+    def __init__(self, cache: Cache, source: str) -> None:
+        self.cache = cache
+        self.source = source
+        self._script = cache.client.register_script(source) if cache.client is not None else None
+
+    async def __call__(self, keys: Sequence[str], args: Sequence[Any], default: T) -> Any | T:
+        script = self._script
+        if script is None:
+            return default
+
+        async def op(_: aioredis.Redis) -> Any:
+            return await script(keys=list(keys), args=list(args))
+
+        return await self.cache.run(op, default)

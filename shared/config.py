@@ -1,0 +1,224 @@
+"""Typed configuration from the environment.
+
+Every setting has a seed name (`DB_HOST`, `REDIS_PORT`, ...) and a per-service
+override with the service's prefix (`CERT_SERVICE_DB_HOST` beats `DB_HOST` for
+cert_service). A value that does not parse stops start-up with a `ConfigError`
+naming the variable, its value and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or malformed."""
+
+    def __init__(self, name: str, value: str | None, expected: str) -> None:
+        self.name = name
+        self.value = value
+        shown = "<unset>" if value is None else repr(value)
+        super().__init__(f"invalid configuration {name}={shown}: expected {expected}")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class EnvReader:
+    """Reads typed values, preferring `<PREFIX>_<NAME>` over `<NAME>`."""
+
+    def __init__(self, prefix: str, environ: Mapping[str, str] | None = None) -> None:
+        self.prefix = prefix
+        self.environ = os.environ if environ is None else environ
+
+    def _lookup(self, name: str) -> tuple[str, str | None]:
+        scoped = f"{self.prefix}_{name}" if self.prefix else name
+        if scoped in self.environ:
+            return scoped, self.environ[scoped]
+        return name, self.environ.get(name)
+
+    def text(self, name: str, default: str) -> str:
+        _, value = self._lookup(name)
+        return default if value is None else value
+
+    def integer(
+        self, name: str, default: int, *, minimum: int = 0, maximum: int = 2**31 - 1
+    ) -> int:
+        key, value = self._lookup(name)
+        if value is None or value == "":
+            return default
+        try:
+            parsed = int(value)
+        except ValueError:
+            raise ConfigError(key, value, "an integer") from None
+        if not minimum <= parsed <= maximum:
+            raise ConfigError(key, value, f"an integer from {minimum} to {maximum}")
+        return parsed
+
+    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        key, value = self._lookup(name)
+        if value is None or value == "":
+            return default
+        try:
+            parsed = float(value)
+        except ValueError:
+            raise ConfigError(key, value, "a number") from None
+        if not parsed >= minimum or parsed != parsed or parsed == float("inf"):
+            raise ConfigError(key, value, f"a finite number of at least {minimum}")
+        return parsed
+
+    def flag(self, name: str, default: bool) -> bool:
+        key, value = self._lookup(name)
+        if value is None or value == "":
+            return default
+        lowered = value.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ConfigError(key, value, "one of true/false/1/0/yes/no/on/off")
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        key, value = self._lookup(name)
+        if value is None or value == "":
+            return default
+        if value not in choices:
+            raise ConfigError(key, value, "one of " + ", ".join(choices))
+        return value
+
+    def port(self, name: str, default: int) -> int:
+        return self.integer(name, default, minimum=0, maximum=65535)
+
+    def path(self, name: str, default: Path) -> Path:
+        _, value = self._lookup(name)
+        return default if value is None or value == "" else Path(value)
+
+
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    host: str = "127.0.0.1"
+    port: int = 5432
+    name: str = "myl"
+    user: str = "postgres"
+    password: str = ""
+    sslmode: str = "prefer"
+    pool_min: int = 2
+    pool_max: int = 20
+    idle_timeout: float = 30.0
+    connect_timeout: float = 2.0
+
+    @classmethod
+    def from_env(cls, env: EnvReader, *, production: bool) -> DatabaseConfig:
+        pool_max = env.integer("DB_POOL_MAX", 20, minimum=1, maximum=1000)
+        return cls(
+            host=env.text("DB_HOST", "127.0.0.1"),
+            port=env.port("DB_PORT", 5432),
+            name=env.text("DB_NAME", "myl"),
+            user=env.text("DB_USER", "postgres"),
+            password=env.text("DB_PASSWORD", ""),
+            # TLS to the database in production, opportunistic elsewhere.
+            sslmode=env.choice("DB_SSLMODE", "verify-full" if production else "prefer", SSL_MODES),
+            pool_min=env.integer("DB_POOL_MIN", min(2, pool_max), minimum=0, maximum=pool_max),
+            pool_max=pool_max,
+            idle_timeout=env.number("DB_IDLE_TIMEOUT", 30.0, minimum=1.0),
+            connect_timeout=env.number("DB_CONNECT_TIMEOUT", 2.0, minimum=0.1),
+        )
+
+    def conninfo(self) -> str:
+        from psycopg.conninfo import make_conninfo
+
+        return make_conninfo(
+            host=self.host,
+            port=self.port,
+            dbname=self.name,
+            user=self.user,
+            password=self.password or None,
+            sslmode=self.sslmode,
+            connect_timeout=max(1, round(self.connect_timeout)),
+            application_name="myl",
+        )
+
+    def describe(self) -> str:
+        """Where the database is, without the password."""
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{self.name}"
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    host: str = "127.0.0.1"
+    port: int = 6379
+    password: str = ""
+    db: int = 0
+    # A cache answer slower than this is treated as a miss.
+    socket_timeout: float = 0.25
+    # Consecutive failures that open the circuit, and how long it stays open.
+    breaker_threshold: int = 3
+    breaker_reset: float = 2.0
+    enabled: bool = True
+
+    @classmethod
+    def from_env(cls, env: EnvReader) -> RedisConfig:
+        return cls(
+            host=env.text("REDIS_HOST", "127.0.0.1"),
+            port=env.port("REDIS_PORT", 6379),
+            password=env.text("REDIS_PASSWORD", ""),
+            db=env.integer("REDIS_DB", 0, maximum=15),
+            socket_timeout=env.number("REDIS_TIMEOUT", 0.25, minimum=0.001),
+            breaker_threshold=env.integer("REDIS_BREAKER_THRESHOLD", 3, minimum=1),
+            breaker_reset=env.number("REDIS_BREAKER_RESET", 2.0, minimum=0.01),
+            enabled=env.flag("REDIS_ENABLED", True),
+        )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What every gRPC service process needs."""
+
+    service: str
+    host: str
+    port: int
+    environment: str
+    log_level: str
+    log_format: str
+    metrics_port: int
+    shutdown_grace: float
+    database: DatabaseConfig
+    redis: RedisConfig
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def from_env(
+        cls,
+        service: str,
+        default_port: int,
+        default_metrics_port: int,
+        environ: Mapping[str, str] | None = None,
+    ) -> ServerConfig:
+        env = EnvReader(service.upper(), environ)
+        environment = env.choice(
+            "ENVIRONMENT", "development", ("development", "test", "production")
+        )
+        return cls(
+            service=service,
+            host=env.text("HOST", "127.0.0.1"),
+            port=env.port("PORT", default_port),
+            environment=environment,
+            log_level=env.choice(
+                "LOG_LEVEL", "info", ("debug", "info", "warning", "error", "critical")
+            ),
+            log_format=env.choice("LOG_FORMAT", "json", ("json", "console")),
+            metrics_port=env.port("METRICS_PORT", default_metrics_port),
+            shutdown_grace=env.number("SHUTDOWN_GRACE", 10.0),
+            database=DatabaseConfig.from_env(env, production=environment == "production"),
+            redis=RedisConfig.from_env(env),
+        )

@@ -1,0 +1,231 @@
+"""Throwaway PostgreSQL and Redis servers from the system's binaries.
+
+Used by `make run` (under `.run/`) and by the test suite (under a temporary
+directory). PostgreSQL refuses to run as root, so when we are root the data
+directory is handed to the `postgres` user and the server runs as that user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+class DevStackError(RuntimeError):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise DevStackError(f"process {process.args!r} exited with {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+            return
+        time.sleep(0.02)
+    raise DevStackError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+def _as_postgres() -> list[str]:
+    if os.geteuid() != 0:
+        return []
+    return ["runuser", "-u", "postgres", "--"]
+
+
+def _chown_to_postgres(path: Path) -> None:
+    if os.geteuid() == 0:
+        entry = pwd.getpwnam("postgres")
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+class PostgresServer:
+    """A PostgreSQL cluster in `directory`, listening on 127.0.0.1:`port`."""
+
+    def __init__(self, directory: Path, port: int, *, durable: bool = True) -> None:
+        self.directory = directory
+        self.data = directory / "data"
+        self.socket_dir = directory / "socket"
+        self.port = port
+        self.durable = durable
+        self.host = "127.0.0.1"
+        self.user = "postgres"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _check_binaries(self) -> None:
+        if not (PG_BIN / "postgres").exists():
+            raise DevStackError(
+                f"PostgreSQL server binaries not found in {PG_BIN}: install postgresql-15 "
+                "(apt-get install postgresql-15) or set PG_BIN, or point DB_HOST at a server"
+            )
+
+    def init(self) -> None:
+        self._check_binaries()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.chmod(0o755)
+        if (self.data / "PG_VERSION").exists():
+            return
+        self.data.mkdir(mode=0o700, exist_ok=True)
+        self.socket_dir.mkdir(exist_ok=True)
+        for path in (self.directory, self.data, self.socket_dir):
+            _chown_to_postgres(path)
+        subprocess.run(
+            [
+                *_as_postgres(),
+                str(PG_BIN / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                self.user,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C.UTF-8",
+                *([] if self.durable else ["--no-sync"]),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.init()
+        options = [
+            "-c", f"port={self.port}",
+            "-c", "listen_addresses=127.0.0.1",
+            "-c", f"unix_socket_directories={self.socket_dir}",
+            "-c", "max_connections=300",
+            "-c", "shared_buffers=256MB",
+            "-c", "logging_collector=off",
+            "-c", "log_min_messages=warning",
+        ]  # fmt: skip
+        if not self.durable:
+            options += ["-c", "fsync=off", "-c", "synchronous_commit=off"]
+            options += ["-c", "full_page_writes=off"]
+        log = open(self.directory / "postgres.log", "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [*_as_postgres(), str(PG_BIN / "postgres"), "-D", str(self.data), *options],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        log.close()
+        wait_for_port(self.host, self.port, timeout, self.process)
+        self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                psycopg.connect(self.conninfo("postgres"), connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def conninfo(self, dbname: str) -> str:
+        return f"host={self.host} port={self.port} user={self.user} dbname={dbname}"
+
+    def create_database(self, name: str, template: str | None = None) -> None:
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(self.conninfo("postgres"), autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if exists.fetchone():
+                return
+            query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+            if template:
+                query = sql.SQL("{} TEMPLATE {}").format(query, sql.Identifier(template))
+            conn.execute(query)
+
+    def drop_database(self, name: str) -> None:
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(self.conninfo("postgres"), autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+    def stop(self) -> None:
+        _stop(self.process, signal.SIGINT)
+        self.process = None
+
+
+class RedisServer:
+    """A non-persistent redis-server on 127.0.0.1:`port`."""
+
+    def __init__(self, directory: Path, port: int) -> None:
+        self.directory = directory
+        self.port = port
+        self.host = "127.0.0.1"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def binary() -> str:
+        found = shutil.which("redis-server")
+        if found is None:
+            raise DevStackError(
+                "redis-server not found: install it (apt-get install redis-server) "
+                "or point REDIS_HOST at a server"
+            )
+        return found
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                self.binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                self.host,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+                "--logfile",
+                str(self.directory / "redis.log"),
+            ],  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for_port(self.host, self.port, timeout, self.process)
+
+    def stop(self) -> None:
+        _stop(self.process, signal.SIGTERM)
+        self.process = None
+
+
+def _stop(process: subprocess.Popen[bytes] | None, sig: signal.Signals) -> None:
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

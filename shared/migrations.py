@@ -1,0 +1,191 @@
+"""Schema migrations: up, status and rollback.
+
+Each service keeps numbered SQL files in its own `migrations/` folder:
+`0001_device_certificates.up.sql` and `0001_device_certificates.down.sql`.
+Applied migrations are recorded in `migration_history` (one row per service
+and version, with the SHA-256 of the up file). Runners take a PostgreSQL
+advisory lock per service, so two racing runners apply each migration once;
+every migration runs in its own transaction together with its history row, so
+a failing migration leaves nothing half-applied. A migration whose file changed
+after it was applied is refused (checksum mismatch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+_FILE = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.(?P<direction>up|down)\.sql$")
+
+HISTORY_DDL = """
+CREATE TABLE IF NOT EXISTS migration_history (
+    service     text        NOT NULL,
+    version     integer     NOT NULL,
+    name        text        NOT NULL,
+    checksum    text        NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (service, version)
+)
+"""
+
+
+class MigrationError(Exception):
+    """A migration cannot be applied, rolled back or trusted."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    up_sql: str
+    down_sql: str | None
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.up_sql.encode()).hexdigest()
+
+    @property
+    def label(self) -> str:
+        return f"{self.version:04d}_{self.name}"
+
+
+@dataclass(frozen=True)
+class MigrationState:
+    migration: Migration
+    applied_at: datetime | None
+    recorded_checksum: str | None
+
+    @property
+    def state(self) -> str:
+        if self.applied_at is None:
+            return "pending"
+        if self.recorded_checksum != self.migration.checksum:
+            return "modified"
+        return "applied"
+
+
+def load_migrations(directory: Path) -> list[Migration]:
+    ups: dict[int, tuple[str, str]] = {}
+    downs: dict[int, str] = {}
+    for path in sorted(directory.glob("*.sql")):
+        match = _FILE.match(path.name)
+        if match is None:
+            raise MigrationError(f"unexpected file name {path.name} in {directory}")
+        version = int(match["version"])
+        text = path.read_text()
+        if match["direction"] == "up":
+            if version in ups:
+                raise MigrationError(f"two up migrations with version {version:04d}")
+            ups[version] = (match["name"], text)
+        else:
+            downs[version] = text
+    stray = set(downs) - set(ups)
+    if stray:
+        raise MigrationError(f"down migration without up: {sorted(stray)}")
+    return [
+        Migration(version, name, up, downs.get(version))
+        for version, (name, up) in sorted(ups.items())
+    ]
+
+
+def _lock_id(service: str) -> int:
+    digest = hashlib.sha256(f"myl-migrations:{service}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class MigrationRunner:
+    def __init__(self, conninfo: str, service: str, migrations: list[Migration]) -> None:
+        self.conninfo = conninfo
+        self.service = service
+        self.migrations = migrations
+
+    async def _connect(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
+        conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+        await conn.execute("SELECT pg_advisory_lock(%s)", (_lock_id(self.service),))
+        await conn.execute(HISTORY_DDL)
+        return conn
+
+    async def _states(
+        self, conn: psycopg.AsyncConnection[tuple[object, ...]]
+    ) -> list[MigrationState]:
+        cur = await conn.execute(
+            "SELECT version, checksum, applied_at FROM migration_history WHERE service = %s",
+            (self.service,),
+        )
+        recorded = {int(str(v)): (str(c), a) for v, c, a in await cur.fetchall()}
+        known = {m.version for m in self.migrations}
+        unknown = sorted(set(recorded) - known)
+        if unknown:
+            raise MigrationError(
+                f"{self.service}: database has migrations this code does not know: {unknown}"
+            )
+        states = []
+        for m in self.migrations:
+            checksum, applied_at = recorded.get(m.version, (None, None))
+            assert applied_at is None or isinstance(applied_at, datetime)
+            states.append(MigrationState(m, applied_at, checksum))
+        return states
+
+    async def status(self) -> list[MigrationState]:
+        async with await self._connect() as conn:
+            return await self._states(conn)
+
+    async def up(self) -> list[Migration]:
+        """Apply every pending migration, in order; returns what was applied."""
+        async with await self._connect() as conn:
+            states = await self._states(conn)
+            for s in states:
+                if s.state == "modified":
+                    raise MigrationError(
+                        f"{self.service}: migration {s.migration.label} was changed after it was "
+                        f"applied (checksum {s.recorded_checksum} in migration_history, "
+                        f"{s.migration.checksum} on disk); add a new migration instead"
+                    )
+            applied = []
+            for s in states:
+                if s.state != "pending":
+                    continue
+                m = s.migration
+                try:
+                    async with conn.transaction():
+                        await conn.execute(sql.SQL(m.up_sql))
+                        await conn.execute(
+                            "INSERT INTO migration_history (service, version, name, checksum) "
+                            "VALUES (%s, %s, %s, %s)",
+                            (self.service, m.version, m.name, m.checksum),
+                        )
+                except psycopg.Error as exc:
+                    raise MigrationError(
+                        f"{self.service}: migration {m.label} failed: {exc}"
+                    ) from exc
+                applied.append(m)
+            return applied
+
+    async def down(self, steps: int = 1) -> list[Migration]:
+        """Roll back the last `steps` applied migrations; returns them."""
+        async with await self._connect() as conn:
+            states = [s for s in await self._states(conn) if s.applied_at is not None]
+            rolled = []
+            for s in reversed(states[-steps:] if steps > 0 else []):
+                m = s.migration
+                if m.down_sql is None:
+                    raise MigrationError(f"{self.service}: {m.label} has no down migration")
+                try:
+                    async with conn.transaction():
+                        await conn.execute(sql.SQL(m.down_sql))
+                        await conn.execute(
+                            "DELETE FROM migration_history WHERE service = %s AND version = %s",
+                            (self.service, m.version),
+                        )
+                except psycopg.Error as exc:
+                    raise MigrationError(
+                        f"{self.service}: rollback of {m.label} failed: {exc}"
+                    ) from exc
+                rolled.append(m)
+            return rolled

@@ -1,0 +1,190 @@
+"""The gRPC server builder both services use.
+
+It registers health checking, reflection, the error/logging/metrics
+interceptor and a Prometheus endpoint, and drains gracefully on SIGTERM:
+health turns NOT_SERVING, new RPCs are refused, in-flight ones get
+`shutdown_grace` seconds, then the shutdown hooks (flush counters, close
+pools) run in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from shared.config import ServerConfig
+from shared.errors import DomainError, ErrorKind, internal_error
+from shared.logging import get_logger
+from shared.metrics import RPC_LATENCY, RPC_RESULTS
+
+log = get_logger(__name__)
+
+ShutdownHook = Callable[[], Awaitable[None]]
+Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def _request_id(metadata: Any) -> str:
+    for key, value in metadata or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return uuid.uuid4().hex
+
+
+class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Binds the request id, records metrics and turns errors into statuses.
+
+    `DomainError` becomes its gRPC code with ErrorInfo (and BadRequest)
+    details; any other exception is logged with its traceback and the client
+    gets a bare INTERNAL.
+    """
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        method: str = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or method.startswith("/grpc."):
+            return handler
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            self._wrap(method.rsplit("/", 1)[-1], handler.unary_unary),  # type: ignore[arg-type]
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(self, name: str, behavior: Behavior) -> Behavior:
+        latency = RPC_LATENCY.labels(self.service, name)
+        service = self.service
+
+        async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            structlog.contextvars.bind_contextvars(
+                request_id=_request_id(context.invocation_metadata()), rpc=name
+            )
+            start = time.perf_counter()
+            code = "OK"
+            try:
+                return await behavior(request, context)
+            except DomainError as err:
+                code = err.kind.grpc_code.name
+                await _abort(context, err)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    code = context.code().name if context.code() else "UNKNOWN"
+                    raise
+                code = "INTERNAL"
+                log.exception("unhandled error")
+                await _abort(context, internal_error())
+            finally:
+                latency.observe(time.perf_counter() - start)
+                RPC_RESULTS.labels(service, name, code).inc()
+                structlog.contextvars.unbind_contextvars("request_id", "rpc")
+
+        return handle
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], err: DomainError) -> None:
+    if err.kind is not ErrorKind.INTERNAL:
+        log.info("rpc refused", code=err.kind.name, reason=err.reason, error=err.message)
+    status = err.to_status()
+    await context.abort(
+        err.kind.grpc_code,
+        err.message,
+        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+    )
+
+
+class GrpcServer:
+    """A grpc.aio server with the shared furniture attached."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.server = grpc.aio.server(
+            interceptors=[RpcInterceptor(config.service)],
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ],
+        )
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names: list[str] = []
+        self._hooks: list[ShutdownHook] = []
+        self.port = 0
+
+    def add_service(self, full_name: str, register: Callable[[grpc.aio.Server], None]) -> None:
+        register(self.server)
+        self.service_names.append(full_name)
+
+    def on_shutdown(self, hook: ShutdownHook) -> None:
+        """Hooks run after the drain, in the order they were added."""
+        self._hooks.append(hook)
+
+    async def start(self) -> int:
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = self.server.add_insecure_port(self.config.address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.address}")
+        await self.server.start()
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_port:
+            start_http_server(self.config.metrics_port, addr=self.config.host)
+        log.info(
+            "serving",
+            address=f"{self.config.host}:{self.port}",
+            services=self.service_names,
+            metrics_port=self.config.metrics_port or None,
+        )
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new RPCs, wait for in-flight ones, run hooks."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.shutdown_grace if grace is None else grace)
+        for hook in self._hooks:
+            try:
+                await hook()
+            except Exception:
+                log.exception("shutdown hook failed", hook=getattr(hook, "__qualname__", "?"))
+        log.info("stopped")
+
+    async def serve_until_signalled(self) -> None:
+        """Run until SIGTERM or SIGINT, then drain."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("draining")
+        await self.stop()

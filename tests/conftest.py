@@ -1,0 +1,141 @@
+"""Test harness: a throwaway PostgreSQL and Redis for the whole session.
+
+Each test that asks for `database` gets a fresh database cloned from a
+template that already carries both services' migrations, and `redis_server`
+users get a flushed Redis. Both servers stop when the session ends.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from shared.config import ServerConfig
+from shared.devstack import PostgresServer, RedisServer, free_port
+from shared.migrations import MigrationRunner, load_migrations
+
+ROOT = Path(__file__).resolve().parent.parent
+MIGRATIONS = {
+    "cert_service": ROOT / "cert_service" / "migrations",
+    "key_service": ROOT / "key_service" / "migrations",
+}
+TEMPLATE_DB = "myl_template"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    directory = Path(tempfile.mkdtemp(prefix="myl-test-pg-"))
+    server = PostgresServer(directory, free_port(), durable=False)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+async def template_db(pg_server: PostgresServer) -> str:
+    pg_server.create_database(TEMPLATE_DB)
+    for service, directory in MIGRATIONS.items():
+        runner = MigrationRunner(
+            pg_server.conninfo(TEMPLATE_DB), service, load_migrations(directory)
+        )
+        await runner.up()
+    return TEMPLATE_DB
+
+
+@pytest.fixture
+def database(pg_server: PostgresServer, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for this test; dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    pg_server.create_database(name, template=template_db)
+    try:
+        yield name
+    finally:
+        pg_server.drop_database(name)
+
+
+@pytest.fixture
+def empty_database(pg_server: PostgresServer) -> Iterator[str]:
+    """A fresh database with no tables."""
+    name = f"e_{uuid.uuid4().hex[:12]}"
+    pg_server.create_database(name)
+    try:
+        yield name
+    finally:
+        pg_server.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    directory = Path(tempfile.mkdtemp(prefix="myl-test-redis-"))
+    server = RedisServer(directory, free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def clean_redis(redis_server: RedisServer) -> RedisServer:
+    """The session's Redis, running and empty."""
+    if redis_server.process is None or redis_server.process.poll() is not None:
+        redis_server.start()
+    client = redis.Redis(host=redis_server.host, port=redis_server.port)
+    client.flushall()
+    client.close()
+    return redis_server
+
+
+ConfigFactory = Callable[..., ServerConfig]
+
+
+@pytest.fixture
+def make_config(
+    pg_server: PostgresServer, database: str, clean_redis: RedisServer
+) -> ConfigFactory:
+    """Build a service's ServerConfig pointing at this test's database and Redis.
+
+    Extra keyword arguments are environment variables (unprefixed).
+    """
+
+    def build(service: str, **env: str) -> ServerConfig:
+        environ = {
+            "DB_HOST": pg_server.host,
+            "DB_PORT": str(pg_server.port),
+            "DB_NAME": database,
+            "DB_USER": pg_server.user,
+            "DB_SSLMODE": "disable",
+            "REDIS_HOST": clean_redis.host,
+            "REDIS_PORT": str(clean_redis.port),
+            "PORT": "0",
+            "METRICS_PORT": "0",
+            "ENVIRONMENT": "test",
+            "SHUTDOWN_GRACE": "1",
+            **env,
+        }
+        return ServerConfig.from_env(service, 0, 0, environ)
+
+    return build
+
+
+@pytest.fixture
+async def db_conn(
+    pg_server: PostgresServer, database: str
+) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
+    """A direct connection to this test's database, for assertions."""
+    conn = await psycopg.AsyncConnection.connect(pg_server.conninfo(database), autocommit=True)
+    try:
+        yield conn
+    finally:
+        await conn.close()
