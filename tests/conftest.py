@@ -21,6 +21,8 @@ from shared.config import ServerConfig
 from shared.devstack import PostgresServer, RedisServer, free_port
 from shared.migrations import MigrationRunner, load_migrations
 
+pytest_plugins = ["tests.fixtures.cert", "tests.fixtures.key"]
+
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = {
     "cert_service": ROOT / "cert_service" / "migrations",
