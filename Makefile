@@ -1,0 +1,71 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+
+.PHONY: help run test check lint typecheck buf proto bench migrate migrate-status \
+	migrate-rollback system-deps clean
+
+help:
+	@echo "make run               the whole stack in the foreground (Ctrl-C stops it)"
+	@echo "make test              lint, type checks, contract checks and the whole test suite"
+	@echo "make bench             benchmarks (prints numbers)"
+	@echo "make proto             regenerate Python code and the gateway descriptor set"
+	@echo "make migrate | migrate-status | migrate-rollback"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+system-deps:
+	@deploy/system-deps.sh
+
+run: $(STAMP) system-deps
+	$(PY) -m shared.stack
+
+test: $(STAMP) system-deps check
+	$(BIN)/pytest -q
+
+check: lint typecheck buf
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+buf: $(STAMP)
+	$(BIN)/buf lint
+	@if git rev-parse --verify -q HEAD~1 >/dev/null && \
+	    git cat-file -e HEAD~1:buf.yaml 2>/dev/null; then \
+	  echo "buf breaking --against HEAD~1"; \
+	  $(BIN)/buf breaking --against '.git#ref=HEAD~1'; \
+	else echo "buf breaking: no previous commit with contracts, skipped"; fi
+
+proto: $(STAMP)
+	$(PY) protos/generate.py
+
+bench: $(STAMP) system-deps
+	$(PY) -m tests.bench
+
+migrate: $(STAMP)
+	$(PY) -m cert_service migrate up
+	$(PY) -m key_service migrate up
+
+migrate-status: $(STAMP)
+	$(PY) -m cert_service migrate status
+	$(PY) -m key_service migrate status
+
+migrate-rollback: $(STAMP)
+	$(PY) -m key_service migrate down
+	$(PY) -m cert_service migrate down
+
+clean:
+	rm -rf .run .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# System packages the stack and the tests need: PostgreSQL 15 server binaries,
+# redis-server, and h2load for the benchmarks. Installed with apt when we are
+# root; otherwise we say what to install.
+set -euo pipefail
+
+missing=()
+[ -x "${PG_BIN:-/usr/lib/postgresql/15/bin}/postgres" ] || missing+=(postgresql-15)
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v h2load >/dev/null || missing+=(nghttp2-client)
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  echo "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The packages' own services are not wanted: the stack runs its own servers.
+  for unit in redis-server postgresql; do
+    service "$unit" stop >/dev/null 2>&1 || true
+  done
+else
+  echo "missing system packages: ${missing[*]}" >&2
+  echo "install them with: sudo apt-get install ${missing[*]}" >&2
+  exit 1
+fi

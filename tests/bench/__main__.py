@@ -1,0 +1,26 @@
+"""`make bench`: run every benchmark module (tests/bench/bench_*.py) in turn.
+
+Each prints its numbers; none passes or fails on a time. Pass module names
+(`python -m tests.bench bench_verify`) to run a subset.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    here = Path(__file__).resolve().parent
+    names = argv or sorted(p.stem for p in here.glob("bench_*.py"))
+    failed = 0
+    for name in names:
+        print(f"\n=== {name} ===", flush=True)
+        done = subprocess.run([sys.executable, "-m", f"tests.bench.{name}"], check=False)
+        failed += done.returncode != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
