@@ -58,9 +58,7 @@ class Caller:
     def require_device(self, device_id: str) -> None:
         """PERMISSION_DENIED unless this caller may act on `device_id`."""
         if not self.may_act_on(device_id):
-            raise permission_denied(
-                "this key may act only on its own device", "DEVICE_MISMATCH"
-            )
+            raise permission_denied("this key may act only on its own device", "DEVICE_MISMATCH")
 
 
 def caller_from_metadata(metadata: Iterable[tuple[str, Any]] | None) -> Caller:

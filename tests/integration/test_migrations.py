@@ -105,8 +105,12 @@ def test_migrate_commands(pg_server: PostgresServer, empty_database: str) -> Non
     def run(*args: str) -> str:
         done = subprocess.run(
             [sys.executable, "-m", "cert_service", "migrate", *args],
-            env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout
 

@@ -1,0 +1,205 @@
+"""`make run`: the whole local stack in the foreground.
+
+PostgreSQL and Redis run from the system's binaries under `.run/` unless
+`DB_HOST` / `REDIS_HOST` point at servers of your own. Then: migrations, a
+development CA, cert_service, key_service, the Envoy gateway, a bootstrap
+operator key in `.run/admin.key`. Ctrl-C (or SIGTERM) stops everything in
+reverse order, services first with a graceful drain, and leaves no process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shared.config import ConfigError, EnvReader
+from shared.devstack import DevStackError, PostgresServer, RedisServer, _stop, wait_for_port
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = Path(os.environ.get("MYL_RUN_DIR", ROOT / ".run"))
+OPERATOR_PERMISSIONS = "admin,api:access,ssl:read,ssl:write,device:read,device:write"
+
+
+def say(message: str) -> None:
+    print(f"[stack] {message}", flush=True)
+
+
+def wait_healthy(address: str, timeout: float, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process.poll() is not None:
+                raise DevStackError(f"{process.args!r} exited with {process.returncode}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise DevStackError(f"{address} not healthy after {timeout}s")
+            time.sleep(0.1)
+
+
+class Stack:
+    def __init__(self) -> None:
+        self.env = dict(os.environ)
+        self.stops: list[Callable[[], None]] = []
+        reader = EnvReader("", self.env)
+        self.cert_port = EnvReader("CERT_SERVICE", self.env).port("PORT", 50051)
+        self.key_port = EnvReader("KEY_SERVICE", self.env).port("PORT", 50052)
+        self.gateway_port = reader.port("GATEWAY_PORT", 8080)
+        self.admin_port = reader.port("ENVOY_ADMIN_PORT", 9901)
+
+    def start_databases(self) -> None:
+        if not self.env.get("DB_HOST"):
+            port = EnvReader("", self.env).port("DB_PORT", 5432)
+            postgres = PostgresServer(RUN / "postgres", port, durable=True)
+            say(f"PostgreSQL on 127.0.0.1:{port} (data in {postgres.directory})")
+            postgres.start()
+            self.stops.append(postgres.stop)
+            postgres.create_database(self.env.get("DB_NAME", "myl"))
+            self.env.update(DB_HOST="127.0.0.1", DB_PORT=str(port), DB_USER="postgres")
+            self.env.setdefault("DB_SSLMODE", "disable")
+        if not self.env.get("REDIS_HOST"):
+            port = EnvReader("", self.env).port("REDIS_PORT", 6379)
+            redis = RedisServer(RUN / "redis", port)
+            say(f"Redis on 127.0.0.1:{port}")
+            redis.start()
+            self.stops.append(redis.stop)
+            self.env.update(REDIS_HOST="127.0.0.1", REDIS_PORT=str(port))
+
+    def run_python(self, *args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, *args], env=self.env, cwd=ROOT, capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise DevStackError(f"{' '.join(args)} failed:\n{done.stderr.strip()}")
+        return done.stdout
+
+    def migrate(self) -> None:
+        for service in ("cert_service", "key_service"):
+            for line in self.run_python("-m", service, "migrate", "up").splitlines():
+                say(line)
+
+    def development_ca(self) -> None:
+        if self.env.get("CA_CERT_FILE") or self.env.get("CERT_SERVICE_CA_CERT_FILE"):
+            return
+        from cert_service.issuer import create_development_ca
+
+        cert, key = create_development_ca(RUN / "ca")
+        self.env.update(CA_CERT_FILE=str(cert), CA_KEY_FILE=str(key))
+        say(f"development CA: {cert}")
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log_path = RUN / f"{name}.log"
+        log = open(log_path, "ab")  # noqa: SIM115
+        process = subprocess.Popen(
+            argv, env=self.env, cwd=ROOT, stdout=log, stderr=log, start_new_session=True
+        )
+        log.close()
+        self.stops.append(lambda: _stop(process, signal.SIGTERM))
+        say(f"{name} started (pid {process.pid}, log {log_path})")
+        return process
+
+    def start_services(self) -> None:
+        self.env.setdefault("CERT_SERVICE_ADDRESS", f"127.0.0.1:{self.cert_port}")
+        self.env.setdefault("KEY_SERVICE_ADDRESS", f"127.0.0.1:{self.key_port}")
+        cert = self.spawn("cert_service", [sys.executable, "-m", "cert_service", "serve"])
+        key = self.spawn("key_service", [sys.executable, "-m", "key_service", "serve"])
+        wait_healthy(f"127.0.0.1:{self.cert_port}", 30, cert)
+        wait_healthy(f"127.0.0.1:{self.key_port}", 30, key)
+
+    def start_gateway(self) -> None:
+        from shared.gateway import write_envoy_config_for_stack
+
+        config_path = write_envoy_config_for_stack(
+            RUN, self.gateway_port, self.admin_port, self.cert_port, self.key_port
+        )
+        from shared.gateway import envoy_command
+
+        envoy = self.spawn("envoy", envoy_command(config_path))
+        wait_for_port("127.0.0.1", self.gateway_port, 30, envoy)
+
+    def bootstrap_key(self) -> Path:
+        path = RUN / "admin.key"
+        if path.exists():
+            return path
+        out = self.run_python(
+            "-m",
+            "key_service",
+            "admin",
+            "create-key",
+            "--permissions",
+            OPERATOR_PERMISSIONS,
+            "--name",
+            "bootstrap operator",
+        )
+        key = next(line.strip() for line in out.splitlines() if line.startswith("myl_"))
+        path.write_text(key + "\n")
+        path.chmod(0o600)
+        return path
+
+    def stop(self) -> None:
+        for stop in reversed(self.stops):
+            with contextlib.suppress(Exception):
+                stop()
+        self.stops.clear()
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main() -> int:
+    RUN.mkdir(parents=True, exist_ok=True)
+    stack = Stack()
+    with _signals_raise():
+        try:
+            stack.start_databases()
+            stack.migrate()
+            stack.development_ca()
+            stack.start_services()
+            gateway = stack.gateway_port
+            with contextlib.suppress(ImportError):
+                stack.start_gateway()
+            key_path = stack.bootstrap_key()
+            say("ready:")
+            say(f"  gateway (REST + gRPC)  http://127.0.0.1:{gateway}")
+            say(f"  envoy admin            http://127.0.0.1:{stack.admin_port}")
+            say(f"  cert_service (gRPC)    127.0.0.1:{stack.cert_port}")
+            say(f"  key_service (gRPC)     127.0.0.1:{stack.key_port}")
+            say(f"  operator key           {key_path}")
+            say("Ctrl-C stops everything")
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            say("stopping")
+        except (DevStackError, ConfigError, OSError) as exc:
+            print(f"[stack] error: {exc}", file=sys.stderr, flush=True)
+            return 1
+        finally:
+            stack.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
