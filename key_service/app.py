@@ -1,0 +1,145 @@
+"""key_service wiring: config -> dependencies -> servicers -> server."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from key_service.authz import AuthorizationServicer
+from key_service.clock import Clock, SystemClock
+from key_service.config import SERVICE, KeyServiceConfig
+from key_service.devices import CertServiceDirectory, DeviceDirectory
+from key_service.ratelimit import LocalLimiter
+from key_service.scriptclient import ScriptClient
+from key_service.service import ApiKeyServicer
+from key_service.storage import KeyStore
+from key_service.usage import UsageBuffer
+from key_service.verify import Verifier
+from myl.envoy.service.auth.v3 import external_auth_pb2_grpc
+from myl.key.v1 import key_pb2_grpc
+from shared.cache import Cache
+from shared.config import ConfigError
+from shared.db import DatabaseUnavailable, Pool, open_pool
+from shared.logging import configure_logging, get_logger
+from shared.server import GrpcServer
+
+log = get_logger(__name__)
+
+API_KEY_SERVICE = "myl.key.v1.ApiKeyService"
+AUTHORIZATION_SERVICE = "envoy.service.auth.v3.Authorization"
+
+
+class KeyApp:
+    """A built key_service: `start()` serves, `stop()` drains and flushes."""
+
+    def __init__(
+        self,
+        *,
+        config: KeyServiceConfig,
+        server: GrpcServer,
+        pool: Pool,
+        cache: Cache,
+        usage: UsageBuffer,
+        devices: DeviceDirectory,
+        verifier: Verifier,
+        store: KeyStore,
+    ) -> None:
+        self.config = config
+        self.server = server
+        self.pool = pool
+        self.cache = cache
+        self.usage = usage
+        self.devices = devices
+        self.verifier = verifier
+        self.store = store
+        self.port = 0
+
+    async def start(self) -> int:
+        self.port = await self.server.start()
+        self.usage.start()
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, drain in-flight RPCs, flush usage, close clients."""
+        await self.server.stop(grace)
+
+    async def serve_until_signalled(self) -> None:
+        await self.start()
+        await self.server.serve_until_signalled()
+
+
+async def create_app(config: KeyServiceConfig, *, clock: Clock | None = None) -> KeyApp:
+    clock = clock or SystemClock()
+    pool = await open_pool(config.server.database, SERVICE)
+    cache = Cache.from_config(config.server.redis)
+    if cache.client is not None:
+        # The circuit breaker is the retry policy: redis-py's own retries with
+        # backoff would hold each call for seconds while Redis is down.
+        cache.client.set_retry(Retry(NoBackoff(), 0))
+    scripts = ScriptClient(config.server.redis)
+    store = KeyStore(pool)
+    usage = UsageBuffer(store, config.usage_flush_interval)
+    devices = CertServiceDirectory(config.cert_service_address, config.cert_service_timeout)
+    verifier = Verifier(
+        store=store,
+        cache=cache,
+        usage=usage,
+        clock=clock,
+        cache_ttl=config.cache_ttl,
+        negative_cache_ttl=config.negative_cache_ttl,
+        local_limiter=LocalLimiter(config.local_limiter_max_keys),
+        scripts=scripts,
+    )
+    servicer = ApiKeyServicer(
+        config=config, store=store, verifier=verifier, devices=devices, clock=clock
+    )
+    authorization = AuthorizationServicer(verifier)
+
+    server = GrpcServer(config.server)
+    server.add_service(
+        API_KEY_SERVICE, lambda s: key_pb2_grpc.add_ApiKeyServiceServicer_to_server(servicer, s)
+    )
+    server.add_service(
+        AUTHORIZATION_SERVICE,
+        lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization, s),
+    )
+    # After the drain, in order: write usage, then close what it needs last.
+    server.on_shutdown(usage.stop)
+    server.on_shutdown(devices.close)
+    server.on_shutdown(scripts.close)
+    server.on_shutdown(cache.close)
+    server.on_shutdown(pool.close)
+    return KeyApp(
+        config=config,
+        server=server,
+        pool=pool,
+        cache=cache,
+        usage=usage,
+        devices=devices,
+        verifier=verifier,
+        store=store,
+    )
+
+
+async def _serve(config: KeyServiceConfig) -> None:
+    app = await create_app(config)
+    await app.serve_until_signalled()
+
+
+def main() -> int:
+    try:
+        config = KeyServiceConfig.from_env()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.server.log_level, config.server.log_format, SERVICE)
+    try:
+        # asyncio's own loop: grpc.aio on uvloop measured several times slower here.
+        asyncio.run(_serve(config))
+    except DatabaseUnavailable as exc:
+        log.error("cannot start", error=str(exc))
+        return 1
+    return 0

@@ -1,0 +1,164 @@
+"""Envoy external authorization (`envoy.service.auth.v3.Authorization/Check`).
+
+The gateway asks about every request after the gRPC-JSON transcoder, so the
+path is the gRPC method path (`/myl.cert.v1.CertificateService/GetCertificate`)
+for REST and native gRPC callers alike. Rules:
+
+- a path with no `required_permission` in the contracts (unknown, internal
+  like VerifyApiKey, Check itself, health, reflection): 404;
+- no `x-api-key`: 401; unknown, malformed, expired or revoked key: 401;
+- the key lacks the method's permission or `api:access` (a key holding
+  `admin` passes every permission check): 403;
+- rate limited: 429 with `retry-after` (whole seconds, at least 1).
+
+On success the upstream request gets the identity headers (overwriting any
+the client sent) and loses `x-api-key`. Device scoping (a device key acts
+only on its own device) is enforced by the services from those headers:
+Check cannot see REST bodies.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+import grpc
+from google.rpc import code_pb2, status_pb2  # type: ignore[attr-defined]
+
+from key_service.permissions import API_ACCESS
+from key_service.verify import (
+    EXPIRED,
+    INSUFFICIENT_PERMISSIONS,
+    NOT_FOUND,
+    RATE_LIMITED,
+    REVOKED,
+    KeyRecord,
+    Verifier,
+)
+
+# Imported for their descriptors: method_policy looks the services up by name.
+from myl.cert.v1 import cert_pb2  # noqa: F401
+from myl.envoy.config.core.v3 import base_pb2
+from myl.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from myl.envoy.type.v3 import http_status_pb2
+from myl.key.v1 import key_pb2
+from shared.identity import (
+    DEVICE_ID_HEADER,
+    KEY_ID_HEADER,
+    OPERATOR_HEADER,
+    PERMISSIONS_HEADER,
+    method_policy,
+)
+
+API_KEY_HEADER: Final = "x-api-key"
+_OVERWRITE: Final = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_POLICY_CACHE_LIMIT: Final = 4096
+
+CheckResponse = external_auth_pb2.CheckResponse
+
+
+def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, value=value),
+        append_action=_OVERWRITE,
+        keep_empty_value=True,
+    )
+
+
+def deny(
+    http_status: int, code: int, message: str, retry_after: int | None = None
+) -> CheckResponse:
+    """A denial: an HTTP status with a JSON body, and the matching gRPC code."""
+    error = code_pb2.Code.Name(code)
+    body = json.dumps({"code": http_status, "error": error, "message": message})
+    headers = [_header("content-type", "application/json")]
+    if retry_after is not None:
+        headers.append(_header("retry-after", str(retry_after)))
+    return CheckResponse(
+        status=status_pb2.Status(code=code, message=message),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=http_status),  # type: ignore[arg-type]
+            headers=headers,
+            body=body,
+        ),
+    )
+
+
+NO_ROUTE: Final = deny(404, code_pb2.NOT_FOUND, "no such method")
+MISSING_KEY: Final = deny(401, code_pb2.UNAUTHENTICATED, "missing x-api-key header")
+UNKNOWN_KEY: Final = deny(401, code_pb2.UNAUTHENTICATED, "invalid API key")
+EXPIRED_KEY: Final = deny(401, code_pb2.UNAUTHENTICATED, "API key expired")
+REVOKED_KEY: Final = deny(401, code_pb2.UNAUTHENTICATED, "API key revoked")
+FORBIDDEN: Final = deny(
+    403, code_pb2.PERMISSION_DENIED, "API key lacks the permission this method needs"
+)
+_REFUSALS: Final[dict[int, CheckResponse]] = {
+    NOT_FOUND: UNKNOWN_KEY,
+    EXPIRED: EXPIRED_KEY,
+    REVOKED: REVOKED_KEY,
+    INSUFFICIENT_PERMISSIONS: FORBIDDEN,
+}
+
+
+def allow(record: KeyRecord) -> CheckResponse:
+    headers = [
+        _header(KEY_ID_HEADER, record.key_id),
+        _header(PERMISSIONS_HEADER, record.permissions_header),
+        _header(OPERATOR_HEADER, "true" if record.operator else "false"),
+    ]
+    remove = ["x-api-key"]
+    if record.device_id:
+        headers.insert(1, _header(DEVICE_ID_HEADER, record.device_id))
+    else:
+        remove.append(DEVICE_ID_HEADER)
+    return CheckResponse(
+        status=status_pb2.Status(code=code_pb2.OK),
+        ok_response=external_auth_pb2.OkHttpResponse(headers=headers, headers_to_remove=remove),
+    )
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
+    def __init__(self, verifier: Verifier) -> None:
+        self.verifier = verifier
+        self._policies: dict[str, tuple[str, ...] | None] = {}
+        self._allowed: dict[KeyRecord, CheckResponse] = {}
+
+    def required_permissions(self, path: str) -> tuple[str, ...] | None:
+        """What a key needs for `path`, or None when the path has no public route."""
+        cached = self._policies.get(path, ())
+        if cached != ():
+            return cached
+        policy = method_policy(path)
+        required = None if policy is None else tuple(dict.fromkeys((policy.permission, API_ACCESS)))
+        if len(self._policies) >= _POLICY_CACHE_LIMIT:
+            self._policies.clear()
+        self._policies[path] = required
+        return required
+
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> CheckResponse:
+        http = request.attributes.request.http
+        path = http.path.split("?", 1)[0]
+        required = self.required_permissions(path)
+        if required is None:
+            return NO_ROUTE
+        api_key = http.headers.get(API_KEY_HEADER)
+        if not api_key:
+            return MISSING_KEY
+        verdict = await self.verifier.verify(api_key, required, dry_run=False)
+        record = verdict.record
+        if record is None or verdict.result != key_pb2.VERIFY_RESULT_VALID:
+            if verdict.result == RATE_LIMITED and verdict.decision is not None:
+                seconds = max(1, -(-verdict.decision.retry_after_us // 1_000_000))
+                return deny(
+                    429, code_pb2.RESOURCE_EXHAUSTED, "rate limit exceeded", retry_after=seconds
+                )
+            return _REFUSALS.get(verdict.result, UNKNOWN_KEY)
+        response = self._allowed.get(record)
+        if response is None:
+            response = allow(record)
+            if len(self._allowed) >= _POLICY_CACHE_LIMIT:
+                self._allowed.clear()
+            self._allowed[record] = response
+        return response

@@ -1,0 +1,2 @@
+DROP TABLE IF EXISTS api_key_audit_events;
+DROP FUNCTION IF EXISTS api_key_audit_events_append_only();

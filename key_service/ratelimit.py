@@ -1,0 +1,148 @@
+"""Per-key rate limits: GCRA, atomically in Redis, in process when Redis is away.
+
+The Generic Cell Rate Algorithm keeps one number per key, the theoretical
+arrival time (TAT). A key allowed `limit` requests per minute has an emission
+interval `T = 60 s / limit` (whole microseconds) and a burst of `limit`
+(tolerance `limit * T`). A request at `now` is admitted when
+`max(TAT, now) + T - limit * T <= now`; admitting it moves TAT to
+`max(TAT, now) + T`. All arithmetic is in integer microseconds, so exactly
+`limit` requests are admitted from a fresh state, however they interleave.
+
+In Redis one Lua script GETs the cached key record and applies GCRA to the
+key's TAT in the same round trip; both keys carry the key hash as their hash
+tag, so the script runs unchanged on Redis Cluster. The record starts with a
+small header `usable_until_us|limit|...` so the script knows the limit and
+does not count requests with an expired or revoked key.
+
+When Redis cannot be reached, each replica limits with `LocalLimiter`, the
+same algorithm in process memory (so the effective limit is per replica until
+Redis returns).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+MINUTE_US: Final = 60_000_000
+
+
+class Decision:
+    """The outcome of one rate-limit check; durations in microseconds."""
+
+    __slots__ = ("allowed", "remaining", "reset_us", "retry_after_us")
+
+    def __init__(self, allowed: bool, remaining: int, reset_us: int, retry_after_us: int) -> None:
+        self.allowed = allowed
+        self.remaining = remaining
+        self.reset_us = reset_us
+        self.retry_after_us = retry_after_us
+
+    def __repr__(self) -> str:
+        return (
+            f"Decision(allowed={self.allowed}, remaining={self.remaining}, "
+            f"reset_us={self.reset_us}, retry_after_us={self.retry_after_us})"
+        )
+
+
+def emission_interval_us(limit: int) -> int:
+    return max(1, MINUTE_US // limit)
+
+
+def gcra(tat_us: int | None, now_us: int, limit: int, apply: bool) -> tuple[int | None, Decision]:
+    """One GCRA step. Returns the TAT to store (None: leave it) and the decision.
+
+    `apply=False` is a dry run: it reports what a request would get and
+    changes nothing.
+    """
+    interval = emission_interval_us(limit)
+    tolerance = interval * limit
+    tat = now_us if tat_us is None or tat_us < now_us else tat_us
+    allow_at = tat + interval - tolerance
+    if now_us < allow_at:
+        return None, Decision(False, 0, tat - now_us, allow_at - now_us)
+    new_tat = tat + interval if apply else tat
+    remaining = (tolerance - (new_tat - now_us)) // interval
+    return (new_tat if apply else None), Decision(True, remaining, new_tat - now_us, 0)
+
+
+# Mirrors `gcra` above; the integration tests run both on the same inputs.
+_LUA_GCRA: Final = """
+local function gcra(record, now, apply)
+  local h1 = string.find(record, '|', 1, true)
+  if h1 == nil then return {record} end
+  local usable_until = tonumber(string.sub(record, 1, h1 - 1))
+  local h2 = string.find(record, '|', h1 + 1, true)
+  local limit = tonumber(string.sub(record, h1 + 1, h2 - 1))
+  if now >= usable_until then return {record} end
+  local interval = math.max(1, math.floor(60000000 / limit))
+  local tolerance = interval * limit
+  local tat = tonumber(redis.call('GET', KEYS[2])) or now
+  if tat < now then tat = now end
+  local allow_at = tat + interval - tolerance
+  if now < allow_at then
+    return {record, 0, 0, tat - now, allow_at - now}
+  end
+  local new_tat = tat
+  if apply == 1 then
+    new_tat = tat + interval
+    redis.call('SET', KEYS[2], string.format('%.0f', new_tat),
+               'PX', string.format('%.0f', math.ceil((new_tat - now) / 1000)))
+  end
+  return {record, 1, math.floor((tolerance - (new_tat - now)) / interval), new_tat - now, 0}
+end
+"""
+
+# KEYS[1]: the cached key record, KEYS[2]: the key's TAT.
+# ARGV[1]: now (us), ARGV[2]: 1 to count the request, 0 for a dry run.
+# Returns nil on a cache miss, {record} for a negative entry or an unusable
+# key, else {record, allowed, remaining, reset_us, retry_after_us}.
+VERIFY_SCRIPT: Final = (
+    _LUA_GCRA
+    + """
+local record = redis.call('GET', KEYS[1])
+if not record then return nil end
+return gcra(record, tonumber(ARGV[1]), tonumber(ARGV[2]))
+"""
+)
+
+# As VERIFY_SCRIPT, after a cache miss: ARGV[3] is the record read from
+# PostgreSQL, stored for ARGV[4] milliseconds unless a record arrived in the
+# meantime (NX): a revocation writes the revoked record, and a slower reader
+# must not put the older, active one back.
+POPULATE_SCRIPT: Final = (
+    _LUA_GCRA
+    + """
+local record = ARGV[3]
+if not redis.call('SET', KEYS[1], record, 'PX', ARGV[4], 'NX') then
+  record = redis.call('GET', KEYS[1]) or record
+end
+return gcra(record, tonumber(ARGV[1]), tonumber(ARGV[2]))
+"""
+)
+
+
+class LocalLimiter:
+    """GCRA in process memory, for when Redis is away. Bounded in size."""
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self.max_keys = max_keys
+        self._tats: dict[bytes, int] = {}
+
+    def check(self, key: bytes, limit: int, now_us: int, apply: bool) -> Decision:
+        tats = self._tats
+        new_tat, decision = gcra(tats.get(key), now_us, limit, apply)
+        if new_tat is not None:
+            if len(tats) >= self.max_keys and key not in tats:
+                self._evict(now_us)
+            tats[key] = new_tat
+        return decision
+
+    def _evict(self, now_us: int) -> None:
+        """Drop states that have fully recovered (they equal a fresh state)."""
+        for key in [k for k, tat in self._tats.items() if tat <= now_us]:
+            del self._tats[key]
+        if len(self._tats) >= self.max_keys:
+            self._tats.clear()
+
+    def __len__(self) -> int:
+        return len(self._tats)

@@ -1,0 +1,193 @@
+"""A lean Redis client for the verify hot path: pipelined EVALSHA on one connection.
+
+redis-py's asyncio client costs tens of microseconds per command in Python
+(a pooled connection checked out and back, a task per read for the socket
+timeout). Verification runs one script per request, so this client keeps a
+single connection, writes every script call that arrives in one event-loop
+iteration in one `write` (automatic pipelining), and matches replies to
+callers in order, parsing with hiredis. Redis answers in order, so a reply
+that is late means every later one is too: one timer per connection, not per
+call, enforces the timeout.
+
+Failures raise redis-py's `ConnectionError` / `TimeoutError` / `ResponseError`,
+so `shared.cache.Cache.run` (its circuit breaker and default) treats them like
+any other Redis failure. Everything else (writes, invalidation) goes through
+the shared `Cache`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import hiredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.config import RedisConfig
+
+
+def pack(*parts: bytes) -> bytes:
+    """A RESP array of bulk strings."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        out.append(b"$%d\r\n%s\r\n" % (len(part), part))
+    return b"".join(out)
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.loop = asyncio.get_running_loop()
+        self.reader = hiredis.Reader()
+        self.transport: asyncio.Transport | None = None
+        self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self.outgoing: list[bytes] = []
+        self.closed = False
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        pending = self.pending
+        reader.feed(data)
+        try:
+            while True:
+                reply = reader.gets()
+                if reply is False:
+                    return
+                future = pending.popleft()[0]
+                if not future.done():
+                    future.set_result(reply)
+        except (hiredis.ProtocolError, IndexError) as exc:
+            self._fail(RedisConnectionError(f"unexpected data from Redis: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(RedisConnectionError("connection to Redis lost"))
+
+    def request(self, payload: bytes) -> asyncio.Future[Any]:
+        if self.closed:
+            raise RedisConnectionError("connection to Redis closed")
+        future = self.loop.create_future()
+        self.pending.append((future, self.loop.time()))
+        if not self.outgoing:
+            self.loop.call_soon(self._flush)
+        self.outgoing.append(payload)
+        if self._watchdog is None:
+            self._watchdog = self.loop.call_later(self.timeout, self._check_timeout)
+        return future
+
+    def _flush(self) -> None:
+        data, self.outgoing = b"".join(self.outgoing), []
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def _check_timeout(self) -> None:
+        self._watchdog = None
+        if not self.pending:
+            return
+        waited = self.loop.time() - self.pending[0][1]
+        if waited >= self.timeout:
+            self._fail(RedisTimeoutError(f"Redis did not answer within {self.timeout:g}s"))
+        else:
+            self._watchdog = self.loop.call_later(self.timeout - waited, self._check_timeout)
+
+    def _fail(self, error: Exception) -> None:
+        self.closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        while self.pending:
+            future = self.pending.popleft()[0]
+            if not future.done():
+                future.set_exception(error)
+        if self.transport is not None:
+            self.transport.close()
+
+    def close(self) -> None:
+        self._fail(RedisConnectionError("closed"))
+
+
+class ScriptClient:
+    """Runs Lua scripts by SHA over one pipelined connection (reconnects on demand)."""
+
+    def __init__(self, config: RedisConfig) -> None:
+        self.config = config
+        self._connection: _Connection | None = None
+        self._connecting: asyncio.Task[_Connection] | None = None
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        timeout = self.config.socket_timeout
+        try:
+            _, connection = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _Connection(timeout), self.config.host, self.config.port
+                ),
+                timeout,
+            )
+        except (TimeoutError, OSError) as exc:
+            raise RedisConnectionError(f"cannot connect to Redis: {exc}") from None
+        setup = []
+        if self.config.password:
+            setup.append(pack(b"AUTH", self.config.password.encode()))
+        if self.config.db:
+            setup.append(pack(b"SELECT", str(self.config.db).encode()))
+        for command in setup:
+            reply = await connection.request(command)
+            if isinstance(reply, hiredis.ReplyError):
+                connection.close()
+                raise RedisConnectionError(f"Redis refused the connection: {reply}")
+        return connection
+
+    async def _get(self) -> _Connection:
+        connection = self._connection
+        if connection is not None and not connection.closed:
+            return connection
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+        task = self._connecting
+        try:
+            connection = await asyncio.shield(task)
+        finally:
+            if self._connecting is task and task.done():
+                self._connecting = None
+        self._connection = connection
+        return connection
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[bytes]) -> Any:
+        connection = self._connection
+        if connection is None or connection.closed:
+            connection = await self._get()
+        encoded = [k.encode() for k in keys]
+        reply = await connection.request(
+            pack(b"EVALSHA", script.sha, b"%d" % len(encoded), *encoded, *args)
+        )
+        if isinstance(reply, hiredis.ReplyError):
+            if not str(reply).startswith("NOSCRIPT"):
+                raise ResponseError(str(reply))
+            # Redis restarted (or flushed its scripts): EVAL loads the script again.
+            reply = await connection.request(
+                pack(b"EVAL", script.source, b"%d" % len(encoded), *encoded, *args)
+            )
+            if isinstance(reply, hiredis.ReplyError):
+                raise ResponseError(str(reply))
+        return reply
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+
+class Script:
+    def __init__(self, source: str) -> None:
+        self.source = source.encode()
+        self.sha = hashlib.sha1(self.source).hexdigest().encode()

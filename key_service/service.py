@@ -1,0 +1,331 @@
+"""The ApiKeyService servicer: validation at the top, then storage and cache.
+
+Handlers raise `DomainError`; the shared interceptor turns it into a status.
+Caller identity comes from the gateway's headers (`shared.identity`): a
+device key acts only on its own device; operator keys and internal callers
+act on any.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+import grpc
+
+from key_service import keyformat, pagination, validation
+from key_service.clock import Clock
+from key_service.config import KeyServiceConfig
+from key_service.devices import DeviceDirectory
+from key_service.permissions import ADMIN, DEFAULT_PERMISSIONS, KNOWN
+from key_service.storage import (
+    ACTION_CASCADE_REVOKE,
+    ACTION_CREATE,
+    ACTION_REVOKE,
+    ApiKeyRow,
+    AuditEntry,
+    KeyStore,
+    NewKeyRow,
+)
+from key_service.verify import Verdict, Verifier
+from myl.key.v1 import key_pb2, key_pb2_grpc
+from shared.errors import failed_precondition, invalid_argument, not_found, permission_denied
+from shared.identity import Caller, caller_from_metadata
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+# Internal callers (no gateway identity) may name themselves for the audit trail.
+ACTOR_HEADER: Final = "x-myl-actor"
+_ACTOR: Final = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,63}", re.ASCII)
+# RevokeDeviceApiKeys from an internal caller with a reason starting with this
+# is the cascade that follows a device's deletion (cert_service's outbox); its
+# actor is cert_service unless the caller names itself.
+CASCADE_REASON_PREFIX: Final = "device deleted"
+CASCADE_ACTOR: Final = "cert_service"
+
+
+def actor_of(caller: Caller, metadata: Iterable[tuple[str, Any]] | None) -> str:
+    """How the audit trail names the caller.
+
+    Gateway callers: `device-key:<id>` / `operator-key:<id>`. Internal callers:
+    the `x-myl-actor` header when it is a plain name (e.g. `cert_service`),
+    else `internal`. The header is ignored for gateway callers.
+    """
+    if not caller.internal:
+        return caller.actor
+    for name, value in metadata or ():
+        if name == ACTOR_HEADER and isinstance(value, str) and _ACTOR.fullmatch(value):
+            return value
+    return "internal"
+
+
+def verify_response(verdict: Verdict) -> key_pb2.VerifyApiKeyResponse:
+    record = verdict.record
+    response = key_pb2.VerifyApiKeyResponse()
+    if record is None:
+        response.result = verdict.result  # type: ignore[assignment]
+        return response
+    response.CopyFrom(record.template)
+    response.result = verdict.result  # type: ignore[assignment]
+    decision = verdict.decision
+    if decision is not None:
+        response.rate_limit_remaining = decision.remaining
+        response.rate_limit_reset.FromMicroseconds(decision.reset_us)
+        if decision.retry_after_us:
+            response.retry_after.FromMicroseconds(decision.retry_after_us)
+    return response
+
+
+class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
+    def __init__(
+        self,
+        *,
+        config: KeyServiceConfig,
+        store: KeyStore,
+        verifier: Verifier,
+        devices: DeviceDirectory,
+        clock: Clock,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.verifier = verifier
+        self.devices = devices
+        self.clock = clock
+        self.max_ttl = timedelta(days=config.max_key_ttl_days)
+        self.default_ttl = timedelta(days=config.default_key_ttl_days)
+
+    # -- issue ---------------------------------------------------------------
+
+    async def GenerateApiKey(
+        self, request: key_pb2.GenerateApiKeyRequest, context: Context
+    ) -> key_pb2.GenerateApiKeyResponse:
+        metadata = context.invocation_metadata()
+        device_id = validation.device_id(request.device_id)
+        device_name = validation.text(
+            request.device_name, "device_name", validation.MAX_DEVICE_NAME
+        )
+        initials = validation.text(
+            request.user_initials, "user_initials", validation.MAX_USER_INITIALS
+        )
+        subdomain = validation.subdomain(request.uuid_subdomain) if request.uuid_subdomain else ""
+        permissions = validation.device_key_permissions(request.permissions) or DEFAULT_PERMISSIONS
+        rate_limit = validation.rate_limit(
+            request.rate_limit, self.config.default_rate_limit, self.config.max_rate_limit
+        )
+        now = self.clock.now()
+        expires_at = (
+            validation.expire_time(request.expire_time, now=now, maximum=self.max_ttl)
+            if request.HasField("expire_time")
+            else now + self.default_ttl
+        )
+        caller = caller_from_metadata(metadata)
+        caller.require_device(device_id)
+        _require_grantable(caller, permissions)
+
+        certificate = await self.devices.active_certificate(device_id, now)
+        if subdomain and subdomain not in (
+            certificate.uuid_subdomain,
+            certificate.uuid_subdomain.split(".", 1)[0],
+        ):
+            raise invalid_argument(
+                "uuid_subdomain", "does not match the device's certificate; leave it empty"
+            )
+        new_key = keyformat.generate()
+        row = await self.store.create(
+            NewKeyRow(
+                id=uuid.uuid4(),
+                device_id=device_id,
+                key_hash=new_key.key_hash,
+                key_prefix=new_key.display_prefix,
+                device_name=device_name,
+                user_initials=initials,
+                uuid_subdomain=certificate.uuid_subdomain,
+                permissions=permissions,
+                rate_limit=rate_limit,
+                expires_at=expires_at,
+            ),
+            AuditEntry(ACTION_CREATE, actor_of(caller, metadata), "generated"),
+            now,
+        )
+        return key_pb2.GenerateApiKeyResponse(api_key=new_key.plaintext, key=row.to_pb(now))
+
+    # -- verify (internal) ---------------------------------------------------
+
+    async def VerifyApiKey(
+        self, request: key_pb2.VerifyApiKeyRequest, context: Context
+    ) -> key_pb2.VerifyApiKeyResponse:
+        api_key = request.api_key
+        if not api_key:
+            raise invalid_argument("api_key", "is required")
+        required = request.required_permissions
+        if required:
+            for index, permission in enumerate(required):
+                if permission not in KNOWN:
+                    raise invalid_argument(f"required_permissions[{index}]", "unknown permission")
+        verdict = await self.verifier.verify(api_key, required, request.dry_run)
+        return verify_response(verdict)
+
+    # -- read ----------------------------------------------------------------
+
+    async def GetApiKey(
+        self, request: key_pb2.GetApiKeyRequest, context: Context
+    ) -> key_pb2.GetApiKeyResponse:
+        key_id = validation.key_id(request.key_id)
+        caller = caller_from_metadata(context.invocation_metadata())
+        row = await self._load(key_id, caller)
+        return key_pb2.GetApiKeyResponse(key=row.to_pb(self.clock.now()))
+
+    async def ListApiKeys(
+        self, request: key_pb2.ListApiKeysRequest, context: Context
+    ) -> key_pb2.ListApiKeysResponse:
+        device_id = validation.device_id(request.device_id)
+        size = pagination.page_size(request.page_size)
+        filters = (device_id, str(request.show_inactive))
+        after = pagination.parse_key_page_token(request.page_token, *filters)
+        caller_from_metadata(context.invocation_metadata()).require_device(device_id)
+        now = self.clock.now()
+        rows = await self.store.list_device_keys(
+            device_id, now=now, show_inactive=request.show_inactive, after=after, limit=size + 1
+        )
+        response = key_pb2.ListApiKeysResponse(keys=[r.to_pb(now) for r in rows[:size]])
+        if len(rows) > size:
+            last = rows[size - 1]
+            response.next_page_token = pagination.key_page_token(last.created_at, last.id, *filters)
+        return response
+
+    async def ListAuditEvents(
+        self, request: key_pb2.ListAuditEventsRequest, context: Context
+    ) -> key_pb2.ListAuditEventsResponse:
+        device_id = validation.optional_device_id(request.device_id)
+        key_id = validation.optional_key_id(request.key_id)
+        size = pagination.page_size(request.page_size)
+        filters = (request.device_id, request.key_id)
+        before = pagination.parse_audit_page_token(request.page_token, *filters)
+        caller = caller_from_metadata(context.invocation_metadata())
+        if not caller.internal and ADMIN not in caller.permissions:
+            raise permission_denied("the audit trail needs the admin permission", "ADMIN_ONLY")
+        rows = await self.store.list_audit(
+            device_id=device_id, key_id=key_id, before=before, limit=size + 1
+        )
+        response = key_pb2.ListAuditEventsResponse(events=[r.to_pb() for r in rows[:size]])
+        if len(rows) > size:
+            response.next_page_token = pagination.audit_page_token(rows[size - 1].seq, *filters)
+        return response
+
+    # -- change --------------------------------------------------------------
+
+    async def RotateApiKey(
+        self, request: key_pb2.RotateApiKeyRequest, context: Context
+    ) -> key_pb2.RotateApiKeyResponse:
+        metadata = context.invocation_metadata()
+        key_id = validation.key_id(request.key_id)
+        grace = validation.grace_period(request.grace_period)
+        caller = caller_from_metadata(metadata)
+        current = await self._load(key_id, caller)
+        now = self.clock.now()
+        # No cert_service call: an active key implies its device exists (deleting
+        # a device revokes its keys), and rotating a leaked key must not wait
+        # for another service.
+        _require_rotatable(current, now)
+        new_key = keyformat.generate()
+        async with self.store.rotation() as conn:
+            old = await self.store.lock_for_rotation(conn, key_id)
+            assert old is not None  # keys are never deleted
+            _require_rotatable(old, now)
+            lifetime = min(old.expires_at - old.created_at, self.max_ttl)
+            retired, created = await self.store.finish_rotation(
+                conn,
+                old,
+                NewKeyRow(
+                    id=uuid.uuid4(),
+                    device_id=old.device_id,
+                    key_hash=new_key.key_hash,
+                    key_prefix=new_key.display_prefix,
+                    device_name=old.device_name,
+                    user_initials=old.user_initials,
+                    uuid_subdomain=old.uuid_subdomain,
+                    permissions=old.permissions,
+                    rate_limit=old.rate_limit,
+                    expires_at=now + max(lifetime, timedelta(minutes=1)),
+                    rotated_from=old.id,
+                ),
+                retire_at=now + grace,
+                actor=actor_of(caller, metadata),
+                now=now,
+            )
+        await self.verifier.publish([retired])
+        return key_pb2.RotateApiKeyResponse(
+            api_key=new_key.plaintext, key=created.to_pb(now), previous_key=retired.to_pb(now)
+        )
+
+    async def RevokeApiKey(
+        self, request: key_pb2.RevokeApiKeyRequest, context: Context
+    ) -> key_pb2.RevokeApiKeyResponse:
+        metadata = context.invocation_metadata()
+        key_id = validation.key_id(request.key_id)
+        reason = validation.text(request.reason, "reason", validation.MAX_REASON)
+        caller = caller_from_metadata(metadata)
+        await self._load(key_id, caller)
+        now = self.clock.now()
+        row, _changed = await self.store.revoke(
+            key_id, AuditEntry(ACTION_REVOKE, actor_of(caller, metadata), reason), now
+        )
+        assert row is not None  # keys are never deleted
+        await self.verifier.publish([row])
+        return key_pb2.RevokeApiKeyResponse(key=row.to_pb(now))
+
+    async def RevokeDeviceApiKeys(
+        self, request: key_pb2.RevokeDeviceApiKeysRequest, context: Context
+    ) -> key_pb2.RevokeDeviceApiKeysResponse:
+        metadata = context.invocation_metadata()
+        device_id = validation.device_id(request.device_id)
+        reason = validation.text(request.reason, "reason", validation.MAX_REASON)
+        caller = caller_from_metadata(metadata)
+        caller.require_device(device_id)
+        actor = actor_of(caller, metadata)
+        cascade = caller.internal and reason.lower().startswith(CASCADE_REASON_PREFIX)
+        if cascade and actor == "internal":
+            actor = CASCADE_ACTOR
+        action = ACTION_CASCADE_REVOKE if cascade else ACTION_REVOKE
+        rows = await self.store.revoke_device(
+            device_id, AuditEntry(action, actor, reason), self.clock.now()
+        )
+        await self.verifier.publish(rows)
+        return key_pb2.RevokeDeviceApiKeysResponse(revoked_count=len(rows))
+
+    # -- helpers -------------------------------------------------------------
+
+    async def _load(self, key_id: uuid.UUID, caller: Caller) -> ApiKeyRow:
+        row = await self.store.get(key_id)
+        if row is None:
+            raise not_found("API key", "API_KEY_NOT_FOUND", key_id=str(key_id))
+        caller.require_device(row.device_id or "")
+        return row
+
+
+def _require_grantable(caller: Caller, permissions: Iterable[str]) -> None:
+    """A key may hand out only permissions it holds itself (admin: any)."""
+    if caller.internal or ADMIN in caller.permissions:
+        return
+    missing = sorted(set(permissions) - caller.permissions)
+    if missing:
+        raise permission_denied(
+            "a key cannot grant permissions it does not hold: " + ", ".join(missing),
+            "PERMISSION_NOT_GRANTABLE",
+        )
+
+
+def _require_rotatable(row: ApiKeyRow, now: datetime) -> None:
+    if row.status(now) != key_pb2.API_KEY_STATUS_ACTIVE:
+        raise failed_precondition(
+            "only an active key can be rotated", "API_KEY_NOT_ACTIVE", key_id=str(row.id)
+        )
+    if row.revoked_at is not None:
+        raise failed_precondition(
+            "this key was rotated already and is being retired",
+            "API_KEY_ALREADY_ROTATED",
+            key_id=str(row.id),
+        )

@@ -1,0 +1,433 @@
+"""All SQL of key_service: raw parameterized statements and row models.
+
+Tables: `device_api_keys` (migration 0001) and the append-only
+`api_key_audit_events` (0002). Every change to a key writes its audit row in
+the same transaction. A database that cannot be reached becomes UNAVAILABLE,
+never INTERNAL.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow, class_row
+from psycopg_pool import PoolTimeout
+
+from myl.key.v1 import key_pb2
+from shared.db import Pool
+from shared.errors import unavailable
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+Connection = AsyncConnection[TupleRow]
+
+KEY_COLUMNS: Final = (
+    "id, device_id, key_hash, key_prefix, device_name, user_initials, uuid_subdomain, "
+    "permissions, rate_limit, expires_at, revoked_at, revocation_reason, rotated_from, "
+    "usage_count, last_used_at, created_at"
+)
+AUDIT_COLUMNS: Final = (
+    "seq, event_id, action, key_id, device_id, actor, reason, display_prefix, created_at"
+)
+
+ACTION_CREATE: Final = "create"
+ACTION_ROTATE: Final = "rotate"
+ACTION_REVOKE: Final = "revoke"
+ACTION_CASCADE_REVOKE: Final = "cascade_revoke"
+
+_ACTION_PB: Final = {
+    ACTION_CREATE: key_pb2.AUDIT_ACTION_CREATE,
+    ACTION_ROTATE: key_pb2.AUDIT_ACTION_ROTATE,
+    ACTION_REVOKE: key_pb2.AUDIT_ACTION_REVOKE,
+    ACTION_CASCADE_REVOKE: key_pb2.AUDIT_ACTION_CASCADE_REVOKE,
+}
+
+
+@dataclass(slots=True)
+class ApiKeyRow:
+    id: uuid.UUID
+    device_id: str | None
+    key_hash: bytes
+    key_prefix: str
+    device_name: str
+    user_initials: str
+    uuid_subdomain: str
+    permissions: list[str]
+    rate_limit: int
+    expires_at: datetime
+    revoked_at: datetime | None
+    revocation_reason: str | None
+    rotated_from: uuid.UUID | None
+    usage_count: int
+    last_used_at: datetime | None
+    created_at: datetime
+
+    @property
+    def operator(self) -> bool:
+        return self.device_id is None
+
+    def status(self, now: datetime) -> key_pb2.ApiKeyStatus.ValueType:
+        if self.revoked_at is not None and self.revoked_at <= now:
+            return key_pb2.API_KEY_STATUS_REVOKED
+        if self.expires_at <= now:
+            return key_pb2.API_KEY_STATUS_EXPIRED
+        return key_pb2.API_KEY_STATUS_ACTIVE
+
+    def usable_until(self) -> datetime:
+        """When the key stops verifying: expiry or (scheduled) revocation."""
+        if self.revoked_at is not None and self.revoked_at < self.expires_at:
+            return self.revoked_at
+        return self.expires_at
+
+    def to_pb(self, now: datetime) -> key_pb2.ApiKey:
+        message = key_pb2.ApiKey(
+            key_id=str(self.id),
+            device_id=self.device_id or "",
+            device_name=self.device_name,
+            user_initials=self.user_initials,
+            uuid_subdomain=self.uuid_subdomain,
+            display_prefix=self.key_prefix,
+            permissions=self.permissions,
+            rate_limit=self.rate_limit,
+            status=self.status(now),
+            revocation_reason=self.revocation_reason or "",
+            usage_count=self.usage_count,
+            rotated_from_key_id=str(self.rotated_from) if self.rotated_from else "",
+            operator=self.operator,
+        )
+        message.create_time.FromDatetime(self.created_at)
+        message.expire_time.FromDatetime(self.expires_at)
+        if self.revoked_at is not None:
+            message.revoke_time.FromDatetime(self.revoked_at)
+        if self.last_used_at is not None:
+            message.last_used_time.FromDatetime(self.last_used_at)
+        return message
+
+
+@dataclass(slots=True)
+class AuditRow:
+    seq: int
+    event_id: uuid.UUID
+    action: str
+    key_id: uuid.UUID
+    device_id: str | None
+    actor: str
+    reason: str
+    display_prefix: str
+    created_at: datetime
+
+    def to_pb(self) -> key_pb2.AuditEvent:
+        message = key_pb2.AuditEvent(
+            event_id=str(self.event_id),
+            action=_ACTION_PB[self.action],
+            key_id=str(self.key_id),
+            device_id=self.device_id or "",
+            actor=self.actor,
+            reason=self.reason,
+            display_prefix=self.display_prefix,
+        )
+        message.create_time.FromDatetime(self.created_at)
+        return message
+
+
+@dataclass(frozen=True)
+class NewKeyRow:
+    """What a new key is inserted with."""
+
+    id: uuid.UUID
+    device_id: str | None
+    key_hash: bytes
+    key_prefix: str
+    device_name: str
+    user_initials: str
+    uuid_subdomain: str
+    permissions: Sequence[str]
+    rate_limit: int
+    expires_at: datetime
+    rotated_from: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    action: str
+    actor: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class UsageDelta:
+    key_id: uuid.UUID
+    count: int
+    last_used_at: datetime
+
+
+class KeyStore:
+    """device_api_keys and api_key_audit_events."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Connection]:
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                yield conn
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            log.warning("database unavailable", error=type(exc).__name__)
+            raise unavailable("the key database is unavailable", "DATABASE_UNAVAILABLE") from exc
+
+    # -- reads ---------------------------------------------------------------
+
+    async def find_by_hash(self, key_hash: bytes) -> ApiKeyRow | None:
+        async with self._transaction() as conn:
+            cur = conn.cursor(row_factory=class_row(ApiKeyRow))
+            await cur.execute(
+                f"SELECT {KEY_COLUMNS} FROM device_api_keys WHERE key_hash = %s", (key_hash,)
+            )
+            return await cur.fetchone()
+
+    async def get(self, key_id: uuid.UUID) -> ApiKeyRow | None:
+        async with self._transaction() as conn:
+            cur = conn.cursor(row_factory=class_row(ApiKeyRow))
+            await cur.execute(f"SELECT {KEY_COLUMNS} FROM device_api_keys WHERE id = %s", (key_id,))
+            return await cur.fetchone()
+
+    async def list_device_keys(
+        self,
+        device_id: str,
+        *,
+        now: datetime,
+        show_inactive: bool,
+        after: tuple[datetime, uuid.UUID] | None,
+        limit: int,
+    ) -> list[ApiKeyRow]:
+        """Newest first, keyset-paginated on (created_at DESC, id)."""
+        conditions = ["device_id = %(device)s"]
+        if not show_inactive:
+            conditions.append("(revoked_at IS NULL OR revoked_at > %(now)s)")
+            conditions.append("expires_at > %(now)s")
+        if after is not None:
+            conditions.append(
+                "(created_at < %(after_t)s OR (created_at = %(after_t)s AND id > %(after_id)s))"
+            )
+        params: dict[str, object] = {"device": device_id, "now": now, "limit": limit}
+        if after is not None:
+            params["after_t"], params["after_id"] = after
+        query = (
+            f"SELECT {KEY_COLUMNS} FROM device_api_keys WHERE {' AND '.join(conditions)} "
+            "ORDER BY created_at DESC, id LIMIT %(limit)s"
+        )
+        async with self._transaction() as conn:
+            cur = conn.cursor(row_factory=class_row(ApiKeyRow))
+            await cur.execute(query.encode(), params)
+            return await cur.fetchall()
+
+    async def list_audit(
+        self, *, device_id: str | None, key_id: uuid.UUID | None, before: int | None, limit: int
+    ) -> list[AuditRow]:
+        conditions = ["TRUE"]
+        params: dict[str, object] = {"limit": limit}
+        if device_id is not None:
+            conditions.append("device_id = %(device)s")
+            params["device"] = device_id
+        if key_id is not None:
+            conditions.append("key_id = %(key)s")
+            params["key"] = key_id
+        if before is not None:
+            conditions.append("seq < %(before)s")
+            params["before"] = before
+        query = (
+            f"SELECT {AUDIT_COLUMNS} FROM api_key_audit_events "
+            f"WHERE {' AND '.join(conditions)} ORDER BY seq DESC LIMIT %(limit)s"
+        )
+        async with self._transaction() as conn:
+            cur = conn.cursor(row_factory=class_row(AuditRow))
+            await cur.execute(query.encode(), params)
+            return await cur.fetchall()
+
+    # -- changes (each with its audit rows, in one transaction) ---------------
+
+    async def create(self, key: NewKeyRow, audit: AuditEntry, now: datetime) -> ApiKeyRow:
+        async with self._transaction() as conn:
+            row = await self._insert(conn, key, now)
+            await self._audit(conn, [row], audit, now)
+            return row
+
+    async def revoke(
+        self, key_id: uuid.UUID, audit: AuditEntry, now: datetime
+    ) -> tuple[ApiKeyRow | None, bool]:
+        """Revoke one key now. Returns the row and whether it changed (False if
+        it was revoked already); (None, False) when there is no such key."""
+        async with self._transaction() as conn:
+            cur = conn.cursor(row_factory=class_row(ApiKeyRow))
+            await cur.execute(
+                "UPDATE device_api_keys SET revoked_at = %(now)s, revocation_reason = %(reason)s, "
+                "is_active = false, updated_at = %(now)s "
+                "WHERE id = %(id)s AND (revoked_at IS NULL OR revoked_at > %(now)s) "
+                f"RETURNING {KEY_COLUMNS}",
+                {"id": key_id, "now": now, "reason": audit.reason},
+            )
+            row = await cur.fetchone()
+            if row is not None:
+                await self._audit(conn, [row], audit, now)
+                return row, True
+            await cur.execute(f"SELECT {KEY_COLUMNS} FROM device_api_keys WHERE id = %s", (key_id,))
+            return await cur.fetchone(), False
+
+    async def lock_for_rotation(self, conn: Connection, key_id: uuid.UUID) -> ApiKeyRow | None:
+        cur = conn.cursor(row_factory=class_row(ApiKeyRow))
+        await cur.execute(
+            f"SELECT {KEY_COLUMNS} FROM device_api_keys WHERE id = %s FOR UPDATE", (key_id,)
+        )
+        return await cur.fetchone()
+
+    @asynccontextmanager
+    async def rotation(self) -> AsyncIterator[Connection]:
+        """A transaction for `lock_for_rotation` + `finish_rotation`."""
+        async with self._transaction() as conn:
+            yield conn
+
+    async def finish_rotation(
+        self,
+        conn: Connection,
+        old: ApiKeyRow,
+        new: NewKeyRow,
+        *,
+        retire_at: datetime,
+        actor: str,
+        now: datetime,
+    ) -> tuple[ApiKeyRow, ApiKeyRow]:
+        """Insert the new key, schedule (or do) the old key's revocation, audit both."""
+        cur = conn.cursor(row_factory=class_row(ApiKeyRow))
+        await cur.execute(
+            "UPDATE device_api_keys SET revoked_at = %(at)s, "
+            "expires_at = LEAST(expires_at, %(at)s), revocation_reason = %(reason)s, "
+            "is_active = false, updated_at = %(now)s "
+            f"WHERE id = %(id)s RETURNING {KEY_COLUMNS}",
+            {"id": old.id, "at": retire_at, "now": now, "reason": f"rotated to {new.id}"},
+        )
+        retired = await cur.fetchone()
+        assert retired is not None  # locked by lock_for_rotation
+        created = await self._insert(conn, new, now)
+        grace = (retire_at - now).total_seconds()
+        await self._audit(
+            conn,
+            [retired],
+            AuditEntry(ACTION_ROTATE, actor, f"rotated to {new.id}; old key valid for {grace:g}s"),
+            now,
+        )
+        await self._audit(
+            conn, [created], AuditEntry(ACTION_CREATE, actor, f"rotation of {old.id}"), now
+        )
+        return retired, created
+
+    async def revoke_device(
+        self, device_id: str, audit: AuditEntry, now: datetime
+    ) -> list[ApiKeyRow]:
+        """Revoke every key of the device that is not revoked yet; returns them."""
+        async with self._transaction() as conn:
+            cur = conn.cursor(row_factory=class_row(ApiKeyRow))
+            await cur.execute(
+                "UPDATE device_api_keys SET revoked_at = %(now)s, revocation_reason = %(reason)s, "
+                "is_active = false, updated_at = %(now)s "
+                "WHERE device_id = %(device)s AND (revoked_at IS NULL OR revoked_at > %(now)s) "
+                f"RETURNING {KEY_COLUMNS}",
+                {"device": device_id, "now": now, "reason": audit.reason},
+            )
+            rows = await cur.fetchall()
+            await self._audit(conn, rows, audit, now)
+            return rows
+
+    async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
+        """One statement for the whole batch."""
+        if not deltas:
+            return
+        async with self._transaction() as conn:
+            await conn.execute(
+                "UPDATE device_api_keys AS k SET usage_count = k.usage_count + u.n, "
+                "last_used_at = GREATEST(k.last_used_at, u.t) "
+                "FROM unnest(%s::uuid[], %s::bigint[], %s::timestamptz[]) AS u(id, n, t) "
+                "WHERE k.id = u.id",
+                (
+                    [d.key_id for d in deltas],
+                    [d.count for d in deltas],
+                    [d.last_used_at for d in deltas],
+                ),
+            )
+
+    async def bulk_load(self, rows: Sequence[NewKeyRow], now: datetime) -> None:
+        """COPY many keys at once (benchmark and test setup)."""
+        async with self._transaction() as conn:
+            cur = conn.cursor()
+            async with cur.copy(
+                "COPY device_api_keys (id, device_id, key_hash, key_prefix, device_name, "
+                "user_initials, uuid_subdomain, permissions, rate_limit, expires_at, "
+                "created_at, updated_at) FROM STDIN"
+            ) as copy:
+                for r in rows:
+                    await copy.write_row(
+                        (
+                            r.id, r.device_id, r.key_hash, r.key_prefix, r.device_name,
+                            r.user_initials, r.uuid_subdomain, list(r.permissions),
+                            r.rate_limit, r.expires_at, now, now,
+                        )
+                    )  # fmt: skip
+
+    # -- helpers -------------------------------------------------------------
+
+    async def _insert(self, conn: Connection, key: NewKeyRow, now: datetime) -> ApiKeyRow:
+        cur = conn.cursor(row_factory=class_row(ApiKeyRow))
+        await cur.execute(
+            "INSERT INTO device_api_keys (id, device_id, key_hash, key_prefix, device_name, "
+            "user_initials, uuid_subdomain, permissions, rate_limit, expires_at, rotated_from, "
+            "created_at, updated_at) VALUES (%(id)s, %(device)s, %(hash)s, %(prefix)s, %(name)s, "
+            "%(initials)s, %(subdomain)s, %(permissions)s, %(rate)s, %(expires)s, %(from)s, "
+            f"%(now)s, %(now)s) RETURNING {KEY_COLUMNS}",
+            {
+                "id": key.id,
+                "device": key.device_id,
+                "hash": key.key_hash,
+                "prefix": key.key_prefix,
+                "name": key.device_name,
+                "initials": key.user_initials,
+                "subdomain": key.uuid_subdomain,
+                "permissions": list(key.permissions),
+                "rate": key.rate_limit,
+                "expires": key.expires_at,
+                "from": key.rotated_from,
+                "now": now,
+            },
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return row
+
+    async def _audit(
+        self, conn: Connection, rows: Sequence[ApiKeyRow], audit: AuditEntry, now: datetime
+    ) -> None:
+        if not rows:
+            return
+        await conn.execute(
+            "INSERT INTO api_key_audit_events (event_id, action, key_id, device_id, actor, "
+            "reason, display_prefix, created_at) "
+            "SELECT e, %s, k, d, %s, %s, p, %s "
+            "FROM unnest(%s::uuid[], %s::uuid[], %s::text[], %s::text[]) AS u(e, k, d, p)",
+            (
+                audit.action,
+                audit.actor,
+                audit.reason,
+                now,
+                [uuid.uuid4() for _ in rows],
+                [r.id for r in rows],
+                [r.device_id for r in rows],
+                [r.key_prefix for r in rows],
+            ),
+        )

@@ -1,0 +1,268 @@
+"""Key verification: the hot path behind VerifyApiKey and the gateway's Check.
+
+1. Shape and checksum (`keyformat.is_well_formed`): a malformed key is
+   NOT_FOUND with no I/O.
+2. One Redis round trip: a Lua script GETs the cached key record and applies
+   GCRA to the key's rate-limit state atomically (`ratelimit.VERIFY_SCRIPT`).
+3. On a cache miss, one PostgreSQL read by key hash, then one script call that
+   stores the record and applies GCRA. Unknown keys are cached as unknown for
+   `negative_cache_ttl` seconds.
+4. With Redis away (the shared circuit breaker returns our default), the key
+   is read from PostgreSQL and limited by the in-process `LocalLimiter`.
+
+Results, in order: NOT_FOUND, REVOKED, EXPIRED, RATE_LIMITED,
+INSUFFICIENT_PERMISSIONS, VALID. Every non-dry-run verify of a live key
+counts against its rate limit, whether or not it then lacks a permission.
+Usage (count, last use) is counted for VALID results only.
+
+The cached record is `usable_until_us|rate_limit|expires_us|revoked_us|`
+followed by a serialized VerifyApiKeyResponse carrying the key's identity. It
+holds neither the key nor anything derived from it beyond what the Redis key
+name (the SHA-256 hash) already says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Final
+
+from key_service import keyformat
+from key_service.clock import Clock, to_micros
+from key_service.permissions import ADMIN
+from key_service.ratelimit import POPULATE_SCRIPT, VERIFY_SCRIPT, Decision, LocalLimiter
+from key_service.scriptclient import Script, ScriptClient
+from key_service.storage import ApiKeyRow, KeyStore
+from key_service.usage import UsageBuffer
+from myl.key.v1 import key_pb2
+from shared.cache import Cache
+from shared.metrics import CACHE_RESULTS
+
+VALID: Final = key_pb2.VERIFY_RESULT_VALID
+NOT_FOUND: Final = key_pb2.VERIFY_RESULT_NOT_FOUND
+EXPIRED: Final = key_pb2.VERIFY_RESULT_EXPIRED
+REVOKED: Final = key_pb2.VERIFY_RESULT_REVOKED
+RATE_LIMITED: Final = key_pb2.VERIFY_RESULT_RATE_LIMITED
+INSUFFICIENT_PERMISSIONS: Final = key_pb2.VERIFY_RESULT_INSUFFICIENT_PERMISSIONS
+
+NEGATIVE_RECORD: Final = b"-"
+VERIFY: Final = Script(VERIFY_SCRIPT)
+POPULATE: Final = Script(POPULATE_SCRIPT)
+_NAMESPACE: Final = "myl:key:{"
+_MEMO_LIMIT: Final = 50_000
+
+
+class _RedisAway:
+    """The default the cache layer returns when Redis cannot answer."""
+
+
+REDIS_AWAY: Final = _RedisAway()
+
+
+def record_key(key_hash: bytes) -> str:
+    """Redis key of the cached record; `{hash}` is the Cluster hash tag."""
+    return f"{_NAMESPACE}{key_hash.hex()}}}:rec"
+
+
+def rate_key(key_hash: bytes) -> str:
+    """Redis key of the GCRA state; same hash tag as `record_key`."""
+    return f"{_NAMESPACE}{key_hash.hex()}}}:rl"
+
+
+class KeyRecord:
+    """What verification needs about one key, parsed once per cached record."""
+
+    __slots__ = (
+        "device_id",
+        "expires_us",
+        "key_id",
+        "operator",
+        "permissions",
+        "permissions_header",
+        "rate_limit",
+        "revoked_us",
+        "template",
+        "usable_until_us",
+    )
+
+    def __init__(self, header: Sequence[bytes], template: key_pb2.VerifyApiKeyResponse) -> None:
+        self.usable_until_us = int(header[0])
+        self.rate_limit = int(header[1])
+        self.expires_us = int(header[2])
+        self.revoked_us = int(header[3])
+        self.template = template
+        self.key_id = template.key_id
+        self.device_id = template.device_id
+        self.operator = template.operator
+        self.permissions = frozenset(template.permissions)
+        self.permissions_header = ",".join(template.permissions)
+
+    def unusable_result(self, now_us: int) -> int:
+        if self.revoked_us and now_us >= self.revoked_us:
+            return REVOKED
+        return EXPIRED
+
+
+def encode_record(row: ApiKeyRow) -> bytes:
+    expires_us = to_micros(row.expires_at)
+    revoked_us = to_micros(row.revoked_at) if row.revoked_at is not None else 0
+    usable_us = to_micros(row.usable_until())
+    template = key_pb2.VerifyApiKeyResponse(
+        key_id=str(row.id),
+        device_id=row.device_id or "",
+        permissions=row.permissions,
+        operator=row.operator,
+        rate_limit=row.rate_limit,
+    )
+    template.expire_time.FromDatetime(row.expires_at)
+    header = f"{usable_us}|{row.rate_limit}|{expires_us}|{revoked_us}|".encode()
+    return header + template.SerializeToString()
+
+
+class Verdict:
+    """The outcome of one verification."""
+
+    __slots__ = ("decision", "record", "result")
+
+    def __init__(self, result: int, record: KeyRecord | None, decision: Decision | None) -> None:
+        self.result = result
+        self.record = record
+        self.decision = decision
+
+
+UNKNOWN_KEY: Final = Verdict(NOT_FOUND, None, None)
+
+
+class Verifier:
+    def __init__(
+        self,
+        *,
+        store: KeyStore,
+        cache: Cache,
+        usage: UsageBuffer,
+        clock: Clock,
+        cache_ttl: float,
+        negative_cache_ttl: float,
+        local_limiter: LocalLimiter,
+        scripts: ScriptClient,
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.usage = usage
+        self.clock = clock
+        self.cache_ttl_ms = max(1, int(cache_ttl * 1000))
+        self.negative_cache_ttl = negative_cache_ttl
+        self.local_limiter = local_limiter
+        self.scripts = scripts
+        self._memo: dict[bytes, KeyRecord | None] = {}
+        self._hits = CACHE_RESULTS.labels("api_key", "hit")
+        self._misses = CACHE_RESULTS.labels("api_key", "miss")
+        self._negative_hits = CACHE_RESULTS.labels("api_key", "negative_hit")
+        self._bypass = CACHE_RESULTS.labels("api_key", "bypass")
+
+    async def verify(self, api_key: str, required: Sequence[str], dry_run: bool) -> Verdict:
+        if not keyformat.is_well_formed(api_key):
+            return UNKNOWN_KEY
+        key_hash = hashlib.sha256(api_key.encode()).digest()
+        now_us = to_micros(self.clock.now())
+        tag = key_hash.hex()
+        keys = (f"{_NAMESPACE}{tag}}}:rec", f"{_NAMESPACE}{tag}}}:rl")
+        args = (b"%d" % now_us, b"0" if dry_run else b"1")
+        reply = await self.cache.run(lambda _: self.scripts.run(VERIFY, keys, args), REDIS_AWAY)
+        if reply is None:
+            self._misses.inc()
+            return await self._verify_from_database(key_hash, keys, now_us, required, dry_run)
+        if isinstance(reply, _RedisAway):
+            self._bypass.inc()
+            return await self._verify_from_database(key_hash, None, now_us, required, dry_run)
+        record = self._parse(reply[0])
+        if record is None:
+            self._negative_hits.inc()
+            return UNKNOWN_KEY
+        self._hits.inc()
+        if len(reply) == 1:
+            return Verdict(record.unusable_result(now_us), record, None)
+        decision = Decision(reply[1] == 1, reply[2], reply[3], reply[4])
+        return self._judge(record, decision, required, now_us, dry_run)
+
+    def _judge(
+        self,
+        record: KeyRecord,
+        decision: Decision,
+        required: Sequence[str],
+        now_us: int,
+        dry_run: bool,
+    ) -> Verdict:
+        if not decision.allowed:
+            return Verdict(RATE_LIMITED, record, decision)
+        granted = record.permissions
+        if required and ADMIN not in granted:
+            for permission in required:
+                if permission not in granted:
+                    return Verdict(INSUFFICIENT_PERMISSIONS, record, decision)
+        if not dry_run:
+            self.usage.record(record.key_id, now_us)
+        return Verdict(VALID, record, decision)
+
+    async def _verify_from_database(
+        self,
+        key_hash: bytes,
+        keys: tuple[str, str] | None,
+        now_us: int,
+        required: Sequence[str],
+        dry_run: bool,
+    ) -> Verdict:
+        row = await self.store.find_by_hash(key_hash)
+        if row is None:
+            if keys is not None:
+                await self.cache.set(keys[0], NEGATIVE_RECORD, self.negative_cache_ttl)
+            return UNKNOWN_KEY
+        raw = encode_record(row)
+        record = self._parse(raw)
+        assert record is not None
+        if keys is not None:
+            args = (b"%d" % now_us, b"0" if dry_run else b"1", raw, b"%d" % self.cache_ttl_ms)
+            reply = await self.cache.run(
+                lambda _: self.scripts.run(POPULATE, keys, args), REDIS_AWAY
+            )
+            if reply is not None and not isinstance(reply, _RedisAway):
+                record = self._parse(reply[0])
+                if record is None:
+                    return UNKNOWN_KEY
+                if len(reply) == 1:
+                    return Verdict(record.unusable_result(now_us), record, None)
+                decision = Decision(reply[1] == 1, reply[2], reply[3], reply[4])
+                return self._judge(record, decision, required, now_us, dry_run)
+        if now_us >= record.usable_until_us:
+            return Verdict(record.unusable_result(now_us), record, None)
+        decision = self.local_limiter.check(key_hash, record.rate_limit, now_us, not dry_run)
+        return self._judge(record, decision, required, now_us, dry_run)
+
+    def _parse(self, raw: bytes) -> KeyRecord | None:
+        """Parse a cached record; memoized, since a key's record rarely changes."""
+        memo = self._memo
+        try:
+            return memo[raw]
+        except KeyError:
+            pass
+        record: KeyRecord | None = None
+        if raw != NEGATIVE_RECORD:
+            parts = raw.split(b"|", 4)
+            record = KeyRecord(parts, key_pb2.VerifyApiKeyResponse.FromString(parts[4]))
+        if len(memo) >= _MEMO_LIMIT:
+            memo.clear()
+        memo[raw] = record
+        return record
+
+    async def publish(self, rows: Sequence[ApiKeyRow]) -> None:
+        """Overwrite the cached records of changed keys (revocation, rotation).
+
+        Called before the change is reported, so every replica sees it on its
+        next verify. Writing the new record (rather than deleting) also keeps
+        a verify that read the old row from putting it back: it stores with
+        NX. With Redis away, the invalidation is queued and replayed.
+        """
+        for row in rows:
+            key = record_key(row.key_hash)
+            if not await self.cache.set(key, encode_record(row), self.cache_ttl_ms / 1000):
+                await self.cache.delete(key)

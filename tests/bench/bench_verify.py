@@ -1,0 +1,357 @@
+"""Benchmark: VerifyApiKey throughput and latency, beside the grpc.aio echo ceiling.
+
+Run with `python -m tests.bench.bench_verify` (what `make bench` runs). It
+prints numbers and asserts nothing about time.
+
+Setup: a throwaway PostgreSQL and Redis (shared.devstack), key_service's
+migrations, 100,000 keys loaded with COPY, and two separate server processes:
+`python -m key_service` and a no-op grpc.aio server whose VerifyApiKey returns
+a constant (the ceiling one Python process can reach).
+
+- cache hit: h2load sends the same VerifyApiKey request (a key with a rate
+  limit high enough to admit everything) to each server: saturation
+  throughput, then latency at half of the saturation rate (`--rps`).
+- cache miss: every request names a different key, so h2load (one fixed body)
+  cannot do it; a multi-process grpc.aio loader sends each of the 100,000 keys
+  once. The same loader is run against the echo server to show its own
+  ceiling.
+
+Afterwards the keys' usage counters (flushed on key_service's graceful stop)
+are compared with the number of requests h2load saw succeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+
+from key_service import keyformat
+from myl.key.v1 import key_pb2, key_pb2_grpc
+from shared.devstack import PostgresServer, RedisServer, free_port, wait_for_port
+from shared.migrations import MigrationRunner, load_migrations
+
+ROOT = Path(__file__).resolve().parents[2]
+KEYS = 100_000
+HOT_RATE_LIMIT = 60_000_000  # one request per microsecond: the hot key is never limited
+VERIFY_PATH = "/myl.key.v1.ApiKeyService/VerifyApiKey"
+
+
+# -- the echo ceiling ---------------------------------------------------------
+
+
+class EchoServicer(key_pb2_grpc.ApiKeyServiceServicer):
+    """Parses the request and returns a constant: no I/O, no logic."""
+
+    RESPONSE = key_pb2.VerifyApiKeyResponse(result=key_pb2.VERIFY_RESULT_VALID)
+
+    async def VerifyApiKey(
+        self, request: key_pb2.VerifyApiKeyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> key_pb2.VerifyApiKeyResponse:
+        return self.RESPONSE
+
+
+async def serve_echo(port: int) -> None:
+    server = grpc.aio.server()
+    key_pb2_grpc.add_ApiKeyServiceServicer_to_server(EchoServicer(), server)  # type: ignore[abstract]
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+# -- the multi-process loader (distinct keys) --------------------------------
+
+
+async def load_distinct(address: str, keys: Sequence[str], concurrency: int) -> dict[str, Any]:
+    latencies: list[float] = []
+    results: dict[int, int] = {}
+    queue = iter(keys)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = key_pb2_grpc.ApiKeyServiceStub(channel)
+
+        async def worker() -> None:
+            for key in queue:
+                started = time.perf_counter()
+                reply = await stub.VerifyApiKey(key_pb2.VerifyApiKeyRequest(api_key=key))
+                latencies.append(time.perf_counter() - started)
+                results[reply.result] = results.get(reply.result, 0) + 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return {"latencies": latencies, "elapsed": elapsed, "results": results}
+
+
+def run_loader(address: str, keys: list[str], processes: int, concurrency: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as directory:
+        children = []
+        for index in range(processes):
+            part = Path(directory) / f"keys-{index}.txt"
+            part.write_text("\n".join(keys[index::processes]))
+            out = Path(directory) / f"out-{index}.json"
+            children.append(
+                (
+                    subprocess.Popen(
+                        [sys.executable, "-m", "tests.bench.bench_verify", "--loader",
+                         address, str(part), str(out), str(concurrency)],
+                        cwd=ROOT,
+                    ),
+                    out,
+                )
+            )  # fmt: skip
+        for child, _ in children:
+            child.wait()
+        parts = [json.loads(out.read_text()) for _, out in children]
+    latencies = sorted(x for p in parts for x in p["latencies"])
+    elapsed = max(p["elapsed"] for p in parts)
+    results: dict[str, int] = {}
+    for p in parts:
+        for name, count in p["results"].items():
+            results[name] = results.get(name, 0) + count
+    return {
+        "requests": len(latencies),
+        "rps": len(latencies) / elapsed,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "results": results,
+    }
+
+
+def percentile(sorted_values: Sequence[float], pct: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, round(pct / 100 * (len(sorted_values) - 1)))
+    return sorted_values[index]
+
+
+# -- h2load ---------------------------------------------------------------------
+
+
+def grpc_body(path: Path, request: key_pb2.VerifyApiKeyRequest) -> Path:
+    payload = request.SerializeToString()
+    path.write_bytes(b"\x00" + struct.pack(">I", len(payload)) + payload)
+    return path
+
+
+def h2load(
+    port: int, body: Path, log: Path, *, seconds: int, clients: int, streams: int,
+    rps: float | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    command = [
+        "h2load", "-t", "1", "-c", str(clients), "-m", str(streams),
+        "-D", str(seconds), "--warm-up-time", "2",
+        "-H", "content-type: application/grpc", "-H", "te: trailers",
+        "-d", str(body), "--log-file", str(log),
+    ]  # fmt: skip
+    if rps is not None:
+        command += ["--rps", f"{rps:.0f}"]
+    command.append(f"http://127.0.0.1:{port}{VERIFY_PATH}")
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    succeeded = 0
+    for line in done.stdout.splitlines():
+        if line.startswith("requests:"):
+            succeeded = int(line.split("succeeded,")[0].split(",")[-1].split()[0])
+    durations = sorted(
+        int(fields[2]) / 1e6
+        for fields in (line.split("\t") for line in log.read_text().splitlines())
+        if len(fields) >= 3 and fields[1] == "200"
+    )
+    return {
+        "command": " ".join(command),
+        "rps": succeeded / seconds,
+        "succeeded": succeeded,
+        "p50_ms": percentile(durations, 50) * 1000,
+        "p99_ms": percentile(durations, 99) * 1000,
+    }
+
+
+# -- setup ------------------------------------------------------------------------
+
+
+def load_keys(conninfo: str) -> tuple[str, list[str]]:
+    """100,000 keys by COPY; returns the hot key and the plaintexts of the others."""
+    now = datetime.now(UTC)
+    expires = now + timedelta(days=30)
+    plaintexts = []
+    with psycopg.connect(conninfo) as conn, conn.cursor() as cur:
+        with cur.copy(
+            "COPY device_api_keys (id, device_id, key_hash, key_prefix, permissions, "
+            "rate_limit, expires_at, created_at, updated_at) FROM STDIN"
+        ) as copy:
+            for index in range(KEYS):
+                key = keyformat.generate()
+                plaintexts.append(key.plaintext)
+                copy.write_row(
+                    (
+                        uuid.uuid4(), f"bench-{index % 10_000}", key.key_hash,
+                        key.display_prefix, ["ssl:read", "device:read", "api:access"],
+                        HOT_RATE_LIMIT if index == 0 else 1000, expires, now, now,
+                    )
+                )  # fmt: skip
+        conn.commit()
+        cur.execute("ANALYZE device_api_keys")
+    return plaintexts[0], plaintexts[1:]
+
+
+def start_process(command: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
+    wait_for_port("127.0.0.1", port, 30, process)
+    return process
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def main() -> None:
+    directory = Path(tempfile.mkdtemp(prefix="myl-bench-"))
+    directory.chmod(0o755)  # PostgreSQL runs as its own user when we are root
+    pg = PostgresServer(directory / "pg", free_port(), durable=False)
+    redis = RedisServer(directory / "redis", free_port())
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        pg.start()
+        redis.start()
+        pg.create_database("bench")
+        conninfo = pg.conninfo("bench")
+        runner = MigrationRunner(
+            conninfo, "key_service", load_migrations(ROOT / "key_service" / "migrations")
+        )
+        asyncio.run(runner.up())
+        started = time.perf_counter()
+        hot_key, cold_keys = load_keys(conninfo)
+        print(f"setup: {KEYS} keys loaded with COPY in {time.perf_counter() - started:.1f}s")
+
+        key_port, echo_port = free_port(), free_port()
+        env = {
+            **os.environ,
+            "DB_HOST": pg.host, "DB_PORT": str(pg.port), "DB_NAME": "bench",
+            "DB_USER": pg.user, "DB_SSLMODE": "disable",
+            "REDIS_HOST": redis.host, "REDIS_PORT": str(redis.port),
+            "KEY_SERVICE_PORT": str(key_port), "KEY_SERVICE_METRICS_PORT": "0",
+            "KEY_SERVICE_LOG_LEVEL": "warning", "KEY_SERVICE_MAX_RATE_LIMIT": str(HOT_RATE_LIMIT),
+            "KEY_SERVICE_USAGE_FLUSH_INTERVAL": "5",
+        }  # fmt: skip
+        key_service = start_process([sys.executable, "-m", "key_service"], env, key_port)
+        processes.append(key_service)
+        echo = start_process(
+            [sys.executable, "-m", "tests.bench.bench_verify", "--echo", str(echo_port)],
+            env,
+            echo_port,
+        )
+        processes.append(echo)
+
+        body = grpc_body(directory / "hot.bin", key_pb2.VerifyApiKeyRequest(api_key=hot_key))
+        check = asyncio.run(load_distinct(f"127.0.0.1:{key_port}", [hot_key], 1))
+        assert check["results"] == {key_pb2.VERIFY_RESULT_VALID: 1}, check
+
+        seconds, clients, streams = 10, 4, 32
+        report: dict[str, Any] = {}
+        for name, port in (("echo", echo_port), ("verify_hit", key_port)):
+            report[name] = h2load(
+                port, body, directory / f"{name}.log",
+                seconds=seconds, clients=clients, streams=streams,
+            )  # fmt: skip
+        for name, port in (("echo", echo_port), ("verify_hit", key_port)):
+            half = report[name]["rps"] / 2
+            report[f"{name}_half"] = h2load(
+                port, body, directory / f"{name}-half.log",
+                seconds=seconds, clients=clients, streams=streams, rps=half / clients,
+            )  # fmt: skip
+
+        loader_processes, loader_concurrency = 2, 32
+        report["loader_echo"] = run_loader(
+            f"127.0.0.1:{echo_port}", cold_keys[:50_000], loader_processes, loader_concurrency
+        )
+        report["verify_miss"] = run_loader(
+            f"127.0.0.1:{key_port}", cold_keys, loader_processes, loader_concurrency
+        )
+        report["verify_hit_loader"] = run_loader(
+            f"127.0.0.1:{key_port}", cold_keys[:50_000], loader_processes, loader_concurrency
+        )
+
+        stop_process(key_service)
+        processes.remove(key_service)
+        with psycopg.connect(conninfo) as conn:
+            row = conn.execute(
+                "SELECT usage_count FROM device_api_keys WHERE key_hash = %s",
+                (keyformat.hash_key(hot_key),),
+            ).fetchone()
+        counted = int(row[0]) if row else 0
+        print_report(report, counted)
+    finally:
+        for process in processes:
+            stop_process(process)
+        redis.stop()
+        pg.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def print_report(report: dict[str, Any], counted: int) -> None:
+    cpu = os.cpu_count()
+    print(f"\nmachine: {cpu} CPUs, {sys.version.split()[0]}, grpcio {grpc.__version__}")
+    print(f"{'run':<28}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
+    rows = [
+        ("echo ceiling (h2load)", "echo"),
+        ("verify, cache hit (h2load)", "verify_hit"),
+        ("echo at half load", "echo_half"),
+        ("verify hit at half load", "verify_hit_half"),
+        ("echo ceiling (py loader)", "loader_echo"),
+        ("verify, cache miss (loader)", "verify_miss"),
+        ("verify, cache hit (loader)", "verify_hit_loader"),
+    ]
+    for label, name in rows:
+        r = report[name]
+        print(f"{label:<28}{r['rps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}")
+    ratio = report["verify_hit"]["rps"] / report["echo"]["rps"]
+    print(f"\ncache hit / echo ceiling: {ratio:.0%}")
+    print(f"miss results: {report['verify_miss']['results']}")
+    h2load_total = sum(report[n]["succeeded"] for n in ("verify_hit", "verify_hit_half"))
+    print(f"hot key usage_count after graceful stop: {counted} (h2load succeeded, "
+          f"excluding warm-up: {h2load_total})")  # fmt: skip
+    print(f"h2load command: {report['verify_hit']['command']}")
+
+
+def _loader_main(argv: Sequence[str]) -> None:
+    address, keys_file, out_file, concurrency = argv
+    keys = Path(keys_file).read_text().split("\n")
+    result = asyncio.run(load_distinct(address, keys, int(concurrency)))
+    result["results"] = {key_pb2.VerifyResult.Name(k): v for k, v in result["results"].items()}
+    Path(out_file).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--echo", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--loader", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.echo:
+        asyncio.run(serve_echo(args.echo))
+    elif args.loader:
+        _loader_main(args.loader)
+    else:
+        main()

@@ -1,0 +1,80 @@
+"""GCRA math on a fake timeline (microseconds)."""
+
+from __future__ import annotations
+
+from key_service.ratelimit import LocalLimiter, emission_interval_us, gcra
+
+T0 = 1_700_000_000_000_000
+
+
+def run(limit: int, times: list[int], apply: bool = True) -> list[bool]:
+    tat: int | None = None
+    admitted = []
+    for now in times:
+        new_tat, decision = gcra(tat, now, limit, apply)
+        if new_tat is not None:
+            tat = new_tat
+        admitted.append(decision.allowed)
+    return admitted
+
+
+def test_burst_equals_the_limit_then_one_per_interval() -> None:
+    limit = 10
+    interval = emission_interval_us(limit)
+    assert interval == 6_000_000
+    assert run(limit, [T0] * 12) == [True] * 10 + [False] * 2
+    times = [T0] * 10 + [T0 + interval - 1, T0 + interval, T0 + interval]
+    assert run(limit, times) == [True] * 10 + [False, True, False]
+
+
+def test_decision_numbers() -> None:
+    tat, first = gcra(None, T0, 60, True)
+    assert (first.allowed, first.remaining, first.reset_us, first.retry_after_us) == (
+        True,
+        59,
+        1_000_000,
+        0,
+    )
+    for _ in range(59):
+        tat, _ = gcra(tat, T0, 60, True)
+    stored, refused = gcra(tat, T0, 60, True)
+    assert stored is None
+    assert (refused.allowed, refused.remaining) == (False, 0)
+    assert refused.retry_after_us == 1_000_000
+    assert refused.reset_us == 60_000_000
+    # Half a minute later half the burst is back.
+    _, later = gcra(tat, T0 + 30_000_000, 60, False)
+    assert later.allowed
+    assert later.remaining == 30
+
+
+def test_dry_run_changes_nothing() -> None:
+    stored, decision = gcra(None, T0, 5, False)
+    assert stored is None
+    assert decision.allowed
+    assert decision.remaining == 5
+    assert decision.reset_us == 0
+    assert run(5, [T0] * 20, apply=False) == [True] * 20
+
+
+def test_exactly_the_limit_is_admitted_for_any_limit() -> None:
+    for limit in (1, 3, 7, 13, 999):
+        assert run(limit, [T0] * (limit + 2)) == [True] * limit + [False] * 2
+    assert emission_interval_us(7) == 8_571_428
+    assert emission_interval_us(60_000_000) == 1
+    assert emission_interval_us(100_000_000) == 1
+
+
+def test_local_limiter_keeps_state_per_key_and_evicts_recovered_ones() -> None:
+    limiter = LocalLimiter(max_keys=2)
+    assert limiter.check(b"a", 1, T0, True).allowed
+    assert not limiter.check(b"a", 1, T0, True).allowed
+    assert limiter.check(b"b", 1, T0, True).allowed
+    assert len(limiter) == 2
+    # A third key at a time when "a" and "b" have recovered evicts them.
+    assert limiter.check(b"c", 1, T0 + 60_000_000, True).allowed
+    assert len(limiter) == 1
+    # Full and nothing recovered: the table is cleared rather than grown.
+    limiter.check(b"d", 1, T0 + 60_000_000, True)
+    limiter.check(b"e", 1, T0 + 60_000_000, True)
+    assert len(limiter) <= 2
