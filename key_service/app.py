@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from key_service.authz import AuthorizationServicer
 from key_service.clock import Clock, SystemClock
 from key_service.config import SERVICE, KeyServiceConfig
@@ -75,10 +72,6 @@ async def create_app(config: KeyServiceConfig, *, clock: Clock | None = None) ->
     clock = clock or SystemClock()
     pool = await open_pool(config.server.database, SERVICE)
     cache = Cache.from_config(config.server.redis)
-    if cache.client is not None:
-        # The circuit breaker is the retry policy: redis-py's own retries with
-        # backoff would hold each call for seconds while Redis is down.
-        cache.client.set_retry(Retry(NoBackoff(), 0))
     scripts = ScriptClient(config.server.redis)
     store = KeyStore(pool)
     usage = UsageBuffer(store, config.usage_flush_interval)

@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError, Message
 from redis.asyncio.client import Pipeline
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from shared.config import RedisConfig
@@ -80,6 +82,18 @@ class CircuitBreaker:
             log.warning("redis circuit opened", failures=self.failures)
 
 
+async def _delete_each(client: aioredis.Redis, keys: Sequence[str]) -> None:
+    """DEL per key in one pipelined round trip: keys with different hash tags
+    live in different cluster slots, where one multi-key DEL would fail."""
+    if len(keys) == 1:
+        await client.delete(keys[0])
+        return
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.delete(key)
+    await pipe.execute()
+
+
 class Cache:
     """get/set/delete with TTL, protobuf values, pipelines and scripts."""
 
@@ -102,6 +116,9 @@ class Cache:
             socket_connect_timeout=config.socket_timeout,
             health_check_interval=0,
             max_connections=256,
+            # No client-side retries: the circuit breaker decides when to try again,
+            # and a retry loop would hold every call for seconds while Redis is down.
+            retry=Retry(NoBackoff(), 0),
         )
         return cls(client, breaker)
 
@@ -132,7 +149,7 @@ class Cache:
 
     async def _replay_deletes(self, client: aioredis.Redis) -> None:
         keys = list(self._pending_deletes)
-        await client.delete(*keys)
+        await _delete_each(client, keys)
         self._pending_deletes.difference_update(keys)
         log.info("replayed cache invalidations", count=len(keys))
 
@@ -153,7 +170,7 @@ class Cache:
         """Invalidate; when Redis is away the keys are deleted once it is back."""
 
         async def op(client: aioredis.Redis) -> bool:
-            await client.delete(*keys)
+            await _delete_each(client, keys)
             return True
 
         done = await self.run(op, False)

@@ -14,17 +14,16 @@ import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
-import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from shared.config import ServerConfig
 from shared.errors import DomainError, ErrorKind, internal_error
-from shared.logging import get_logger
+from shared.logging import REQUEST_CONTEXT, get_logger
 from shared.metrics import RPC_LATENCY, RPC_RESULTS
 
 log = get_logger(__name__)
@@ -77,39 +76,43 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return wrapped
 
     def _wrap(self, name: str, behavior: Behavior) -> Behavior:
-        latency = RPC_LATENCY.labels(self.service, name)
+        observe = RPC_LATENCY.labels(self.service, name).observe
+        results = RPC_RESULTS
         service = self.service
+        ok = results.labels(service, name, "OK").inc
+        set_context = REQUEST_CONTEXT.set
+        perf_counter = time.perf_counter
 
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            structlog.contextvars.bind_contextvars(
-                request_id=_request_id(context.invocation_metadata()), rpc=name
-            )
-            start = time.perf_counter()
-            code = "OK"
+            # Each RPC runs in its own task, so the context var needs no reset.
+            set_context((_request_id(context.invocation_metadata()), name))
+            start = perf_counter()
             try:
-                return await behavior(request, context)
+                response = await behavior(request, context)
             except DomainError as err:
-                code = err.kind.grpc_code.name
+                results.labels(service, name, err.kind.grpc_code.name).inc()
+                observe(perf_counter() - start)
                 await _abort(context, err)
             except asyncio.CancelledError:
-                code = "CANCELLED"
+                results.labels(service, name, "CANCELLED").inc()
                 raise
-            except Exception as exc:
-                if isinstance(exc, grpc.aio.AbortError):
-                    code = context.code().name if context.code() else "UNKNOWN"
-                    raise
-                code = "INTERNAL"
+            except grpc.aio.AbortError:
+                code = context.code()
+                results.labels(service, name, code.name if code else "UNKNOWN").inc()
+                raise
+            except Exception:
+                results.labels(service, name, "INTERNAL").inc()
+                observe(perf_counter() - start)
                 log.exception("unhandled error")
                 await _abort(context, internal_error())
-            finally:
-                latency.observe(time.perf_counter() - start)
-                RPC_RESULTS.labels(service, name, code).inc()
-                structlog.contextvars.unbind_contextvars("request_id", "rpc")
+            observe(perf_counter() - start)
+            ok()
+            return response
 
         return handle
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], err: DomainError) -> None:
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], err: DomainError) -> NoReturn:
     if err.kind is not ErrorKind.INTERNAL:
         log.info("rpc refused", code=err.kind.name, reason=err.reason, error=err.message)
     status = err.to_status()
@@ -118,6 +121,7 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], err: DomainError) 
         err.message,
         trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
     )
+    raise AssertionError("context.abort returned")  # it always raises
 
 
 class GrpcServer:
