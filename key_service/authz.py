@@ -14,16 +14,19 @@ for REST and native gRPC callers alike. Rules:
 On success the upstream request gets the identity headers (overwriting any
 the client sent) and loses `x-api-key`. Device scoping (a device key acts
 only on its own device) is enforced by the services from those headers:
-Check cannot see REST bodies.
+Check does not parse request bodies.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+from dataclasses import dataclass
 from typing import Any, Final
 
 import grpc
-from google.rpc import code_pb2, status_pb2  # type: ignore[attr-defined]
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[attr-defined]
 
 from key_service.permissions import API_ACCESS
 from key_service.verify import (
@@ -42,6 +45,7 @@ from myl.envoy.config.core.v3 import base_pb2
 from myl.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from myl.envoy.type.v3 import http_status_pb2
 from myl.key.v1 import key_pb2
+from shared.errors import ERROR_DOMAIN
 from shared.identity import (
     DEVICE_ID_HEADER,
     KEY_ID_HEADER,
@@ -51,6 +55,8 @@ from shared.identity import (
 )
 
 API_KEY_HEADER: Final = "x-api-key"
+# Set by the transcoder on REST calls only (Envoy strips a client-sent one).
+ORIGINAL_PATH_HEADER: Final = "x-envoy-original-path"
 _OVERWRITE: Final = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _POLICY_CACHE_LIMIT: Final = 4096
 
@@ -65,34 +71,85 @@ def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
+@dataclass(frozen=True)
+class Denial:
+    """One refusal, rendered for both kinds of caller.
+
+    REST callers (transcoded: Envoy adds `x-envoy-original-path`) get the
+    HTTP status and a JSON body in the shape of `google.rpc.Status`, the
+    same shape the gateway gives errors from the services. Native gRPC
+    callers get `grpc-status` and `grpc-status-details-bin` (with the same
+    ErrorInfo), so a refusal reads as UNAUTHENTICATED, PERMISSION_DENIED or
+    RESOURCE_EXHAUSTED rather than a status Envoy derives from HTTP (which
+    would turn 429 into UNAVAILABLE, a code clients retry at once).
+    """
+
+    rest: CheckResponse
+    grpc: CheckResponse
+
+    def respond(self, http: Any) -> CheckResponse:
+        headers = http.headers
+        if ORIGINAL_PATH_HEADER in headers or not headers.get("content-type", "").startswith(
+            "application/grpc"
+        ):
+            return self.rest
+        return self.grpc
+
+
 def deny(
-    http_status: int, code: int, message: str, retry_after: int | None = None
-) -> CheckResponse:
-    """A denial: an HTTP status with a JSON body, and the matching gRPC code."""
-    error = code_pb2.Code.Name(code)
-    body = json.dumps({"code": http_status, "error": error, "message": message})
-    headers = [_header("content-type", "application/json")]
-    if retry_after is not None:
-        headers.append(_header("retry-after", str(retry_after)))
-    return CheckResponse(
-        status=status_pb2.Status(code=code, message=message),
+    http_status: int, code: int, reason: str, message: str, retry_after: int | None = None
+) -> Denial:
+    """A refusal with its HTTP status, gRPC code and ErrorInfo reason."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)
+    packed = any_pb2.Any()
+    packed.Pack(info)
+    status = status_pb2.Status(code=code, message=message, details=[packed])
+    extra = [] if retry_after is None else [_header("retry-after", str(retry_after))]
+    body = json.dumps(
+        {
+            "code": code,
+            "message": message,
+            "details": [{"@type": packed.type_url, "reason": reason, "domain": ERROR_DOMAIN}],
+        }
+    )
+    rest = CheckResponse(
+        status=status,
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=http_status),  # type: ignore[arg-type]
-            headers=headers,
+            headers=[_header("content-type", "application/json"), *extra],
             body=body,
         ),
     )
+    details = base64.b64encode(status.SerializeToString()).decode()
+    grpc_denial = CheckResponse(
+        status=status,
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=http_status),  # type: ignore[arg-type]
+            headers=[
+                _header("grpc-status", str(code)),
+                _header("grpc-status-details-bin", details),
+                *extra,
+            ],
+            body=message,
+        ),
+    )
+    return Denial(rest, grpc_denial)
 
 
-NO_ROUTE: Final = deny(404, code_pb2.NOT_FOUND, "no such method")
-MISSING_KEY: Final = deny(401, code_pb2.UNAUTHENTICATED, "missing x-api-key header")
-UNKNOWN_KEY: Final = deny(401, code_pb2.UNAUTHENTICATED, "invalid API key")
-EXPIRED_KEY: Final = deny(401, code_pb2.UNAUTHENTICATED, "API key expired")
-REVOKED_KEY: Final = deny(401, code_pb2.UNAUTHENTICATED, "API key revoked")
-FORBIDDEN: Final = deny(
-    403, code_pb2.PERMISSION_DENIED, "API key lacks the permission this method needs"
+NO_ROUTE: Final = deny(404, code_pb2.NOT_FOUND, "METHOD_NOT_FOUND", "no such method")
+MISSING_KEY: Final = deny(
+    401, code_pb2.UNAUTHENTICATED, "API_KEY_MISSING", "missing x-api-key header"
 )
-_REFUSALS: Final[dict[int, CheckResponse]] = {
+UNKNOWN_KEY: Final = deny(401, code_pb2.UNAUTHENTICATED, "API_KEY_INVALID", "invalid API key")
+EXPIRED_KEY: Final = deny(401, code_pb2.UNAUTHENTICATED, "API_KEY_EXPIRED", "API key expired")
+REVOKED_KEY: Final = deny(401, code_pb2.UNAUTHENTICATED, "API_KEY_REVOKED", "API key revoked")
+FORBIDDEN: Final = deny(
+    403,
+    code_pb2.PERMISSION_DENIED,
+    "PERMISSION_MISSING",
+    "API key lacks the permission this method needs",
+)
+_REFUSALS: Final[dict[int, Denial]] = {
     NOT_FOUND: UNKNOWN_KEY,
     EXPIRED: EXPIRED_KEY,
     REVOKED: REVOKED_KEY,
@@ -142,19 +199,23 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         path = http.path.split("?", 1)[0]
         required = self.required_permissions(path)
         if required is None:
-            return NO_ROUTE
+            return NO_ROUTE.respond(http)
         api_key = http.headers.get(API_KEY_HEADER)
         if not api_key:
-            return MISSING_KEY
+            return MISSING_KEY.respond(http)
         verdict = await self.verifier.verify(api_key, required, dry_run=False)
         record = verdict.record
         if record is None or verdict.result != key_pb2.VERIFY_RESULT_VALID:
             if verdict.result == RATE_LIMITED and verdict.decision is not None:
                 seconds = max(1, -(-verdict.decision.retry_after_us // 1_000_000))
                 return deny(
-                    429, code_pb2.RESOURCE_EXHAUSTED, "rate limit exceeded", retry_after=seconds
-                )
-            return _REFUSALS.get(verdict.result, UNKNOWN_KEY)
+                    429,
+                    code_pb2.RESOURCE_EXHAUSTED,
+                    "RATE_LIMITED",
+                    "rate limit exceeded",
+                    retry_after=seconds,
+                ).respond(http)
+            return _REFUSALS.get(verdict.result, UNKNOWN_KEY).respond(http)
         response = self._allowed.get(record)
         if response is None:
             response = allow(record)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from datetime import timedelta
 
 import pytest
-from google.rpc import code_pb2  # type: ignore[attr-defined]
+from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[attr-defined]
 
 from key_service import keyformat
 from myl.envoy.config.core.v3 import base_pb2
@@ -66,7 +67,7 @@ async def test_paths_without_a_policy_are_not_found(
     status, code, headers, body = denial(await check(key_service, path, {"x-api-key": plaintext}))
     assert (status, code) == (404, code_pb2.NOT_FOUND)
     assert headers["content-type"] == "application/json"
-    assert body["code"] == 404
+    assert body["code"] == code_pb2.NOT_FOUND
 
 
 async def test_missing_and_bad_keys_are_unauthenticated(
@@ -74,7 +75,17 @@ async def test_missing_and_bad_keys_are_unauthenticated(
 ) -> None:
     status, code, _, body = denial(await check(key_service, GET_CERTIFICATE))
     assert (status, code) == (401, code_pb2.UNAUTHENTICATED)
-    assert body == {"code": 401, "error": "UNAUTHENTICATED", "message": "missing x-api-key header"}
+    assert body == {
+        "code": code_pb2.UNAUTHENTICATED,
+        "message": "missing x-api-key header",
+        "details": [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "API_KEY_MISSING",
+                "domain": "myl.zip",
+            }
+        ],
+    }
     for bad in ["nonsense", keyformat.generate().plaintext]:
         status, code, _, _ = denial(await check(key_service, GET_CERTIFICATE, {"x-api-key": bad}))
         assert (status, code) == (401, code_pb2.UNAUTHENTICATED)
@@ -126,7 +137,7 @@ async def test_operator_key_removes_any_device_header(key_service: RunningKeySer
 async def test_missing_permission_is_forbidden(key_service: RunningKeyService) -> None:
     reader, _ = await key_service.issue_device_key()  # ssl:read, device:read, api:access
     status, code, _, body = denial(await check(key_service, PROVISION, {"x-api-key": reader}))
-    assert (status, code, body["error"]) == (403, code_pb2.PERMISSION_DENIED, "PERMISSION_DENIED")
+    assert (status, code, body["code"]) == (403, code_pb2.PERMISSION_DENIED, 7)
     # api:access is needed through the gateway in addition to the method's permission.
     parked, _ = await key_service.issue_device_key(permissions=["ssl:read"])
     status, _, _, _ = denial(await check(key_service, GET_CERTIFICATE, {"x-api-key": parked}))
@@ -152,7 +163,7 @@ async def test_rate_limited_gets_429_with_retry_after(key_service: RunningKeySer
     )
     assert (status, code) == (429, code_pb2.RESOURCE_EXHAUSTED)
     assert headers["retry-after"] == "30"
-    assert body["error"] == "RESOURCE_EXHAUSTED"
+    assert body["code"] == code_pb2.RESOURCE_EXHAUSTED
 
 
 async def test_retry_after_is_at_least_one_second(key_service: RunningKeyService) -> None:
@@ -168,3 +179,26 @@ async def test_retry_after_is_at_least_one_second(key_service: RunningKeyService
         await check(key_service, GET_CERTIFICATE, {"x-api-key": plaintext})
     )
     assert (status, headers["retry-after"]) == (429, "1")
+
+
+async def test_grpc_callers_get_grpc_status_headers(key_service: RunningKeyService) -> None:
+    """A native gRPC caller sees the real code (not one derived from HTTP)."""
+    plaintext, _ = await key_service.issue_device_key(rate_limit=1)
+    grpc_headers = {"content-type": "application/grpc", "x-api-key": plaintext}
+    assert (await check(key_service, GET_CERTIFICATE, grpc_headers)).status.code == 0
+    response = await check(key_service, GET_CERTIFICATE, grpc_headers)
+    denied = response.denied_response
+    headers = {h.header.key: h.header.value for h in denied.headers}
+    assert headers["grpc-status"] == str(code_pb2.RESOURCE_EXHAUSTED)
+    assert int(headers["retry-after"]) >= 1
+    status = status_pb2.Status.FromString(base64.b64decode(headers["grpc-status-details-bin"]))
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert (status.code, info.reason) == (code_pb2.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+    assert denied.body == "rate limit exceeded"
+
+    # The same request transcoded from REST gets the JSON form.
+    rest = await check(
+        key_service, GET_CERTIFICATE, {**grpc_headers, "x-envoy-original-path": "/api/v1/x"}
+    )
+    assert json.loads(rest.denied_response.body)["code"] == code_pb2.RESOURCE_EXHAUSTED
