@@ -36,6 +36,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cert_service.randomness import serial_number
+
 __all__ = [
     "MAX_PEM_LENGTH",
     "CertificateAuthorityError",
@@ -400,7 +402,7 @@ class LocalCertificateAuthority:
             subject = x509.Name([])
             san_critical = True
         is_rsa = isinstance(public_key, rsa.RSAPublicKey)
-        serial = x509.random_serial_number()
+        serial = serial_number()
         builder = (
             x509.CertificateBuilder()
             .subject_name(subject)

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import functools
 import re
-import uuid
 from typing import Final
+
+from cert_service.randomness import uuid4
 
 __all__ = [
     "DEVICE_ID_PATTERN",
@@ -32,6 +33,7 @@ __all__ = [
     "SubdomainError",
     "certificate_names",
     "new_uuid_subdomain",
+    "normalize_lookup_name",
     "normalize_subdomain",
     "validate_device_id",
 ]
@@ -210,9 +212,59 @@ def normalize_subdomain(value: str, zone: str) -> str:
     return fqdn
 
 
+def normalize_lookup_name(value: str, zone: str) -> tuple[str, bool]:
+    """Return ``(fqdn, via_wildcard)`` for a name a client or an SNI router looks up.
+
+    Accepts everything :func:`normalize_subdomain` accepts, and also ``child.label.zone``, a name
+    that only a WILDCARD certificate of ``label.zone`` covers (``via_wildcard`` is then True).
+    Reserved labels are not refused here: they are never allocated, so they are simply not found.
+    Raises :class:`SubdomainError` for anything that cannot be a device name.
+    """
+    normalized_zone = _normalize_zone(zone)
+    if not isinstance(value, str):
+        raise SubdomainError("the name must be a string")
+    if not value:
+        raise SubdomainError("the name must not be empty")
+    if len(value) > MAX_NAME_LENGTH + 3:
+        raise SubdomainError(f"the name must be at most {MAX_NAME_LENGTH} characters")
+    if not value.isascii():
+        raise SubdomainError("the name must be ASCII; internationalized names are not supported")
+    if any(char.isspace() for char in value):
+        raise SubdomainError("the name must not contain whitespace")
+    if "*" in value:
+        raise SubdomainError("wildcards are not accepted in a look-up; ask for a concrete name")
+
+    name = value.lower()
+    absolute = name.endswith(".")
+    if absolute:
+        name = name[:-1]
+    suffix = "." + normalized_zone
+    if name == normalized_zone:
+        raise SubdomainError(f"the zone {normalized_zone} itself is not a device name")
+    if name.endswith(suffix):
+        labels = name[: -len(suffix)].split(".")
+    elif "." in name or absolute:
+        raise SubdomainError(f"{value!r} is not a name under {normalized_zone}")
+    else:
+        labels = [name]
+    if len(labels) > 2:
+        raise SubdomainError(
+            f"{value!r} is too deep under {normalized_zone}; device names are one label deep "
+            "and their wildcard certificates cover one more"
+        )
+    for label in labels:
+        problem = _label_problem(label)
+        if problem is not None:
+            raise SubdomainError(f"invalid name {value!r}: {problem}")
+    fqdn = labels[-1] + suffix
+    if len(fqdn) > MAX_NAME_LENGTH:
+        raise SubdomainError(f"the full name must be at most {MAX_NAME_LENGTH} characters")
+    return fqdn, len(labels) == 2
+
+
 def new_uuid_subdomain(zone: str) -> str:
     """Return a fresh random name ``<uuid4>.zone`` (36-character label, never reserved)."""
-    return f"{uuid.uuid4()}.{_normalize_zone(zone)}"
+    return f"{uuid4()}.{_normalize_zone(zone)}"
 
 
 def certificate_names(fqdn: str, wildcard: bool) -> list[str]:

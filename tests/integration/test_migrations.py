@@ -116,7 +116,9 @@ def test_migrate_commands(pg_server: PostgresServer, empty_database: str) -> Non
 
     assert "applied 0001_device_certificates" in run("up")
     assert "applied" in run("status")
-    assert "rolled back 0001_device_certificates" in run("down")
+    rolled = run("down", "--steps", "2")
+    assert "rolled back 0002_device_events_outbox" in rolled
+    assert "rolled back 0001_device_certificates" in rolled
     assert "pending" in run("status")
 
     bad = subprocess.run(

@@ -1,0 +1,190 @@
+"""Wiring: configuration -> dependencies -> constructors -> server. No work happens here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Awaitable, Callable
+
+from cert_service.access import AccessRecorder
+from cert_service.certcache import CertificateCache
+from cert_service.certificates import DeviceCertificates
+from cert_service.clock import Clock, SystemClock
+from cert_service.config import SERVICE, CertServiceConfig
+from cert_service.issuer import CertificateAuthorityError, Issuer, LocalCertificateAuthority
+from cert_service.lifecycle import LifecycleWorker
+from cert_service.outbox import OutboxRelay
+from cert_service.service import SERVICE_NAME, CertificateServicer
+from cert_service.storage import CertificateStore
+from myl.cert.v1 import cert_pb2_grpc
+from shared.cache import Cache
+from shared.config import ConfigError
+from shared.db import DatabaseUnavailable, Pool, open_pool, record_pool_stats
+from shared.logging import configure_logging, get_logger
+from shared.server import GrpcServer
+
+log = get_logger(__name__)
+
+_POOL_STATS_INTERVAL = 10.0
+
+
+class CertApp:
+    """cert_service in one process: the gRPC server and its background workers."""
+
+    def __init__(
+        self,
+        config: CertServiceConfig,
+        clock: Clock,
+        pool: Pool,
+        cache: Cache,
+        issuer: Issuer,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.pool = pool
+        self.cache = cache
+        self.store = CertificateStore(pool)
+        certificate_cache = CertificateCache(cache, config.cache_ttl, config.negative_cache_ttl)
+        self.access = AccessRecorder(self.store, clock)
+        self.outbox = OutboxRelay(
+            self.store,
+            clock,
+            config.key_service_address,
+            timeout=config.key_service_timeout,
+            interval=config.outbox_interval,
+            retry_min=config.outbox_retry_min,
+            retry_max=config.outbox_retry_max,
+        )
+        self.lifecycle = LifecycleWorker(
+            self.store,
+            certificate_cache,
+            issuer,
+            clock,
+            renew_at_fraction=config.renew_at_fraction,
+            batch_size=config.lifecycle_batch_size,
+            default_validity_days=config.cert_validity_days,
+        )
+        self.certificates = DeviceCertificates(
+            self.store,
+            certificate_cache,
+            issuer,
+            self.access,
+            self.outbox,
+            clock,
+            config.cert_validity_days,
+        )
+        servicer = CertificateServicer(
+            self.certificates, config.dns_zone, config.cert_validity_days
+        )
+        self.grpc = GrpcServer(config.server)
+        self.grpc.add_service(
+            SERVICE_NAME,
+            lambda server: cert_pb2_grpc.add_CertificateServiceServicer_to_server(servicer, server),
+        )
+        self.grpc.on_shutdown(self._close)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._closed = False
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
+
+    def set_key_service_address(self, address: str) -> None:
+        """Where the delete cascade calls key_service from now on."""
+        self.outbox.set_address(address)
+
+    async def start(self) -> int:
+        """Listen, start the workers; returns the bound port."""
+        port = await self.grpc.start()
+        self._started = True
+        self._spawn(self.outbox.run, "outbox relay")
+        if self.config.access_flush_interval > 0:
+            interval = self.config.access_flush_interval
+            self._spawn(lambda: self.access.run(interval), "access flush")
+        if self.config.lifecycle_interval > 0:
+            interval = self.config.lifecycle_interval
+            self._spawn(lambda: self.lifecycle.run(interval), "lifecycle")
+        self._spawn(self._observe_pool, "pool stats")
+        return port
+
+    def _spawn(self, work: Callable[[], Awaitable[None]], name: str) -> None:
+        async def guarded() -> None:
+            try:
+                await work()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background task stopped", task=name)
+
+        self._tasks.append(asyncio.create_task(guarded(), name=f"cert_service {name}"))
+
+    async def _observe_pool(self) -> None:
+        while True:
+            record_pool_stats(self.pool, SERVICE)
+            await asyncio.sleep(_POOL_STATS_INTERVAL)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain RPCs, then stop the workers, flush access counters, close pool and Redis."""
+        if self._started:
+            await self.grpc.stop(grace)
+        else:
+            await self._close()
+
+    async def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.access.flush()
+        await self.outbox.close()
+        await self.pool.close()
+        await self.cache.close()
+
+
+async def create_app(config: CertServiceConfig, *, clock: Clock | None = None) -> CertApp:
+    """Load the CA, open the database pool and Redis client, build the app (not started).
+
+    Raises `CertificateAuthorityError` for an unusable CA and `DatabaseUnavailable` when
+    PostgreSQL cannot be reached.
+    """
+    issuer = LocalCertificateAuthority.from_files(config.ca_cert_file, config.ca_key_file)
+    pool = await open_pool(config.server.database, SERVICE)
+    cache = Cache.from_config(config.server.redis)
+    return CertApp(config, clock or SystemClock(), pool, cache, issuer)
+
+
+async def _serve(config: CertServiceConfig) -> int:
+    try:
+        app = await create_app(config)
+    except CertificateAuthorityError as exc:
+        print(f"cert_service: {exc} (CA_CERT_FILE, CA_KEY_FILE)", file=sys.stderr)
+        return 2
+    except DatabaseUnavailable as exc:
+        print(f"cert_service: {exc}", file=sys.stderr)
+        return 1
+    try:
+        await app.start()
+    except (OSError, RuntimeError) as exc:
+        print(f"cert_service: cannot start: {exc}", file=sys.stderr)
+        await app.stop()
+        return 1
+    await app.grpc.serve_until_signalled()
+    return 0
+
+
+def main() -> int:
+    """`python -m cert_service serve`."""
+    try:
+        config = CertServiceConfig.from_env()
+    except ConfigError as exc:
+        print(f"cert_service: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.server.log_level, config.server.log_format, SERVICE)
+    return asyncio.run(_serve(config))

@@ -1,0 +1,144 @@
+"""Cache-aside for certificate reads, on top of the shared Redis cache layer.
+
+Two entries per certificate, `myl:cert:{<device_id>}:device` and `myl:cert:{<fqdn>}:name`,
+each holding the serialized `Certificate` protobuf (TTL `CACHE_TTL`). A miss in PostgreSQL is
+cached as well, as a short marker (TTL `NEGATIVE_CACHE_TTL`).
+
+Why a change writes a *fence* instead of deleting: a reader that loaded a row just before a
+change committed could otherwise put the old row back into the cache after the writer's delete,
+and a revoked certificate would be served as active for an hour. So:
+
+* readers fill the cache with SET NX only, and only when their database read took less than
+  `FILL_DEADLINE` seconds;
+* a change, after its commit and before its RPC returns, overwrites both keys with a fence
+  marker that lives `FENCE_TTL` (> `FILL_DEADLINE`) seconds. While the fence is there, readers go
+  to PostgreSQL and their NX fill fails; once it expires, the next reader caches the new row;
+* a provision, which creates a row that did not exist, writes the new certificate directly
+  (replacing a cached NOT_FOUND), unless a fence is there: a later change of the same device
+  already happened, and its fence must stand.
+
+When Redis does not answer, the fence falls back to the shared layer's delete, which is replayed
+as soon as Redis answers again. Reads then simply go to PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Final
+
+import redis.asyncio as aioredis
+from google.protobuf.message import DecodeError
+from redis.asyncio.client import Pipeline
+
+from myl.cert.v1 import cert_pb2
+from shared.cache import Cache, cache_key
+from shared.metrics import CACHE_RESULTS
+
+NAMESPACE: Final = "cert"
+# Markers start with a zero byte, which no serialized Certificate does (field 0 does not exist).
+_NOT_FOUND: Final = b"\x00not-found"
+_FENCE: Final = b"\x00fence"
+FENCE_TTL: Final = 5.0
+FILL_DEADLINE: Final = 2.0
+# KEYS[1]: the key; ARGV: value, fence marker, TTL in ms.
+_PUBLISH_UNLESS_FENCED: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[2] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+"""
+
+_HIT = CACHE_RESULTS.labels(NAMESPACE, "hit")
+_NEGATIVE_HIT = CACHE_RESULTS.labels(NAMESPACE, "negative_hit")
+_MISS = CACHE_RESULTS.labels(NAMESPACE, "miss")
+
+
+class NotFound:
+    """A cached "this certificate does not exist"."""
+
+
+NOT_FOUND: Final = NotFound()
+
+
+def device_key(device_id: str) -> str:
+    return cache_key(NAMESPACE, device_id, ":device")
+
+
+def name_key(fqdn: str) -> str:
+    return cache_key(NAMESPACE, fqdn, ":name")
+
+
+class CertificateCache:
+    def __init__(self, cache: Cache, ttl: float, negative_ttl: float) -> None:
+        self.cache = cache
+        self.ttl_ms = max(1, int(ttl * 1000))
+        self.negative_ttl_ms = int(negative_ttl * 1000)
+        self.fence_ms = int(FENCE_TTL * 1000)
+
+    async def get(self, key: str) -> cert_pb2.Certificate | NotFound | None:
+        """A cached certificate, a cached NOT_FOUND, or None (go to the database)."""
+        raw = await self.cache.get(key)
+        if raw is None or raw == _FENCE:
+            _MISS.inc()
+            return None
+        if raw == _NOT_FOUND:
+            _NEGATIVE_HIT.inc()
+            return NOT_FOUND
+        certificate = cert_pb2.Certificate()
+        try:
+            certificate.ParseFromString(raw)
+        except DecodeError:
+            _MISS.inc()
+            return None
+        _HIT.inc()
+        return certificate
+
+    async def fill(
+        self, key: str, certificate: cert_pb2.Certificate | None, read_started: float
+    ) -> None:
+        """Cache what the database said (None: not found), unless a change fenced the key
+        or the read took too long to be trusted. `read_started` is `time.monotonic()` taken
+        before the database read."""
+        if time.monotonic() - read_started > FILL_DEADLINE:
+            return
+        if certificate is None:
+            if self.negative_ttl_ms <= 0:
+                return
+            value, ttl_ms = _NOT_FOUND, self.negative_ttl_ms
+        else:
+            value, ttl_ms = certificate.SerializeToString(), self.ttl_ms
+
+        async def set_if_absent(client: aioredis.Redis) -> object:
+            return await client.set(key, value, px=ttl_ms, nx=True)
+
+        await self.cache.run(set_if_absent, None)
+
+    async def publish_new(self, certificate: cert_pb2.Certificate, *keys: str) -> None:
+        """Cache a just-provisioned certificate under `keys` (see the module docstring)."""
+        value = certificate.SerializeToString()
+
+        async def publish_one(client: aioredis.Redis) -> bool:
+            await client.eval(_PUBLISH_UNLESS_FENCED, 1, keys[0], value, _FENCE, self.ttl_ms)
+            return True
+
+        def publish(pipe: Pipeline) -> None:
+            for key in keys:
+                pipe.eval(_PUBLISH_UNLESS_FENCED, 1, key, value, _FENCE, self.ttl_ms)
+
+        if len(keys) == 1:
+            done = await self.cache.run(publish_one, False)
+        else:
+            done = bool(await self.cache.pipeline(publish, default=()))
+        if not done:
+            for key in keys:
+                await self.cache.delete(key)
+
+    async def invalidate(self, *keys: str) -> None:
+        """Fence `keys` after a change (see the module docstring)."""
+
+        def fence(pipe: Pipeline) -> None:
+            for key in keys:
+                pipe.set(key, _FENCE, px=self.fence_ms)
+
+        if not await self.cache.pipeline(fence, default=()):
+            for key in keys:
+                await self.cache.delete(key)

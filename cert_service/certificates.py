@@ -1,0 +1,330 @@
+"""The device certificate operations, behind the gRPC servicer.
+
+Reads go cache first, then PostgreSQL; every change is committed, then its cache entries are
+updated (provision) or fenced (every other change), then the call returns. Signing is CPU work
+done inline and never while a database connection is held.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+from cryptography.hazmat.primitives import serialization
+
+from cert_service import certcache
+from cert_service.access import AccessRecorder
+from cert_service.certcache import NOT_FOUND, CertificateCache
+from cert_service.clock import Clock
+from cert_service.issuance import CSR_UNCHANGED, issue_device_certificate
+from cert_service.issuer import (
+    Issuer,
+    PublicKey,
+    PublicKeyError,
+    generate_private_key,
+    load_public_key,
+)
+from cert_service.outbox import OutboxRelay
+from cert_service.storage import (
+    CertificateRecord,
+    CertificateStore,
+    ListQuery,
+    RenewalSource,
+)
+from cert_service.validation import csr_public_key
+from myl.cert.v1 import cert_pb2
+from shared.errors import (
+    DomainError,
+    ErrorKind,
+    already_exists,
+    failed_precondition,
+    internal_error,
+    not_found,
+)
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+_ACTIVE: Final = cert_pb2.CERTIFICATE_STATUS_ACTIVE
+_EXPIRED: Final = cert_pb2.CERTIFICATE_STATUS_EXPIRED
+_ATTEMPTS: Final = 3
+
+
+def truthful_status(certificate: cert_pb2.Certificate, now_seconds: int) -> cert_pb2.Certificate:
+    """An active certificate whose not_after has passed reads as EXPIRED (cached entries too)."""
+    if certificate.status == _ACTIVE and certificate.not_after.seconds <= now_seconds:
+        certificate.status = _EXPIRED
+    return certificate
+
+
+@dataclass(frozen=True)
+class ProvisionRequest:
+    device_id: str
+    fqdn: str
+    certificate_type: str
+    public_key: PublicKey | None
+    csr_pem: str | None
+    auto_renewal: bool
+    validity_days: int
+    # True when the service chose the name (a fresh UUID label).
+    generated_name: bool = False
+
+
+@dataclass(frozen=True)
+class CertificatePage:
+    certificates: list[cert_pb2.Certificate]
+    last: CertificateRecord | None
+
+
+class DeviceCertificates:
+    def __init__(
+        self,
+        store: CertificateStore,
+        cache: CertificateCache,
+        issuer: Issuer,
+        access: AccessRecorder,
+        outbox: OutboxRelay,
+        clock: Clock,
+        default_validity_days: int,
+    ) -> None:
+        self.default_validity_days = default_validity_days
+        self.store = store
+        self.cache = cache
+        self.issuer = issuer
+        self.access = access
+        self.outbox = outbox
+        self.clock = clock
+
+    # -- reads --------------------------------------------------------------------------------
+
+    async def get(self, device_id: str) -> cert_pb2.Certificate:
+        key = certcache.device_key(device_id)
+        cached = await self.cache.get(key)
+        if cached is NOT_FOUND:
+            raise _not_found(device_id=device_id)
+        if isinstance(cached, cert_pb2.Certificate):
+            certificate = truthful_status(cached, _seconds(self.clock.now()))
+        else:
+            started = time.monotonic()
+            record = await self.store.get_by_device(device_id)
+            certificate = await self._from_database(key, record, started, device_id=device_id)
+        self.access.record(device_id)
+        return certificate
+
+    async def lookup(self, fqdn: str, via_wildcard: bool) -> cert_pb2.Certificate:
+        """The certificate for `fqdn`; with `via_wildcard`, only if it is a WILDCARD one."""
+        key = certcache.name_key(fqdn)
+        cached = await self.cache.get(key)
+        if cached is NOT_FOUND:
+            raise _not_found(uuid_subdomain=fqdn)
+        if isinstance(cached, cert_pb2.Certificate):
+            certificate = truthful_status(cached, _seconds(self.clock.now()))
+        else:
+            started = time.monotonic()
+            record = await self.store.get_by_subdomain(fqdn)
+            certificate = await self._from_database(key, record, started, uuid_subdomain=fqdn)
+        if via_wildcard and certificate.certificate_type != cert_pb2.CERTIFICATE_TYPE_WILDCARD:
+            raise _not_found(uuid_subdomain=fqdn)
+        self.access.record(certificate.device_id)
+        return certificate
+
+    async def _from_database(
+        self, key: str, record: CertificateRecord | None, started: float, **what: str
+    ) -> cert_pb2.Certificate:
+        if record is None:
+            await self.cache.fill(key, None, started)
+            raise _not_found(**what)
+        # An expired status is as true in an hour as it is now, so the computed one is cached.
+        certificate = record.to_pb(self.clock.now())
+        await self.cache.fill(key, certificate, started)
+        return certificate
+
+    async def list(
+        self,
+        limit: int,
+        status: str | None,
+        expire_before: datetime | None,
+        after: tuple[datetime, str] | None,
+    ) -> CertificatePage:
+        """One page (at most `limit` rows); `last` is set when another page follows."""
+        now = self.clock.now()
+        query = ListQuery(limit + 1, status, expire_before, after)
+        records = await self.store.list_certificates(query, now)
+        more = len(records) > limit
+        records = records[:limit]
+        return CertificatePage(
+            [record.to_pb(now) for record in records], records[-1] if more else None
+        )
+
+    def ca_chain_pem(self) -> str:
+        return self.issuer.ca_chain_pem()
+
+    # -- changes ------------------------------------------------------------------------------
+
+    async def provision(self, request: ProvisionRequest) -> tuple[cert_pb2.Certificate, str]:
+        """Issue and store the device's first certificate; returns it and, when the service
+        generated the key, the private key PEM (returned once, never stored or logged)."""
+        private_key_pem = ""
+        public_key = request.public_key
+        if public_key is None:
+            public_key, private_key_pem = generate_private_key()
+        for _ in range(_ATTEMPTS):
+            now = self.clock.now()
+            new = issue_device_certificate(
+                self.issuer,
+                public_key,
+                request.fqdn,
+                request.certificate_type,
+                request.validity_days,
+                now,
+                request.csr_pem,
+                occasion="provision",
+            )
+            record = await self.store.insert(
+                request.device_id,
+                request.fqdn,
+                request.certificate_type,
+                request.auto_renewal,
+                new,
+                now,
+            )
+            if record is not None:
+                certificate = record.to_pb(now)
+                keys = [certcache.device_key(request.device_id)]
+                if not request.generated_name:
+                    # Nobody can have looked up a name generated just now: nothing to replace.
+                    keys.append(certcache.name_key(request.fqdn))
+                await self.cache.publish_new(certificate, *keys)
+                log.info(
+                    "certificate provisioned",
+                    device_id=request.device_id,
+                    uuid_subdomain=request.fqdn,
+                    serial=record.serial_number,
+                )
+                return certificate, private_key_pem
+            conflict = await self.store.conflict(request.device_id, request.fqdn)
+            if conflict.device_exists:
+                raise already_exists(
+                    f"device {request.device_id} already has a certificate; renew it, or delete "
+                    "the device first",
+                    "DEVICE_ALREADY_PROVISIONED",
+                    device_id=request.device_id,
+                )
+            if conflict.subdomain_taken:
+                raise already_exists(
+                    f"the subdomain {request.fqdn} is already allocated to another device",
+                    "SUBDOMAIN_TAKEN",
+                    uuid_subdomain=request.fqdn,
+                )
+            if conflict.deletion_pending:
+                raise DomainError(
+                    ErrorKind.UNAVAILABLE,
+                    f"device {request.device_id} was deleted and its API keys are still being "
+                    "revoked; retry shortly",
+                    "DEVICE_DELETION_PENDING",
+                    metadata={"device_id": request.device_id},
+                    retry_after=1.0,
+                )
+            # The conflicting row went away between the insert and the check: try again.
+        raise internal_error()
+
+    async def renew(self, device_id: str, csr_pem: str | None) -> cert_pb2.Certificate:
+        """Re-sign the stored public key, or the key of a new CSR.
+
+        An expired certificate can be renewed with its key. A revoked one needs a CSR with a
+        different key: its key is never signed again.
+        """
+        for _ in range(_ATTEMPTS):
+            source = await self.store.renewal_source(device_id)
+            if source is None:
+                raise _not_found(device_id=device_id)
+            public_key = self._renewal_key(source, csr_pem)
+            now = self.clock.now()
+            new = issue_device_certificate(
+                self.issuer,
+                public_key,
+                source.uuid_subdomain,
+                source.certificate_type,
+                source.validity_days or self.default_validity_days,
+                now,
+                CSR_UNCHANGED if csr_pem is None else csr_pem,
+                occasion="renew",
+            )
+            record = await self.store.replace_certificate(source, new, now)
+            if record is not None:
+                await self._changed(record.device_id, record.uuid_subdomain)
+                log.info("certificate renewed", device_id=device_id, serial=new.serial_number)
+                return record.to_pb(now)
+        raise DomainError(
+            ErrorKind.ABORTED,
+            "the certificate changed while it was being renewed; retry",
+            "CONCURRENT_CHANGE",
+            metadata={"device_id": device_id},
+        )
+
+    def _renewal_key(self, source: RenewalSource, csr_pem: str | None) -> PublicKey:
+        if csr_pem is not None:
+            key = csr_public_key(csr_pem, source.uuid_subdomain, source.certificate_type)
+            if source.status == "revoked" and _same_key(key, source.public_key_sha256):
+                raise failed_precondition(
+                    "the certificate was revoked; its key is never signed again, send a CSR "
+                    "for a new key",
+                    "REVOKED_KEY_REUSED",
+                    device_id=source.device_id,
+                )
+            return key
+        if source.status == "revoked":
+            raise failed_precondition(
+                "the certificate was revoked; renew it with a CSR for a new key",
+                "CERTIFICATE_REVOKED",
+                device_id=source.device_id,
+            )
+        try:
+            return load_public_key(source.public_key_pem)
+        except PublicKeyError:
+            log.error("stored public key unusable", device_id=source.device_id)
+            raise internal_error() from None
+
+    async def revoke(self, device_id: str, reason: str) -> cert_pb2.Certificate:
+        """Revoke the current certificate; revoking a revoked one returns it unchanged."""
+        now = self.clock.now()
+        record, changed = await self.store.revoke(device_id, reason, now)
+        if record is None:
+            raise _not_found(device_id=device_id)
+        if changed:
+            await self._changed(record.device_id, record.uuid_subdomain)
+            log.info("certificate revoked", device_id=device_id, reason=reason)
+        return record.to_pb(now)
+
+    async def delete(self, device_id: str) -> None:
+        """Delete the device and queue the revocation of its API keys, then try to deliver
+        that revocation at once (the relay retries it if key_service does not answer)."""
+        now = self.clock.now()
+        deleted = await self.store.delete_device(device_id, now, self.outbox.lease_until(now))
+        if deleted is None:
+            raise _not_found(device_id=device_id)
+        fqdn, event = deleted
+        await self._changed(device_id, fqdn)
+        log.info("device deleted", device_id=device_id, uuid_subdomain=fqdn)
+        await self.outbox.try_deliver(event)
+
+    async def _changed(self, device_id: str, fqdn: str) -> None:
+        await self.cache.invalidate(certcache.device_key(device_id), certcache.name_key(fqdn))
+
+
+def _seconds(now: datetime) -> int:
+    return int(now.timestamp())
+
+
+def _same_key(key: PublicKey, public_key_sha256: str) -> bool:
+    spki = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest() == public_key_sha256
+
+
+def _not_found(**what: str) -> DomainError:
+    return not_found("certificate", "CERTIFICATE_NOT_FOUND", **what)

@@ -1,0 +1,104 @@
+"""cert_service settings: the shared server settings plus `CERT_SERVICE_*` ones.
+
+Every name below may be given with the `CERT_SERVICE_` prefix (which wins) or
+without it; `make run` sets the unprefixed `CA_CERT_FILE` and `CA_KEY_FILE` to
+a development CA under `.run/ca`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cert_service.names import new_uuid_subdomain
+from shared.config import ConfigError, EnvReader, ServerConfig
+
+SERVICE = "cert_service"
+DEFAULT_PORT = 50051
+DEFAULT_METRICS_PORT = 9464
+MAX_VALIDITY_DAYS = 825
+
+
+@dataclass(frozen=True)
+class CertServiceConfig:
+    server: ServerConfig
+    ca_cert_file: Path
+    ca_key_file: Path
+    dns_zone: str = "myl.zip"
+    cert_validity_days: int = 90
+    # Renew once this fraction of a certificate's lifetime has passed.
+    renew_at_fraction: float = 0.6667
+    cache_ttl: float = 3600.0
+    negative_cache_ttl: float = 30.0
+    # Seconds between flushes of buffered access counters; 0 flushes only on shutdown.
+    access_flush_interval: float = 5.0
+    # Seconds between lifecycle passes; 0 disables the background loop.
+    lifecycle_interval: float = 60.0
+    lifecycle_batch_size: int = 100
+    key_service_address: str = "127.0.0.1:50052"
+    # Deadline of one RevokeDeviceApiKeys call.
+    key_service_timeout: float = 2.0
+    # Outbox relay: poll period, and the first and longest delay between retries.
+    outbox_interval: float = 1.0
+    outbox_retry_min: float = 0.5
+    outbox_retry_max: float = 60.0
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, server: ServerConfig | None = None
+    ) -> CertServiceConfig:
+        """Read every setting; `server` replaces the shared server settings when given."""
+        if server is None:
+            server = ServerConfig.from_env(SERVICE, DEFAULT_PORT, DEFAULT_METRICS_PORT, environ)
+        env = EnvReader("CERT_SERVICE", environ)
+        zone = env.text("DNS_ZONE", "myl.zip")
+        try:
+            new_uuid_subdomain(zone)
+        except ValueError:
+            raise ConfigError(_name(env, "DNS_ZONE"), zone, "a DNS name such as myl.zip") from None
+        fraction = env.number("RENEW_AT_FRACTION", 0.6667, minimum=0.0)
+        if not 0.0 < fraction < 1.0:
+            raise ConfigError(
+                _name(env, "RENEW_AT_FRACTION"), str(fraction), "a number between 0 and 1"
+            )
+        retry_min = env.number("OUTBOX_RETRY_MIN", 0.5, minimum=0.01)
+        return cls(
+            server=server,
+            ca_cert_file=_required_path(env, "CA_CERT_FILE", "the CA certificate (PEM)"),
+            ca_key_file=_required_path(env, "CA_KEY_FILE", "the CA private key (PEM)"),
+            dns_zone=zone.lower().removesuffix("."),
+            cert_validity_days=env.integer(
+                "CERT_VALIDITY_DAYS", 90, minimum=1, maximum=MAX_VALIDITY_DAYS
+            ),
+            renew_at_fraction=fraction,
+            cache_ttl=env.number("CACHE_TTL", 3600.0, minimum=1.0),
+            negative_cache_ttl=env.number("NEGATIVE_CACHE_TTL", 30.0, minimum=0.0),
+            access_flush_interval=env.number("ACCESS_FLUSH_INTERVAL", 5.0),
+            lifecycle_interval=env.number("LIFECYCLE_INTERVAL", 60.0),
+            lifecycle_batch_size=env.integer(
+                "LIFECYCLE_BATCH_SIZE", 100, minimum=1, maximum=10_000
+            ),
+            key_service_address=env.text("KEY_SERVICE_ADDRESS", "127.0.0.1:50052"),
+            key_service_timeout=env.number("KEY_SERVICE_TIMEOUT", 2.0, minimum=0.05),
+            outbox_interval=env.number("OUTBOX_INTERVAL", 1.0, minimum=0.01),
+            outbox_retry_min=retry_min,
+            outbox_retry_max=env.number("OUTBOX_RETRY_MAX", 60.0, minimum=retry_min),
+        )
+
+
+def _name(env: EnvReader, name: str) -> str:
+    scoped = f"{env.prefix}_{name}"
+    return scoped if scoped in env.environ else name
+
+
+def _required_path(env: EnvReader, name: str, what: str) -> Path:
+    value = env.text(name, "")
+    if not value:
+        raise ConfigError(
+            name,
+            None,
+            f"the path of {what} in {name} (or CERT_SERVICE_{name}); `make run` creates a "
+            "development CA under .run/ca",
+        )
+    return Path(value)

@@ -1,0 +1,65 @@
+"""Turning a public key and a device name into what device_certificates stores."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from prometheus_client import Counter
+
+from cert_service.issuer import Issuer, PublicKey
+from cert_service.names import certificate_names
+from cert_service.storage import NewCertificate
+
+ISSUED = Counter("myl_certificates_issued_total", "Certificates signed, by occasion", ["occasion"])
+
+CSR_UNCHANGED: Any = object()
+"""Pass as `csr_pem` when renewing with the stored key: certificate_data keeps its CSR."""
+
+
+def issue_device_certificate(
+    issuer: Issuer,
+    public_key: PublicKey,
+    fqdn: str,
+    certificate_type: str,
+    validity_days: int,
+    now: datetime,
+    csr_pem: str | None,
+    *,
+    occasion: str,
+) -> NewCertificate:
+    """Sign a certificate for the device name valid from `now` for `validity_days`.
+
+    CPU work (one signature, ~0.1 ms with the built-in P-256 CA): callers run it without holding
+    a database connection. `csr_pem` is recorded in certificate_data (None: the service made
+    the key; `CSR_UNCHANGED`: keep what is recorded). `occasion` labels the issue counter
+    (provision, renew, auto_renew).
+    """
+    issued = issuer.issue(
+        public_key,
+        certificate_names(fqdn, certificate_type == "wildcard"),
+        now,
+        now + timedelta(days=validity_days),
+    )
+    data: dict[str, Any] = {
+        "chain_pem": issued.chain_pem,
+        "serial_number": issued.serial_hex,
+        "fingerprint_sha256": issued.fingerprint_sha256,
+        "public_key_sha256": issued.public_key_sha256,
+        "public_key_pem": issued.public_key_pem,
+        "issuer": issued.issuer,
+        "dns_names": issued.dns_names,
+        "not_before": issued.not_before.isoformat(),
+        "not_after": issued.not_after.isoformat(),
+        "validity_days": validity_days,
+    }
+    if csr_pem is not CSR_UNCHANGED:
+        data["csr_pem"] = csr_pem
+    ISSUED.labels(occasion).inc()
+    return NewCertificate(
+        serial_number=issued.serial_hex,
+        fingerprint_sha256=issued.fingerprint_sha256,
+        not_before=issued.not_before,
+        not_after=issued.not_after,
+        data=data,
+    )

@@ -1,0 +1,140 @@
+"""The lifecycle worker: renews certificates before they expire and marks the expired ones.
+
+One pass (`run_once`) does, in batches of `LIFECYCLE_BATCH_SIZE`:
+
+1. Renewal: active certificates with auto_renewal once `RENEW_AT_FRACTION` of their lifetime has
+   passed (now >= not_before + fraction * (not_after - not_before)), including ones already past
+   their expiry, are re-signed with the public key stored in certificate_data, for the validity
+   they were provisioned with. A stored key that cannot be re-signed switches the
+   certificate's auto_renewal off (logged) so the batch does not retry it forever.
+2. Expiry: active certificates with expires_at <= now become 'expired'.
+
+Each batch locks its rows with `FOR UPDATE SKIP LOCKED` inside one transaction, so several
+replicas can run passes at the same time without renewing a certificate twice. Reads compute
+the truthful status themselves, so a certificate reads EXPIRED the moment it expires, whether
+or not a pass has run yet. Every changed row's cache entries are fenced after the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from cert_service import certcache
+from cert_service.certcache import CertificateCache
+from cert_service.clock import Clock
+from cert_service.issuance import CSR_UNCHANGED, issue_device_certificate
+from cert_service.issuer import Issuer, PublicKeyError, load_public_key
+from cert_service.storage import CertificateStore, NewCertificate
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class LifecycleResult:
+    renewed: int
+    expired: int
+    failed: int
+
+
+class LifecycleWorker:
+    def __init__(
+        self,
+        store: CertificateStore,
+        cache: CertificateCache,
+        issuer: Issuer,
+        clock: Clock,
+        *,
+        renew_at_fraction: float,
+        batch_size: int,
+        default_validity_days: int,
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.issuer = issuer
+        self.clock = clock
+        self.renew_at_fraction = renew_at_fraction
+        self.batch_size = batch_size
+        self.default_validity_days = default_validity_days
+
+    async def run_once(self) -> LifecycleResult:
+        renewed, failed = await self._renew_due()
+        expired = await self._mark_expired()
+        if renewed or expired or failed:
+            log.info("lifecycle pass", renewed=renewed, expired=expired, failed=failed)
+        return LifecycleResult(renewed, expired, failed)
+
+    async def _renew_due(self) -> tuple[int, int]:
+        renewed = failed = 0
+        while True:
+            now = self.clock.now()
+            renewals: list[tuple[str, NewCertificate]] = []
+            broken: list[str] = []
+            async with self.store.renewal_batch(now, self.renew_at_fraction, self.batch_size) as (
+                conn,
+                sources,
+            ):
+                for source in sources:
+                    try:
+                        new = issue_device_certificate(
+                            self.issuer,
+                            load_public_key(source.public_key_pem),
+                            source.uuid_subdomain,
+                            source.certificate_type,
+                            source.validity_days or self.default_validity_days,
+                            now,
+                            CSR_UNCHANGED,
+                            occasion="auto_renew",
+                        )
+                    except (PublicKeyError, ValueError):
+                        log.error(
+                            "cannot re-sign stored key; auto-renewal switched off",
+                            device_id=source.device_id,
+                            exc_info=True,
+                        )
+                        broken.append(source.device_id)
+                        continue
+                    renewals.append((source.device_id, new))
+                await self.store.store_renewals(conn, renewals, broken, now)
+            keys = [
+                key
+                for source in sources
+                for key in (
+                    certcache.device_key(source.device_id),
+                    certcache.name_key(source.uuid_subdomain),
+                )
+            ]
+            if keys:
+                await self.cache.invalidate(*keys)
+            renewed += len(renewals)
+            failed += len(broken)
+            if len(sources) < self.batch_size:
+                return renewed, failed
+
+    async def _mark_expired(self) -> int:
+        expired = 0
+        while True:
+            marked = await self.store.mark_expired(self.clock.now(), self.batch_size)
+            if marked:
+                await self.cache.invalidate(
+                    *(
+                        key
+                        for device_id, fqdn in marked
+                        for key in (certcache.device_key(device_id), certcache.name_key(fqdn))
+                    )
+                )
+            expired += len(marked)
+            if len(marked) < self.batch_size:
+                return expired
+
+    async def run(self, interval: float) -> None:
+        """A pass every `interval` seconds until cancelled; a failed pass is logged."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("lifecycle pass failed", exc_info=True)

@@ -1,0 +1,193 @@
+"""Delivers device events from `device_events_outbox` to key_service, at least once.
+
+A deleted device's row and its 'device_deleted' event are written in one statement. The event
+is then delivered by calling `myl.key.v1.ApiKeyService/RevokeDeviceApiKeys(device_id,
+reason="device deleted")`; the row is removed only after that call succeeded. Revoking keys is
+idempotent, so delivering twice is harmless, and losing a delivery is impossible.
+
+* DeleteDevice tries to deliver at once (the event is created already leased to it).
+* A background relay claims due events with `FOR UPDATE SKIP LOCKED` and a lease (the row's
+  `next_attempt_at` moves past the call's deadline), so several replicas share the queue without
+  delivering one event concurrently, and a crashed relay's events are picked up after the lease.
+* A failed call schedules the next attempt with exponential backoff, from `OUTBOX_RETRY_MIN` up
+  to `OUTBOX_RETRY_MAX` seconds; events are never dropped.
+
+The key_service address is read when a call is made: `set_address` switches it at run time
+(tests start key_service after cert_service).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final
+
+import grpc
+from prometheus_client import Counter
+
+from cert_service.clock import Clock
+from cert_service.storage import CertificateStore, OutboxEvent
+from myl.key.v1 import key_pb2, key_pb2_grpc
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+DELIVERIES = Counter(
+    "myl_outbox_deliveries_total", "Device event deliveries to key_service", ["result"]
+)
+_DELIVERED = DELIVERIES.labels("delivered")
+_FAILED = DELIVERIES.labels("failed")
+REVOKE_REASON: Final = "device deleted"
+_BATCH: Final = 50
+# A channel that failed is replaced (see `_drop_channel`), so retries follow the outbox's own
+# backoff; these keep a surviving channel's reconnects short as well.
+_CHANNEL_OPTIONS: Final = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+@dataclass(frozen=True)
+class RelayResult:
+    delivered: int
+    failed: int
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        store: CertificateStore,
+        clock: Clock,
+        address: str,
+        *,
+        timeout: float,
+        interval: float,
+        retry_min: float,
+        retry_max: float,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.address = address
+        self.timeout = timeout
+        self.interval = interval
+        self.retry_min = retry_min
+        self.retry_max = retry_max
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: key_pb2_grpc.ApiKeyServiceAsyncStub | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+
+    def set_address(self, address: str) -> None:
+        """Send the next deliveries to `address`."""
+        if address == self.address:
+            return
+        self.address = address
+        self._drop_channel()
+        self._wake.set()
+
+    def lease_until(self, now: datetime) -> datetime:
+        """How long a claimed event is reserved for the relay that claimed it."""
+        return now + timedelta(seconds=self.timeout * 2 + 5)
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds before attempt `attempts + 1`."""
+        exponent = max(0, min(attempts - 1, 30))
+        return float(min(self.retry_max, self.retry_min * float(2**exponent)))
+
+    def _get_stub(self) -> key_pb2_grpc.ApiKeyServiceAsyncStub:
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+            self._stub = key_pb2_grpc.ApiKeyServiceStub(self._channel)
+        return self._stub
+
+    def _drop_channel(self) -> None:
+        """Forget the channel; the next call connects afresh (no reconnect backoff)."""
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop: the channel dies with its loop
+                return
+            task = loop.create_task(channel.close(None))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def deliver(self, event: OutboxEvent) -> bool:
+        """One attempt at an event this relay holds the lease of; True when delivered."""
+        request = key_pb2.RevokeDeviceApiKeysRequest(
+            device_id=event.device_id, reason=REVOKE_REASON
+        )
+        try:
+            reply = await self._get_stub().RevokeDeviceApiKeys(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            error = f"{exc.code().name}: {exc.details()}"
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                self._drop_channel()
+        except (grpc.RpcError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            await self.store.complete_event(event)
+            _DELIVERED.inc()
+            log.info(
+                "device keys revoked",
+                device_id=event.device_id,
+                revoked=reply.revoked_count,
+                attempts=event.attempts,
+            )
+            return True
+        delay = self.backoff(event.attempts)
+        await self.store.retry_event(event, self.clock.now() + timedelta(seconds=delay), error)
+        _FAILED.inc()
+        log.warning(
+            "device event not delivered; will retry",
+            device_id=event.device_id,
+            attempts=event.attempts,
+            retry_in=delay,
+            error=error,
+        )
+        return False
+
+    async def run_once(self) -> RelayResult:
+        """Deliver every due event (in batches); returns what happened."""
+        delivered = failed = 0
+        while True:
+            now = self.clock.now()
+            events = await self.store.claim_events(now, self.lease_until(now), _BATCH)
+            if not events:
+                break
+            results = await asyncio.gather(*(self.deliver(event) for event in events))
+            delivered += sum(results)
+            failed += len(results) - sum(results)
+            if len(events) < _BATCH or not any(results):
+                break
+        return RelayResult(delivered, failed)
+
+    async def run(self) -> None:
+        """Poll every `interval` seconds (or when woken) until cancelled."""
+        while True:
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("outbox relay pass failed", exc_info=True)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+
+    async def try_deliver(self, event: OutboxEvent) -> bool:
+        """`deliver`, for callers that must not fail: an error leaves the event to the relay,
+        which retries it once the lease ran out."""
+        try:
+            return await self.deliver(event)
+        except Exception:
+            log.warning("device event delivery failed", device_id=event.device_id, exc_info=True)
+            return False
+
+    async def close(self) -> None:
+        self._drop_channel()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

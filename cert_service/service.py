@@ -1,0 +1,135 @@
+"""The gRPC servicer of myl.cert.v1.CertificateService.
+
+Each handler first checks every request field (INVALID_ARGUMENT naming the field), then who is
+calling (a device key acts only on its own device), then hands the work to `DeviceCertificates`.
+Errors are raised as `DomainError`; the shared interceptor turns them into statuses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from cert_service import validation
+from cert_service.certificates import DeviceCertificates, ProvisionRequest
+from myl.cert.v1 import cert_pb2, cert_pb2_grpc
+from shared.errors import permission_denied
+from shared.identity import caller_from_metadata
+
+SERVICE_NAME = cert_pb2.DESCRIPTOR.services_by_name["CertificateService"].full_name
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
+    def __init__(
+        self, certificates: DeviceCertificates, zone: str, default_validity_days: int
+    ) -> None:
+        self.certificates = certificates
+        self.zone = zone
+        self.default_validity_days = default_validity_days
+
+    async def ProvisionCertificate(
+        self, request: cert_pb2.ProvisionCertificateRequest, context: Context
+    ) -> cert_pb2.ProvisionCertificateResponse:
+        device_id = validation.device_id(request.device_id)
+        fqdn = validation.provision_subdomain(request.uuid_subdomain, self.zone)
+        certificate_type = validation.certificate_type(request.certificate_type)
+        csr_pem = validation.csr_text(request.csr_pem)
+        validity_days = validation.validity_days(request.validity_days, self.default_validity_days)
+        auto_renewal = request.auto_renewal if request.HasField("auto_renewal") else True
+        public_key = (
+            None if csr_pem is None else validation.csr_public_key(csr_pem, fqdn, certificate_type)
+        )
+        caller_from_metadata(context.invocation_metadata()).require_device(device_id)
+        certificate, private_key_pem = await self.certificates.provision(
+            ProvisionRequest(
+                device_id=device_id,
+                fqdn=fqdn,
+                certificate_type=certificate_type,
+                public_key=public_key,
+                csr_pem=csr_pem,
+                auto_renewal=auto_renewal,
+                validity_days=validity_days,
+                generated_name=not request.uuid_subdomain,
+            )
+        )
+        return cert_pb2.ProvisionCertificateResponse(
+            certificate=certificate, private_key_pem=private_key_pem
+        )
+
+    async def GetCertificate(
+        self, request: cert_pb2.GetCertificateRequest, context: Context
+    ) -> cert_pb2.GetCertificateResponse:
+        device_id = validation.device_id(request.device_id)
+        caller_from_metadata(context.invocation_metadata()).require_device(device_id)
+        certificate = await self.certificates.get(device_id)
+        return cert_pb2.GetCertificateResponse(certificate=certificate)
+
+    async def LookupCertificate(
+        self, request: cert_pb2.LookupCertificateRequest, context: Context
+    ) -> cert_pb2.LookupCertificateResponse:
+        fqdn, via_wildcard = validation.lookup_name(request.uuid_subdomain, self.zone)
+        caller = caller_from_metadata(context.invocation_metadata())
+        certificate = await self.certificates.lookup(fqdn, via_wildcard)
+        caller.require_device(certificate.device_id)
+        return cert_pb2.LookupCertificateResponse(certificate=certificate)
+
+    async def ListCertificates(
+        self, request: cert_pb2.ListCertificatesRequest, context: Context
+    ) -> cert_pb2.ListCertificatesResponse:
+        page_size = validation.page_size(request.page_size)
+        status = validation.status_filter(request.status)
+        expire_before = (
+            validation.timestamp(request.expire_before, "expire_before")
+            if request.HasField("expire_before")
+            else None
+        )
+        fingerprint = validation.query_fingerprint(status, expire_before)
+        after = validation.decode_page_token(request.page_token, fingerprint)
+        caller = caller_from_metadata(context.invocation_metadata())
+        if not (caller.internal or caller.operator):
+            raise permission_denied(
+                "listing certificates needs an operator key", "OPERATOR_REQUIRED"
+            )
+        page = await self.certificates.list(page_size, status, expire_before, after)
+        token = (
+            validation.encode_page_token(page.last.created_at, page.last.device_id, fingerprint)
+            if page.last is not None
+            else ""
+        )
+        return cert_pb2.ListCertificatesResponse(
+            certificates=page.certificates, next_page_token=token
+        )
+
+    async def RenewCertificate(
+        self, request: cert_pb2.RenewCertificateRequest, context: Context
+    ) -> cert_pb2.RenewCertificateResponse:
+        device_id = validation.device_id(request.device_id)
+        csr_pem = validation.csr_text(request.csr_pem)
+        caller_from_metadata(context.invocation_metadata()).require_device(device_id)
+        certificate = await self.certificates.renew(device_id, csr_pem)
+        return cert_pb2.RenewCertificateResponse(certificate=certificate)
+
+    async def RevokeCertificate(
+        self, request: cert_pb2.RevokeCertificateRequest, context: Context
+    ) -> cert_pb2.RevokeCertificateResponse:
+        device_id = validation.device_id(request.device_id)
+        reason = validation.revocation_reason(request.reason)
+        caller_from_metadata(context.invocation_metadata()).require_device(device_id)
+        certificate = await self.certificates.revoke(device_id, reason)
+        return cert_pb2.RevokeCertificateResponse(certificate=certificate)
+
+    async def DeleteDevice(
+        self, request: cert_pb2.DeleteDeviceRequest, context: Context
+    ) -> cert_pb2.DeleteDeviceResponse:
+        device_id = validation.device_id(request.device_id)
+        caller_from_metadata(context.invocation_metadata()).require_device(device_id)
+        await self.certificates.delete(device_id)
+        return cert_pb2.DeleteDeviceResponse()
+
+    async def GetCaChain(
+        self, request: cert_pb2.GetCaChainRequest, context: Context
+    ) -> cert_pb2.GetCaChainResponse:
+        return cert_pb2.GetCaChainResponse(ca_chain_pem=self.certificates.ca_chain_pem())

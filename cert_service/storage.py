@@ -1,0 +1,600 @@
+"""Every SQL statement of cert_service, and the row model with its protobuf converter.
+
+Only this module touches PostgreSQL. Statements are literal and parameterized; the one that is
+composed (the list filters) is assembled from fixed fragments with `psycopg.sql`.
+
+Connections are switched to autocommit once, when first used here: a single statement is then
+one round trip (no BEGIN/COMMIT around it), and multi-statement work uses an explicit
+`conn.transaction()`. Statements are prepared on first use (`prepare_threshold = 0`), so the hot
+paths pay for parsing and planning once per connection.
+
+Time always comes from the caller (the injected clock), never from the database's `now()`, so
+that tests can move time and replicas agree on one notion of "now" per request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from google.protobuf import timestamp_pb2
+from psycopg import AsyncConnection, sql
+from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb
+
+from myl.cert.v1 import cert_pb2
+from shared.db import Pool
+
+STATUS_TO_PB: Final = {
+    "active": cert_pb2.CERTIFICATE_STATUS_ACTIVE,
+    "expired": cert_pb2.CERTIFICATE_STATUS_EXPIRED,
+    "revoked": cert_pb2.CERTIFICATE_STATUS_REVOKED,
+}
+TYPE_TO_PB: Final = {
+    "wildcard": cert_pb2.CERTIFICATE_TYPE_WILDCARD,
+    "single": cert_pb2.CERTIFICATE_TYPE_SINGLE,
+}
+REASON_TO_PB: Final = {
+    "unspecified": cert_pb2.REVOCATION_REASON_UNSPECIFIED,
+    "key_compromise": cert_pb2.REVOCATION_REASON_KEY_COMPROMISE,
+    "affiliation_changed": cert_pb2.REVOCATION_REASON_AFFILIATION_CHANGED,
+    "superseded": cert_pb2.REVOCATION_REASON_SUPERSEDED,
+    "cessation_of_operation": cert_pb2.REVOCATION_REASON_CESSATION_OF_OPERATION,
+}
+STATUS_FROM_PB: Final = {value: key for key, value in STATUS_TO_PB.items()}
+REASON_FROM_PB: Final = {value: key for key, value in REASON_TO_PB.items()}
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+# The columns a CertificateRecord is built from, in order. JSON fields are extracted in SQL so
+# that the CSR and public key PEM never travel on the read path.
+_COLUMNS: Final = """device_id, uuid_subdomain, certificate_type, status,
+    certificate_data->>'chain_pem', serial_number, fingerprint_sha256,
+    certificate_data->>'public_key_sha256', certificate_data->>'issuer',
+    certificate_data->'dns_names', issued_at, expires_at, auto_renewal, renewal_count,
+    revoked_at, revocation_reason, last_accessed_at, access_count, created_at, updated_at"""
+
+
+def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    delta = value - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateRecord:
+    """One row of device_certificates, as the service reads it."""
+
+    device_id: str
+    uuid_subdomain: str
+    certificate_type: str
+    status: str
+    chain_pem: str
+    serial_number: str
+    fingerprint_sha256: str
+    public_key_sha256: str
+    issuer: str
+    dns_names: list[str]
+    issued_at: datetime
+    expires_at: datetime
+    auto_renewal: bool
+    renewal_count: int
+    revoked_at: datetime | None
+    revocation_reason: str | None
+    last_accessed_at: datetime | None
+    access_count: int
+    created_at: datetime
+    updated_at: datetime
+
+    def status_at(self, now: datetime) -> str:
+        """The truthful status: an active certificate past its expiry reads as expired."""
+        if self.status == "active" and self.expires_at <= now:
+            return "expired"
+        return self.status
+
+    def to_pb(self, now: datetime) -> cert_pb2.Certificate:
+        certificate = cert_pb2.Certificate(
+            device_id=self.device_id,
+            uuid_subdomain=self.uuid_subdomain,
+            certificate_type=TYPE_TO_PB[self.certificate_type],
+            status=STATUS_TO_PB[self.status_at(now)],
+            certificate_chain_pem=self.chain_pem,
+            serial_number=self.serial_number,
+            fingerprint_sha256=self.fingerprint_sha256,
+            public_key_sha256=self.public_key_sha256,
+            issuer=self.issuer,
+            dns_names=self.dns_names,
+            not_before=timestamp(self.issued_at),
+            not_after=timestamp(self.expires_at),
+            auto_renewal=self.auto_renewal,
+            create_time=timestamp(self.created_at),
+            update_time=timestamp(self.updated_at),
+            access_count=self.access_count,
+            renewal_count=self.renewal_count,
+        )
+        if self.revoked_at is not None:
+            certificate.revoke_time.CopyFrom(timestamp(self.revoked_at))
+            certificate.revocation_reason = REASON_TO_PB.get(
+                self.revocation_reason or "unspecified",
+                cert_pb2.REVOCATION_REASON_UNSPECIFIED,
+            )
+        if self.last_accessed_at is not None:
+            certificate.last_access_time.CopyFrom(timestamp(self.last_accessed_at))
+        return certificate
+
+
+def _record(row: TupleRow) -> CertificateRecord:
+    return CertificateRecord(*row)
+
+
+@dataclass(frozen=True)
+class NewCertificate:
+    """What an issuance writes: the certificate's columns and its certificate_data document."""
+
+    serial_number: str
+    fingerprint_sha256: str
+    not_before: datetime
+    not_after: datetime
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RenewalSource:
+    """What renewing a device's certificate starts from."""
+
+    device_id: str
+    uuid_subdomain: str
+    certificate_type: str
+    status: str
+    serial_number: str
+    public_key_pem: str
+    public_key_sha256: str
+    validity_days: int | None
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """Why an insert did not happen."""
+
+    device_exists: bool
+    subdomain_taken: bool
+    deletion_pending: bool
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    device_id: str
+    id: int
+    event_type: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    limit: int
+    status: str | None
+    expire_before: datetime | None
+    after: tuple[datetime, str] | None
+
+
+class CertificateStore:
+    """SQL for device_certificates and device_events_outbox."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[AsyncConnection[TupleRow]]:
+        conn = await self.pool.getconn()
+        try:
+            if not conn.autocommit:
+                await conn.set_autocommit(True)
+                conn.prepare_threshold = 0
+            yield conn
+        finally:
+            await self.pool.putconn(conn)
+
+    # -- certificates -------------------------------------------------------------------------
+
+    async def insert(
+        self,
+        device_id: str,
+        uuid_subdomain: str,
+        certificate_type: str,
+        auto_renewal: bool,
+        certificate: NewCertificate,
+        now: datetime,
+    ) -> CertificateRecord | None:
+        """Insert a device's certificate; None when the device or subdomain exists, or a
+        deletion of this device is still being delivered (see `conflict`).
+
+        The stored row is known in full here, so the statement returns only whether it
+        inserted, and the record is built from the values written.
+        """
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                """
+                INSERT INTO device_certificates (
+                    device_id, uuid_subdomain, certificate_type, status, certificate_data,
+                    serial_number, fingerprint_sha256, issued_at, expires_at, auto_renewal,
+                    created_at, updated_at)
+                SELECT %s, %s, %s, 'active', %s::jsonb, %s, %s, %s, %s, %s, %s, %s
+                WHERE NOT EXISTS (SELECT 1 FROM device_events_outbox WHERE device_id = %s)
+                ON CONFLICT DO NOTHING
+                """,
+                (
+                    device_id,
+                    uuid_subdomain,
+                    certificate_type,
+                    json.dumps(certificate.data),
+                    certificate.serial_number,
+                    certificate.fingerprint_sha256,
+                    certificate.not_before,
+                    certificate.not_after,
+                    auto_renewal,
+                    now,
+                    now,
+                    device_id,
+                ),
+            )
+            if cur.rowcount != 1:
+                return None
+        data = certificate.data
+        return CertificateRecord(
+            device_id=device_id,
+            uuid_subdomain=uuid_subdomain,
+            certificate_type=certificate_type,
+            status="active",
+            chain_pem=data["chain_pem"],
+            serial_number=certificate.serial_number,
+            fingerprint_sha256=certificate.fingerprint_sha256,
+            public_key_sha256=data["public_key_sha256"],
+            issuer=data["issuer"],
+            dns_names=data["dns_names"],
+            issued_at=certificate.not_before,
+            expires_at=certificate.not_after,
+            auto_renewal=auto_renewal,
+            renewal_count=0,
+            revoked_at=None,
+            revocation_reason=None,
+            last_accessed_at=None,
+            access_count=0,
+            created_at=now,
+            updated_at=now,
+        )
+
+    async def conflict(self, device_id: str, uuid_subdomain: str) -> Conflict:
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                """
+                SELECT EXISTS (SELECT 1 FROM device_certificates WHERE device_id = %s),
+                       EXISTS (SELECT 1 FROM device_certificates WHERE uuid_subdomain = %s),
+                       EXISTS (SELECT 1 FROM device_events_outbox WHERE device_id = %s)
+                """,
+                (device_id, uuid_subdomain, device_id),
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        return Conflict(bool(row[0]), bool(row[1]), bool(row[2]))
+
+    async def get_by_device(self, device_id: str) -> CertificateRecord | None:
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_COLUMNS} FROM device_certificates WHERE device_id = %s",
+                (device_id,),
+                binary=True,
+            )
+            row = await cur.fetchone()
+        return None if row is None else _record(row)
+
+    async def get_by_subdomain(self, uuid_subdomain: str) -> CertificateRecord | None:
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_COLUMNS} FROM device_certificates WHERE uuid_subdomain = %s",
+                (uuid_subdomain,),
+                binary=True,
+            )
+            row = await cur.fetchone()
+        return None if row is None else _record(row)
+
+    async def list_certificates(self, query: ListQuery, now: datetime) -> list[CertificateRecord]:
+        """Newest first, keyset-paginated on (created_at, device_id)."""
+        conditions: list[sql.Composable] = []
+        params: list[Any] = []
+        if query.status == "active":
+            conditions.append(sql.SQL("status = 'active' AND expires_at > %s"))
+            params.append(now)
+        elif query.status == "expired":
+            conditions.append(
+                sql.SQL("(status = 'expired' OR (status = 'active' AND expires_at <= %s))")
+            )
+            params.append(now)
+        elif query.status == "revoked":
+            conditions.append(sql.SQL("status = 'revoked'"))
+        if query.expire_before is not None:
+            conditions.append(sql.SQL("expires_at < %s"))
+            params.append(query.expire_before)
+        if query.after is not None:
+            conditions.append(sql.SQL("(created_at, device_id) < (%s, %s)"))
+            params.extend(query.after)
+        where: sql.Composable = sql.SQL("")
+        if conditions:
+            where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions)
+        statement = sql.SQL(
+            "SELECT {columns} FROM device_certificates{where} "
+            "ORDER BY created_at DESC, device_id DESC LIMIT %s"
+        ).format(columns=sql.SQL(_COLUMNS), where=where)
+        params.append(query.limit)
+        async with self.connection() as conn:
+            cur = await conn.execute(statement, params, binary=True)
+            rows = await cur.fetchall()
+        return [_record(row) for row in rows]
+
+    async def renewal_source(self, device_id: str) -> RenewalSource | None:
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                """
+                SELECT device_id, uuid_subdomain, certificate_type, status, serial_number,
+                       certificate_data->>'public_key_pem',
+                       certificate_data->>'public_key_sha256',
+                       (certificate_data->>'validity_days')::integer, expires_at
+                FROM device_certificates WHERE device_id = %s
+                """,
+                (device_id,),
+                binary=True,
+            )
+            row = await cur.fetchone()
+        return None if row is None else RenewalSource(*row)
+
+    async def replace_certificate(
+        self,
+        source: RenewalSource,
+        certificate: NewCertificate,
+        now: datetime,
+    ) -> CertificateRecord | None:
+        """Store a renewed certificate, active again; None when the row changed since `source`
+        was read (renewed, revoked, expired or deleted meanwhile).
+
+        The CSR recorded in certificate_data is kept unless `certificate.data` brings a new one.
+        """
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                f"""
+                UPDATE device_certificates SET
+                    certificate_data =
+                        jsonb_build_object('csr_pem', certificate_data->'csr_pem') || %s,
+                    serial_number = %s, fingerprint_sha256 = %s,
+                    issued_at = %s, expires_at = %s, status = 'active',
+                    revoked_at = NULL, revocation_reason = NULL,
+                    renewal_count = renewal_count + 1, updated_at = %s
+                WHERE device_id = %s AND serial_number = %s AND status = %s
+                RETURNING {_COLUMNS}
+                """,
+                (
+                    Jsonb(certificate.data),
+                    certificate.serial_number,
+                    certificate.fingerprint_sha256,
+                    certificate.not_before,
+                    certificate.not_after,
+                    now,
+                    source.device_id,
+                    source.serial_number,
+                    source.status,
+                ),
+                binary=True,
+            )
+            row = await cur.fetchone()
+        return None if row is None else _record(row)
+
+    async def revoke(
+        self, device_id: str, reason: str, now: datetime
+    ) -> tuple[CertificateRecord | None, bool]:
+        """Revoke; returns (the row, whether this call revoked it). (None, False): no row."""
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                f"""
+                UPDATE device_certificates
+                SET status = 'revoked', revoked_at = %s, revocation_reason = %s, updated_at = %s
+                WHERE device_id = %s AND status <> 'revoked'
+                RETURNING {_COLUMNS}
+                """,
+                (now, reason, now, device_id),
+                binary=True,
+            )
+            row = await cur.fetchone()
+            if row is not None:
+                return _record(row), True
+            cur = await conn.execute(
+                f"SELECT {_COLUMNS} FROM device_certificates WHERE device_id = %s",
+                (device_id,),
+                binary=True,
+            )
+            row = await cur.fetchone()
+        return (None if row is None else _record(row)), False
+
+    async def delete_device(
+        self, device_id: str, now: datetime, lease_until: datetime
+    ) -> tuple[str, OutboxEvent] | None:
+        """Delete the device's row and queue its 'device_deleted' event atomically.
+
+        Returns the freed subdomain and the event (already counted as attempt 1 and leased
+        to the caller until `lease_until`), or None when the device does not exist.
+        """
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                """
+                WITH deleted AS (
+                    DELETE FROM device_certificates WHERE device_id = %s
+                    RETURNING device_id, uuid_subdomain
+                ), event AS (
+                    INSERT INTO device_events_outbox
+                        (device_id, event_type, created_at, attempts, next_attempt_at)
+                    SELECT device_id, 'device_deleted', %s, 1, %s FROM deleted
+                    RETURNING device_id, id, event_type, attempts
+                )
+                SELECT deleted.uuid_subdomain, event.device_id, event.id, event.event_type,
+                       event.attempts
+                FROM deleted JOIN event USING (device_id)
+                """,
+                (device_id, now, lease_until),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return row[0], OutboxEvent(*row[1:])
+
+    async def flush_access(
+        self, device_ids: Sequence[str], counts: Sequence[int], times: Sequence[datetime]
+    ) -> int:
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                """
+                UPDATE device_certificates AS d
+                SET access_count = d.access_count + u.n,
+                    last_accessed_at = GREATEST(d.last_accessed_at, u.t)
+                FROM unnest(%s::text[], %s::bigint[], %s::timestamptz[]) AS u(device_id, n, t)
+                WHERE d.device_id = u.device_id
+                """,
+                (list(device_ids), list(counts), list(times)),
+            )
+            return cur.rowcount
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def mark_expired(self, now: datetime, limit: int) -> list[tuple[str, str]]:
+        """Mark up to `limit` active certificates past their expiry; returns (device, name)."""
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                """
+                UPDATE device_certificates SET status = 'expired', updated_at = %s
+                WHERE device_id IN (
+                    SELECT device_id FROM device_certificates
+                    WHERE status = 'active' AND expires_at <= %s
+                    ORDER BY expires_at LIMIT %s
+                    FOR UPDATE SKIP LOCKED)
+                  AND status = 'active'
+                RETURNING device_id, uuid_subdomain
+                """,
+                (now, now, limit),
+            )
+            rows = await cur.fetchall()
+        return [(device, name) for device, name in rows]
+
+    @asynccontextmanager
+    async def renewal_batch(
+        self, now: datetime, fraction: float, limit: int
+    ) -> AsyncIterator[tuple[AsyncConnection[TupleRow], list[RenewalSource]]]:
+        """Lock up to `limit` active, auto-renewing certificates that are due for renewal.
+
+        Yields inside a transaction; rows locked by another replica are skipped. Store the
+        results with `store_renewals` on the yielded connection before the block ends.
+        """
+        async with self.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                """
+                SELECT device_id, uuid_subdomain, certificate_type, status, serial_number,
+                       certificate_data->>'public_key_pem',
+                       certificate_data->>'public_key_sha256',
+                       (certificate_data->>'validity_days')::integer, expires_at
+                FROM device_certificates
+                WHERE status = 'active' AND auto_renewal
+                  AND issued_at + (expires_at - issued_at) * %s <= %s
+                ORDER BY expires_at LIMIT %s
+                FOR UPDATE SKIP LOCKED
+                """,
+                (fraction, now, limit),
+                binary=True,
+            )
+            rows = await cur.fetchall()
+            yield conn, [RenewalSource(*row) for row in rows]
+
+    @staticmethod
+    async def store_renewals(
+        conn: AsyncConnection[TupleRow],
+        renewals: Sequence[tuple[str, NewCertificate]],
+        failed: Sequence[str],
+        now: datetime,
+    ) -> None:
+        """Write the renewed certificates of a batch in one statement; switch auto-renewal
+        off for the devices whose stored key could not be re-signed."""
+        if renewals:
+            await conn.execute(
+                """
+                UPDATE device_certificates AS d SET
+                    certificate_data =
+                        jsonb_build_object('csr_pem', d.certificate_data->'csr_pem')
+                        || u.data::jsonb,
+                    serial_number = u.serial, fingerprint_sha256 = u.fingerprint,
+                    issued_at = u.not_before, expires_at = u.not_after,
+                    renewal_count = d.renewal_count + 1, updated_at = %s
+                FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[],
+                            %s::timestamptz[], %s::timestamptz[])
+                     AS u(device_id, data, serial, fingerprint, not_before, not_after)
+                WHERE d.device_id = u.device_id
+                """,
+                (
+                    now,
+                    [device for device, _ in renewals],
+                    [json.dumps(new.data) for _, new in renewals],
+                    [new.serial_number for _, new in renewals],
+                    [new.fingerprint_sha256 for _, new in renewals],
+                    [new.not_before for _, new in renewals],
+                    [new.not_after for _, new in renewals],
+                ),
+            )
+        if failed:
+            await conn.execute(
+                "UPDATE device_certificates SET auto_renewal = false, updated_at = %s "
+                "WHERE device_id = ANY(%s::text[])",
+                (now, list(failed)),
+            )
+
+    # -- outbox -------------------------------------------------------------------------------
+
+    async def claim_events(
+        self, now: datetime, lease_until: datetime, limit: int
+    ) -> list[OutboxEvent]:
+        """Lease up to `limit` due events to this relay (attempts + 1)."""
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                """
+                UPDATE device_events_outbox AS o
+                SET attempts = o.attempts + 1, next_attempt_at = %s
+                FROM (SELECT device_id, id FROM device_events_outbox
+                      WHERE next_attempt_at <= %s
+                      ORDER BY next_attempt_at, id LIMIT %s
+                      FOR UPDATE SKIP LOCKED) AS due
+                WHERE o.device_id = due.device_id AND o.id = due.id
+                RETURNING o.device_id, o.id, o.event_type, o.attempts
+                """,
+                (lease_until, now, limit),
+            )
+            rows = await cur.fetchall()
+        return [OutboxEvent(*row) for row in rows]
+
+    async def complete_event(self, event: OutboxEvent) -> None:
+        async with self.connection() as conn:
+            await conn.execute(
+                "DELETE FROM device_events_outbox WHERE device_id = %s AND id = %s",
+                (event.device_id, event.id),
+            )
+
+    async def retry_event(self, event: OutboxEvent, next_attempt_at: datetime, error: str) -> None:
+        async with self.connection() as conn:
+            await conn.execute(
+                "UPDATE device_events_outbox SET next_attempt_at = %s, last_error = %s "
+                "WHERE device_id = %s AND id = %s",
+                (next_attempt_at, error[:1000], event.device_id, event.id),
+            )
+
+    async def pending_events(self) -> int:
+        async with self.connection() as conn:
+            cur = await conn.execute("SELECT count(*) FROM device_events_outbox")
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0

@@ -1,0 +1,192 @@
+"""Request field checks: each returns the typed value or raises INVALID_ARGUMENT naming the field.
+
+Field names in errors are the proto field names (`device_id`, `uuid_subdomain`, `csr_pem`, ...),
+so a BadRequest violation points at exactly what the client sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+from google.protobuf import timestamp_pb2
+
+from cert_service.config import MAX_VALIDITY_DAYS
+from cert_service.issuer import MAX_PEM_LENGTH, CsrError, PublicKey, load_csr
+from cert_service.names import (
+    SubdomainError,
+    certificate_names,
+    new_uuid_subdomain,
+    normalize_lookup_name,
+    normalize_subdomain,
+    validate_device_id,
+)
+from cert_service.storage import REASON_FROM_PB, STATUS_FROM_PB
+from myl.cert.v1 import cert_pb2
+from shared.errors import invalid_argument
+
+DEFAULT_PAGE_SIZE: Final = 100
+MAX_PAGE_SIZE: Final = 1000
+_MAX_TOKEN_LENGTH: Final = 1024
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+# google.protobuf.Timestamp's valid range: 0001-01-01 to 9999-12-31.
+_MIN_SECONDS: Final = -62_135_596_800
+_MAX_SECONDS: Final = 253_402_300_799
+
+_TYPES: Final = {
+    cert_pb2.CERTIFICATE_TYPE_UNSPECIFIED: "wildcard",
+    cert_pb2.CERTIFICATE_TYPE_WILDCARD: "wildcard",
+    cert_pb2.CERTIFICATE_TYPE_SINGLE: "single",
+}
+# Printable ASCII plus the whitespace PEM uses.
+_PEM_CHARACTERS: Final = frozenset(map(chr, range(0x20, 0x7F))) | {"\n", "\r", "\t"}
+
+
+def device_id(value: str, field: str = "device_id") -> str:
+    if not value:
+        raise invalid_argument(field, "is required")
+    try:
+        return validate_device_id(value)
+    except ValueError as exc:
+        raise invalid_argument(field, str(exc)) from None
+
+
+def provision_subdomain(value: str, zone: str) -> str:
+    """The FQDN to allocate: the requested one, or a fresh UUID name when empty."""
+    if not value:
+        return new_uuid_subdomain(zone)
+    try:
+        return normalize_subdomain(value, zone)
+    except SubdomainError as exc:
+        raise invalid_argument("uuid_subdomain", exc.message) from None
+
+
+def lookup_name(value: str, zone: str) -> tuple[str, bool]:
+    """(device FQDN, whether only a WILDCARD certificate covers the name)."""
+    if not value:
+        raise invalid_argument("uuid_subdomain", "is required")
+    try:
+        return normalize_lookup_name(value, zone)
+    except SubdomainError as exc:
+        raise invalid_argument("uuid_subdomain", exc.message) from None
+
+
+def certificate_type(value: int) -> str:
+    try:
+        return _TYPES[value]  # type: ignore[index]
+    except KeyError:
+        raise invalid_argument(
+            "certificate_type", f"unknown certificate type {value}; use WILDCARD or SINGLE"
+        ) from None
+
+
+def csr_text(value: str) -> str | None:
+    """Structural checks of a CSR field; None when empty (no CSR)."""
+    if not value:
+        return None
+    if len(value) > MAX_PEM_LENGTH:
+        raise invalid_argument("csr_pem", f"is larger than {MAX_PEM_LENGTH} bytes")
+    if not _PEM_CHARACTERS.issuperset(value):
+        raise invalid_argument("csr_pem", "must be PEM text (printable ASCII)")
+    return value
+
+
+def csr_public_key(pem: str, fqdn: str, certificate_type: str) -> PublicKey:
+    """The CSR's key, after its signature, key type and names were checked."""
+    try:
+        return load_csr(pem, certificate_names(fqdn, certificate_type == "wildcard"))
+    except CsrError as exc:
+        raise invalid_argument("csr_pem", str(exc)) from None
+
+
+def validity_days(value: int, default: int) -> int:
+    if value == 0:
+        return default
+    if not 1 <= value <= MAX_VALIDITY_DAYS:
+        raise invalid_argument(
+            "validity_days", f"must be from 1 to {MAX_VALIDITY_DAYS} (0: the default)"
+        )
+    return value
+
+
+def page_size(value: int) -> int:
+    """0 means 100; above 1000 is read as 1000 (AIP-158); negative is refused."""
+    if value < 0:
+        raise invalid_argument("page_size", "must not be negative")
+    if value == 0:
+        return DEFAULT_PAGE_SIZE
+    return min(value, MAX_PAGE_SIZE)
+
+
+def status_filter(value: int) -> str | None:
+    if value == cert_pb2.CERTIFICATE_STATUS_UNSPECIFIED:
+        return None
+    try:
+        return STATUS_FROM_PB[value]  # type: ignore[index]
+    except KeyError:
+        raise invalid_argument("status", f"unknown certificate status {value}") from None
+
+
+def timestamp(value: timestamp_pb2.Timestamp, field: str) -> datetime:
+    if not _MIN_SECONDS <= value.seconds <= _MAX_SECONDS or not 0 <= value.nanos < 1_000_000_000:
+        raise invalid_argument(field, "is not a valid timestamp (years 1 to 9999)")
+    return _EPOCH + timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
+
+
+def revocation_reason(value: int) -> str:
+    try:
+        return REASON_FROM_PB[value]  # type: ignore[index]
+    except KeyError:
+        raise invalid_argument("reason", f"unknown revocation reason {value}") from None
+
+
+# -- page tokens --------------------------------------------------------------------------------
+
+
+def query_fingerprint(status: str | None, expire_before: datetime | None) -> str:
+    """Ties a page token to the filters it was issued for."""
+    text = f"{status or ''}|{expire_before.isoformat() if expire_before else ''}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def encode_page_token(created_at: datetime, device: str, fingerprint: str) -> str:
+    delta = created_at - _EPOCH
+    micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    payload = json.dumps({"t": micros, "d": device, "q": fingerprint}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str, fingerprint: str) -> tuple[datetime, str] | None:
+    """The keyset position after which the next page starts; None for the first page."""
+    if not token:
+        return None
+    if len(token) > _MAX_TOKEN_LENGTH or not token.isascii():
+        raise invalid_argument("page_token", "is not a page token from this service")
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        payload = json.loads(raw)
+    except (binascii.Error, ValueError):
+        raise invalid_argument("page_token", "is not a page token from this service") from None
+    if (
+        not isinstance(payload, dict)
+        or not isinstance(payload.get("t"), int)
+        or not isinstance(payload.get("d"), str)
+        or not isinstance(payload.get("q"), str)
+    ):
+        raise invalid_argument("page_token", "is not a page token from this service")
+    if payload["q"] != fingerprint:
+        raise invalid_argument(
+            "page_token", "was issued for different filters; repeat the first request"
+        )
+    micros: int = payload["t"]
+    if not _MIN_SECONDS * 1_000_000 <= micros <= _MAX_SECONDS * 1_000_000:
+        raise invalid_argument("page_token", "is not a page token from this service")
+    try:
+        device = validate_device_id(payload["d"])
+    except ValueError:
+        raise invalid_argument("page_token", "is not a page token from this service") from None
+    return _EPOCH + timedelta(microseconds=micros), device
