@@ -24,12 +24,14 @@ as soon as Redis answers again. Reads then simply go to PostgreSQL.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Final
 
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
 from redis.asyncio.client import Pipeline
 
+from cert_service.batching import Coalescer
 from myl.cert.v1 import cert_pb2
 from shared.cache import Cache, cache_key
 from shared.metrics import CACHE_RESULTS
@@ -40,6 +42,10 @@ _NOT_FOUND: Final = b"\x00not-found"
 _FENCE: Final = b"\x00fence"
 FENCE_TTL: Final = 5.0
 FILL_DEADLINE: Final = 2.0
+# Concurrent publishes: at most this many pipelines in flight, each for up to this many
+# certificates (see `cert_service.batching`).
+_PUBLISH_IN_FLIGHT: Final = 1
+_PUBLISH_BATCH: Final = 64
 # KEYS[1]: the key; ARGV: value, fence marker, TTL in ms.
 _PUBLISH_UNLESS_FENCED: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[2] then return 0 end
@@ -73,6 +79,9 @@ class CertificateCache:
         self.ttl_ms = max(1, int(ttl * 1000))
         self.negative_ttl_ms = int(negative_ttl * 1000)
         self.fence_ms = int(FENCE_TTL * 1000)
+        self._publisher: Coalescer[tuple[bytes, Sequence[str]], None] = Coalescer(
+            self._publish_batch, max_in_flight=_PUBLISH_IN_FLIGHT, max_batch=_PUBLISH_BATCH
+        )
 
     async def get(self, key: str) -> cert_pb2.Certificate | NotFound | None:
         """A cached certificate, a cached NOT_FOUND, or None (go to the database)."""
@@ -113,24 +122,31 @@ class CertificateCache:
         await self.cache.run(set_if_absent, None)
 
     async def publish_new(self, certificate: cert_pb2.Certificate, *keys: str) -> None:
-        """Cache a just-provisioned certificate under `keys` (see the module docstring)."""
-        value = certificate.SerializeToString()
+        """Cache a just-provisioned certificate under `keys` (see the module docstring).
+
+        Concurrent provisions share one pipelined round trip (see `cert_service.batching`)."""
+        await self._publisher.submit((certificate.SerializeToString(), keys))
+
+    async def _publish_batch(self, items: Sequence[tuple[bytes, Sequence[str]]]) -> list[None]:
+        script, fence, ttl_ms = _PUBLISH_UNLESS_FENCED, _FENCE, self.ttl_ms
 
         async def publish_one(client: aioredis.Redis) -> bool:
-            await client.eval(_PUBLISH_UNLESS_FENCED, 1, keys[0], value, _FENCE, self.ttl_ms)
+            value, keys = items[0]
+            await client.eval(script, 1, keys[0], value, fence, ttl_ms)
             return True
 
         def publish(pipe: Pipeline) -> None:
-            for key in keys:
-                pipe.eval(_PUBLISH_UNLESS_FENCED, 1, key, value, _FENCE, self.ttl_ms)
+            for value, keys in items:
+                for key in keys:
+                    pipe.eval(script, 1, key, value, fence, ttl_ms)
 
-        if len(keys) == 1:
+        if len(items) == 1 and len(items[0][1]) == 1:
             done = await self.cache.run(publish_one, False)
         else:
             done = bool(await self.cache.pipeline(publish, default=()))
         if not done:
-            for key in keys:
-                await self.cache.delete(key)
+            await self.cache.delete(*(key for _, keys in items for key in keys))
+        return [None] * len(items)
 
     async def invalidate(self, *keys: str) -> None:
         """Fence `keys` after a change (see the module docstring)."""

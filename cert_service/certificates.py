@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import serialization
 
 from cert_service import certcache
 from cert_service.access import AccessRecorder
+from cert_service.batching import Coalescer
 from cert_service.certcache import NOT_FOUND, CertificateCache
 from cert_service.clock import Clock
 from cert_service.issuance import CSR_UNCHANGED, issue_device_certificate
@@ -32,6 +33,7 @@ from cert_service.storage import (
     CertificateRecord,
     CertificateStore,
     ListQuery,
+    NewRow,
     RenewalSource,
 )
 from cert_service.validation import csr_public_key
@@ -51,6 +53,10 @@ log = get_logger(__name__)
 _ACTIVE: Final = cert_pb2.CERTIFICATE_STATUS_ACTIVE
 _EXPIRED: Final = cert_pb2.CERTIFICATE_STATUS_EXPIRED
 _ATTEMPTS: Final = 3
+# At most this many provisioning INSERTs in flight (each a pool connection), each for up to this
+# many certificates.
+_INSERTS_IN_FLIGHT: Final = 1
+_INSERT_BATCH: Final = 64
 
 
 def truthful_status(certificate: cert_pb2.Certificate, now_seconds: int) -> cert_pb2.Certificate:
@@ -97,6 +103,11 @@ class DeviceCertificates:
         self.access = access
         self.outbox = outbox
         self.clock = clock
+        # Concurrent provisions share INSERT statements, and so commits (see
+        # `cert_service.batching`).
+        self._inserts: Coalescer[NewRow, CertificateRecord | None] = Coalescer(
+            store.insert_batch, max_in_flight=_INSERTS_IN_FLIGHT, max_batch=_INSERT_BATCH
+        )
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -183,13 +194,15 @@ class DeviceCertificates:
                 request.csr_pem,
                 occasion="provision",
             )
-            record = await self.store.insert(
-                request.device_id,
-                request.fqdn,
-                request.certificate_type,
-                request.auto_renewal,
-                new,
-                now,
+            record = await self._inserts.submit(
+                NewRow(
+                    request.device_id,
+                    request.fqdn,
+                    request.certificate_type,
+                    request.auto_renewal,
+                    new,
+                    now,
+                )
             )
             if record is not None:
                 certificate = record.to_pb(now)

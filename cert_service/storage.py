@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+import psycopg
 from google.protobuf import timestamp_pb2
 from psycopg import AsyncConnection, sql
 from psycopg.rows import TupleRow
@@ -143,6 +144,44 @@ class NewCertificate:
     data: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class NewRow:
+    """A device's first certificate, as `insert` writes it."""
+
+    device_id: str
+    uuid_subdomain: str
+    certificate_type: str
+    auto_renewal: bool
+    certificate: NewCertificate
+    now: datetime
+
+    def record(self) -> CertificateRecord:
+        """The row as stored, right after the insert."""
+        certificate, data, now = self.certificate, self.certificate.data, self.now
+        return CertificateRecord(
+            device_id=self.device_id,
+            uuid_subdomain=self.uuid_subdomain,
+            certificate_type=self.certificate_type,
+            status="active",
+            chain_pem=data["chain_pem"],
+            serial_number=certificate.serial_number,
+            fingerprint_sha256=certificate.fingerprint_sha256,
+            public_key_sha256=data["public_key_sha256"],
+            issuer=data["issuer"],
+            dns_names=data["dns_names"],
+            issued_at=certificate.not_before,
+            expires_at=certificate.not_after,
+            auto_renewal=self.auto_renewal,
+            renewal_count=0,
+            revoked_at=None,
+            revocation_reason=None,
+            last_accessed_at=None,
+            access_count=0,
+            created_at=now,
+            updated_at=now,
+        )
+
+
 @dataclass(frozen=True)
 class RenewalSource:
     """What renewing a device's certificate starts from."""
@@ -202,21 +241,66 @@ class CertificateStore:
 
     # -- certificates -------------------------------------------------------------------------
 
-    async def insert(
-        self,
-        device_id: str,
-        uuid_subdomain: str,
-        certificate_type: str,
-        auto_renewal: bool,
-        certificate: NewCertificate,
-        now: datetime,
-    ) -> CertificateRecord | None:
+    async def insert(self, row: NewRow) -> CertificateRecord | None:
         """Insert a device's certificate; None when the device or subdomain exists, or a
         deletion of this device is still being delivered (see `conflict`).
 
         The stored row is known in full here, so the statement returns only whether it
         inserted, and the record is built from the values written.
         """
+        return (await self._insert([row]))[0]
+
+    async def insert_batch(
+        self, rows: Sequence[NewRow]
+    ) -> list[CertificateRecord | Exception | None]:
+        """`insert` for several rows in one statement (one round trip, one commit).
+
+        Each row gets what `insert` would have returned: its record, or None when it was not
+        inserted. Two rows for the same device or subdomain in one batch: one of them is
+        inserted and the other gets None, as if they had come one after the other. Should the
+        statement fail for something a single row can cause (a constraint, a deadlock with
+        another replica's batch), each row is retried alone, and only the row at fault gets
+        the error.
+        """
+        if len(rows) == 1:
+            return [await self.insert(rows[0])]
+        try:
+            return list(await self._insert(rows))
+        except (
+            psycopg.errors.IntegrityError,
+            psycopg.errors.DataError,
+            psycopg.errors.DeadlockDetected,
+        ):
+            pass
+        results: list[CertificateRecord | Exception | None] = []
+        for row in rows:
+            try:
+                results.append(await self.insert(row))
+            except psycopg.Error as exc:
+                results.append(exc)
+        return results
+
+    async def _insert(self, rows: Sequence[NewRow]) -> list[CertificateRecord | None]:
+        # The rows travel as one JSON document (one parameter, one json.dumps, certificate_data
+        # embedded as it is instead of encoded twice). They are inserted in device_id order, so
+        # that concurrent batches of several replicas take their locks in the same order.
+        document = json.dumps(
+            [
+                {
+                    "device_id": row.device_id,
+                    "uuid_subdomain": row.uuid_subdomain,
+                    "certificate_type": row.certificate_type,
+                    "certificate_data": row.certificate.data,
+                    "serial_number": row.certificate.serial_number,
+                    "fingerprint_sha256": row.certificate.fingerprint_sha256,
+                    "issued_at": row.certificate.not_before.isoformat(),
+                    "expires_at": row.certificate.not_after.isoformat(),
+                    "auto_renewal": row.auto_renewal,
+                    "created_at": row.now.isoformat(),
+                }
+                for row in rows
+            ]
+        )
         async with self.connection() as conn:
             cur = await conn.execute(
                 """
@@ -224,50 +308,26 @@ class CertificateStore:
                     device_id, uuid_subdomain, certificate_type, status, certificate_data,
                     serial_number, fingerprint_sha256, issued_at, expires_at, auto_renewal,
                     created_at, updated_at)
-                SELECT %s, %s, %s, 'active', %s::jsonb, %s, %s, %s, %s, %s, %s, %s
-                WHERE NOT EXISTS (SELECT 1 FROM device_events_outbox WHERE device_id = %s)
+                SELECT r.device_id, r.uuid_subdomain, r.certificate_type, 'active',
+                       r.certificate_data, r.serial_number, r.fingerprint_sha256, r.issued_at,
+                       r.expires_at, r.auto_renewal, r.created_at, r.created_at
+                FROM jsonb_to_recordset(%s::jsonb) AS r(
+                    device_id text, uuid_subdomain text, certificate_type text,
+                    certificate_data jsonb, serial_number text, fingerprint_sha256 text,
+                    issued_at timestamptz, expires_at timestamptz, auto_renewal boolean,
+                    created_at timestamptz)
+                WHERE NOT EXISTS (
+                    SELECT 1 FROM device_events_outbox AS o WHERE o.device_id = r.device_id)
+                ORDER BY r.device_id
                 ON CONFLICT DO NOTHING
+                RETURNING serial_number
                 """,
-                (
-                    device_id,
-                    uuid_subdomain,
-                    certificate_type,
-                    json.dumps(certificate.data),
-                    certificate.serial_number,
-                    certificate.fingerprint_sha256,
-                    certificate.not_before,
-                    certificate.not_after,
-                    auto_renewal,
-                    now,
-                    now,
-                    device_id,
-                ),
+                (document,),
             )
-            if cur.rowcount != 1:
-                return None
-        data = certificate.data
-        return CertificateRecord(
-            device_id=device_id,
-            uuid_subdomain=uuid_subdomain,
-            certificate_type=certificate_type,
-            status="active",
-            chain_pem=data["chain_pem"],
-            serial_number=certificate.serial_number,
-            fingerprint_sha256=certificate.fingerprint_sha256,
-            public_key_sha256=data["public_key_sha256"],
-            issuer=data["issuer"],
-            dns_names=data["dns_names"],
-            issued_at=certificate.not_before,
-            expires_at=certificate.not_after,
-            auto_renewal=auto_renewal,
-            renewal_count=0,
-            revoked_at=None,
-            revocation_reason=None,
-            last_accessed_at=None,
-            access_count=0,
-            created_at=now,
-            updated_at=now,
-        )
+            if len(rows) == 1:
+                return [rows[0].record() if cur.rowcount == 1 else None]
+            inserted = {serial for (serial,) in await cur.fetchall()}
+        return [row.record() if row.certificate.serial_number in inserted else None for row in rows]
 
     async def conflict(self, device_id: str, uuid_subdomain: str) -> Conflict:
         async with self.connection() as conn:
