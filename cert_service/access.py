@@ -79,4 +79,6 @@ class AccessRecorder:
         """Flush every `interval` seconds until cancelled."""
         while True:
             await asyncio.sleep(interval)
-            await self.flush()
+            # Shielded: a stop() arriving mid-flush must not cancel the write of a
+            # batch already taken out of the buffer; the final flush waits for it.
+            await asyncio.shield(self.flush())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
@@ -125,8 +126,14 @@ class DeviceCertificates:
         self.access.record(device_id)
         return certificate
 
-    async def lookup(self, fqdn: str, via_wildcard: bool) -> cert_pb2.Certificate:
-        """The certificate for `fqdn`; with `via_wildcard`, only if it is a WILDCARD one."""
+    async def lookup(
+        self, fqdn: str, via_wildcard: bool, authorize: Callable[[str], None]
+    ) -> cert_pb2.Certificate:
+        """The certificate for `fqdn`; with `via_wildcard`, only if it is a WILDCARD one.
+
+        `authorize(device_id)` raises when the caller may not see that device's
+        certificate; a refused look-up is not counted as an access.
+        """
         key = certcache.name_key(fqdn)
         cached = await self.cache.get(key)
         if cached is NOT_FOUND:
@@ -139,6 +146,7 @@ class DeviceCertificates:
             certificate = await self._from_database(key, record, started, uuid_subdomain=fqdn)
         if via_wildcard and certificate.certificate_type != cert_pb2.CERTIFICATE_TYPE_WILDCARD:
             raise _not_found(uuid_subdomain=fqdn)
+        authorize(certificate.device_id)
         self.access.record(certificate.device_id)
         return certificate
 

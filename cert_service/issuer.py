@@ -185,13 +185,13 @@ def load_csr(pem: str, allowed_names: Sequence[str]) -> PublicKey:
         raise CsrError("CSR signature is invalid")
 
     allowed = {folded for folded in map(_fold_name, allowed_names) if folded is not None}
-    requested: list[object] = [
-        attribute.value for attribute in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    ]
     try:
+        requested: list[object] = [
+            attribute.value for attribute in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        ]
         extensions = csr.extensions
-    except ValueError as exc:
-        raise CsrError("CSR extensions are malformed") from exc
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        raise CsrError("CSR subject or extensions are malformed") from exc
     try:
         san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:

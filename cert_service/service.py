@@ -72,8 +72,7 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
     ) -> cert_pb2.LookupCertificateResponse:
         fqdn, via_wildcard = validation.lookup_name(request.uuid_subdomain, self.zone)
         caller = caller_from_metadata(context.invocation_metadata())
-        certificate = await self.certificates.lookup(fqdn, via_wildcard)
-        caller.require_device(certificate.device_id)
+        certificate = await self.certificates.lookup(fqdn, via_wildcard, caller.require_device)
         return cert_pb2.LookupCertificateResponse(certificate=certificate)
 
     async def ListCertificates(

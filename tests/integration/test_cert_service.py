@@ -477,3 +477,25 @@ async def test_delete_frees_the_device_and_its_subdomain(cert_stub: Stub, db_con
     # The subdomain is free for another device at once.
     reply = await provision(cert_stub, "device-2", "short-lived")
     assert reply.certificate.uuid_subdomain == "short-lived.myl.zip"
+
+
+async def test_refused_lookup_does_not_count_as_an_access(
+    cert_service: RunningCertService, cert_stub: Stub, db_conn: Conn
+) -> None:
+    await provision(cert_stub, "device-1", "first")
+    await provision(cert_stub, "device-2", "second")
+    device_key = (("x-myl-key-id", "k1"), ("x-myl-device-id", "device-1"))
+    for _ in range(3):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await cert_stub.LookupCertificate(
+                cert_pb2.LookupCertificateRequest(uuid_subdomain="second"), metadata=device_key
+            )
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    await cert_stub.LookupCertificate(
+        cert_pb2.LookupCertificateRequest(uuid_subdomain="first"), metadata=device_key
+    )
+    await cert_service.app.access.flush()
+    cur = await db_conn.execute(
+        "SELECT device_id, access_count FROM device_certificates ORDER BY device_id"
+    )
+    assert await cur.fetchall() == [("device-1", 1), ("device-2", 0)]

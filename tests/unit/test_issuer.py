@@ -566,3 +566,32 @@ def test_from_files_errors_name_the_path(tmp_path: Path, ca_dir: tuple[Path, Pat
     with pytest.raises(CertificateAuthorityError, match="does not match") as info:
         LocalCertificateAuthority.from_files(cert_path, other_key)
     assert str(other_key) in str(info.value)
+
+
+def _der_length(n: int) -> bytes:
+    if n < 128:
+        return bytes([n])
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(raw)]) + raw
+
+
+def test_csr_with_a_duplicated_extension_is_a_csr_error() -> None:
+    """A validly signed CSR carrying subjectAltName twice (the builder refuses to
+    make one, so the second extension's OID is patched in and the CSR re-signed)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dup.myl.zip")]))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("dup.myl.zip")]), False)
+        .add_extension(x509.IssuerAlternativeName([x509.DNSName("dup.myl.zip")]), False)
+        .sign(key, hashes.SHA256())
+    )
+    tbs = csr.tbs_certrequest_bytes.replace(b"\x06\x03\x55\x1d\x12", b"\x06\x03\x55\x1d\x11")
+    signature = key.sign(tbs, ec.ECDSA(hashes.SHA256()))
+    algorithm = b"\x30\x0a\x06\x08\x2a\x86\x48\xce\x3d\x04\x03\x02"
+    bits = b"\x03" + _der_length(len(signature) + 1) + b"\x00" + signature
+    body = tbs + algorithm + bits
+    der = b"\x30" + _der_length(len(body)) + body
+    pem = x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.PEM).decode()
+    with pytest.raises(CsrError, match="malformed"):
+        load_csr(pem, ["dup.myl.zip", "*.dup.myl.zip"])
