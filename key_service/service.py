@@ -32,7 +32,13 @@ from key_service.storage import (
 )
 from key_service.verify import Verdict, Verifier
 from myl.key.v1 import key_pb2, key_pb2_grpc
-from shared.errors import failed_precondition, invalid_argument, not_found, permission_denied
+from shared.errors import (
+    DomainError,
+    failed_precondition,
+    invalid_argument,
+    not_found,
+    permission_denied,
+)
 from shared.identity import Caller, caller_from_metadata
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -124,6 +130,10 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
         caller = caller_from_metadata(metadata)
         caller.require_device(device_id)
         _require_grantable(caller, permissions)
+        if not (caller.internal or ADMIN in caller.permissions):
+            rate_limit, expires_at = await self._within_callers_own_key(
+                caller, request, rate_limit, expires_at
+            )
 
         certificate = await self.devices.active_certificate(device_id, now)
         if subdomain and subdomain not in (
@@ -150,7 +160,43 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
             AuditEntry(ACTION_CREATE, actor_of(caller, metadata), "generated"),
             now,
         )
+        # Check the device again now that the key exists: a DeleteDevice whose key
+        # revocation ran between the first check and the insert would otherwise
+        # miss this key. Either that revocation sees the key, or this check sees
+        # the device gone and the key is revoked before anyone learns it.
+        try:
+            await self.devices.active_certificate(device_id, self.clock.now())
+        except DomainError:
+            await self.store.revoke(
+                row.id,
+                AuditEntry(ACTION_REVOKE, "key_service", "device deleted while the key was issued"),
+                self.clock.now(),
+            )
+            raise
         return key_pb2.GenerateApiKeyResponse(api_key=new_key.plaintext, key=row.to_pb(now))
+
+    async def _within_callers_own_key(
+        self,
+        caller: Caller,
+        request: key_pb2.GenerateApiKeyRequest,
+        rate_limit: int,
+        expires_at: datetime,
+    ) -> tuple[int, datetime]:
+        """A key without `admin` cannot mint a key that outlives it or that may
+        call more often than it may: explicit requests beyond its own limits are
+        refused, defaults are capped to them."""
+        own = await self.store.get(uuid.UUID(caller.key_id)) if caller.key_id else None
+        if own is None:
+            raise permission_denied("the calling key is unknown", "CALLER_KEY_UNKNOWN")
+        if request.rate_limit and rate_limit > own.rate_limit:
+            raise permission_denied(
+                "a key cannot grant a higher rate limit than its own", "RATE_LIMIT_NOT_GRANTABLE"
+            )
+        if request.HasField("expire_time") and expires_at > own.expires_at:
+            raise permission_denied(
+                "a key cannot grant a key that outlives it", "EXPIRY_NOT_GRANTABLE"
+            )
+        return min(rate_limit, own.rate_limit), min(expires_at, own.expires_at)
 
     # -- verify (internal) ---------------------------------------------------
 

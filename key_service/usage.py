@@ -29,6 +29,7 @@ class UsageBuffer:
         # key id -> [uses, last use in microseconds since the epoch]
         self._pending: dict[str, list[int]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
 
     def record(self, key_id: str, now_us: int) -> None:
         entry = self._pending.get(key_id)
@@ -45,7 +46,14 @@ class UsageBuffer:
         return len(self._pending)
 
     async def flush(self) -> int:
-        """Write the counters; returns how many keys were written."""
+        """Write the counters; returns how many keys were written.
+
+        Serialized by a lock, so a final flush at shutdown waits for a timed one
+        still writing its batch."""
+        async with self._lock:
+            return await self._flush()
+
+    async def _flush(self) -> int:
         batch, self._pending = self._pending, {}
         if not batch:
             return 0
@@ -78,7 +86,9 @@ class UsageBuffer:
         while True:
             await asyncio.sleep(self.interval)
             try:
-                await self.flush()
+                # Shielded: a stop() arriving mid-write must not cancel the write
+                # of a batch already taken out of the buffer.
+                await asyncio.shield(self.flush())
             except Exception:
                 log.exception("usage flush crashed")
 

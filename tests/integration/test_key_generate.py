@@ -142,6 +142,7 @@ async def test_deleting_a_device_revokes_its_keys_even_when_key_service_was_down
     key_service: RunningKeyService,
     make_config: Callable[..., ServerConfig],
     key_clock: FakeClock,
+    db_conn: Any,
 ) -> None:
     await provision(cert_stub, "doomed")
     await provision(cert_stub, "survivor")
@@ -154,7 +155,17 @@ async def test_deleting_a_device_revokes_its_keys_even_when_key_service_was_down
 
     await key_service.stop()
     await cert_stub.DeleteDevice(cert_pb2.DeleteDeviceRequest(device_id="doomed"))
-    await asyncio.sleep(0.3)  # the outbox tries, and fails, to reach key_service
+    # The outbox tries, and fails, to reach key_service.
+    for _ in range(100):
+        cur = await db_conn.execute(
+            "SELECT attempts, last_error FROM device_events_outbox WHERE device_id = 'doomed'"
+        )
+        attempt = await cur.fetchone()
+        if attempt is not None and attempt[0] >= 1 and attempt[1]:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the outbox never tried to reach key_service")
 
     restarted = await start_key_service(
         make_config("key_service", PORT=str(cert_service.key_service_port)),
@@ -178,3 +189,97 @@ async def test_deleting_a_device_revokes_its_keys_even_when_key_service_was_down
         assert all(e.reason.startswith("device deleted") for e in cascades)
     finally:
         await restarted.stop()
+
+
+async def test_a_device_key_cannot_mint_a_stronger_key(
+    cert_service: RunningCertService,
+    cert_stub: cert_pb2_grpc.CertificateServiceAsyncStub,
+    key_service: RunningKeyService,
+    key_clock: FakeClock,
+) -> None:
+    await provision(cert_stub, "minter")
+    _, own = await key_service.issue_device_key(
+        "minter",
+        permissions=["device:write", "api:access"],
+        rate_limit=10,
+        expires_in=timedelta(days=7),
+    )
+    as_device_key = (
+        ("x-myl-key-id", str(own.id)),
+        ("x-myl-device-id", "minter"),
+        ("x-myl-permissions", "device:write,api:access"),
+        ("x-myl-operator", "false"),
+    )
+    asks = [
+        G(device_id="minter", permissions=["api:access"], rate_limit=1_000_000),
+        G(
+            device_id="minter",
+            permissions=["api:access"],
+            expire_time=timestamp_pb2.Timestamp(
+                seconds=int((key_clock.now() + timedelta(days=300)).timestamp())
+            ),
+        ),
+    ]
+    for ask in asks:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await key_service.stub.GenerateApiKey(ask, metadata=as_device_key)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Defaults are capped to the calling key's own limits.
+    minted = await key_service.stub.GenerateApiKey(
+        G(device_id="minter", permissions=["api:access"]), metadata=as_device_key
+    )
+    assert minted.key.rate_limit == 10
+    assert minted.key.expire_time.ToDatetime().timestamp() == pytest.approx(
+        own.expires_at.timestamp()
+    )
+
+
+async def test_a_key_issued_while_its_device_is_deleted_never_works(
+    cert_service: RunningCertService,
+    cert_stub: cert_pb2_grpc.CertificateServiceAsyncStub,
+    key_service: RunningKeyService,
+    db_conn: Any,
+) -> None:
+    """DeleteDevice and its key revocation land between GenerateApiKey's device
+    check and its insert: the new key must not escape the cascade."""
+    await provision(cert_stub, "racing")
+    store = key_service.app.store
+    create = store.create
+    entered, inserted, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def create_then_wait(*args: Any, **kwargs: Any) -> Any:
+        entered.set()  # GenerateApiKey has passed its device check
+        await release.wait()  # the device is deleted and its keys revoked meanwhile
+        row = await create(*args, **kwargs)
+        inserted.set()
+        return row
+
+    store.create = create_then_wait  # type: ignore[method-assign]
+    try:
+
+        async def generate() -> key_pb2.GenerateApiKeyResponse:
+            reply: key_pb2.GenerateApiKeyResponse = await key_service.stub.GenerateApiKey(
+                G(device_id="racing")
+            )
+            return reply
+
+        generating = asyncio.create_task(generate())
+        await asyncio.wait_for(entered.wait(), 10)
+        await cert_stub.DeleteDevice(cert_pb2.DeleteDeviceRequest(device_id="racing"))
+        for _ in range(100):
+            cur = await db_conn.execute("SELECT count(*) FROM device_events_outbox")
+            if (await cur.fetchone()) == (0,):
+                break  # the cascade was delivered, before the key existed
+            await asyncio.sleep(0.05)
+        release.set()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await generating
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        store.create = create  # type: ignore[method-assign]
+    assert inserted.is_set()
+    cur = await db_conn.execute(
+        "SELECT count(*) FILTER (WHERE revoked_at IS NULL), count(*) "
+        "FROM device_api_keys WHERE device_id = 'racing'"
+    )
+    assert await cur.fetchone() == (0, 1)

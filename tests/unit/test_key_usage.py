@@ -1,0 +1,36 @@
+"""The usage buffer keeps every count through a stop during a timed flush."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from typing import Any, cast
+
+from key_service.storage import KeyStore, UsageDelta
+from key_service.usage import UsageBuffer
+
+
+class SlowStore:
+    """Stands in for the table: adds up what was written, slowly."""
+
+    def __init__(self) -> None:
+        self.written: dict[uuid.UUID, int] = {}
+
+    async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
+        await asyncio.sleep(0.2)
+        for delta in deltas:
+            self.written[delta.key_id] = self.written.get(delta.key_id, 0) + delta.count
+
+
+async def test_stop_during_a_timed_flush_loses_no_use() -> None:
+    store = SlowStore()
+    usage = UsageBuffer(cast(KeyStore, cast(Any, store)), interval=0.01)
+    key_id = uuid.uuid4()
+    for _ in range(5):
+        usage.record(str(key_id), 1_700_000_000_000_000)
+    usage.start()
+    await asyncio.sleep(0.05)  # the timed flush has taken the batch and is writing it
+    usage.record(str(key_id), 1_700_000_000_000_001)
+    await usage.stop()
+    assert store.written == {key_id: 6}
