@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from key_service import keyformat
-from key_service.clock import Clock, to_micros
+from key_service.clock import Clock, micros_source, to_micros
 from key_service.permissions import ADMIN
 from key_service.ratelimit import POPULATE_SCRIPT, VERIFY_SCRIPT, Decision, LocalLimiter
 from key_service.scriptclient import Script, ScriptClient
@@ -150,6 +150,7 @@ class Verifier:
         self.cache = cache
         self.usage = usage
         self.clock = clock
+        self._now_us = micros_source(clock)
         self.cache_ttl_ms = max(1, int(cache_ttl * 1000))
         self.negative_cache_ttl = negative_cache_ttl
         self.local_limiter = local_limiter
@@ -164,7 +165,7 @@ class Verifier:
         if not keyformat.is_well_formed(api_key):
             return UNKNOWN_KEY
         key_hash = hashlib.sha256(api_key.encode()).digest()
-        now_us = to_micros(self.clock.now())
+        now_us = self._now_us()
         tag = key_hash.hex()
         keys = (f"{_NAMESPACE}{tag}}}:rec", f"{_NAMESPACE}{tag}}}:rl")
         args = (b"%d" % now_us, b"0" if dry_run else b"1")

@@ -13,8 +13,8 @@ import asyncio
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -47,6 +47,11 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     `DomainError` becomes its gRPC code with ErrorInfo (and BadRequest)
     details; any other exception is logged with its traceback and the client
     gets a bare INTERNAL.
+
+    `GrpcServer` does not install this as a grpc.aio interceptor (that costs
+    a coroutine chain per RPC): it wraps each unary handler once, when the
+    service is registered (`wrap_handler`). `intercept_service` remains for
+    servers that want it as an ordinary interceptor.
     """
 
     def __init__(self, service: str) -> None:
@@ -65,8 +70,17 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if cached is not None:
             return cached
         handler = await continuation(handler_call_details)
+        return self.wrap_handler(method, handler)
+
+    def wrap_handler(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """`handler` with error mapping, metrics and the request id; once per method."""
         if handler is None or handler.unary_unary is None or method.startswith("/grpc."):
             return handler
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
         wrapped = grpc.unary_unary_rpc_method_handler(
             self._wrap(method.rsplit("/", 1)[-1], handler.unary_unary),  # type: ignore[arg-type]
             request_deserializer=handler.request_deserializer,
@@ -124,13 +138,57 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], err: DomainError) 
     raise AssertionError("context.abort returned")  # it always raises
 
 
+class _WrappedGenericHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    def __init__(
+        self, inner: grpc.GenericRpcHandler[Any, Any], interceptor: RpcInterceptor
+    ) -> None:
+        self.inner = inner
+        self.interceptor = interceptor
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = self.inner.service(handler_call_details)
+        if handler is None:
+            return None
+        return self.interceptor.wrap_handler(handler_call_details.method, handler)
+
+
+class _Registrar:
+    """The server as `add_service` callbacks see it: every handler added is wrapped."""
+
+    def __init__(self, server: grpc.aio.Server, interceptor: RpcInterceptor) -> None:
+        self._server = server
+        self._interceptor = interceptor
+
+    def add_generic_rpc_handlers(
+        self, handlers: Sequence[grpc.GenericRpcHandler[Any, Any]]
+    ) -> None:
+        self._server.add_generic_rpc_handlers(
+            [_WrappedGenericHandler(h, self._interceptor) for h in handlers]
+        )
+
+    def add_registered_method_handlers(
+        self, service_name: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        wrap = self._interceptor.wrap_handler
+        self._server.add_registered_method_handlers(  # type: ignore[attr-defined]
+            service_name,
+            {name: wrap(f"/{service_name}/{name}", h) for name, h in handlers.items()},
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
 class GrpcServer:
     """A grpc.aio server with the shared furniture attached."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        # No grpc.aio interceptor: handlers are wrapped once, at registration.
+        self.interceptor = RpcInterceptor(config.service)
         self.server = grpc.aio.server(
-            interceptors=[RpcInterceptor(config.service)],
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024),
@@ -145,7 +203,7 @@ class GrpcServer:
         self.port = 0
 
     def add_service(self, full_name: str, register: Callable[[grpc.aio.Server], None]) -> None:
-        register(self.server)
+        register(cast(grpc.aio.Server, _Registrar(self.server, self.interceptor)))
         self.service_names.append(full_name)
 
     def on_shutdown(self, hook: ShutdownHook) -> None:

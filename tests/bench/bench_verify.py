@@ -11,6 +11,12 @@ a constant (the ceiling one Python process can reach).
 - cache hit: h2load sends the same VerifyApiKey request (a key with a rate
   limit high enough to admit everything) to each server: saturation
   throughput, then latency at half of the saturation rate (`--rps`).
+- gateway check: the same with Envoy's ext_authz `Check` (a CheckRequest
+  shaped like the ones Envoy sends, carrying the hot key), against the echo
+  server's constant `Check`.
+- CPU per call: the server process's user+system CPU time (from
+  /proc/<pid>/stat) over a fixed number of requests (`h2load -n`), divided by
+  that number. Less sensitive than req/s to other load on a shared machine.
 - cache miss: every request names a different key, so h2load (one fixed body)
   cannot do it; a multi-process grpc.aio loader sends each of the 100,000 keys
   once. The same loader is run against the echo server to show its own
@@ -43,6 +49,7 @@ import grpc
 import psycopg
 
 from key_service import keyformat
+from myl.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from myl.key.v1 import key_pb2, key_pb2_grpc
 from shared.devstack import PostgresServer, RedisServer, free_port, wait_for_port
 from shared.migrations import MigrationRunner, load_migrations
@@ -51,6 +58,8 @@ ROOT = Path(__file__).resolve().parents[2]
 KEYS = 100_000
 HOT_RATE_LIMIT = 60_000_000  # one request per microsecond: the hot key is never limited
 VERIFY_PATH = "/myl.key.v1.ApiKeyService/VerifyApiKey"
+CHECK_PATH = "/envoy.service.auth.v3.Authorization/Check"
+CPU_REQUESTS = 20_000
 
 
 # -- the echo ceiling ---------------------------------------------------------
@@ -67,9 +76,21 @@ class EchoServicer(key_pb2_grpc.ApiKeyServiceServicer):
         return self.RESPONSE
 
 
+class EchoAuthorization(external_auth_pb2_grpc.AuthorizationServicer):
+    """Parses the CheckRequest and returns a constant OK."""
+
+    RESPONSE = external_auth_pb2.CheckResponse()
+
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> external_auth_pb2.CheckResponse:
+        return self.RESPONSE
+
+
 async def serve_echo(port: int) -> None:
     server = grpc.aio.server()
     key_pb2_grpc.add_ApiKeyServiceServicer_to_server(EchoServicer(), server)  # type: ignore[abstract]
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(EchoAuthorization(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     stop = asyncio.Event()
@@ -146,25 +167,54 @@ def percentile(sorted_values: Sequence[float], pct: float) -> float:
 # -- h2load ---------------------------------------------------------------------
 
 
-def grpc_body(path: Path, request: key_pb2.VerifyApiKeyRequest) -> Path:
+def grpc_body(path: Path, request: Any) -> Path:
     payload = request.SerializeToString()
     path.write_bytes(b"\x00" + struct.pack(">I", len(payload)) + payload)
     return path
 
 
+def check_body(path: Path, api_key: str) -> Path:
+    """A CheckRequest like the ones Envoy sends for a gRPC GetCertificate."""
+    method = "/myl.cert.v1.CertificateService/GetCertificate"
+    request = external_auth_pb2.CheckRequest()
+    request.attributes.request.time.GetCurrentTime()
+    http = request.attributes.request.http
+    http.id, http.method, http.path = "8430151296515213715", "POST", method
+    http.host, http.scheme, http.protocol, http.size = "127.0.0.1:10000", "http", "HTTP/2", 42
+    http.headers.update(
+        {
+            ":authority": "127.0.0.1:10000", ":method": "POST", ":path": method,
+            ":scheme": "http", "content-type": "application/grpc", "te": "trailers",
+            "user-agent": "grpc-python/1.85.3", "x-api-key": api_key,
+            "x-forwarded-proto": "http", "x-request-id": str(uuid.uuid4()),
+            "x-envoy-expected-rq-timeout-ms": "15000",
+        }
+    )  # fmt: skip
+    return grpc_body(path, request)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def h2load(
     port: int, body: Path, log: Path, *, seconds: int, clients: int, streams: int,
-    rps: float | None = None,
+    rps: float | None = None, path: str = VERIFY_PATH, requests: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     command = [
         "h2load", "-t", "1", "-c", str(clients), "-m", str(streams),
-        "-D", str(seconds), "--warm-up-time", "2",
         "-H", "content-type: application/grpc", "-H", "te: trailers",
         "-d", str(body), "--log-file", str(log),
     ]  # fmt: skip
+    if requests is None:
+        command += ["-D", str(seconds), "--warm-up-time", "2"]
+    else:
+        command += ["-n", str(requests)]
     if rps is not None:
         command += ["--rps", f"{rps:.0f}"]
-    command.append(f"http://127.0.0.1:{port}{VERIFY_PATH}")
+    command.append(f"http://127.0.0.1:{port}{path}")
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     succeeded = 0
     for line in done.stdout.splitlines():
@@ -177,7 +227,7 @@ def h2load(
     )
     return {
         "command": " ".join(command),
-        "rps": succeeded / seconds,
+        "rps": succeeded / seconds if requests is None else float("nan"),
         "succeeded": succeeded,
         "p50_ms": percentile(durations, 50) * 1000,
         "p99_ms": percentile(durations, 99) * 1000,
@@ -270,17 +320,31 @@ def main() -> None:
         assert check["results"] == {key_pb2.VERIFY_RESULT_VALID: 1}, check
 
         seconds, clients, streams = 10, 4, 32
+        check_bin = check_body(directory / "check.bin", hot_key)
+        pids = {echo_port: echo.pid, key_port: key_service.pid}
+        runs = (
+            ("echo", echo_port, body, VERIFY_PATH),
+            ("verify_hit", key_port, body, VERIFY_PATH),
+            ("echo_check", echo_port, check_bin, CHECK_PATH),
+            ("check_hit", key_port, check_bin, CHECK_PATH),
+        )
         report: dict[str, Any] = {}
-        for name, port in (("echo", echo_port), ("verify_hit", key_port)):
+        for name, port, data, path in runs:
             report[name] = h2load(
-                port, body, directory / f"{name}.log",
-                seconds=seconds, clients=clients, streams=streams,
+                port, data, directory / f"{name}.log",
+                seconds=seconds, clients=clients, streams=streams, path=path,
             )  # fmt: skip
-        for name, port in (("echo", echo_port), ("verify_hit", key_port)):
+            before = cpu_seconds(pids[port])
+            h2load(
+                port, data, directory / f"{name}-cpu.log", seconds=seconds,
+                clients=clients, streams=streams, path=path, requests=CPU_REQUESTS,
+            )  # fmt: skip
+            report[name]["cpu_us"] = (cpu_seconds(pids[port]) - before) / CPU_REQUESTS * 1e6
+        for name, port, data, path in runs:
             half = report[name]["rps"] / 2
             report[f"{name}_half"] = h2load(
-                port, body, directory / f"{name}-half.log",
-                seconds=seconds, clients=clients, streams=streams, rps=half / clients,
+                port, data, directory / f"{name}-half.log",
+                seconds=seconds, clients=clients, streams=streams, rps=half / clients, path=path,
             )  # fmt: skip
 
         loader_processes, loader_concurrency = 2, 32
@@ -314,25 +378,35 @@ def main() -> None:
 def print_report(report: dict[str, Any], counted: int) -> None:
     cpu = os.cpu_count()
     print(f"\nmachine: {cpu} CPUs, {sys.version.split()[0]}, grpcio {grpc.__version__}")
-    print(f"{'run':<28}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
+    print(f"{'run':<30}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/call':>13}")
     rows = [
         ("echo ceiling (h2load)", "echo"),
         ("verify, cache hit (h2load)", "verify_hit"),
+        ("echo Check ceiling (h2load)", "echo_check"),
+        ("Check, cache hit (h2load)", "check_hit"),
         ("echo at half load", "echo_half"),
         ("verify hit at half load", "verify_hit_half"),
+        ("echo Check at half load", "echo_check_half"),
+        ("Check hit at half load", "check_hit_half"),
         ("echo ceiling (py loader)", "loader_echo"),
         ("verify, cache miss (loader)", "verify_miss"),
         ("verify, cache hit (loader)", "verify_hit_loader"),
     ]
     for label, name in rows:
         r = report[name]
-        print(f"{label:<28}{r['rps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}")
-    ratio = report["verify_hit"]["rps"] / report["echo"]["rps"]
-    print(f"\ncache hit / echo ceiling: {ratio:.0%}")
+        cpu_us = f"{r['cpu_us']:>13.0f}" if "cpu_us" in r else ""
+        print(f"{label:<30}{r['rps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{cpu_us}")
+    for label, hit, echo in (
+        ("verify", "verify_hit", "echo"),
+        ("Check", "check_hit", "echo_check"),
+    ):
+        ratio = report[hit]["rps"] / report[echo]["rps"]
+        cpu_ratio = report[echo]["cpu_us"] / report[hit]["cpu_us"]
+        print(f"{label} cache hit / echo ceiling: {ratio:.0%} (req/s), {cpu_ratio:.0%} (CPU/call)")
     print(f"miss results: {report['verify_miss']['results']}")
     h2load_total = sum(report[n]["succeeded"] for n in ("verify_hit", "verify_hit_half"))
-    print(f"hot key usage_count after graceful stop: {counted} (h2load succeeded, "
-          f"excluding warm-up: {h2load_total})")  # fmt: skip
+    print(f"hot key usage_count after graceful stop: {counted} (h2load VerifyApiKey "
+          f"successes, warm-up excluded: {h2load_total}; Check and CPU runs add more)")  # fmt: skip
     print(f"h2load command: {report['verify_hit']['command']}")
 
 
