@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime
 
-from cert_service.clock import Clock
 from cert_service.storage import CertificateStore
+from shared.clock import Clock
 from shared.logging import get_logger
 
 log = get_logger(__name__)

@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable
 from cert_service.access import AccessRecorder
 from cert_service.certcache import CertificateCache
 from cert_service.certificates import DeviceCertificates
-from cert_service.clock import Clock, SystemClock
 from cert_service.config import SERVICE, CertServiceConfig
 from cert_service.issuer import CertificateAuthorityError, Issuer, LocalCertificateAuthority
 from cert_service.lifecycle import LifecycleWorker
@@ -19,6 +18,7 @@ from cert_service.service import SERVICE_NAME, CertificateServicer
 from cert_service.storage import CertificateStore
 from myl.cert.v1 import cert_pb2_grpc
 from shared.cache import Cache
+from shared.clock import Clock, SystemClock
 from shared.config import ConfigError
 from shared.db import DatabaseUnavailable, Pool, open_pool, record_pool_stats
 from shared.logging import configure_logging, get_logger

@@ -20,7 +20,6 @@ from cert_service import certcache
 from cert_service.access import AccessRecorder
 from cert_service.batching import Coalescer
 from cert_service.certcache import NOT_FOUND, CertificateCache
-from cert_service.clock import Clock
 from cert_service.issuance import CSR_UNCHANGED, issue_device_certificate
 from cert_service.issuer import (
     Issuer,
@@ -39,6 +38,7 @@ from cert_service.storage import (
 )
 from cert_service.validation import csr_public_key
 from myl.cert.v1 import cert_pb2
+from shared.clock import Clock
 from shared.errors import (
     DomainError,
     ErrorKind,

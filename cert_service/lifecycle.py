@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 from cert_service import certcache
 from cert_service.certcache import CertificateCache
-from cert_service.clock import Clock
 from cert_service.issuance import CSR_UNCHANGED, issue_device_certificate
 from cert_service.issuer import Issuer, PublicKeyError, load_public_key
 from cert_service.storage import CertificateStore, NewCertificate
+from shared.clock import Clock
 from shared.logging import get_logger
 
 log = get_logger(__name__)

@@ -27,9 +27,9 @@ from typing import Final
 import grpc
 from prometheus_client import Counter
 
-from cert_service.clock import Clock
 from cert_service.storage import CertificateStore, OutboxEvent
 from myl.key.v1 import key_pb2, key_pb2_grpc
+from shared.clock import Clock
 from shared.logging import get_logger
 
 log = get_logger(__name__)

@@ -15,9 +15,9 @@ import uuid
 from datetime import timedelta
 
 from key_service import keyformat, validation
-from key_service.clock import Clock, SystemClock
 from key_service.config import SERVICE, KeyServiceConfig
 from key_service.storage import ACTION_CREATE, ApiKeyRow, AuditEntry, KeyStore, NewKeyRow
+from shared.clock import Clock, SystemClock
 from shared.config import ConfigError
 from shared.db import DatabaseUnavailable, open_pool
 from shared.errors import DomainError, invalid_argument

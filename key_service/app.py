@@ -6,7 +6,6 @@ import asyncio
 import sys
 
 from key_service.authz import AuthorizationServicer
-from key_service.clock import Clock, SystemClock
 from key_service.config import SERVICE, KeyServiceConfig
 from key_service.devices import CertServiceDirectory, DeviceDirectory
 from key_service.ratelimit import LocalLimiter
@@ -18,6 +17,7 @@ from key_service.verify import Verifier
 from myl.envoy.service.auth.v3 import external_auth_pb2_grpc
 from myl.key.v1 import key_pb2_grpc
 from shared.cache import Cache
+from shared.clock import Clock, SystemClock
 from shared.config import ConfigError
 from shared.db import DatabaseUnavailable, Pool, open_pool
 from shared.logging import configure_logging, get_logger

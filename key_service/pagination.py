@@ -14,7 +14,7 @@ import uuid
 from datetime import datetime
 from typing import Final
 
-from key_service.clock import from_micros, to_micros
+from shared.clock import from_micros, to_micros
 from shared.errors import invalid_argument
 
 DEFAULT_PAGE_SIZE: Final = 100

@@ -17,7 +17,6 @@ from typing import Any, Final
 import grpc
 
 from key_service import keyformat, pagination, validation
-from key_service.clock import Clock
 from key_service.config import KeyServiceConfig
 from key_service.devices import DeviceDirectory
 from key_service.permissions import ADMIN, DEFAULT_PERMISSIONS, KNOWN
@@ -32,6 +31,7 @@ from key_service.storage import (
 )
 from key_service.verify import Verdict, Verifier
 from myl.key.v1 import key_pb2, key_pb2_grpc
+from shared.clock import Clock
 from shared.errors import (
     DomainError,
     failed_precondition,

@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import uuid
 
-from key_service.clock import from_micros
 from key_service.storage import KeyStore, UsageDelta
+from shared.clock import from_micros
 from shared.errors import DomainError
 from shared.logging import get_logger
 

@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from typing import Final
 
 from key_service import keyformat
-from key_service.clock import Clock, micros_source, to_micros
 from key_service.permissions import ADMIN
 from key_service.ratelimit import POPULATE_SCRIPT, VERIFY_SCRIPT, Decision, LocalLimiter
 from key_service.scriptclient import Script, ScriptClient
@@ -36,6 +35,7 @@ from key_service.storage import ApiKeyRow, KeyStore
 from key_service.usage import UsageBuffer
 from myl.key.v1 import key_pb2
 from shared.cache import Cache
+from shared.clock import Clock, micros_source, to_micros
 from shared.metrics import CACHE_RESULTS
 
 VALID: Final = key_pb2.VERIFY_RESULT_VALID

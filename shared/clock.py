@@ -1,4 +1,9 @@
-"""Time, injected: the service asks a `Clock`, tests hand in a fake one."""
+"""Time, injected: services ask a `Clock`, tests hand in a fake one.
+
+Validity windows, expiry, renewal, access and usage times, outbox retries and
+rate limits all read time from a `Clock`, never from `datetime.now()`
+directly, so tests move time forward instead of sleeping.
+"""
 
 from __future__ import annotations
 
