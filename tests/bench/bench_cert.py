@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +40,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.harness import (
+    GRPC_HEADERS,
+    cpu_seconds,
+    grpc_frame,
+    serve_until_sigterm,
+    start_process,
+    stop_process,
+    throwaway_databases,
+)
+
 ECHO_METHOD = "/bench.Echo/Call"
 GET_METHOD = "/myl.cert.v1.CertificateService/GetCertificate"
 
@@ -144,15 +153,6 @@ class Summary:
         )
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run_load(
     label: str,
     address: str,
@@ -206,12 +206,7 @@ async def _serve_echo(port: int) -> None:
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("bench.Echo", {"Call": handler}),)
     )
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    await server.stop(0)
+    await serve_until_sigterm(server, port, 0)
 
 
 # -- bulk load ------------------------------------------------------------------------------------
@@ -264,36 +259,15 @@ def bulk_load(args: tuple[str, str, str, int, int]) -> int:
 # -- orchestration --------------------------------------------------------------------------------
 
 
-def wait_serving(address: str, process: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{address} not serving after {timeout}s")
-            time.sleep(0.1)
-
-
 def h2load(label: str, port: int, method: str, body: bytes, n: int, streams: int) -> None:
     binary = shutil.which("h2load")
     if binary is None:
         print(f"{label:<44} (h2load not installed)")
         return
     with tempfile.NamedTemporaryFile(suffix=".bin") as file:
-        file.write(b"\x00" + len(body).to_bytes(4, "big") + body)
+        file.write(grpc_frame(body))
         file.flush()
-        command = [binary, "-n", str(n), "-c", "1", "-m", str(streams)]
-        command += ["-H", "content-type: application/grpc", "-H", "te: trailers"]
+        command = [binary, "-n", str(n), "-c", "1", "-m", str(streams), *GRPC_HEADERS]
         command += ["-d", file.name, f"http://127.0.0.1:{port}{method}"]
         done = subprocess.run(
             command,
@@ -320,34 +294,24 @@ def run(devices: int, quick: bool) -> None:
     import redis
 
     from cert_service.issuer import create_development_ca
-    from shared.devstack import PostgresServer, RedisServer, free_port
-    from shared.migrations import MigrationRunner, load_migrations
+    from shared.devstack import free_port
+    from shared.stack import wait_healthy
     from tests.fixtures.cert import make_csr
 
     scale = 0.2 if quick else 1.0
     workers = 2
-    directory = Path(tempfile.mkdtemp(prefix="myl-bench-cert-"))
-    directory.chmod(0o755)  # PostgreSQL runs as its own user when we are root
-    postgres = PostgresServer(directory / "pg", free_port(), durable=True)
-    redis_server = RedisServer(directory / "redis", free_port())
-    processes: list[subprocess.Popen[bytes]] = []
-    try:
-        print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}", flush=True)
-        postgres.start()
-        redis_server.start()
-        postgres.create_database("bench")
-        conninfo = postgres.conninfo("bench")
+    print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}", flush=True)
+    with (
+        throwaway_databases("myl-bench-cert-", durable=True, migrate=["cert_service"]) as databases,
+        contextlib.ExitStack() as stops,  # stops the servers, last started first
+    ):
+        directory, conninfo = databases.directory, databases.conninfo
         with psycopg.connect(conninfo) as conn:
             settings = conn.execute(
                 "SELECT name, setting FROM pg_settings "
                 "WHERE name IN ('fsync', 'synchronous_commit', 'server_version')"
             ).fetchall()
         print("postgres: " + ", ".join(f"{k}={v}" for k, v in settings), flush=True)
-        asyncio.run(
-            MigrationRunner(
-                conninfo, "cert_service", load_migrations(ROOT / "cert_service" / "migrations")
-            ).up()
-        )
         ca_cert, ca_key = create_development_ca(directory / "ca")
 
         started = time.perf_counter()
@@ -375,36 +339,30 @@ def run(devices: int, quick: bool) -> None:
         echo_port, cert_port = free_port(), free_port()
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_"))},
-            "DB_HOST": postgres.host,
-            "DB_PORT": str(postgres.port),
-            "DB_NAME": "bench",
-            "DB_USER": postgres.user,
-            "DB_SSLMODE": "disable",
-            "REDIS_HOST": redis_server.host,
-            "REDIS_PORT": str(redis_server.port),
+            **databases.env(),
             "CERT_SERVICE_PORT": str(cert_port),
             "CERT_SERVICE_METRICS_PORT": "0",
             "CA_CERT_FILE": str(ca_cert),
             "CA_KEY_FILE": str(ca_key),
             "LOG_LEVEL": "warning",
         }
-        log = open(directory / "cert_service.log", "wb")  # noqa: SIM115
-        service = subprocess.Popen(
+        service = start_process(
             [sys.executable, "-m", "cert_service", "serve"],
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=log,
+            env,
+            cert_port,
+            log=directory / "cert_service.log",
+            timeout=60,
         )
-        processes.append(service)
-        echo = subprocess.Popen(
+        stops.callback(stop_process, service)
+        echo = start_process(
             [sys.executable, "-m", "tests.bench.bench_cert", "echo-server", str(echo_port)],
-            cwd=ROOT,
+            None,
+            echo_port,
         )
-        processes.append(echo)
+        stops.callback(stop_process, echo)
         cert_address = f"127.0.0.1:{cert_port}"
         echo_address = f"127.0.0.1:{echo_port}"
-        wait_serving(cert_address, service)
+        wait_healthy(cert_address, 60, service)
 
         def phase(
             label: str,
@@ -441,7 +399,7 @@ def run(devices: int, quick: bool) -> None:
               [f"c-{i}" for i in range(n)], n, 64, csr_pem=make_csr())  # fmt: skip
 
         # -- GetCertificate ---------------------------------------------------------------
-        flush = redis.Redis(host=redis_server.host, port=redis_server.port)
+        flush = redis.Redis(host=databases.redis.host, port=databases.redis.port)
         hit_keys = [f"bulk-{i:06d}" for i in range(0, devices, max(1, devices // 5000))]
         for in_flight, count in ((1, int(5000 * scale)), (16, int(20000 * scale))):
             print(f"\nGetCertificate, {in_flight} in flight, {devices} devices", flush=True)
@@ -462,17 +420,6 @@ def run(devices: int, quick: bool) -> None:
         h2load("echo ceiling", echo_port, ECHO_METHOD, body, int(20000 * scale), 16)
         h2load("GetCertificate, cache hit", cert_port, GET_METHOD, body, int(20000 * scale), 16)
         flush.close()
-    finally:
-        for process in reversed(processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-        redis_server.stop()
-        postgres.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def main(argv: list[str]) -> int:

@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
-import shutil
-import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -51,10 +49,20 @@ import psycopg
 from key_service import keyformat
 from myl.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from myl.key.v1 import key_pb2, key_pb2_grpc
-from shared.devstack import PostgresServer, RedisServer, free_port, wait_for_port
-from shared.migrations import MigrationRunner, load_migrations
+from shared.devstack import free_port
+from tests.bench.harness import (
+    GRPC_HEADERS,
+    ROOT,
+    cpu_seconds,
+    grpc_frame,
+    percentile,
+    run_h2load,
+    serve_until_sigterm,
+    start_process,
+    stop_process,
+    throwaway_databases,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
 KEYS = 100_000
 HOT_RATE_LIMIT = 60_000_000  # one request per microsecond: the hot key is never limited
 VERIFY_PATH = "/myl.key.v1.ApiKeyService/VerifyApiKey"
@@ -91,12 +99,7 @@ async def serve_echo(port: int) -> None:
     server = grpc.aio.server()
     key_pb2_grpc.add_ApiKeyServiceServicer_to_server(EchoServicer(), server)  # type: ignore[abstract]
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(EchoAuthorization(), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    await server.stop(1)
+    await serve_until_sigterm(server, port, 1)
 
 
 # -- the multi-process loader (distinct keys) --------------------------------
@@ -157,19 +160,11 @@ def run_loader(address: str, keys: list[str], processes: int, concurrency: int) 
     }
 
 
-def percentile(sorted_values: Sequence[float], pct: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    index = min(len(sorted_values) - 1, round(pct / 100 * (len(sorted_values) - 1)))
-    return sorted_values[index]
-
-
 # -- h2load ---------------------------------------------------------------------
 
 
 def grpc_body(path: Path, request: Any) -> Path:
-    payload = request.SerializeToString()
-    path.write_bytes(b"\x00" + struct.pack(">I", len(payload)) + payload)
+    path.write_bytes(grpc_frame(request.SerializeToString()))
     return path
 
 
@@ -193,40 +188,25 @@ def check_body(path: Path, api_key: str) -> Path:
     return grpc_body(path, request)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def h2load(
     port: int, body: Path, log: Path, *, seconds: int, clients: int, streams: int,
     rps: float | None = None, path: str = VERIFY_PATH, requests: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    command = [
-        "h2load", "-t", "1", "-c", str(clients), "-m", str(streams),
-        "-H", "content-type: application/grpc", "-H", "te: trailers",
-        "-d", str(body), "--log-file", str(log),
-    ]  # fmt: skip
+    options = ["-t", "1", "-c", str(clients), "-m", str(streams), *GRPC_HEADERS, "-d", str(body)]
     if requests is None:
-        command += ["-D", str(seconds), "--warm-up-time", "2"]
+        options += ["-D", str(seconds), "--warm-up-time", "2"]
     else:
-        command += ["-n", str(requests)]
+        options += ["-n", str(requests)]
     if rps is not None:
-        command += ["--rps", f"{rps:.0f}"]
-    command.append(f"http://127.0.0.1:{port}{path}")
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+        options += ["--rps", f"{rps:.0f}"]
+    run = run_h2load(f"http://127.0.0.1:{port}{path}", log, options)
     succeeded = 0
-    for line in done.stdout.splitlines():
+    for line in run.stdout.splitlines():
         if line.startswith("requests:"):
             succeeded = int(line.split("succeeded,")[0].split(",")[-1].split()[0])
-    durations = sorted(
-        int(fields[2]) / 1e6
-        for fields in (line.split("\t") for line in log.read_text().splitlines())
-        if len(fields) >= 3 and fields[1] == "200"
-    )
+    durations = sorted(us / 1e6 for us in run.latencies_us)  # seconds
     return {
-        "command": " ".join(command),
+        "command": " ".join(run.command),
         "rps": succeeded / seconds if requests is None else float("nan"),
         "succeeded": succeeded,
         "p50_ms": percentile(durations, 50) * 1000,
@@ -262,58 +242,31 @@ def load_keys(conninfo: str) -> tuple[str, list[str]]:
     return plaintexts[0], plaintexts[1:]
 
 
-def start_process(command: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
-    wait_for_port("127.0.0.1", port, 30, process)
-    return process
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def main() -> None:
-    directory = Path(tempfile.mkdtemp(prefix="myl-bench-"))
-    directory.chmod(0o755)  # PostgreSQL runs as its own user when we are root
-    pg = PostgresServer(directory / "pg", free_port(), durable=False)
-    redis = RedisServer(directory / "redis", free_port())
-    processes: list[subprocess.Popen[bytes]] = []
-    try:
-        pg.start()
-        redis.start()
-        pg.create_database("bench")
-        conninfo = pg.conninfo("bench")
-        runner = MigrationRunner(
-            conninfo, "key_service", load_migrations(ROOT / "key_service" / "migrations")
-        )
-        asyncio.run(runner.up())
+    with (
+        throwaway_databases("myl-bench-", durable=False, migrate=["key_service"]) as databases,
+        contextlib.ExitStack() as stops,  # stops the servers, last started first
+    ):
+        directory, conninfo = databases.directory, databases.conninfo
         started = time.perf_counter()
         hot_key, cold_keys = load_keys(conninfo)
         print(f"setup: {KEYS} keys loaded with COPY in {time.perf_counter() - started:.1f}s")
 
         key_port, echo_port = free_port(), free_port()
         env = {
-            **os.environ,
-            "DB_HOST": pg.host, "DB_PORT": str(pg.port), "DB_NAME": "bench",
-            "DB_USER": pg.user, "DB_SSLMODE": "disable",
-            "REDIS_HOST": redis.host, "REDIS_PORT": str(redis.port),
+            **os.environ, **databases.env(),
             "KEY_SERVICE_PORT": str(key_port), "KEY_SERVICE_METRICS_PORT": "0",
             "KEY_SERVICE_LOG_LEVEL": "warning", "KEY_SERVICE_MAX_RATE_LIMIT": str(HOT_RATE_LIMIT),
             "KEY_SERVICE_USAGE_FLUSH_INTERVAL": "5",
         }  # fmt: skip
         key_service = start_process([sys.executable, "-m", "key_service"], env, key_port)
-        processes.append(key_service)
+        stops.callback(stop_process, key_service)
         echo = start_process(
             [sys.executable, "-m", "tests.bench.bench_verify", "--echo", str(echo_port)],
             env,
             echo_port,
         )
-        processes.append(echo)
+        stops.callback(stop_process, echo)
 
         body = grpc_body(directory / "hot.bin", key_pb2.VerifyApiKeyRequest(api_key=hot_key))
         check = asyncio.run(load_distinct(f"127.0.0.1:{key_port}", [hot_key], 1))
@@ -358,8 +311,7 @@ def main() -> None:
             f"127.0.0.1:{key_port}", cold_keys[:50_000], loader_processes, loader_concurrency
         )
 
-        stop_process(key_service)
-        processes.remove(key_service)
+        stop_process(key_service)  # it flushes the usage counters on a graceful stop
         with psycopg.connect(conninfo) as conn:
             row = conn.execute(
                 "SELECT usage_count FROM device_api_keys WHERE key_hash = %s",
@@ -367,12 +319,6 @@ def main() -> None:
             ).fetchone()
         counted = int(row[0]) if row else 0
         print_report(report, counted)
-    finally:
-        for process in processes:
-            stop_process(process)
-        redis.stop()
-        pg.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def print_report(report: dict[str, Any], counted: int) -> None:
