@@ -166,7 +166,7 @@ class PostgresServer:
             )
 
     def stop(self) -> None:
-        _stop(self.process, signal.SIGINT)
+        stop_process_group(self.process, signal.SIGINT)
         self.process = None
 
 
@@ -214,17 +214,23 @@ class RedisServer:
         wait_for_port(self.host, self.port, timeout, self.process)
 
     def stop(self) -> None:
-        _stop(self.process, signal.SIGTERM)
+        stop_process_group(self.process)
         self.process = None
 
 
-def _stop(process: subprocess.Popen[bytes] | None, sig: signal.Signals) -> None:
+def stop_process_group(
+    process: subprocess.Popen[bytes] | None,
+    sig: signal.Signals = signal.SIGTERM,
+    timeout: float = 15.0,
+) -> None:
+    """Signal the process group of `process` (started with start_new_session) and
+    wait for it; SIGKILL when it is not gone within `timeout` seconds."""
     if process is None or process.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, sig)
     try:
-        process.wait(timeout=15)
+        process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)

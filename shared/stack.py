@@ -22,7 +22,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.config import ConfigError, EnvReader
-from shared.devstack import DevStackError, PostgresServer, RedisServer, _stop, wait_for_port
+from shared.devstack import (
+    DevStackError,
+    PostgresServer,
+    RedisServer,
+    stop_process_group,
+    wait_for_port,
+)
 from shared.gateway import GatewayPorts, envoy_command, render_envoy_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,7 +136,7 @@ class Stack:
             argv, env=self.env, cwd=ROOT, stdout=log, stderr=log, start_new_session=True
         )
         log.close()
-        self.stops.append(lambda: _stop(process, signal.SIGTERM))
+        self.stops.append(lambda: stop_process_group(process))
         say(f"{name} started (pid {process.pid}, log {log_path})")
         return process
 

@@ -18,7 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared.devstack import PostgresServer, RedisServer, free_port, wait_for_port
+from shared.devstack import (
+    PostgresServer,
+    RedisServer,
+    free_port,
+    stop_process_group,
+    wait_for_port,
+)
 
 if TYPE_CHECKING:
     import grpc
@@ -118,16 +124,7 @@ def start_process(
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM to the process's group (from start_process); SIGKILL if not gone in 30 s."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    stop_process_group(process, timeout=30)
 
 
 def cpu_seconds(pid: int) -> float:
