@@ -52,7 +52,8 @@ buf: $(STAMP)
 proto: $(STAMP)
 	$(PY) protos/generate.py
 
-bench: $(STAMP) system-deps
+bench: $(STAMP)
+	@deploy/system-deps.sh bench
 	$(PY) -m tests.bench
 
 migrate: $(STAMP)

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# System packages the stack and the tests need: PostgreSQL 15 server binaries,
-# redis-server, and h2load for the benchmarks. Installed with apt when we are
-# root; otherwise we say what to install.
+# System packages the stack and the tests need: PostgreSQL 15 server binaries
+# and redis-server; with the argument `bench`, also h2load for the benchmarks.
+# Installed with apt when we are root; otherwise we say what to install.
 set -euo pipefail
 
 missing=()
 [ -x "${PG_BIN:-/usr/lib/postgresql/15/bin}/postgres" ] || missing+=(postgresql-15)
 command -v redis-server >/dev/null || missing+=(redis-server)
-command -v h2load >/dev/null || missing+=(nghttp2-client)
+if [ "${1:-}" = bench ]; then
+  command -v h2load >/dev/null || missing+=(nghttp2-client)
+fi
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
