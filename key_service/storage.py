@@ -169,6 +169,15 @@ class UsageDelta:
     last_used_at: datetime
 
 
+# Revoking one key or all of a device's keys: the same change, different rows.
+# A key retiring at a future time (rotation grace) counts as not yet revoked.
+_REVOKE = (
+    "UPDATE device_api_keys SET revoked_at = %(now)s, revocation_reason = %(reason)s, "
+    "is_active = false, updated_at = %(now)s"
+)
+_NOT_YET_REVOKED = "(revoked_at IS NULL OR revoked_at > %(now)s)"
+
+
 class KeyStore:
     """device_api_keys and api_key_audit_events."""
 
@@ -269,10 +278,7 @@ class KeyStore:
         async with self._transaction() as conn:
             cur = conn.cursor(row_factory=class_row(ApiKeyRow))
             await cur.execute(
-                "UPDATE device_api_keys SET revoked_at = %(now)s, revocation_reason = %(reason)s, "
-                "is_active = false, updated_at = %(now)s "
-                "WHERE id = %(id)s AND (revoked_at IS NULL OR revoked_at > %(now)s) "
-                f"RETURNING {KEY_COLUMNS}",
+                f"{_REVOKE} WHERE id = %(id)s AND {_NOT_YET_REVOKED} RETURNING {KEY_COLUMNS}",
                 {"id": key_id, "now": now, "reason": audit.reason},
             )
             row = await cur.fetchone()
@@ -336,9 +342,7 @@ class KeyStore:
         async with self._transaction() as conn:
             cur = conn.cursor(row_factory=class_row(ApiKeyRow))
             await cur.execute(
-                "UPDATE device_api_keys SET revoked_at = %(now)s, revocation_reason = %(reason)s, "
-                "is_active = false, updated_at = %(now)s "
-                "WHERE device_id = %(device)s AND (revoked_at IS NULL OR revoked_at > %(now)s) "
+                f"{_REVOKE} WHERE device_id = %(device)s AND {_NOT_YET_REVOKED} "
                 f"RETURNING {KEY_COLUMNS}",
                 {"device": device_id, "now": now, "reason": audit.reason},
             )
