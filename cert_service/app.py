@@ -20,7 +20,8 @@ from myl.cert.v1 import cert_pb2_grpc
 from shared.cache import Cache
 from shared.clock import Clock, SystemClock
 from shared.config import ConfigError
-from shared.db import DatabaseUnavailable, Pool, open_pool, record_pool_stats
+from shared.db import Database, DatabaseUnavailable, open_database
+from shared.invalidation import CacheGuard
 from shared.logging import configure_logging, get_logger
 from shared.server import GrpcServer
 
@@ -36,15 +37,15 @@ class CertApp:
         self,
         config: CertServiceConfig,
         clock: Clock,
-        pool: Pool,
+        db: Database,
         cache: Cache,
         issuer: Issuer,
     ) -> None:
         self.config = config
         self.clock = clock
-        self.pool = pool
+        self.db = db
         self.cache = cache
-        self.store = CertificateStore(pool)
+        self.store = CertificateStore(db)
         certificate_cache = CertificateCache(cache, config.cache_ttl, config.negative_cache_ttl)
         self.access = AccessRecorder(self.store, clock)
         self.outbox = OutboxRelay(
@@ -74,6 +75,14 @@ class CertApp:
             clock,
             config.cert_validity_days,
         )
+        redis_config = config.server.redis
+        self.guard = CacheGuard(
+            cache,
+            self.certificates.drain_invalidations,
+            interval=redis_config.invalidation_interval,
+            retry_interval=redis_config.breaker_reset,
+        )
+        certificate_cache.invalidation_failed = self.guard.poke
         servicer = CertificateServicer(
             self.certificates, config.dns_zone, config.cert_validity_days
         )
@@ -97,15 +106,20 @@ class CertApp:
 
     async def start(self) -> int:
         """Listen, start the workers; returns the bound port."""
+        # Apply the invalidation log before the first request (see shared/invalidation.py).
+        await self.guard.sync()
         port = await self.grpc.start()
         self._started = True
         self._spawn(self.outbox.run, "outbox relay")
-        if self.config.access_flush_interval > 0:
-            interval = self.config.access_flush_interval
-            self._spawn(lambda: self.access.run(interval), "access flush")
-        if self.config.lifecycle_interval > 0:
-            interval = self.config.lifecycle_interval
-            self._spawn(lambda: self.lifecycle.run(interval), "lifecycle")
+        self.guard.start()
+        # Each worker gets its own interval bound now (a closure over one shared local
+        # would see only the last value assigned to it).
+        access_interval = self.config.access_flush_interval
+        if access_interval > 0:
+            self._spawn(lambda: self.access.run(access_interval), "access flush")
+        lifecycle_interval = self.config.lifecycle_interval
+        if lifecycle_interval > 0:
+            self._spawn(lambda: self.lifecycle.run(lifecycle_interval), "lifecycle")
         self._spawn(self._observe_pool, "pool stats")
         return port
 
@@ -122,7 +136,7 @@ class CertApp:
 
     async def _observe_pool(self) -> None:
         while True:
-            record_pool_stats(self.pool, SERVICE)
+            self.db.record_stats()
             await asyncio.sleep(_POOL_STATS_INTERVAL)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -142,9 +156,10 @@ class CertApp:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.guard.stop()
         await self.access.flush()
         await self.outbox.close()
-        await self.pool.close()
+        await self.db.close()
         await self.cache.close()
 
 
@@ -155,9 +170,9 @@ async def create_app(config: CertServiceConfig, *, clock: Clock | None = None) -
     PostgreSQL cannot be reached.
     """
     issuer = LocalCertificateAuthority.from_files(config.ca_cert_file, config.ca_key_file)
-    pool = await open_pool(config.server.database, SERVICE)
+    db = await open_database(config.server.database, SERVICE)
     cache = Cache.from_config(config.server.redis)
-    return CertApp(config, clock or SystemClock(), pool, cache, issuer)
+    return CertApp(config, clock or SystemClock(), db, cache, issuer)
 
 
 async def _serve(config: CertServiceConfig) -> int:

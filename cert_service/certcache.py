@@ -17,14 +17,15 @@ and a revoked certificate would be served as active for an hour. So:
   (replacing a cached NOT_FOUND), unless a fence is there: a later change of the same device
   already happened, and its fence must stand.
 
-When Redis does not answer, the fence falls back to the shared layer's delete, which is replayed
-as soon as Redis answers again. Reads then simply go to PostgreSQL.
+Every change also logs its invalidation in PostgreSQL, in the same statement
+(`shared.invalidation`). When Redis does not take the fence, the cache is distrusted at once
+(reads go to PostgreSQL) until a guard has applied the log; the guard fences every logged key.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import redis.asyncio as aioredis
@@ -79,6 +80,8 @@ class CertificateCache:
         self.ttl_ms = max(1, int(ttl * 1000))
         self.negative_ttl_ms = int(negative_ttl * 1000)
         self.fence_ms = int(FENCE_TTL * 1000)
+        # Called when a change could not be fenced (the guard then drains the log).
+        self.invalidation_failed: Callable[[], None] = lambda: None
         self._publisher: Coalescer[tuple[bytes, Sequence[str]], None] = Coalescer(
             self._publish_batch, max_in_flight=_PUBLISH_IN_FLIGHT, max_batch=_PUBLISH_BATCH
         )
@@ -148,13 +151,32 @@ class CertificateCache:
             await self.cache.delete(*(key for _, keys in items for key in keys))
         return [None] * len(items)
 
-    async def invalidate(self, *keys: str) -> None:
-        """Fence `keys` after a change (see the module docstring)."""
+    async def invalidate(self, *keys: str) -> bool:
+        """Fence `keys` after a change (see the module docstring); False when Redis did not
+        take it: the cache is then distrusted at once, and the change's logged invalidation
+        is applied by the guard when Redis answers (`shared.invalidation`)."""
+        if await self.cache.pipeline(self._fences(keys), default=()):
+            return True
+        self.cache.breaker.trip()
+        self.invalidation_failed()
+        return False
+
+    async def fence_now(self, keys: Sequence[str]) -> None:
+        """Fence `keys` whatever the circuit says; raises `CacheUnavailable` on failure."""
+        queue = self._fences(keys)
+
+        async def write(client: aioredis.Redis) -> None:
+            pipe = client.pipeline(transaction=False)
+            queue(pipe)
+            await pipe.execute()
+
+        await self.cache.apply(write)
+
+    def _fences(self, keys: Sequence[str]) -> Callable[[Pipeline], None]:
+        fence_ms = self.fence_ms
 
         def fence(pipe: Pipeline) -> None:
             for key in keys:
-                pipe.set(key, _FENCE, px=self.fence_ms)
+                pipe.set(key, _FENCE, px=fence_ms)
 
-        if not await self.cache.pipeline(fence, default=()):
-            for key in keys:
-                await self.cache.delete(key)
+        return fence

@@ -7,6 +7,7 @@ done inline and never while a database connection is held.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable
@@ -58,6 +59,7 @@ _ATTEMPTS: Final = 3
 # many certificates.
 _INSERTS_IN_FLIGHT: Final = 1
 _INSERT_BATCH: Final = 64
+_DRAIN_BATCH: Final = 500
 
 
 def truthful_status(certificate: cert_pb2.Certificate, now_seconds: int) -> cert_pb2.Certificate:
@@ -274,9 +276,10 @@ class DeviceCertificates:
                 CSR_UNCHANGED if csr_pem is None else csr_pem,
                 occasion="renew",
             )
-            record = await self.store.replace_certificate(source, new, now)
-            if record is not None:
-                await self._changed(record.device_id, record.uuid_subdomain)
+            replaced = await self.store.replace_certificate(source, new, now)
+            if replaced is not None:
+                record, invalidation = replaced
+                await self._changed(record.device_id, record.uuid_subdomain, invalidation)
                 log.info("certificate renewed", device_id=device_id, serial=new.serial_number)
                 return record.to_pb(now)
         raise DomainError(
@@ -312,11 +315,11 @@ class DeviceCertificates:
     async def revoke(self, device_id: str, reason: str) -> cert_pb2.Certificate:
         """Revoke the current certificate; revoking a revoked one returns it unchanged."""
         now = self.clock.now()
-        record, changed = await self.store.revoke(device_id, reason, now)
+        record, invalidation = await self.store.revoke(device_id, reason, now)
         if record is None:
             raise _not_found(device_id=device_id)
-        if changed:
-            await self._changed(record.device_id, record.uuid_subdomain)
+        if invalidation is not None:
+            await self._changed(record.device_id, record.uuid_subdomain, invalidation)
             log.info("certificate revoked", device_id=device_id, reason=reason)
         return record.to_pb(now)
 
@@ -327,13 +330,35 @@ class DeviceCertificates:
         deleted = await self.store.delete_device(device_id, now, self.outbox.lease_until(now))
         if deleted is None:
             raise _not_found(device_id=device_id)
-        fqdn, event = deleted
-        await self._changed(device_id, fqdn)
+        fqdn, event, invalidation = deleted
+        await self._changed(device_id, fqdn, invalidation)
         log.info("device deleted", device_id=device_id, uuid_subdomain=fqdn)
         await self.outbox.try_deliver(event)
 
-    async def _changed(self, device_id: str, fqdn: str) -> None:
-        await self.cache.invalidate(certcache.device_key(device_id), certcache.name_key(fqdn))
+    async def _changed(self, device_id: str, fqdn: str, invalidation: int) -> None:
+        """Fence the changed certificate's entries, then forget the logged invalidation."""
+        if await self.cache.invalidate(certcache.device_key(device_id), certcache.name_key(fqdn)):
+            # Fenced already: should the delete fail, a guard's pass deletes the row.
+            with contextlib.suppress(DomainError):
+                await self.store.acknowledge_invalidations([invalidation])
+
+    async def drain_invalidations(self) -> int:
+        """Fence every certificate in the invalidation log, then delete its rows."""
+        applied = 0
+        while True:
+            pending = await self.store.pending_invalidations(_DRAIN_BATCH)
+            if not pending:
+                return applied
+            keys = [
+                key
+                for _, device_id, fqdn in pending
+                for key in (certcache.device_key(device_id), certcache.name_key(fqdn))
+            ]
+            await self.cache.fence_now(keys)
+            await self.store.acknowledge_invalidations([ident for ident, _, _ in pending])
+            applied += len(pending)
+            if len(pending) < _DRAIN_BATCH:
+                return applied
 
 
 def _seconds(now: datetime) -> int:

@@ -28,7 +28,7 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
 from myl.cert.v1 import cert_pb2
-from shared.db import Pool
+from shared.db import Database
 
 STATUS_TO_PB: Final = {
     "active": cert_pb2.CERTIFICATE_STATUS_ACTIVE,
@@ -58,6 +58,15 @@ _COLUMNS: Final = """device_id, uuid_subdomain, certificate_type, status,
     certificate_data->>'public_key_sha256', certificate_data->>'issuer',
     certificate_data->'dns_names', issued_at, expires_at, auto_renewal, renewal_count,
     revoked_at, revocation_reason, last_accessed_at, access_count, created_at, updated_at"""
+
+
+# The CTE that logs a cache invalidation for the rows of a `changed` CTE (its last
+# parameter is the time); the statement then selects `changed.*, logged.id`.
+_LOG_CHANGED: Final = """logged AS (
+                    INSERT INTO certificate_cache_invalidations
+                        (device_id, uuid_subdomain, created_at)
+                    SELECT device_id, uuid_subdomain, %s FROM changed RETURNING id
+                )"""
 
 
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
@@ -225,19 +234,18 @@ class ListQuery:
 class CertificateStore:
     """SQL for device_certificates and device_events_outbox."""
 
-    def __init__(self, pool: Pool) -> None:
-        self.pool = pool
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[AsyncConnection[TupleRow]]:
-        conn = await self.pool.getconn()
-        try:
+    async def connection(self, *, watched: bool = True) -> AsyncIterator[AsyncConnection[TupleRow]]:
+        """An autocommit connection; UNAVAILABLE at once while the database is unreachable
+        (`shared.db.Database`). `watched=False` for background work that holds it long."""
+        async with self.db.connection(watched=watched) as conn:
             if not conn.autocommit:
                 await conn.set_autocommit(True)
                 conn.prepare_threshold = 0
             yield conn
-        finally:
-            await self.pool.putconn(conn)
 
     # -- certificates -------------------------------------------------------------------------
 
@@ -417,24 +425,28 @@ class CertificateStore:
         source: RenewalSource,
         certificate: NewCertificate,
         now: datetime,
-    ) -> CertificateRecord | None:
+    ) -> tuple[CertificateRecord, int] | None:
         """Store a renewed certificate, active again; None when the row changed since `source`
-        was read (renewed, revoked, expired or deleted meanwhile).
+        was read (renewed, revoked, expired or deleted meanwhile). Returns the record and the
+        id of the cache invalidation logged with it.
 
         The CSR recorded in certificate_data is kept unless `certificate.data` brings a new one.
         """
         async with self.connection() as conn:
             cur = await conn.execute(
                 f"""
-                UPDATE device_certificates SET
-                    certificate_data =
-                        jsonb_build_object('csr_pem', certificate_data->'csr_pem') || %s,
-                    serial_number = %s, fingerprint_sha256 = %s,
-                    issued_at = %s, expires_at = %s, status = 'active',
-                    revoked_at = NULL, revocation_reason = NULL,
-                    renewal_count = renewal_count + 1, updated_at = %s
-                WHERE device_id = %s AND serial_number = %s AND status = %s
-                RETURNING {_COLUMNS}
+                WITH changed AS (
+                    UPDATE device_certificates SET
+                        certificate_data =
+                            jsonb_build_object('csr_pem', certificate_data->'csr_pem') || %s,
+                        serial_number = %s, fingerprint_sha256 = %s,
+                        issued_at = %s, expires_at = %s, status = 'active',
+                        revoked_at = NULL, revocation_reason = NULL,
+                        renewal_count = renewal_count + 1, updated_at = %s
+                    WHERE device_id = %s AND serial_number = %s AND status = %s
+                    RETURNING {_COLUMNS}
+                ), {_LOG_CHANGED}
+                SELECT changed.*, logged.id FROM changed, logged
                 """,
                 (
                     Jsonb(certificate.data),
@@ -446,45 +458,53 @@ class CertificateStore:
                     source.device_id,
                     source.serial_number,
                     source.status,
+                    now,
                 ),
                 binary=True,
             )
             row = await cur.fetchone()
-        return None if row is None else _record(row)
+        return None if row is None else (_record(row[:-1]), row[-1])
 
     async def revoke(
         self, device_id: str, reason: str, now: datetime
-    ) -> tuple[CertificateRecord | None, bool]:
-        """Revoke; returns (the row, whether this call revoked it). (None, False): no row."""
+    ) -> tuple[CertificateRecord | None, int | None]:
+        """Revoke; returns the row and, when this call revoked it, the id of the cache
+        invalidation logged with it. (None, None): no row."""
         async with self.connection() as conn:
             cur = await conn.execute(
                 f"""
-                UPDATE device_certificates
-                SET status = 'revoked', revoked_at = %s, revocation_reason = %s, updated_at = %s
-                WHERE device_id = %s AND status <> 'revoked'
-                RETURNING {_COLUMNS}
+                WITH changed AS (
+                    UPDATE device_certificates
+                    SET status = 'revoked', revoked_at = %s, revocation_reason = %s,
+                        updated_at = %s
+                    WHERE device_id = %s AND status <> 'revoked'
+                    RETURNING {_COLUMNS}
+                ), {_LOG_CHANGED}
+                SELECT changed.*, logged.id FROM changed, logged
                 """,
-                (now, reason, now, device_id),
+                (now, reason, now, device_id, now),
                 binary=True,
             )
             row = await cur.fetchone()
             if row is not None:
-                return _record(row), True
+                return _record(row[:-1]), row[-1]
             cur = await conn.execute(
                 f"SELECT {_COLUMNS} FROM device_certificates WHERE device_id = %s",
                 (device_id,),
                 binary=True,
             )
             row = await cur.fetchone()
-        return (None if row is None else _record(row)), False
+        return (None if row is None else _record(row)), None
 
     async def delete_device(
         self, device_id: str, now: datetime, lease_until: datetime
-    ) -> tuple[str, OutboxEvent] | None:
-        """Delete the device's row and queue its 'device_deleted' event atomically.
+    ) -> tuple[str, OutboxEvent, int] | None:
+        """Delete the device's row, queue its 'device_deleted' event and log the cache
+        invalidation, atomically.
 
-        Returns the freed subdomain and the event (already counted as attempt 1 and leased
-        to the caller until `lease_until`), or None when the device does not exist.
+        Returns the freed subdomain, the event (already counted as attempt 1 and leased to the
+        caller until `lease_until`) and the invalidation's id, or None when the device does
+        not exist.
         """
         async with self.connection() as conn:
             cur = await conn.execute(
@@ -497,17 +517,21 @@ class CertificateStore:
                         (device_id, event_type, created_at, attempts, next_attempt_at)
                     SELECT device_id, 'device_deleted', %s, 1, %s FROM deleted
                     RETURNING device_id, id, event_type, attempts
+                ), logged AS (
+                    INSERT INTO certificate_cache_invalidations
+                        (device_id, uuid_subdomain, created_at)
+                    SELECT device_id, uuid_subdomain, %s FROM deleted RETURNING id
                 )
                 SELECT deleted.uuid_subdomain, event.device_id, event.id, event.event_type,
-                       event.attempts
-                FROM deleted JOIN event USING (device_id)
+                       event.attempts, logged.id
+                FROM deleted JOIN event USING (device_id), logged
                 """,
-                (device_id, now, lease_until),
+                (device_id, now, lease_until, now),
             )
             row = await cur.fetchone()
         if row is None:
             return None
-        return row[0], OutboxEvent(*row[1:])
+        return row[0], OutboxEvent(*row[1:5]), row[5]
 
     async def flush_access(
         self, device_ids: Sequence[str], counts: Sequence[int], times: Sequence[datetime]
@@ -555,7 +579,7 @@ class CertificateStore:
         Yields inside a transaction; rows locked by another replica are skipped. Store the
         results with `store_renewals` on the yielded connection before the block ends.
         """
-        async with self.connection() as conn, conn.transaction():
+        async with self.connection(watched=False) as conn, conn.transaction():
             cur = await conn.execute(
                 """
                 SELECT device_id, uuid_subdomain, certificate_type, status, serial_number,
@@ -613,6 +637,29 @@ class CertificateStore:
                 "UPDATE device_certificates SET auto_renewal = false, updated_at = %s "
                 "WHERE device_id = ANY(%s::text[])",
                 (now, list(failed)),
+            )
+
+    # -- the durable cache invalidation log (shared/invalidation.py) -------------------------
+
+    async def pending_invalidations(self, limit: int) -> list[tuple[int, str, str]]:
+        """The oldest logged invalidations: (id, device_id, uuid_subdomain)."""
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, device_id, uuid_subdomain FROM certificate_cache_invalidations "
+                "ORDER BY id LIMIT %s",
+                (limit,),
+            )
+            rows = await cur.fetchall()
+        return [(ident, device, name) for ident, device, name in rows]
+
+    async def acknowledge_invalidations(self, ids: Sequence[int]) -> None:
+        """Forget invalidations that Redis has applied."""
+        if not ids:
+            return
+        async with self.connection() as conn:
+            await conn.execute(
+                "DELETE FROM certificate_cache_invalidations WHERE id = ANY(%s::bigint[])",
+                (list(ids),),
             )
 
     # -- outbox -------------------------------------------------------------------------------

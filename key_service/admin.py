@@ -19,7 +19,7 @@ from key_service.config import SERVICE, KeyServiceConfig
 from key_service.storage import ACTION_CREATE, ApiKeyRow, AuditEntry, KeyStore, NewKeyRow
 from shared.clock import Clock, SystemClock
 from shared.config import ConfigError
-from shared.db import DatabaseUnavailable, open_pool
+from shared.db import DatabaseUnavailable, open_database
 from shared.errors import DomainError, invalid_argument
 
 ACTOR = "operator-cli"
@@ -84,10 +84,10 @@ async def create_operator_key(
 
 async def _create(args: argparse.Namespace, config: KeyServiceConfig) -> str:
     permissions = [p for arg in args.permissions for p in arg.replace(",", " ").split() if p]
-    pool = await open_pool(config.server.database, SERVICE)
+    db = await open_database(config.server.database, SERVICE)
     try:
         plaintext, row = await create_operator_key(
-            KeyStore(pool),
+            KeyStore(db),
             config,
             permissions=permissions,
             rate_limit=args.rate_limit,
@@ -95,7 +95,7 @@ async def _create(args: argparse.Namespace, config: KeyServiceConfig) -> str:
             name=args.name,
         )
     finally:
-        await pool.close()
+        await db.close()
     print(
         f"created operator key {row.id} ({row.key_prefix}...), permissions "
         f"{','.join(row.permissions)}, {row.rate_limit}/min, expires "

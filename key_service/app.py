@@ -19,7 +19,8 @@ from myl.key.v1 import key_pb2_grpc
 from shared.cache import Cache
 from shared.clock import Clock, SystemClock
 from shared.config import ConfigError
-from shared.db import DatabaseUnavailable, Pool, open_pool
+from shared.db import Database, DatabaseUnavailable, open_database
+from shared.invalidation import CacheGuard
 from shared.logging import configure_logging, get_logger
 from shared.server import GrpcServer
 
@@ -37,26 +38,32 @@ class KeyApp:
         *,
         config: KeyServiceConfig,
         server: GrpcServer,
-        pool: Pool,
+        db: Database,
         cache: Cache,
         usage: UsageBuffer,
         devices: DeviceDirectory,
         verifier: Verifier,
         store: KeyStore,
+        guard: CacheGuard,
     ) -> None:
         self.config = config
         self.server = server
-        self.pool = pool
+        self.db = db
         self.cache = cache
         self.usage = usage
         self.devices = devices
         self.verifier = verifier
         self.store = store
+        self.guard = guard
         self.port = 0
 
     async def start(self) -> int:
+        # Apply the invalidation log before the first request, so that Redis is trusted
+        # from the start when it answers (and not before).
+        await self.guard.sync()
         self.port = await self.server.start()
         self.usage.start()
+        self.guard.start()
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -70,10 +77,10 @@ class KeyApp:
 
 async def create_app(config: KeyServiceConfig, *, clock: Clock | None = None) -> KeyApp:
     clock = clock or SystemClock()
-    pool = await open_pool(config.server.database, SERVICE)
+    db = await open_database(config.server.database, SERVICE)
     cache = Cache.from_config(config.server.redis)
     scripts = ScriptClient(config.server.redis)
-    store = KeyStore(pool)
+    store = KeyStore(db)
     usage = UsageBuffer(store, config.usage_flush_interval)
     devices = CertServiceDirectory(config.cert_service_address, config.cert_service_timeout)
     verifier = Verifier(
@@ -90,6 +97,14 @@ async def create_app(config: KeyServiceConfig, *, clock: Clock | None = None) ->
         config=config, store=store, verifier=verifier, devices=devices, clock=clock
     )
     authorization = AuthorizationServicer(verifier)
+    redis_config = config.server.redis
+    guard = CacheGuard(
+        cache,
+        verifier.drain_invalidations,
+        interval=redis_config.invalidation_interval,
+        retry_interval=redis_config.breaker_reset,
+    )
+    verifier.invalidation_failed = guard.poke
 
     server = GrpcServer(config.server)
     server.add_service(
@@ -101,19 +116,21 @@ async def create_app(config: KeyServiceConfig, *, clock: Clock | None = None) ->
     )
     # After the drain, in order: write usage, then close what it needs last.
     server.on_shutdown(usage.stop)
+    server.on_shutdown(guard.stop)
     server.on_shutdown(devices.close)
     server.on_shutdown(scripts.close)
     server.on_shutdown(cache.close)
-    server.on_shutdown(pool.close)
+    server.on_shutdown(db.close)
     return KeyApp(
         config=config,
         server=server,
-        pool=pool,
+        db=db,
         cache=cache,
         usage=usage,
         devices=devices,
         verifier=verifier,
         store=store,
+        guard=guard,
     )
 
 

@@ -16,7 +16,13 @@ does not count requests with an expired or revoked key.
 
 When Redis cannot be reached, each replica limits with `LocalLimiter`, the
 same algorithm in process memory (so the effective limit is per replica until
-Redis returns).
+Redis returns). It seeds a key it has not seen *conservatively*, as if the
+key had just used its whole burst: one request now, then the steady rate.
+Redis may have lost the key's state (a restart) or may only be out of reach
+(a hang, with the key's burst already spent there), and the replica cannot
+tell which; with this seeding a Redis restart hands a key at most one extra
+burst (the fresh state Redis starts from), never a second one from the
+fallback.
 """
 
 from __future__ import annotations
@@ -130,7 +136,11 @@ class LocalLimiter:
 
     def check(self, key: bytes, limit: int, now_us: int, apply: bool) -> Decision:
         tats = self._tats
-        new_tat, decision = gcra(tats.get(key), now_us, limit, apply)
+        tat = tats.get(key)
+        if tat is None:
+            # Burst spent but for one request (see the module docstring).
+            tat = now_us + (limit - 1) * emission_interval_us(limit)
+        new_tat, decision = gcra(tat, now_us, limit, apply)
         if new_tat is not None:
             if len(tats) >= self.max_keys and key not in tats:
                 self._evict(now_us)

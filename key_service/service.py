@@ -26,6 +26,7 @@ from key_service.storage import (
     ACTION_REVOKE,
     ApiKeyRow,
     AuditEntry,
+    KeyChange,
     KeyStore,
     NewKeyRow,
 )
@@ -167,11 +168,12 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
         try:
             await self.devices.active_certificate(device_id, self.clock.now())
         except DomainError:
-            await self.store.revoke(
+            change = await self.store.revoke(
                 row.id,
                 AuditEntry(ACTION_REVOKE, "key_service", "device deleted while the key was issued"),
                 self.clock.now(),
             )
+            await self.verifier.publish(change)
             raise
         return key_pb2.GenerateApiKeyResponse(api_key=new_key.plaintext, key=row.to_pb(now))
 
@@ -282,7 +284,7 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
             assert old is not None  # keys are never deleted
             _require_rotatable(old, now)
             lifetime = min(old.expires_at - old.created_at, self.max_ttl)
-            retired, created = await self.store.finish_rotation(
+            retired, created, invalidations = await self.store.finish_rotation(
                 conn,
                 old,
                 NewKeyRow(
@@ -302,7 +304,7 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
                 actor=actor_of(caller, metadata),
                 now=now,
             )
-        await self.verifier.publish([retired])
+        await self.verifier.publish(KeyChange([retired], invalidations))
         return key_pb2.RotateApiKeyResponse(
             api_key=new_key.plaintext, key=created.to_pb(now), previous_key=retired.to_pb(now)
         )
@@ -316,11 +318,11 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
         caller = caller_from_metadata(metadata)
         await self._load(key_id, caller)
         now = self.clock.now()
-        row, _changed = await self.store.revoke(
+        change = await self.store.revoke(
             key_id, AuditEntry(ACTION_REVOKE, actor_of(caller, metadata), reason), now
         )
-        assert row is not None  # keys are never deleted
-        await self.verifier.publish([row])
+        row = change.rows[0]  # keys are never deleted
+        await self.verifier.publish(change)
         return key_pb2.RevokeApiKeyResponse(key=row.to_pb(now))
 
     async def RevokeDeviceApiKeys(
@@ -336,11 +338,11 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
         if cascade and actor == "internal":
             actor = CASCADE_ACTOR
         action = ACTION_CASCADE_REVOKE if cascade else ACTION_REVOKE
-        rows = await self.store.revoke_device(
+        change = await self.store.revoke_device(
             device_id, AuditEntry(action, actor, reason), self.clock.now()
         )
-        await self.verifier.publish(rows)
-        return key_pb2.RevokeDeviceApiKeysResponse(revoked_count=len(rows))
+        await self.verifier.publish(change)
+        return key_pb2.RevokeDeviceApiKeysResponse(revoked_count=len(change.rows))
 
     # -- helpers -------------------------------------------------------------
 

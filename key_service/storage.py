@@ -3,7 +3,7 @@
 Tables: `device_api_keys` (migration 0001) and the append-only
 `api_key_audit_events` (0002). Every change to a key writes its audit row in
 the same transaction. A database that cannot be reached becomes UNAVAILABLE,
-never INTERNAL.
+never INTERNAL (`shared.db.Database`).
 """
 
 from __future__ import annotations
@@ -15,17 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
-import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow, class_row
-from psycopg_pool import PoolTimeout
 
 from myl.key.v1 import key_pb2
-from shared.db import Pool
-from shared.errors import unavailable
-from shared.logging import get_logger
-
-log = get_logger(__name__)
+from shared.db import Database
 
 Connection = AsyncConnection[TupleRow]
 
@@ -156,6 +150,15 @@ class NewKeyRow:
 
 
 @dataclass(frozen=True)
+class KeyChange:
+    """Keys a change touched, and the invalidations it logged for them."""
+
+    rows: list[ApiKeyRow]
+    invalidations: list[int]
+    changed: bool = True
+
+
+@dataclass(frozen=True)
 class AuditEntry:
     action: str
     actor: str
@@ -181,17 +184,14 @@ _NOT_YET_REVOKED = "(revoked_at IS NULL OR revoked_at > %(now)s)"
 class KeyStore:
     """device_api_keys and api_key_audit_events."""
 
-    def __init__(self, pool: Pool) -> None:
-        self.pool = pool
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Connection]:
-        try:
-            async with self.pool.connection() as conn, conn.transaction():
-                yield conn
-        except (psycopg.OperationalError, PoolTimeout) as exc:
-            log.warning("database unavailable", error=type(exc).__name__)
-            raise unavailable("the key database is unavailable", "DATABASE_UNAVAILABLE") from exc
+    async def _transaction(self, *, watched: bool = True) -> AsyncIterator[Connection]:
+        """One transaction; UNAVAILABLE (never INTERNAL) when the database is unreachable."""
+        async with self.db.connection(watched=watched) as conn, conn.transaction():
+            yield conn
 
     # -- reads ---------------------------------------------------------------
 
@@ -270,11 +270,9 @@ class KeyStore:
             await self._audit(conn, [row], audit, now)
             return row
 
-    async def revoke(
-        self, key_id: uuid.UUID, audit: AuditEntry, now: datetime
-    ) -> tuple[ApiKeyRow | None, bool]:
-        """Revoke one key now. Returns the row and whether it changed (False if
-        it was revoked already); (None, False) when there is no such key."""
+    async def revoke(self, key_id: uuid.UUID, audit: AuditEntry, now: datetime) -> KeyChange:
+        """Revoke one key now. `changed` is False if it was revoked already; `rows` is
+        empty when there is no such key."""
         async with self._transaction() as conn:
             cur = conn.cursor(row_factory=class_row(ApiKeyRow))
             await cur.execute(
@@ -284,9 +282,10 @@ class KeyStore:
             row = await cur.fetchone()
             if row is not None:
                 await self._audit(conn, [row], audit, now)
-                return row, True
+                return KeyChange([row], await self._log_invalidations(conn, [row], now))
             await cur.execute(f"SELECT {KEY_COLUMNS} FROM device_api_keys WHERE id = %s", (key_id,))
-            return await cur.fetchone(), False
+            current = await cur.fetchone()
+            return KeyChange([] if current is None else [current], [], changed=False)
 
     async def lock_for_rotation(self, conn: Connection, key_id: uuid.UUID) -> ApiKeyRow | None:
         cur = conn.cursor(row_factory=class_row(ApiKeyRow))
@@ -310,8 +309,9 @@ class KeyStore:
         retire_at: datetime,
         actor: str,
         now: datetime,
-    ) -> tuple[ApiKeyRow, ApiKeyRow]:
-        """Insert the new key, schedule (or do) the old key's revocation, audit both."""
+    ) -> tuple[ApiKeyRow, ApiKeyRow, list[int]]:
+        """Insert the new key, schedule (or do) the old key's revocation, audit both; returns
+        the retired and the new key and the invalidation logged for the retired one."""
         cur = conn.cursor(row_factory=class_row(ApiKeyRow))
         await cur.execute(
             "UPDATE device_api_keys SET revoked_at = %(at)s, "
@@ -333,11 +333,9 @@ class KeyStore:
         await self._audit(
             conn, [created], AuditEntry(ACTION_CREATE, actor, f"rotation of {old.id}"), now
         )
-        return retired, created
+        return retired, created, await self._log_invalidations(conn, [retired], now)
 
-    async def revoke_device(
-        self, device_id: str, audit: AuditEntry, now: datetime
-    ) -> list[ApiKeyRow]:
+    async def revoke_device(self, device_id: str, audit: AuditEntry, now: datetime) -> KeyChange:
         """Revoke every key of the device that is not revoked yet; returns them."""
         async with self._transaction() as conn:
             cur = conn.cursor(row_factory=class_row(ApiKeyRow))
@@ -348,7 +346,43 @@ class KeyStore:
             )
             rows = await cur.fetchall()
             await self._audit(conn, rows, audit, now)
-            return rows
+            return KeyChange(rows, await self._log_invalidations(conn, rows, now))
+
+    # -- the durable invalidation log (shared/invalidation.py) -----------------------------
+
+    async def _log_invalidations(
+        self, conn: Connection, rows: Sequence[ApiKeyRow], now: datetime
+    ) -> list[int]:
+        if not rows:
+            return []
+        cur = await conn.execute(
+            "INSERT INTO api_key_cache_invalidations (key_hash, created_at) "
+            "SELECT h, %s FROM unnest(%s::bytea[]) AS u(h) RETURNING id",
+            (now, [r.key_hash for r in rows]),
+        )
+        return [row[0] for row in await cur.fetchall()]
+
+    async def pending_invalidations(self, limit: int) -> list[tuple[int, ApiKeyRow]]:
+        """The oldest logged invalidations, each with the key's current row."""
+        async with self._transaction() as conn:
+            cur = await conn.execute(
+                f"SELECT i.id, {', '.join('k.' + c for c in KEY_COLUMNS.split(', '))} "
+                "FROM api_key_cache_invalidations AS i "
+                "JOIN device_api_keys AS k ON k.key_hash = i.key_hash "
+                "ORDER BY i.id LIMIT %s",
+                (limit,),
+            )
+            rows = await cur.fetchall()
+        return [(row[0], ApiKeyRow(*row[1:])) for row in rows]
+
+    async def acknowledge_invalidations(self, ids: Sequence[int]) -> None:
+        """Forget invalidations that Redis has applied."""
+        if not ids:
+            return
+        async with self._transaction() as conn:
+            await conn.execute(
+                "DELETE FROM api_key_cache_invalidations WHERE id = ANY(%s::bigint[])", (list(ids),)
+            )
 
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
         """One statement for the whole batch."""
@@ -369,7 +403,7 @@ class KeyStore:
 
     async def bulk_load(self, rows: Sequence[NewKeyRow], now: datetime) -> None:
         """COPY many keys at once (benchmark and test setup)."""
-        async with self._transaction() as conn:
+        async with self._transaction(watched=False) as conn:
             cur = conn.cursor()
             async with cur.copy(
                 "COPY device_api_keys (id, device_id, key_hash, key_prefix, device_name, "

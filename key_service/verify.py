@@ -23,19 +23,24 @@ name (the SHA-256 hash) already says.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from key_service import keyformat
 from key_service.permissions import ADMIN
 from key_service.ratelimit import POPULATE_SCRIPT, VERIFY_SCRIPT, Decision, LocalLimiter
 from key_service.scriptclient import Script, ScriptClient
-from key_service.storage import ApiKeyRow, KeyStore
+from key_service.storage import ApiKeyRow, KeyChange, KeyStore
 from key_service.usage import UsageBuffer
 from myl.key.v1 import key_pb2
 from shared.cache import Cache
 from shared.clock import Clock, micros_source, to_micros
+from shared.errors import DomainError
 from shared.metrics import CACHE_RESULTS
 
 VALID: Final = key_pb2.VERIFY_RESULT_VALID
@@ -50,6 +55,26 @@ VERIFY: Final = Script(VERIFY_SCRIPT)
 POPULATE: Final = Script(POPULATE_SCRIPT)
 _NAMESPACE: Final = "myl:key:{"
 _MEMO_LIMIT: Final = 50_000
+_DRAIN_BATCH: Final = 500
+
+# Publishes a changed key's record. KEYS[1]: the record; ARGV[1]: the new record, ARGV[2]:
+# its TTL in ms. A key's record only ever becomes usable for a shorter time (revocation and
+# rotation move `usable_until` earlier, nothing moves it later), so a record already cached
+# that is usable for less time than the new one is newer, and stays.
+PUBLISH_SCRIPT: Final = """
+local new = ARGV[1]
+local current = redis.call('GET', KEYS[1])
+if current then
+  local h = string.find(current, '|', 1, true)
+  if h then
+    local current_until = tonumber(string.sub(current, 1, h - 1))
+    local new_until = tonumber(string.sub(new, 1, string.find(new, '|', 1, true) - 1))
+    if current_until < new_until then return 0 end
+  end
+end
+redis.call('SET', KEYS[1], new, 'PX', ARGV[2])
+return 1
+"""
 
 
 class _RedisAway:
@@ -156,6 +181,8 @@ class Verifier:
         self.local_limiter = local_limiter
         self.scripts = scripts
         self._memo: dict[bytes, KeyRecord | None] = {}
+        # Called when a change could not be written to Redis (the guard then drains the log).
+        self.invalidation_failed: Callable[[], None] = lambda: None
         self._hits = CACHE_RESULTS.labels("api_key", "hit")
         self._misses = CACHE_RESULTS.labels("api_key", "miss")
         self._negative_hits = CACHE_RESULTS.labels("api_key", "negative_hit")
@@ -255,15 +282,56 @@ class Verifier:
         memo[raw] = record
         return record
 
-    async def publish(self, rows: Sequence[ApiKeyRow]) -> None:
-        """Overwrite the cached records of changed keys (revocation, rotation).
+    async def publish(self, change: KeyChange) -> None:
+        """Write the records of changed keys (revocation, rotation) to Redis, then forget
+        their logged invalidations.
 
-        Called before the change is reported, so every replica sees it on its
-        next verify. Writing the new record (rather than deleting) also keeps
-        a verify that read the old row from putting it back: it stores with
-        NX. With Redis away, the invalidation is queued and replayed.
+        Called before the change is reported, so every replica sees it on its next verify.
+        Writing the new record (rather than deleting) keeps a verify that read the old row
+        from putting it back (it stores with NX), and `PUBLISH_SCRIPT` never replaces a
+        record with one that is usable for longer, so the order in which replicas publish
+        does not matter. If Redis does not take it, the invalidation stays in the log, the
+        cache is distrusted at once, and the guard applies the log when Redis answers.
         """
-        for row in rows:
-            key = record_key(row.key_hash)
-            if not await self.cache.set(key, encode_record(row), self.cache_ttl_ms / 1000):
-                await self.cache.delete(key)
+        if not change.rows:
+            return
+        done = await self.cache.pipeline(self._queue_records(change.rows), default=())
+        if not done:
+            self.cache.breaker.trip()
+            self.invalidation_failed()
+            return
+        # Applied already: should the delete fail, the guard deletes the rows on a later pass.
+        with contextlib.suppress(DomainError):
+            await self.store.acknowledge_invalidations(change.invalidations)
+
+    def _queue_records(self, rows: Sequence[ApiKeyRow]) -> Callable[[Pipeline], None]:
+        ttl_ms = self.cache_ttl_ms
+
+        def queue(pipe: Pipeline) -> None:
+            for row in rows:
+                pipe.eval(PUBLISH_SCRIPT, 1, record_key(row.key_hash), encode_record(row), ttl_ms)
+
+        return queue
+
+    def _writer(self, rows: Sequence[ApiKeyRow]) -> Callable[[aioredis.Redis], Awaitable[None]]:
+        queue = self._queue_records(rows)
+
+        async def write(client: aioredis.Redis) -> None:
+            pipe = client.pipeline(transaction=False)
+            queue(pipe)
+            await pipe.execute()
+
+        return write
+
+    async def drain_invalidations(self) -> int:
+        """Apply every logged invalidation to Redis, then delete it (`shared.invalidation`)."""
+        applied = 0
+        while True:
+            pending = await self.store.pending_invalidations(_DRAIN_BATCH)
+            if not pending:
+                return applied
+            await self.cache.apply(self._writer([row for _, row in pending]))
+            await self.store.acknowledge_invalidations([ident for ident, _ in pending])
+            applied += len(pending)
+            if len(pending) < _DRAIN_BATCH:
+                return applied

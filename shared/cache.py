@@ -3,11 +3,14 @@
 Redis is a cache, never the source of truth. Every call goes through a circuit
 breaker: after `breaker_threshold` consecutive failures the circuit opens and
 calls answer at once (a miss for reads, nothing for writes) for
-`breaker_reset` seconds; then one call probes Redis again. A down Redis thus
-costs microseconds per call instead of a timeout.
+`breaker_reset` seconds; then exactly one call probes Redis again. A down
+Redis thus costs microseconds per call instead of a timeout.
 
-Invalidations that fail are remembered and replayed when Redis answers again,
-and every entry has a TTL, so an entry can never outlive a change for long.
+Invalidations that security depends on are not kept here but in PostgreSQL,
+in the same transaction as the change (`shared.invalidation`): a guarded cache
+is trusted only while that log has been applied, and its circuit is closed by
+the guard, never by a request. Other failed deletes are remembered in memory
+and replayed when Redis answers again; every entry has a TTL.
 
 Keys are `myl:<namespace>:{<tag>}<suffix>`: the hash tag keeps all keys of one
 entity in one Redis Cluster slot, so pipelines and scripts run unchanged on a
@@ -29,7 +32,7 @@ from redis.exceptions import RedisError
 
 from shared.config import RedisConfig
 from shared.logging import get_logger
-from shared.metrics import CIRCUIT_OPEN, REDIS_ERRORS
+from shared.metrics import CIRCUIT_OPEN, REDIS_ERRORS, REDIS_LATENCY
 
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
@@ -43,7 +46,14 @@ def cache_key(namespace: str, tag: str, suffix: str = "") -> str:
 
 
 class CircuitBreaker:
-    """Counts consecutive failures; open means "do not even try"."""
+    """Closed, open, or half-open with exactly one probe in flight.
+
+    Closed: every call goes to Redis; `threshold` consecutive failures open it (`trip` opens
+    it at once). Open: calls are answered without Redis. After `reset_after` seconds one call,
+    and only one, is let through as a probe (half-open): its success closes the circuit, its
+    failure re-opens it for another `reset_after`. The `myl_redis_circuit_open` gauge follows
+    the state exactly.
+    """
 
     def __init__(
         self, threshold: int, reset_after: float, clock: Callable[[], float] = time.monotonic
@@ -53,16 +63,17 @@ class CircuitBreaker:
         self.clock = clock
         self.failures = 0
         self.opened_at: float | None = None
+        self.probing = False
+        # Told when the circuit opens (the invalidation guard starts probing then).
+        self.on_trip: Callable[[], None] = lambda: None
 
     def allow(self) -> bool:
         if self.opened_at is None:
             return True
-        if self.clock() - self.opened_at >= self.reset_after:
-            # Half-open: let this call probe; a failure re-opens at once.
-            self.opened_at = None
-            self.failures = self.threshold - 1
-            return True
-        return False
+        if self.probing or self.clock() - self.opened_at < self.reset_after:
+            return False
+        self.probing = True
+        return True
 
     @property
     def is_open(self) -> bool:
@@ -70,16 +81,37 @@ class CircuitBreaker:
 
     def success(self) -> None:
         self.failures = 0
+        self.probing = False
         if self.opened_at is not None:
             self.opened_at = None
             CIRCUIT_OPEN.set(0)
+            log.info("redis circuit closed")
 
     def failure(self) -> None:
+        if self.probing:
+            self.probing = False
+            self.opened_at = self.clock()
+            return
         self.failures += 1
-        if self.failures >= self.threshold and self.opened_at is None:
+        if self.failures >= self.threshold:
+            self.trip()
+
+    def abandon(self) -> None:
+        """The probe ended without an answer (its caller was cancelled): allow another."""
+        self.probing = False
+
+    def trip(self) -> None:
+        """Open now, whatever the count."""
+        self.probing = False
+        if self.opened_at is None:
             self.opened_at = self.clock()
             CIRCUIT_OPEN.set(1)
             log.warning("redis circuit opened", failures=self.failures)
+            self.on_trip()
+
+
+class CacheUnavailable(Exception):
+    """Redis did not do what `Cache.apply` asked."""
 
 
 async def _delete_each(client: aioredis.Redis, keys: Sequence[str]) -> None:
@@ -101,6 +133,9 @@ class Cache:
         self.client = client
         self.breaker = breaker
         self._pending_deletes: set[str] = set()
+        # Set by `shared.invalidation.CacheGuard`: the circuit is then closed only by the
+        # guard, once the durable invalidation log has been applied, never by a request.
+        self.guarded = False
 
     @classmethod
     def from_config(cls, config: RedisConfig) -> Cache:
@@ -133,19 +168,41 @@ class Cache:
     async def run(self, operation: Callable[[aioredis.Redis], Awaitable[T]], default: T) -> T:
         """Run one Redis operation behind the breaker; `default` when Redis is away."""
         client = self.client
-        if client is None or not self.breaker.allow():
+        breaker = self.breaker
+        if client is None:
+            return default
+        if breaker.opened_at is not None and (self.guarded or not breaker.allow()):
             REDIS_ERRORS.labels("short_circuit").inc()
             return default
+        started = time.perf_counter()
         try:
             if self._pending_deletes:
                 await self._replay_deletes(client)
             result = await operation(client)
         except (RedisError, OSError) as exc:
-            self.breaker.failure()
+            breaker.failure()
             REDIS_ERRORS.labels(type(exc).__name__).inc()
             return default
-        self.breaker.success()
+        except BaseException:
+            breaker.abandon()
+            raise
+        REDIS_LATENCY.observe(time.perf_counter() - started)
+        if breaker.failures or breaker.probing:
+            breaker.success()
         return result
+
+    async def apply(self, operation: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+        """Run `operation` whatever the circuit says; raise `CacheUnavailable` on failure.
+
+        For the invalidation guard, which must know whether Redis really did it."""
+        client = self.client
+        if client is None:
+            raise CacheUnavailable("no Redis configured")
+        try:
+            return await operation(client)
+        except (RedisError, OSError) as exc:
+            REDIS_ERRORS.labels(type(exc).__name__).inc()
+            raise CacheUnavailable(str(exc)) from exc
 
     async def _replay_deletes(self, client: aioredis.Redis) -> None:
         keys = list(self._pending_deletes)

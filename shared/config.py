@@ -158,9 +158,12 @@ class RedisConfig:
     db: int = 0
     # A cache answer slower than this is treated as a miss.
     socket_timeout: float = 0.25
-    # Consecutive failures that open the circuit, and how long it stays open.
+    # Consecutive failures that open the circuit, and how long it stays open before one
+    # probe (for the services: before the guard tries to apply the invalidation log again).
     breaker_threshold: int = 3
-    breaker_reset: float = 2.0
+    breaker_reset: float = 0.5
+    # Every replica applies the durable invalidation log this often (shared/invalidation.py).
+    invalidation_interval: float = 1.0
     enabled: bool = True
 
     @classmethod
@@ -172,7 +175,8 @@ class RedisConfig:
             db=env.integer("REDIS_DB", 0, maximum=15),
             socket_timeout=env.number("REDIS_TIMEOUT", 0.25, minimum=0.001),
             breaker_threshold=env.integer("REDIS_BREAKER_THRESHOLD", 3, minimum=1),
-            breaker_reset=env.number("REDIS_BREAKER_RESET", 2.0, minimum=0.01),
+            breaker_reset=env.number("REDIS_BREAKER_RESET", 0.5, minimum=0.01),
+            invalidation_interval=env.number("REDIS_INVALIDATION_INTERVAL", 1.0, minimum=0.01),
             enabled=env.flag("REDIS_ENABLED", True),
         )
 

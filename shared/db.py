@@ -1,28 +1,88 @@
-"""The async PostgreSQL pool (psycopg 3), opened so that a wrong DSN fails fast."""
+"""PostgreSQL access for both services: a psycopg 3 pool that fails fast and recovers fast.
+
+`open_database` opens the pool so that a wrong DSN fails at start-up. After that, every
+request-path statement runs inside `Database.connection()`, which gives three guarantees
+while PostgreSQL is unreachable (stopped, restarting, or hung):
+
+* **Fast, retryable failure.** Once the database is known to be down, `connection()` raises
+  UNAVAILABLE (`DATABASE_UNAVAILABLE`, with a retry delay) at once, without touching the
+  network. It learns that from a connection error, from a connection that could not be had
+  within `operation_timeout`, or from a watchdog: a connection held for longer than
+  `operation_timeout` (a hung server never answers, and TCP never says so) has its socket
+  shut down, which makes psycopg raise at once in the waiting request instead of waiting for
+  its own cancellation round trips to a server that does not answer. Every such failure
+  reaches the client as UNAVAILABLE, never INTERNAL.
+* **Fast recovery.** While down, a prober connects every `probe_interval` seconds. As soon
+  as one connection works, a new pool replaces the old one (whose connections are all dead,
+  and whose own reconnect back-off can grow to many seconds), and requests flow again.
+* **Nothing committed for a caller that has gone.** Writes carry their caller's deadline into
+  SQL (see the stores); this module only guarantees the request is released promptly.
+
+Background jobs that legitimately hold a connection for long (a lifecycle batch signing
+certificates, bulk loads) pass `timeout=None` and are not watched.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Final
+
+import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from shared.config import DatabaseConfig
-from shared.metrics import POOL_SIZE
+from shared.errors import DomainError, ErrorKind
+from shared.logging import get_logger
+from shared.metrics import DB_UP, POOL_SIZE
+
+log = get_logger(__name__)
 
 Pool = AsyncConnectionPool[AsyncConnection[TupleRow]]
+Connection = AsyncConnection[TupleRow]
+
+DEFAULT_OPERATION_TIMEOUT: Final = 0.75
+DEFAULT_PROBE_INTERVAL: Final = 0.2
+_WATCH_PERIOD: Final = 0.05
+_RETRY_AFTER: Final = 1.0
+_ERRORS: Final = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """The server, or the way to it, is gone (as opposed to "this statement failed").
+
+    No SQLSTATE (the socket broke), class 08 (connection exception) or 57P (the server is
+    shutting down or starting up); a deadlock or a cancelled statement is not one."""
+    if isinstance(exc, (psycopg.InterfaceError, PoolTimeout)):
+        return True
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith(("08", "57P"))
 
 
 class DatabaseUnavailable(Exception):
     """The database could not be reached at start-up."""
 
 
-async def open_pool(config: DatabaseConfig, service: str) -> Pool:
-    """Open the pool and wait for its first connections.
+def database_unavailable(service: str) -> DomainError:
+    return DomainError(
+        ErrorKind.UNAVAILABLE,
+        f"the {service} database is unavailable; retry shortly",
+        "DATABASE_UNAVAILABLE",
+        retry_after=_RETRY_AFTER,
+    )
 
-    Raises `DatabaseUnavailable` (naming the server, never the password) when
-    no connection is made within the connect timeout.
-    """
-    pool: Pool = AsyncConnectionPool(
+
+def _new_pool(config: DatabaseConfig, service: str) -> Pool:
+    return AsyncConnectionPool(
         config.conninfo(),
         min_size=max(1, config.pool_min),
         max_size=config.pool_max,
@@ -32,6 +92,15 @@ async def open_pool(config: DatabaseConfig, service: str) -> Pool:
         name=service,
         kwargs={"autocommit": False},
     )
+
+
+async def open_pool(config: DatabaseConfig, service: str) -> Pool:
+    """Open a pool and wait for its first connections.
+
+    Raises `DatabaseUnavailable` (naming the server, never the password) when
+    no connection is made within the connect timeout.
+    """
+    pool = _new_pool(config, service)
     try:
         await pool.open(wait=True, timeout=config.connect_timeout)
     except PoolTimeout as exc:
@@ -42,6 +111,208 @@ async def open_pool(config: DatabaseConfig, service: str) -> Pool:
             "DB_PASSWORD)"
         ) from exc
     return pool
+
+
+async def open_database(
+    config: DatabaseConfig,
+    service: str,
+    *,
+    operation_timeout: float = DEFAULT_OPERATION_TIMEOUT,
+    probe_interval: float = DEFAULT_PROBE_INTERVAL,
+) -> Database:
+    pool = await open_pool(config, service)
+    return Database(
+        pool,
+        config,
+        service,
+        operation_timeout=operation_timeout,
+        probe_interval=probe_interval,
+    )
+
+
+def _shut_down_socket(conn: Connection) -> None:
+    """Make every read and write on `conn` fail now, without closing its descriptor (which
+    psycopg still owns): a request waiting on a hung server is released at once."""
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.OperationalError:
+        return
+    with contextlib.suppress(OSError):
+        duplicate = socket.socket(fileno=os.dup(fd))
+        try:
+            duplicate.shutdown(socket.SHUT_RDWR)
+        finally:
+            duplicate.close()
+
+
+class Database:
+    """The service's pool, behind fast failure and fast recovery (see the module docstring)."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        config: DatabaseConfig,
+        service: str,
+        *,
+        operation_timeout: float = DEFAULT_OPERATION_TIMEOUT,
+        probe_interval: float = DEFAULT_PROBE_INTERVAL,
+    ) -> None:
+        self.pool = pool
+        self.config = config
+        self.service = service
+        self.operation_timeout = operation_timeout
+        self.probe_interval = probe_interval
+        self.down_since: float | None = None
+        self._held: dict[int, tuple[Connection, float]] = {}
+        self._watchdog: asyncio.Task[None] | None = None
+        self._prober: asyncio.Task[None] | None = None
+        self._retired: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._up = DB_UP.labels(service)
+        self._up.set(1)
+
+    @property
+    def up(self) -> bool:
+        return self.down_since is None
+
+    @asynccontextmanager
+    async def connection(self, *, watched: bool = True) -> AsyncIterator[Connection]:
+        """A pooled connection; UNAVAILABLE at once while the database is down.
+
+        `watched`: the watchdog cuts the connection once it has been held for longer than
+        `operation_timeout` (background jobs that hold one for long pass False)."""
+        if self.down_since is not None or self._closed:
+            raise database_unavailable(self.service)
+        pool = self.pool
+        try:
+            conn = await pool.getconn(timeout=self.operation_timeout)
+        except _ERRORS as exc:
+            self.suspect(exc)
+            raise database_unavailable(self.service) from exc
+        token = id(conn)
+        if watched:
+            self._held[token] = (conn, time.monotonic() + self.operation_timeout)
+            self._ensure_watchdog()
+        try:
+            yield conn
+        except _ERRORS as exc:
+            if not is_connection_error(exc):
+                raise
+            self.suspect(exc)
+            raise database_unavailable(self.service) from exc
+        finally:
+            self._held.pop(token, None)
+            await pool.putconn(conn)
+
+    # -- detection -------------------------------------------------------------------------
+
+    def suspect(self, error: BaseException | None = None) -> None:
+        """Something failed on the way to the database: find out whether it is down."""
+        if self._closed:
+            return
+        if isinstance(error, PoolTimeout) and self.down_since is None:
+            # Perhaps only busy: down only if a fresh connection fails too.
+            self._start_prober(confirm_first=True)
+            return
+        self._mark_down(error)
+
+    def _mark_down(self, error: BaseException | None) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            self._up.set(0)
+            log.warning(
+                "database unreachable",
+                service=self.service,
+                error=type(error).__name__ if error else "timeout",
+            )
+            # Release every request still waiting on the old connections.
+            for conn, _ in list(self._held.values()):
+                _shut_down_socket(conn)
+        self._start_prober(confirm_first=False)
+
+    def _ensure_watchdog(self) -> None:
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.get_running_loop().create_task(
+                self._watch(), name=f"{self.service} db watchdog"
+            )
+
+    async def _watch(self) -> None:
+        while self._held and not self._closed:
+            await asyncio.sleep(_WATCH_PERIOD)
+            now = time.monotonic()
+            overdue = [conn for conn, deadline in self._held.values() if now > deadline]
+            if overdue:
+                for conn in overdue:
+                    _shut_down_socket(conn)
+                self._mark_down(None)
+
+    # -- recovery --------------------------------------------------------------------------
+
+    def _start_prober(self, *, confirm_first: bool) -> None:
+        if self._prober is None or self._prober.done():
+            self._prober = asyncio.get_running_loop().create_task(
+                self._probe(confirm_first), name=f"{self.service} db prober"
+            )
+
+    async def _probe(self, confirm_first: bool) -> None:
+        if confirm_first:
+            if await self._reachable():
+                return
+            self._mark_down(None)
+        while self.down_since is not None and not self._closed:
+            if await self._reachable():
+                await self._replace_pool()
+                return
+            await asyncio.sleep(self.probe_interval)
+
+    async def _reachable(self) -> bool:
+        budget = max(1.0, self.config.connect_timeout)
+        try:
+            async with asyncio.timeout(budget):
+                conn = await psycopg.AsyncConnection.connect(
+                    self.config.conninfo(), autocommit=True
+                )
+                try:
+                    await conn.execute("SELECT 1")
+                finally:
+                    await conn.close()
+        except (TimeoutError, psycopg.Error, OSError):
+            return False
+        return True
+
+    async def _replace_pool(self) -> None:
+        """The database answers again: serve from a fresh pool, retire the old one."""
+        try:
+            pool = await open_pool(self.config, self.service)
+        except DatabaseUnavailable:
+            return  # the prober's caller loops and tries again
+        old, self.pool = self.pool, pool
+        down_for = time.monotonic() - (self.down_since or time.monotonic())
+        self.down_since = None
+        self._up.set(1)
+        log.info("database reachable again", service=self.service, down_for=round(down_for, 3))
+        task = asyncio.get_running_loop().create_task(old.close(timeout=5.0))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def record_stats(self) -> None:
+        stats = self.pool.get_stats()
+        POOL_SIZE.labels(self.service, "size").set(stats.get("pool_size", 0))
+        POOL_SIZE.labels(self.service, "available").set(stats.get("pool_available", 0))
+        POOL_SIZE.labels(self.service, "waiting").set(stats.get("requests_waiting", 0))
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in (self._watchdog, self._prober):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._retired:
+            await asyncio.gather(*self._retired, return_exceptions=True)
+        await self.pool.close()
 
 
 def record_pool_stats(pool: Pool, service: str) -> None:

@@ -20,3 +20,4 @@ REDIS_LATENCY = Histogram(
 REDIS_ERRORS = Counter("myl_redis_errors_total", "Redis errors and short-circuited calls", ["kind"])
 CIRCUIT_OPEN = Gauge("myl_redis_circuit_open", "1 while the Redis circuit breaker is open")
 POOL_SIZE = Gauge("myl_db_pool_connections", "PostgreSQL pool connections", ["service", "state"])
+DB_UP = Gauge("myl_db_up", "1 while PostgreSQL answers, 0 while it is unreachable", ["service"])

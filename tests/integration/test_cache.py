@@ -126,3 +126,20 @@ def test_breaker_opens_after_threshold_and_half_opens(threshold: int) -> None:
     breaker.success()
     assert breaker.allow()
     assert not breaker.is_open
+
+
+def test_half_open_lets_exactly_one_probe_through_and_the_gauge_follows() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(1, 2.0, clock)
+    gauge = "myl_redis_circuit_open"
+    breaker.failure()
+    assert REGISTRY.get_sample_value(gauge) == 1.0
+    clock.now += 2.0
+    # Half-open: the first caller probes, every other caller is answered without Redis
+    # until the probe ends.
+    assert [breaker.allow() for _ in range(50)] == [True] + [False] * 49
+    breaker.abandon()  # the probe's caller went away without an answer
+    assert breaker.allow()
+    breaker.success()
+    assert REGISTRY.get_sample_value(gauge) == 0.0
+    assert all(breaker.allow() for _ in range(10))

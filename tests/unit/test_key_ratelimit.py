@@ -78,3 +78,19 @@ def test_local_limiter_keeps_state_per_key_and_evicts_recovered_ones() -> None:
     limiter.check(b"d", 1, T0 + 60_000_000, True)
     limiter.check(b"e", 1, T0 + 60_000_000, True)
     assert len(limiter) <= 2
+
+
+def test_local_limiter_seeds_an_unseen_key_with_its_burst_spent() -> None:
+    # Redis may hold this key's spent burst (a hang) or have lost it (a restart); the
+    # fallback cannot tell, so it admits one request and then only the steady rate.
+    limiter = LocalLimiter()
+    assert [limiter.check(b"k", 20, T0, True).allowed for _ in range(5)] == [True] + [False] * 4
+    interval = emission_interval_us(20)
+    assert limiter.check(b"k", 20, T0 + interval, True).allowed
+    assert not limiter.check(b"k", 20, T0 + interval, True).allowed
+    # A minute of the steady rate after the first request: 20 more, never a burst.
+    admitted = sum(
+        limiter.check(b"k", 20, T0 + interval + step * 100_000, True).allowed
+        for step in range(1, 601)
+    )
+    assert admitted == 20

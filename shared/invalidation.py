@@ -1,0 +1,114 @@
+"""Durable cache invalidation: a revocation is never forgotten, whatever Redis does.
+
+A change that a cached entry could contradict (a key revoked or rotated, a certificate revoked,
+renewed or deleted) writes an invalidation row into its service's PostgreSQL log *in the same
+transaction* as the change. After the commit the service applies it to Redis and deletes the
+row; if Redis does not answer, the row stays. The `CacheGuard` of every replica drains the log
+(applies every row, then deletes it) every `interval` seconds, so a row left by a replica that
+crashed, or that could not reach Redis, is applied by any replica that can.
+
+Why an entry can never contradict an acknowledged change:
+
+1. The change and its log row commit together, before the RPC answers. A crash at any point
+   leaves either neither or both.
+2. A replica reads Redis only while its cache is *trusted*: its circuit is closed, and the
+   guard closes it only after a drain that applied every row in the log succeeded. Any Redis
+   failure (a timeout, a refused connection, a failed invalidation) opens the circuit again,
+   and a fresh process starts with it open. So after Redis hung, crashed or restarted, no
+   replica answers from it before the log has been applied, including rows written by others
+   while it was away. Reads meanwhile go to PostgreSQL, which is the truth.
+3. Applying a row writes what PostgreSQL holds now, and the writes are monotonic (a key's
+   cached record only ever moves towards "unusable earlier"; a certificate's entries are
+   fenced), so a late or repeated application never undoes a newer one.
+
+What remains is a replica that reaches Redis while the one that made the change does not (a
+partition between them, not an outage): it trusts Redis until its next drain, at most
+`interval` seconds after the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+
+from shared.cache import Cache, CacheUnavailable
+from shared.errors import DomainError
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+# Applies every pending row of the log to Redis and deletes it; returns how many it applied.
+# Raises CacheUnavailable when Redis failed, DomainError when PostgreSQL did.
+Drain = Callable[[], Awaitable[int]]
+
+
+async def _ping(client: aioredis.Redis) -> None:
+    await client.ping()
+
+
+class CacheGuard:
+    """Keeps a cache closed to reads until the durable invalidation log has been applied."""
+
+    def __init__(
+        self, cache: Cache, drain: Drain, *, interval: float, retry_interval: float
+    ) -> None:
+        self.cache = cache
+        self.drain = drain
+        self.interval = interval
+        self.retry_interval = retry_interval
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        cache.guarded = True
+        cache.breaker.on_trip = self.poke
+        if cache.client is not None:
+            # Untrusted until the first drain: a fresh process does not know what it missed.
+            cache.breaker.trip()
+
+    async def sync(self) -> bool:
+        """One drain; True when the log is applied and the cache trusted."""
+        if self.cache.client is None:
+            return False
+        try:
+            # An empty log proves nothing about Redis: it must answer before it is trusted.
+            await self.cache.apply(_ping)
+            applied = await self.drain()
+        except CacheUnavailable as exc:
+            self.cache.breaker.trip()
+            log.debug("invalidation log not applied", error=str(exc))
+            return False
+        except DomainError:
+            return False  # PostgreSQL away: nothing new can be written to the log either
+        if applied:
+            log.info("cache invalidations applied from the log", count=applied)
+        self.cache.breaker.success()
+        return True
+
+    def poke(self) -> None:
+        """Drain now (the circuit opened, or a change could not be applied to Redis)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._task is None and self.cache.client is not None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="cache guard")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                trusted = await self.sync()
+            except Exception:
+                log.exception("cache guard pass failed")
+                trusted = False
+            self._wake.clear()
+            delay = self.interval if trusted else self.retry_interval
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
