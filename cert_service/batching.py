@@ -55,6 +55,10 @@ class Coalescer(Generic[T, R]):
         return await future
 
     def _start_pending(self) -> None:
+        # A caller that has gone (cancelled: its deadline passed, or it hung up) is dropped
+        # before its item is flushed: no work is done, and nothing committed, for nobody.
+        if any(future.done() for _, future in self._pending):
+            self._pending = [(item, f) for item, f in self._pending if not f.done()]
         while self._pending and self._in_flight < self._max_in_flight:
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]

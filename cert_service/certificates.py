@@ -48,6 +48,7 @@ from shared.errors import (
     internal_error,
     not_found,
 )
+from shared.idempotency import RequestKey, recent
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -80,6 +81,8 @@ class ProvisionRequest:
     validity_days: int
     # True when the service chose the name (a fresh UUID label).
     generated_name: bool = False
+    # AIP-155: the request id and fingerprint, when the caller sent one.
+    request: RequestKey | None = None
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,7 @@ class DeviceCertificates:
                 request.csr_pem,
                 occasion="provision",
             )
+            key = request.request
             record = await self._inserts.submit(
                 NewRow(
                     request.device_id,
@@ -212,6 +216,8 @@ class DeviceCertificates:
                     request.auto_renewal,
                     new,
                     now,
+                    key.request_id if key else None,
+                    key.fingerprint if key else None,
                 )
             )
             if record is not None:
@@ -230,6 +236,9 @@ class DeviceCertificates:
                 return certificate, private_key_pem
             conflict = await self.store.conflict(request.device_id, request.fqdn)
             if conflict.device_exists:
+                replayed = await self._replay_provision(request, public_key, private_key_pem)
+                if replayed is not None:
+                    return replayed
                 raise already_exists(
                     f"device {request.device_id} already has a certificate; renew it, or delete "
                     "the device first",
@@ -251,15 +260,80 @@ class DeviceCertificates:
                     metadata={"device_id": request.device_id},
                     retry_after=1.0,
                 )
-            # The conflicting row went away between the insert and the check: try again.
-        raise internal_error()
+            # The conflicting row went away between the insert and the check, or the
+            # database ran the insert too late to tell its caller: try again.
+        raise DomainError(
+            ErrorKind.UNAVAILABLE,
+            "the certificate could not be stored in time; retry",
+            "WRITE_NOT_COMPLETED",
+            metadata={"device_id": request.device_id},
+            retry_after=1.0,
+        )
 
-    async def renew(self, device_id: str, csr_pem: str | None) -> cert_pb2.Certificate:
+    async def _replay_provision(
+        self, request: ProvisionRequest, public_key: PublicKey, private_key_pem: str
+    ) -> tuple[cert_pb2.Certificate, str] | None:
+        """The outcome of an earlier attempt of this provision (same AIP-155 request id), or
+        None when the device was provisioned by another request or too long ago.
+
+        With a CSR it is the stored certificate. Without one, the key generated then was never
+        stored and cannot be sent again: the retry's fresh key gets a certificate that
+        supersedes the earlier one (whose key reached nobody)."""
+        key = request.request
+        if key is None:
+            return None
+        earlier = await self.store.provision_request(request.device_id)
+        now = self.clock.now()
+        if (
+            earlier is None
+            or earlier.request_id != key.request_id
+            or not recent(earlier.created_at, now)
+        ):
+            return None
+        key.matches(bytes(earlier.request_hash))
+        record = await self.store.get_by_device(request.device_id)
+        if record is None:
+            return None
+        if not private_key_pem:
+            return record.to_pb(now), ""
+        new = issue_device_certificate(
+            self.issuer,
+            public_key,
+            record.uuid_subdomain,
+            request.certificate_type,
+            request.validity_days,
+            now,
+            request.csr_pem,
+            occasion="provision",
+        )
+        superseded = await self.store.supersede_provision(
+            request.device_id, key.request_id, new, now
+        )
+        if superseded is None:
+            return None  # renewed or revoked since: the device has moved on
+        record, invalidation = superseded
+        await self._changed(record.device_id, record.uuid_subdomain, invalidation)
+        log.info(
+            "provision retried: certificate superseded",
+            device_id=request.device_id,
+            serial=record.serial_number,
+        )
+        return record.to_pb(now), private_key_pem
+
+    async def renew(
+        self, device_id: str, csr_pem: str | None, request: RequestKey | None = None
+    ) -> cert_pb2.Certificate:
         """Re-sign the stored public key, or the key of a new CSR.
 
         An expired certificate can be renewed with its key. A revoked one needs a CSR with a
-        different key: its key is never signed again.
+        different key: its key is never signed again. A retry of a renewal (same AIP-155
+        request id) returns the device's certificate without renewing again.
         """
+        if request is not None and await self._done_before(request, "renew", device_id):
+            record = await self.store.get_by_device(device_id)
+            if record is None:
+                raise _not_found(device_id=device_id)
+            return record.to_pb(self.clock.now())
         for _ in range(_ATTEMPTS):
             source = await self.store.renewal_source(device_id)
             if source is None:
@@ -281,6 +355,10 @@ class DeviceCertificates:
                 record, invalidation = replaced
                 await self._changed(record.device_id, record.uuid_subdomain, invalidation)
                 log.info("certificate renewed", device_id=device_id, serial=new.serial_number)
+                if request is not None:
+                    await self.store.record_request(
+                        request.request_id, "renew", request.fingerprint, device_id, now
+                    )
                 return record.to_pb(now)
         raise DomainError(
             ErrorKind.ABORTED,
@@ -323,17 +401,36 @@ class DeviceCertificates:
             log.info("certificate revoked", device_id=device_id, reason=reason)
         return record.to_pb(now)
 
-    async def delete(self, device_id: str) -> None:
+    async def delete(self, device_id: str, request: RequestKey | None = None) -> None:
         """Delete the device and queue the revocation of its API keys, then try to deliver
-        that revocation at once (the relay retries it if key_service does not answer)."""
+        that revocation at once (the relay retries it if key_service does not answer). A
+        retry of a deletion that succeeded (same AIP-155 request id) succeeds again."""
         now = self.clock.now()
-        deleted = await self.store.delete_device(device_id, now, self.outbox.lease_until(now))
+        if request is not None and await self._done_before(request, "delete", device_id):
+            return
+        deleted = await self.store.delete_device(
+            device_id,
+            now,
+            self.outbox.lease_until(now),
+            (request.request_id, request.fingerprint) if request else None,
+        )
         if deleted is None:
             raise _not_found(device_id=device_id)
         fqdn, event, invalidation = deleted
         await self._changed(device_id, fqdn, invalidation)
         log.info("device deleted", device_id=device_id, uuid_subdomain=fqdn)
         await self.outbox.try_deliver(event)
+
+    async def _done_before(self, request: RequestKey, method: str, device_id: str) -> bool:
+        """Whether `method` already succeeded for this request id (recently, on this device)."""
+        done = await self.store.completed_request(request.request_id, method)
+        if done is None:
+            return False
+        fingerprint, done_device, created_at = done
+        if not recent(created_at, self.clock.now()):
+            return False
+        request.matches(fingerprint)
+        return done_device == device_id
 
     async def _changed(self, device_id: str, fqdn: str, invalidation: int) -> None:
         """Fence the changed certificate's entries, then forget the logged invalidation."""

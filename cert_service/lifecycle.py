@@ -25,6 +25,7 @@ from cert_service.certcache import CertificateCache
 from cert_service.issuance import CSR_UNCHANGED, issue_device_certificate
 from cert_service.issuer import Issuer, PublicKeyError, load_public_key
 from cert_service.storage import CertificateStore, NewCertificate
+from shared import idempotency
 from shared.clock import Clock
 from shared.logging import get_logger
 
@@ -61,6 +62,8 @@ class LifecycleWorker:
     async def run_once(self) -> LifecycleResult:
         renewed, failed = await self._renew_due()
         expired = await self._mark_expired()
+        # AIP-155 request ids are recognised for a day, then forgotten.
+        await self.store.forget_requests(self.clock.now() - idempotency.WINDOW)
         if renewed or expired or failed:
             log.info("lifecycle pass", renewed=renewed, expired=expired, failed=failed)
         return LifecycleResult(renewed, expired, failed)

@@ -14,6 +14,7 @@ import grpc
 from cert_service import validation
 from cert_service.certificates import DeviceCertificates, ProvisionRequest
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
+from shared import idempotency
 from shared.errors import permission_denied
 from shared.identity import caller_from_metadata
 
@@ -42,6 +43,7 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
         public_key = (
             None if csr_pem is None else validation.csr_public_key(csr_pem, fqdn, certificate_type)
         )
+        request_key = idempotency.request_key("provision", request)
         caller_from_metadata(context.invocation_metadata()).require_device(device_id)
         certificate, private_key_pem = await self.certificates.provision(
             ProvisionRequest(
@@ -53,6 +55,7 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
                 auto_renewal=auto_renewal,
                 validity_days=validity_days,
                 generated_name=not request.uuid_subdomain,
+                request=request_key,
             )
         )
         return cert_pb2.ProvisionCertificateResponse(
@@ -107,8 +110,9 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
     ) -> cert_pb2.RenewCertificateResponse:
         device_id = validation.device_id(request.device_id)
         csr_pem = validation.csr_text(request.csr_pem)
+        request_key = idempotency.request_key("renew", request)
         caller_from_metadata(context.invocation_metadata()).require_device(device_id)
-        certificate = await self.certificates.renew(device_id, csr_pem)
+        certificate = await self.certificates.renew(device_id, csr_pem, request_key)
         return cert_pb2.RenewCertificateResponse(certificate=certificate)
 
     async def RevokeCertificate(
@@ -116,6 +120,7 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
     ) -> cert_pb2.RevokeCertificateResponse:
         device_id = validation.device_id(request.device_id)
         reason = validation.revocation_reason(request.reason)
+        idempotency.parse_request_id(request.request_id)  # revoking again changes nothing
         caller_from_metadata(context.invocation_metadata()).require_device(device_id)
         certificate = await self.certificates.revoke(device_id, reason)
         return cert_pb2.RevokeCertificateResponse(certificate=certificate)
@@ -124,8 +129,9 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
         self, request: cert_pb2.DeleteDeviceRequest, context: Context
     ) -> cert_pb2.DeleteDeviceResponse:
         device_id = validation.device_id(request.device_id)
+        request_key = idempotency.request_key("delete", request)
         caller_from_metadata(context.invocation_metadata()).require_device(device_id)
-        await self.certificates.delete(device_id)
+        await self.certificates.delete(device_id, request_key)
         return cert_pb2.DeleteDeviceResponse()
 
     async def GetCaChain(

@@ -15,6 +15,7 @@ that tests can move time and replicas agree on one notion of "now" per request.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -163,6 +164,9 @@ class NewRow:
     auto_renewal: bool
     certificate: NewCertificate
     now: datetime
+    # AIP-155: the provision's request id and request fingerprint, if it sent one.
+    request_id: uuid.UUID | None = None
+    request_hash: bytes | None = None
 
     def record(self) -> CertificateRecord:
         """The row as stored, right after the insert."""
@@ -204,6 +208,17 @@ class RenewalSource:
     public_key_sha256: str
     validity_days: int | None
     expires_at: datetime
+
+
+@dataclass(frozen=True)
+class ProvisionedBy:
+    """The AIP-155 request a device's row was provisioned by, and what became of the row."""
+
+    request_id: uuid.UUID
+    request_hash: bytes
+    created_at: datetime
+    status: str
+    renewal_count: int
 
 
 @dataclass(frozen=True)
@@ -305,32 +320,38 @@ class CertificateStore:
                     "expires_at": row.certificate.not_after.isoformat(),
                     "auto_renewal": row.auto_renewal,
                     "created_at": row.now.isoformat(),
+                    "request_id": str(row.request_id) if row.request_id else None,
+                    "request_hash": row.request_hash.hex() if row.request_hash else None,
                 }
                 for row in rows
             ]
         )
         async with self.connection() as conn:
+            # `clock_timestamp() < deadline`: a server that runs the statement only after its
+            # caller was released (it hung) inserts nothing (`Database.write_deadline`).
             cur = await conn.execute(
                 """
                 INSERT INTO device_certificates (
                     device_id, uuid_subdomain, certificate_type, status, certificate_data,
                     serial_number, fingerprint_sha256, issued_at, expires_at, auto_renewal,
-                    created_at, updated_at)
+                    created_at, updated_at, request_id, request_hash)
                 SELECT r.device_id, r.uuid_subdomain, r.certificate_type, 'active',
                        r.certificate_data, r.serial_number, r.fingerprint_sha256, r.issued_at,
-                       r.expires_at, r.auto_renewal, r.created_at, r.created_at
+                       r.expires_at, r.auto_renewal, r.created_at, r.created_at, r.request_id,
+                       decode(r.request_hash, 'hex')
                 FROM jsonb_to_recordset(%s::jsonb) AS r(
                     device_id text, uuid_subdomain text, certificate_type text,
                     certificate_data jsonb, serial_number text, fingerprint_sha256 text,
                     issued_at timestamptz, expires_at timestamptz, auto_renewal boolean,
-                    created_at timestamptz)
+                    created_at timestamptz, request_id uuid, request_hash text)
                 WHERE NOT EXISTS (
                     SELECT 1 FROM device_events_outbox AS o WHERE o.device_id = r.device_id)
+                  AND clock_timestamp() < %s
                 ORDER BY r.device_id
                 ON CONFLICT DO NOTHING
                 RETURNING serial_number
                 """,
-                (document,),
+                (document, self.db.write_deadline()),
             )
             if len(rows) == 1:
                 return [rows[0].record() if cur.rowcount == 1 else None]
@@ -350,6 +371,90 @@ class CertificateStore:
             row = await cur.fetchone()
         assert row is not None
         return Conflict(bool(row[0]), bool(row[1]), bool(row[2]))
+
+    async def provision_request(self, device_id: str) -> ProvisionedBy | None:
+        """The request that provisioned the device's current row, if it named one."""
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                "SELECT request_id, request_hash, created_at, status, renewal_count "
+                "FROM device_certificates WHERE device_id = %s AND request_id IS NOT NULL",
+                (device_id,),
+            )
+            row = await cur.fetchone()
+        return None if row is None else ProvisionedBy(*row)
+
+    async def supersede_provision(
+        self, device_id: str, request_id: uuid.UUID, certificate: NewCertificate, now: datetime
+    ) -> tuple[CertificateRecord, int] | None:
+        """Replace the certificate a provision issued with `certificate` (a retry of that
+        provision, whose generated key never reached its caller). Only while the row is as
+        that provision left it: active and never renewed. Returns the record and the id of
+        the logged cache invalidation."""
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                f"""
+                WITH changed AS (
+                    UPDATE device_certificates SET
+                        certificate_data = %s, serial_number = %s, fingerprint_sha256 = %s,
+                        issued_at = %s, expires_at = %s, updated_at = %s
+                    WHERE device_id = %s AND request_id = %s AND status = 'active'
+                      AND renewal_count = 0
+                    RETURNING {_COLUMNS}
+                ), {_LOG_CHANGED}
+                SELECT changed.*, logged.id FROM changed, logged
+                """,
+                (
+                    Jsonb(certificate.data),
+                    certificate.serial_number,
+                    certificate.fingerprint_sha256,
+                    certificate.not_before,
+                    certificate.not_after,
+                    now,
+                    device_id,
+                    request_id,
+                    now,
+                ),
+                binary=True,
+            )
+            row = await cur.fetchone()
+        return None if row is None else (_record(row[:-1]), row[-1])
+
+    async def completed_request(
+        self, request_id: uuid.UUID, method: str
+    ) -> tuple[bytes, str, datetime] | None:
+        """(fingerprint, device, when) of a renewal or deletion done under `request_id`."""
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                "SELECT request_hash, device_id, created_at FROM certificate_requests "
+                "WHERE request_id = %s AND method = %s",
+                (request_id, method),
+            )
+            row = await cur.fetchone()
+        return None if row is None else (bytes(row[0]), row[1], row[2])
+
+    async def record_request(
+        self, request_id: uuid.UUID, method: str, request_hash: bytes, device_id: str, now: datetime
+    ) -> None:
+        async with self.connection() as conn:
+            await conn.execute(
+                "INSERT INTO certificate_requests "
+                "(request_id, method, request_hash, device_id, created_at) "
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (request_id, method, request_hash, device_id, now),
+            )
+
+    async def forget_requests(self, before: datetime) -> int:
+        """Drop request ids recorded before `before` (outside the AIP-155 window)."""
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                "DELETE FROM certificate_requests WHERE created_at < %s", (before,)
+            )
+            await conn.execute(
+                "UPDATE device_certificates SET request_id = NULL, request_hash = NULL "
+                "WHERE request_id IS NOT NULL AND created_at < %s",
+                (before,),
+            )
+            return cur.rowcount
 
     async def get_by_device(self, device_id: str) -> CertificateRecord | None:
         async with self.connection() as conn:
@@ -497,7 +602,11 @@ class CertificateStore:
         return (None if row is None else _record(row)), None
 
     async def delete_device(
-        self, device_id: str, now: datetime, lease_until: datetime
+        self,
+        device_id: str,
+        now: datetime,
+        lease_until: datetime,
+        request: tuple[uuid.UUID, bytes] | None = None,
     ) -> tuple[str, OutboxEvent, int] | None:
         """Delete the device's row, queue its 'device_deleted' event and log the cache
         invalidation, atomically.
@@ -521,12 +630,26 @@ class CertificateStore:
                     INSERT INTO certificate_cache_invalidations
                         (device_id, uuid_subdomain, created_at)
                     SELECT device_id, uuid_subdomain, %s FROM deleted RETURNING id
+                ), requested AS (
+                    INSERT INTO certificate_requests
+                        (request_id, method, request_hash, device_id, created_at)
+                    SELECT %s::uuid, 'delete', %s::bytea, device_id, %s FROM deleted
+                    WHERE %s::uuid IS NOT NULL
                 )
                 SELECT deleted.uuid_subdomain, event.device_id, event.id, event.event_type,
                        event.attempts, logged.id
                 FROM deleted JOIN event USING (device_id), logged
                 """,
-                (device_id, now, lease_until, now),
+                (
+                    device_id,
+                    now,
+                    lease_until,
+                    now,
+                    request[0] if request else None,
+                    request[1] if request else None,
+                    now,
+                    request[0] if request else None,
+                ),
             )
             row = await cur.fetchone()
         if row is None:

@@ -63,7 +63,7 @@ async def create_operator_key(
     label = validation.text(name, "--name", validation.MAX_DEVICE_NAME)
     now = (clock or SystemClock()).now()
     new_key = keyformat.generate()
-    row = await store.create(
+    row, _ = await store.create(
         NewKeyRow(
             id=uuid.uuid4(),
             device_id=None,

@@ -32,6 +32,7 @@ from key_service.storage import (
 )
 from key_service.verify import Verdict, Verifier
 from myl.key.v1 import key_pb2, key_pb2_grpc
+from shared import idempotency
 from shared.clock import Clock
 from shared.errors import (
     DomainError,
@@ -40,6 +41,7 @@ from shared.errors import (
     not_found,
     permission_denied,
 )
+from shared.idempotency import RequestKey
 from shared.identity import Caller, caller_from_metadata
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -128,6 +130,7 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
             if request.HasField("expire_time")
             else now + self.default_ttl
         )
+        request_key = idempotency.request_key("generate", request)
         caller = caller_from_metadata(metadata)
         caller.require_device(device_id)
         _require_grantable(caller, permissions)
@@ -144,8 +147,9 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
             raise invalid_argument(
                 "uuid_subdomain", "does not match the device's certificate; leave it empty"
             )
+        earlier = await self._earlier_attempt(request_key, now)
         new_key = keyformat.generate()
-        row = await self.store.create(
+        row, superseded = await self.store.create(
             NewKeyRow(
                 id=uuid.uuid4(),
                 device_id=device_id,
@@ -160,7 +164,10 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
             ),
             AuditEntry(ACTION_CREATE, actor_of(caller, metadata), "generated"),
             now,
+            request=request_key,
+            supersedes=earlier,
         )
+        await self.verifier.publish(superseded)
         # Check the device again now that the key exists: a DeleteDevice whose key
         # revocation ran between the first check and the insert would otherwise
         # miss this key. Either that revocation sees the key, or this check sees
@@ -176,6 +183,20 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
             await self.verifier.publish(change)
             raise
         return key_pb2.GenerateApiKeyResponse(api_key=new_key.plaintext, key=row.to_pb(now))
+
+    async def _earlier_attempt(self, key: RequestKey | None, now: datetime) -> ApiKeyRow | None:
+        """The key an earlier attempt of this AIP-155 request created (it is superseded: its
+        plaintext was shown once, maybe to nobody), or None."""
+        if key is None:
+            return None
+        found = await self.store.find_by_request_id(key.request_id)
+        if found is None:
+            return None
+        row, fingerprint = found
+        if not idempotency.recent(row.created_at, now):
+            return None
+        key.matches(fingerprint)
+        return row
 
     async def _within_callers_own_key(
         self,
@@ -271,9 +292,13 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
         metadata = context.invocation_metadata()
         key_id = validation.key_id(request.key_id)
         grace = validation.grace_period(request.grace_period)
+        request_key = idempotency.request_key("rotate", request)
         caller = caller_from_metadata(metadata)
         current = await self._load(key_id, caller)
         now = self.clock.now()
+        earlier = await self._earlier_attempt(request_key, now)
+        if earlier is not None:
+            return await self._rotate_again(earlier, current, request_key, caller, metadata, now)
         # No cert_service call: an active key implies its device exists (deleting
         # a device revokes its keys), and rotating a leaked key must not wait
         # for another service.
@@ -303,10 +328,47 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
                 retire_at=now + grace,
                 actor=actor_of(caller, metadata),
                 now=now,
+                request=request_key,
             )
         await self.verifier.publish(KeyChange([retired], invalidations))
         return key_pb2.RotateApiKeyResponse(
             api_key=new_key.plaintext, key=created.to_pb(now), previous_key=retired.to_pb(now)
+        )
+
+    async def _rotate_again(
+        self,
+        earlier: ApiKeyRow,
+        current: ApiKeyRow,
+        request_key: RequestKey | None,
+        caller: Caller,
+        metadata: Any,
+        now: datetime,
+    ) -> key_pb2.RotateApiKeyResponse:
+        """A retry of a rotation that succeeded: the new key it made is revoked and another
+        takes its place, with the same lifetime; the rotated key's grace stays as it was."""
+        new_key = keyformat.generate()
+        created, superseded = await self.store.create(
+            NewKeyRow(
+                id=uuid.uuid4(),
+                device_id=earlier.device_id,
+                key_hash=new_key.key_hash,
+                key_prefix=new_key.display_prefix,
+                device_name=earlier.device_name,
+                user_initials=earlier.user_initials,
+                uuid_subdomain=earlier.uuid_subdomain,
+                permissions=earlier.permissions,
+                rate_limit=earlier.rate_limit,
+                expires_at=earlier.expires_at,
+                rotated_from=earlier.rotated_from,
+            ),
+            AuditEntry(ACTION_CREATE, actor_of(caller, metadata), f"rotation of {current.id}"),
+            now,
+            request=request_key,
+            supersedes=earlier,
+        )
+        await self.verifier.publish(superseded)
+        return key_pb2.RotateApiKeyResponse(
+            api_key=new_key.plaintext, key=created.to_pb(now), previous_key=current.to_pb(now)
         )
 
     async def RevokeApiKey(
@@ -315,6 +377,7 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
         metadata = context.invocation_metadata()
         key_id = validation.key_id(request.key_id)
         reason = validation.text(request.reason, "reason", validation.MAX_REASON)
+        idempotency.parse_request_id(request.request_id)  # revoking again changes nothing
         caller = caller_from_metadata(metadata)
         await self._load(key_id, caller)
         now = self.clock.now()
@@ -331,6 +394,7 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
         metadata = context.invocation_metadata()
         device_id = validation.device_id(request.device_id)
         reason = validation.text(request.reason, "reason", validation.MAX_REASON)
+        idempotency.parse_request_id(request.request_id)  # revoking again changes nothing
         caller = caller_from_metadata(metadata)
         caller.require_device(device_id)
         actor = actor_of(caller, metadata)

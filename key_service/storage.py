@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
+import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow, class_row
 
 from myl.key.v1 import key_pb2
 from shared.db import Database
+from shared.errors import DomainError, ErrorKind
+from shared.idempotency import RequestKey
 
 Connection = AsyncConnection[TupleRow]
 
@@ -264,11 +267,54 @@ class KeyStore:
 
     # -- changes (each with its audit rows, in one transaction) ---------------
 
-    async def create(self, key: NewKeyRow, audit: AuditEntry, now: datetime) -> ApiKeyRow:
+    async def create(
+        self,
+        key: NewKeyRow,
+        audit: AuditEntry,
+        now: datetime,
+        *,
+        request: RequestKey | None = None,
+        supersedes: ApiKeyRow | None = None,
+    ) -> tuple[ApiKeyRow, KeyChange]:
+        """Insert a key (with its AIP-155 request id, if any) and audit it.
+
+        `supersedes`: the key an earlier attempt of the same request created; in the same
+        transaction it is revoked and gives up the request id. Returns the new key and the
+        change to the superseded one (to publish)."""
         async with self._transaction() as conn:
-            row = await self._insert(conn, key, now)
+            change = KeyChange([], [], changed=False)
+            if supersedes is not None:
+                change = await self._supersede(conn, supersedes, request, now)
+            row = await self._insert(conn, key, now, request)
             await self._audit(conn, [row], audit, now)
-            return row
+            return row, change
+
+    async def _supersede(
+        self, conn: Connection, earlier: ApiKeyRow, request: RequestKey | None, now: datetime
+    ) -> KeyChange:
+        reason = f"superseded by a retry of request {request.request_id if request else ''}"
+        await conn.execute(
+            "UPDATE device_api_keys SET request_id = NULL, request_hash = NULL WHERE id = %s",
+            (earlier.id,),
+        )
+        cur = conn.cursor(row_factory=class_row(ApiKeyRow))
+        await cur.execute(
+            f"{_REVOKE} WHERE id = %(id)s AND {_NOT_YET_REVOKED} RETURNING {KEY_COLUMNS}",
+            {"id": earlier.id, "now": now, "reason": reason},
+        )
+        revoked = await cur.fetchall()
+        await self._audit(conn, revoked, AuditEntry(ACTION_REVOKE, "key_service", reason), now)
+        return KeyChange(revoked, await self._log_invalidations(conn, revoked, now))
+
+    async def find_by_request_id(self, request_id: uuid.UUID) -> tuple[ApiKeyRow, bytes] | None:
+        """The key a GenerateApiKey or RotateApiKey request created, and its fingerprint."""
+        async with self._transaction() as conn:
+            cur = await conn.execute(
+                f"SELECT request_hash, {KEY_COLUMNS} FROM device_api_keys WHERE request_id = %s",
+                (request_id,),
+            )
+            row = await cur.fetchone()
+        return None if row is None else (ApiKeyRow(*row[1:]), bytes(row[0]))
 
     async def revoke(self, key_id: uuid.UUID, audit: AuditEntry, now: datetime) -> KeyChange:
         """Revoke one key now. `changed` is False if it was revoked already; `rows` is
@@ -309,6 +355,7 @@ class KeyStore:
         retire_at: datetime,
         actor: str,
         now: datetime,
+        request: RequestKey | None = None,
     ) -> tuple[ApiKeyRow, ApiKeyRow, list[int]]:
         """Insert the new key, schedule (or do) the old key's revocation, audit both; returns
         the retired and the new key and the invalidation logged for the retired one."""
@@ -322,7 +369,7 @@ class KeyStore:
         )
         retired = await cur.fetchone()
         assert retired is not None  # locked by lock_for_rotation
-        created = await self._insert(conn, new, now)
+        created = await self._insert(conn, new, now, request)
         grace = (retire_at - now).total_seconds()
         await self._audit(
             conn,
@@ -421,31 +468,56 @@ class KeyStore:
 
     # -- helpers -------------------------------------------------------------
 
-    async def _insert(self, conn: Connection, key: NewKeyRow, now: datetime) -> ApiKeyRow:
+    async def _insert(
+        self, conn: Connection, key: NewKeyRow, now: datetime, request: RequestKey | None = None
+    ) -> ApiKeyRow:
+        """Insert a key. `clock_timestamp() < deadline`: a server that runs the statement only
+        after its caller was released (it hung) inserts nothing (`Database.write_deadline`),
+        and the transaction is rolled back with UNAVAILABLE."""
         cur = conn.cursor(row_factory=class_row(ApiKeyRow))
-        await cur.execute(
-            "INSERT INTO device_api_keys (id, device_id, key_hash, key_prefix, device_name, "
-            "user_initials, uuid_subdomain, permissions, rate_limit, expires_at, rotated_from, "
-            "created_at, updated_at) VALUES (%(id)s, %(device)s, %(hash)s, %(prefix)s, %(name)s, "
-            "%(initials)s, %(subdomain)s, %(permissions)s, %(rate)s, %(expires)s, %(from)s, "
-            f"%(now)s, %(now)s) RETURNING {KEY_COLUMNS}",
-            {
-                "id": key.id,
-                "device": key.device_id,
-                "hash": key.key_hash,
-                "prefix": key.key_prefix,
-                "name": key.device_name,
-                "initials": key.user_initials,
-                "subdomain": key.uuid_subdomain,
-                "permissions": list(key.permissions),
-                "rate": key.rate_limit,
-                "expires": key.expires_at,
-                "from": key.rotated_from,
-                "now": now,
-            },
-        )
+        try:
+            await cur.execute(
+                "INSERT INTO device_api_keys (id, device_id, key_hash, key_prefix, device_name, "
+                "user_initials, uuid_subdomain, permissions, rate_limit, expires_at, "
+                "rotated_from, created_at, updated_at, request_id, request_hash) "
+                "SELECT %(id)s, %(device)s, %(hash)s, %(prefix)s, %(name)s, %(initials)s, "
+                "%(subdomain)s, %(permissions)s, %(rate)s, %(expires)s, %(from)s, %(now)s, "
+                "%(now)s, %(request_id)s, %(request_hash)s "
+                f"WHERE clock_timestamp() < %(deadline)s RETURNING {KEY_COLUMNS}",
+                {
+                    "id": key.id,
+                    "device": key.device_id,
+                    "hash": key.key_hash,
+                    "prefix": key.key_prefix,
+                    "name": key.device_name,
+                    "initials": key.user_initials,
+                    "subdomain": key.uuid_subdomain,
+                    "permissions": list(key.permissions),
+                    "rate": key.rate_limit,
+                    "expires": key.expires_at,
+                    "from": key.rotated_from,
+                    "now": now,
+                    "request_id": request.request_id if request else None,
+                    "request_hash": request.fingerprint if request else None,
+                    "deadline": self.db.write_deadline(),
+                },
+            )
+        except psycopg.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name != "device_api_keys_request_id_key":
+                raise
+            raise DomainError(
+                ErrorKind.ABORTED,
+                "another attempt with this request_id is in progress; retry",
+                "REQUEST_IN_PROGRESS",
+            ) from exc
         row = await cur.fetchone()
-        assert row is not None
+        if row is None:
+            raise DomainError(
+                ErrorKind.UNAVAILABLE,
+                "the key could not be stored in time; retry",
+                "WRITE_NOT_COMPLETED",
+                retry_after=1.0,
+            )
         return row
 
     async def _audit(

@@ -31,6 +31,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import psycopg
@@ -121,13 +122,15 @@ async def open_database(
     probe_interval: float = DEFAULT_PROBE_INTERVAL,
 ) -> Database:
     pool = await open_pool(config, service)
-    return Database(
+    db = Database(
         pool,
         config,
         service,
         operation_timeout=operation_timeout,
         probe_interval=probe_interval,
     )
+    await db.measure_clock()
+    return db
 
 
 def _shut_down_socket(conn: Connection) -> None:
@@ -170,6 +173,8 @@ class Database:
         self._closed = False
         self._up = DB_UP.labels(service)
         self._up.set(1)
+        # The database server's clock minus ours (see `write_deadline`).
+        self.clock_offset = timedelta(0)
 
     @property
     def up(self) -> bool:
@@ -203,6 +208,25 @@ class Database:
         finally:
             self._held.pop(token, None)
             await pool.putconn(conn)
+
+    async def measure_clock(self) -> None:
+        """Learn how far the server's clock is from ours (to within half a round trip)."""
+        async with self.connection() as conn:
+            before = datetime.now(UTC)
+            cur = await conn.execute("SELECT clock_timestamp()")
+            after = datetime.now(UTC)
+            row = await cur.fetchone()
+            if not conn.autocommit:
+                await conn.rollback()
+        if row is not None:
+            self.clock_offset = row[0] - (before + (after - before) / 2)
+
+    def write_deadline(self) -> datetime:
+        """The latest moment, on the server's clock, at which a write sent now may still take
+        effect: when the watchdog would have released its caller. A statement guarded with
+        `clock_timestamp() < deadline` that a hung server runs only after it resumes changes
+        nothing, so a caller that was told UNAVAILABLE never finds its write done."""
+        return datetime.now(UTC) + self.clock_offset + timedelta(seconds=self.operation_timeout)
 
     # -- detection -------------------------------------------------------------------------
 
@@ -294,6 +318,8 @@ class Database:
         task = asyncio.get_running_loop().create_task(old.close(timeout=5.0))
         self._retired.add(task)
         task.add_done_callback(self._retired.discard)
+        with contextlib.suppress(DomainError):
+            await self.measure_clock()
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -197,6 +197,7 @@ class ProvisionCertificateRequest(_message.Message):
     CSR_PEM_FIELD_NUMBER: _builtins.int
     AUTO_RENEWAL_FIELD_NUMBER: _builtins.int
     VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     """Device identifier: 1-128 characters of letters, digits, `.`, `_`, `:`, `-`,
     starting with a letter or digit.
@@ -215,6 +216,16 @@ class ProvisionCertificateRequest(_message.Message):
     """Renew automatically before expiry. Unset means true."""
     validity_days: _builtins.int
     """Validity in days; 0 means the configured default (90). At most 825."""
+    request_id: _builtins.str
+    """Optional AIP-155 idempotency key: a UUID chosen by the client, the same for
+    every retry of one provision and recognised for 24 hours. A retry of a
+    provision that succeeded returns OK, never ALREADY_EXISTS: with a CSR, the
+    certificate the first attempt stored; without one (the private key was
+    generated and is never stored, so it cannot be sent twice), a fresh key and
+    a certificate for it that supersede the earlier ones, which nobody can use
+    since their key was never delivered. The same id with a different request
+    is INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
@@ -224,10 +235,11 @@ class ProvisionCertificateRequest(_message.Message):
         csr_pem: _builtins.str = ...,
         auto_renewal: _builtins.bool | None = ...,
         validity_days: _builtins.int = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_auto_renewal", b"_auto_renewal", "auto_renewal", b"auto_renewal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_auto_renewal", b"_auto_renewal", "auto_renewal", b"auto_renewal", "certificate_type", b"certificate_type", "csr_pem", b"csr_pem", "device_id", b"device_id", "uuid_subdomain", b"uuid_subdomain", "validity_days", b"validity_days"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_auto_renewal", b"_auto_renewal", "auto_renewal", b"auto_renewal", "certificate_type", b"certificate_type", "csr_pem", b"csr_pem", "device_id", b"device_id", "request_id", b"request_id", "uuid_subdomain", b"uuid_subdomain", "validity_days", b"validity_days"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__auto_renewal: _TypeAlias = _typing.Literal["auto_renewal"]  # noqa: Y015
     _WhichOneofArgType__auto_renewal: _TypeAlias = _typing.Literal["_auto_renewal", b"_auto_renewal"]  # noqa: Y015
@@ -404,18 +416,25 @@ class RenewCertificateRequest(_message.Message):
 
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     CSR_PEM_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     csr_pem: _builtins.str
     """A new CSR, PEM. Empty: re-sign the current public key."""
+    request_id: _builtins.str
+    """Optional AIP-155 idempotency key (a UUID, recognised for 24 hours): a
+    retry returns the certificate the first attempt issued instead of
+    renewing again.
+    """
     def __init__(
         self,
         *,
         device_id: _builtins.str = ...,
         csr_pem: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr_pem", b"csr_pem", "device_id", b"device_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr_pem", b"csr_pem", "device_id", b"device_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -447,17 +466,23 @@ class RevokeCertificateRequest(_message.Message):
 
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     reason: Global___RevocationReason.ValueType
+    request_id: _builtins.str
+    """Optional AIP-155 idempotency key (a UUID). Revoking is idempotent by
+    nature: a retry returns the revoked certificate unchanged.
+    """
     def __init__(
         self,
         *,
         device_id: _builtins.str = ...,
         reason: Global___RevocationReason.ValueType = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -488,15 +513,21 @@ class DeleteDeviceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DEVICE_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
+    request_id: _builtins.str
+    """Optional AIP-155 idempotency key (a UUID, recognised for 24 hours): a
+    retry of a delete that succeeded returns OK instead of NOT_FOUND.
+    """
     def __init__(
         self,
         *,
         device_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

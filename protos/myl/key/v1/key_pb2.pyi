@@ -184,6 +184,7 @@ class GenerateApiKeyRequest(_message.Message):
     PERMISSIONS_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     """The device; it must have an active certificate."""
     device_name: _builtins.str
@@ -192,6 +193,15 @@ class GenerateApiKeyRequest(_message.Message):
     """The device's DNS name; defaults to the one its certificate has."""
     rate_limit: _builtins.int
     """Requests per minute; 0 means 1000."""
+    request_id: _builtins.str
+    """Optional AIP-155 idempotency key: a UUID chosen by the client, the same for
+    every retry of one request and recognised for 24 hours. The plaintext key
+    is never stored, so it cannot be sent twice: a retry of a request that
+    succeeded revokes the key the earlier attempt created (its plaintext may
+    never have arrived) and returns a fresh one, so exactly one key from one
+    request_id ever works. The same id with a different request is
+    INVALID_ARGUMENT.
+    """
     @_builtins.property
     def permissions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Empty means ["ssl:read", "device:read", "api:access"]."""
@@ -210,10 +220,11 @@ class GenerateApiKeyRequest(_message.Message):
         permissions: _abc.Iterable[_builtins.str] | None = ...,
         rate_limit: _builtins.int = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "device_name", b"device_name", "expire_time", b"expire_time", "permissions", b"permissions", "rate_limit", b"rate_limit", "user_initials", b"user_initials", "uuid_subdomain", b"uuid_subdomain"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "device_name", b"device_name", "expire_time", b"expire_time", "permissions", b"permissions", "rate_limit", b"rate_limit", "request_id", b"request_id", "user_initials", b"user_initials", "uuid_subdomain", b"uuid_subdomain"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -427,7 +438,14 @@ class RotateApiKeyRequest(_message.Message):
 
     KEY_ID_FIELD_NUMBER: _builtins.int
     GRACE_PERIOD_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
+    request_id: _builtins.str
+    """Optional AIP-155 idempotency key (a UUID, recognised for 24 hours). As for
+    GenerateApiKey: a retry of a rotation that succeeded revokes the new key
+    the earlier attempt created and returns another new key, rotated from the
+    same key with the same grace period.
+    """
     @_builtins.property
     def grace_period(self) -> _duration_pb2.Duration:
         """How long the old key keeps working; unset means it is revoked at once.
@@ -439,10 +457,11 @@ class RotateApiKeyRequest(_message.Message):
         *,
         key_id: _builtins.str = ...,
         grace_period: _duration_pb2.Duration | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["grace_period", b"grace_period"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["grace_period", b"grace_period", "key_id", b"key_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grace_period", b"grace_period", "key_id", b"key_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -482,18 +501,24 @@ class RevokeApiKeyRequest(_message.Message):
 
     KEY_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     reason: _builtins.str
     """Free text for the audit trail, at most 500 characters."""
+    request_id: _builtins.str
+    """Optional AIP-155 idempotency key (a UUID). Revoking is idempotent by
+    nature: a retry returns the revoked key unchanged.
+    """
     def __init__(
         self,
         *,
         key_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -525,17 +550,23 @@ class RevokeDeviceApiKeysRequest(_message.Message):
 
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     reason: _builtins.str
+    request_id: _builtins.str
+    """Optional AIP-155 idempotency key (a UUID). Revoking is idempotent by
+    nature: a retry revokes what is left (usually nothing) and succeeds.
+    """
     def __init__(
         self,
         *,
         device_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
