@@ -493,6 +493,27 @@ class FaultStack:
         if self.envoy is None or not self.envoy.running:
             await self._start_envoy()
         await self.wait_gateway_healthy()
+        if not await self._writes_work(limit=5):
+            # A service that never recovered from an earlier fault: that test has failed
+            # already; the next one starts from fresh processes.
+            print("\n[fault stack] services did not recover; restarting them")
+            for service in SERVICES:
+                await self.restart_service(service, signal.SIGKILL)
+            await self.wait_gateway_healthy()
+            if not await self._writes_work(limit=10):
+                raise StackError("the services cannot write even after a restart")
+
+    async def _writes_work(self, limit: float) -> bool:
+        """Whether both services can write (a provision, then a key), trying for `limit` s."""
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                await self.device_with_key("probe")
+                return True
+            except grpc.aio.AioRpcError:
+                if time.monotonic() > deadline:
+                    return False
+            await asyncio.sleep(0.1)
 
     # -- what tests do through the stack --------------------------------------------------------
 

@@ -11,7 +11,7 @@ from myl.cert.v1 import cert_pb2
 from tests.faults.load import VALID
 from tests.faults.stack import FaultStack
 
-DOWN_FOR = 2.0  # seconds key_service stays down after the delete (the cascade's retries back off)
+DOWN_FOR = 4.0  # seconds key_service stays down after the delete: its retries back off
 REVOKED_WITHIN = 2.0  # seconds after key_service serves again
 
 
