@@ -42,7 +42,8 @@ class CertServiceConfig:
     # Outbox relay: poll period, and the first and longest delay between retries.
     outbox_interval: float = 1.0
     outbox_retry_min: float = 0.5
-    outbox_retry_max: float = 60.0
+    # Capped low: a delete's cascade must reach key_service within seconds of its return.
+    outbox_retry_max: float = 1.0
 
     @classmethod
     def from_env(
@@ -83,7 +84,7 @@ class CertServiceConfig:
             key_service_timeout=env.number("KEY_SERVICE_TIMEOUT", 2.0, minimum=0.05),
             outbox_interval=env.number("OUTBOX_INTERVAL", 1.0, minimum=0.01),
             outbox_retry_min=retry_min,
-            outbox_retry_max=env.number("OUTBOX_RETRY_MAX", 60.0, minimum=retry_min),
+            outbox_retry_max=env.number("OUTBOX_RETRY_MAX", 1.0, minimum=retry_min),
         )
 
 

@@ -195,6 +195,9 @@ class ServerConfig:
     shutdown_grace: float
     database: DatabaseConfig
     redis: RedisConfig
+    # After SIGTERM: seconds of serving while health says NOT_SERVING (so that the gateway's
+    # health checks move new requests elsewhere), before new RPCs are refused.
+    drain_delay: float = 1.5
 
     @property
     def address(self) -> str:
@@ -223,6 +226,7 @@ class ServerConfig:
             log_format=env.choice("LOG_FORMAT", "json", ("json", "console")),
             metrics_port=env.port("METRICS_PORT", default_metrics_port),
             shutdown_grace=env.number("SHUTDOWN_GRACE", 10.0),
+            drain_delay=env.number("SHUTDOWN_DRAIN_DELAY", 1.5),
             database=DatabaseConfig.from_env(env, production=environment == "production"),
             redis=RedisConfig.from_env(env),
         )

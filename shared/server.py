@@ -2,9 +2,10 @@
 
 It registers health checking, reflection, the error/logging/metrics
 interceptor and a Prometheus endpoint, and drains gracefully on SIGTERM:
-health turns NOT_SERVING, new RPCs are refused, in-flight ones get
-`shutdown_grace` seconds, then the shutdown hooks (flush counters, close
-pools) run in order.
+health turns NOT_SERVING while requests are still served for
+`SHUTDOWN_DRAIN_DELAY` seconds (the gateway's health checks move traffic
+away), then new RPCs are refused, in-flight ones get `shutdown_grace`
+seconds, then the shutdown hooks (flush counters, close pools) run in order.
 """
 
 from __future__ import annotations
@@ -248,5 +249,10 @@ class GrpcServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("draining")
+        # Health turns NOT_SERVING first while requests are still served, so the gateway's
+        # health checks (every second) send new ones elsewhere before any is refused.
+        log.info("draining", delay=self.config.drain_delay)
+        await self.health.enter_graceful_shutdown()
+        if self.config.drain_delay > 0:
+            await asyncio.sleep(self.config.drain_delay)
         await self.stop()
