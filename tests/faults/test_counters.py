@@ -150,8 +150,8 @@ async def test_sigkill_loses_at_most_one_flush_interval_of_counts(stack: FaultSt
         "verify": await usage_count(stack, key_id),
     }
     # What one interval can hold: the answers of the last interval before the kill, with
-    # a quarter of an interval for the flush itself.
-    window = 1.25 * FLUSH_INTERVAL
+    # half an interval more for the flush itself (it runs on a busy 2-core machine).
+    window = 1.5 * FLUSH_INTERVAL
     problems = []
     served_by: dict[Kind, ServiceName] = {"get": "cert_service", "verify": "key_service"}
     for kind, service in served_by.items():
