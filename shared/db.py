@@ -115,18 +115,14 @@ async def open_pool(config: DatabaseConfig, service: str) -> Pool:
 
 
 async def open_database(
-    config: DatabaseConfig,
-    service: str,
-    *,
-    operation_timeout: float = DEFAULT_OPERATION_TIMEOUT,
-    probe_interval: float = DEFAULT_PROBE_INTERVAL,
+    config: DatabaseConfig, service: str, *, probe_interval: float = DEFAULT_PROBE_INTERVAL
 ) -> Database:
     pool = await open_pool(config, service)
     db = Database(
         pool,
         config,
         service,
-        operation_timeout=operation_timeout,
+        operation_timeout=config.operation_timeout,
         probe_interval=probe_interval,
     )
     await db.measure_clock()
