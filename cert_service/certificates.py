@@ -12,7 +12,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Final
 
 from cryptography.hazmat.primitives import serialization
@@ -437,25 +437,33 @@ class DeviceCertificates:
         if await self.cache.invalidate(certcache.device_key(device_id), certcache.name_key(fqdn)):
             # Fenced already: should the delete fail, a guard's pass deletes the row.
             with contextlib.suppress(DomainError):
-                await self.store.acknowledge_invalidations([invalidation])
+                await self.store.acknowledge_invalidations([invalidation], self.clock.now())
 
-    async def drain_invalidations(self) -> int:
-        """Fence every certificate in the invalidation log, then delete its rows."""
-        applied = 0
+    async def drain_invalidations(self, replay: bool = False) -> int:
+        """Fence every certificate with a pending logged invalidation and mark it applied;
+        `replay`: also those applied within the cache TTL (`shared.invalidation`)."""
+        now = self.clock.now()
+        ttl = timedelta(milliseconds=self.cache.ttl_ms)
+        since = now - ttl if replay else None
+        applied = after = 0
         while True:
-            pending = await self.store.pending_invalidations(_DRAIN_BATCH)
-            if not pending:
-                return applied
-            keys = [
-                key
-                for _, device_id, fqdn in pending
-                for key in (certcache.device_key(device_id), certcache.name_key(fqdn))
-            ]
-            await self.cache.fence_now(keys)
-            await self.store.acknowledge_invalidations([ident for ident, _, _ in pending])
-            applied += len(pending)
-            if len(pending) < _DRAIN_BATCH:
-                return applied
+            batch = await self.store.pending_invalidations(
+                _DRAIN_BATCH, after=after, applied_since=since
+            )
+            if batch:
+                keys = [
+                    key
+                    for _, device_id, fqdn in batch
+                    for key in (certcache.device_key(device_id), certcache.name_key(fqdn))
+                ]
+                await self.cache.fence_now(keys)
+                await self.store.acknowledge_invalidations([i for i, _, _ in batch], now)
+                applied += len(batch)
+                after = batch[-1][0]
+            if len(batch) < _DRAIN_BATCH:
+                break
+        await self.store.forget_invalidations(now - ttl)
+        return applied
 
 
 def _seconds(now: datetime) -> int:

@@ -409,26 +409,42 @@ class KeyStore:
         )
         return [row[0] for row in await cur.fetchall()]
 
-    async def pending_invalidations(self, limit: int) -> list[tuple[int, ApiKeyRow]]:
-        """The oldest logged invalidations, each with the key's current row."""
+    async def pending_invalidations(
+        self, limit: int, *, after: int = 0, applied_since: datetime | None = None
+    ) -> list[tuple[int, ApiKeyRow]]:
+        """Logged invalidations with ids above `after`, oldest first, each with the key's
+        current row: the pending ones, and with `applied_since` also those applied since."""
+        condition = "i.applied_at IS NULL"
+        if applied_since is not None:
+            condition = "(i.applied_at IS NULL OR i.applied_at >= %(since)s)"
         async with self._transaction() as conn:
             cur = await conn.execute(
                 f"SELECT i.id, {', '.join('k.' + c for c in KEY_COLUMNS.split(', '))} "
                 "FROM api_key_cache_invalidations AS i "
                 "JOIN device_api_keys AS k ON k.key_hash = i.key_hash "
-                "ORDER BY i.id LIMIT %s",
-                (limit,),
+                f"WHERE {condition} AND i.id > %(after)s ORDER BY i.id LIMIT %(limit)s",
+                {"since": applied_since, "after": after, "limit": limit},
             )
             rows = await cur.fetchall()
         return [(row[0], ApiKeyRow(*row[1:])) for row in rows]
 
-    async def acknowledge_invalidations(self, ids: Sequence[int]) -> None:
-        """Forget invalidations that Redis has applied."""
+    async def acknowledge_invalidations(self, ids: Sequence[int], now: datetime) -> None:
+        """Mark invalidations that Redis has applied."""
         if not ids:
             return
         async with self._transaction() as conn:
             await conn.execute(
-                "DELETE FROM api_key_cache_invalidations WHERE id = ANY(%s::bigint[])", (list(ids),)
+                "UPDATE api_key_cache_invalidations SET applied_at = %s "
+                "WHERE id = ANY(%s::bigint[]) AND applied_at IS NULL",
+                (now, list(ids)),
+            )
+
+    async def forget_invalidations(self, applied_before: datetime) -> None:
+        """Drop invalidations applied before `applied_before` (older than any cache entry)."""
+        async with self._transaction() as conn:
+            await conn.execute(
+                "DELETE FROM api_key_cache_invalidations WHERE applied_at < %s",
+                (applied_before,),
             )
 
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
 from typing import Final
 
 import redis.asyncio as aioredis
@@ -302,7 +303,7 @@ class Verifier:
             return
         # Applied already: should the delete fail, the guard deletes the rows on a later pass.
         with contextlib.suppress(DomainError):
-            await self.store.acknowledge_invalidations(change.invalidations)
+            await self.store.acknowledge_invalidations(change.invalidations, self.clock.now())
 
     def _queue_records(self, rows: Sequence[ApiKeyRow]) -> Callable[[Pipeline], None]:
         ttl_ms = self.cache_ttl_ms
@@ -323,15 +324,24 @@ class Verifier:
 
         return write
 
-    async def drain_invalidations(self) -> int:
-        """Apply every logged invalidation to Redis, then delete it (`shared.invalidation`)."""
-        applied = 0
+    async def drain_invalidations(self, replay: bool = False) -> int:
+        """Apply every pending logged invalidation to Redis and mark it applied
+        (`shared.invalidation`). `replay`: also those applied within the cache TTL, after
+        Redis failed (it may have lost writes it had acknowledged)."""
+        now = self.clock.now()
+        ttl = timedelta(milliseconds=self.cache_ttl_ms)
+        since = now - ttl if replay else None
+        applied = after = 0
         while True:
-            pending = await self.store.pending_invalidations(_DRAIN_BATCH)
-            if not pending:
-                return applied
-            await self.cache.apply(self._writer([row for _, row in pending]))
-            await self.store.acknowledge_invalidations([ident for ident, _ in pending])
-            applied += len(pending)
-            if len(pending) < _DRAIN_BATCH:
-                return applied
+            batch = await self.store.pending_invalidations(
+                _DRAIN_BATCH, after=after, applied_since=since
+            )
+            if batch:
+                await self.cache.apply(self._writer([row for _, row in batch]))
+                await self.store.acknowledge_invalidations([ident for ident, _ in batch], now)
+                applied += len(batch)
+                after = batch[-1][0]
+            if len(batch) < _DRAIN_BATCH:
+                break
+        await self.store.forget_invalidations(now - ttl)
+        return applied

@@ -2,10 +2,11 @@
 
 A change that a cached entry could contradict (a key revoked or rotated, a certificate revoked,
 renewed or deleted) writes an invalidation row into its service's PostgreSQL log *in the same
-transaction* as the change. After the commit the service applies it to Redis and deletes the
-row; if Redis does not answer, the row stays. The `CacheGuard` of every replica drains the log
-(applies every row, then deletes it) every `interval` seconds, so a row left by a replica that
-crashed, or that could not reach Redis, is applied by any replica that can.
+transaction* as the change. After the commit the service applies it to Redis and marks the row
+applied; if Redis does not answer, the row stays pending. The `CacheGuard` of every replica
+drains the log (applies every pending row, then marks it) every `interval` seconds, so a row
+left by a replica that crashed, or that could not reach Redis, is applied by any replica that
+can. Applied rows are kept for the cache TTL and deleted after it.
 
 Why an entry can never contradict an acknowledged change:
 
@@ -20,6 +21,12 @@ Why an entry can never contradict an acknowledged change:
 3. Applying a row writes what PostgreSQL holds now, and the writes are monotonic (a key's
    cached record only ever moves towards "unusable earlier"; a certificate's entries are
    fenced), so a late or repeated application never undoes a newer one.
+4. Redis may lose a write it acknowledged (a restart from an older snapshot, a failover to a
+   replica that had not received it). Such an event opens the circuit when requests fail on
+   it, and is seen by the guard's next pass in any case (the server's run id changes); the
+   drain that follows re-applies every row applied within the cache TTL, so no entry older
+   than the lost write survives. A restart that no request noticed is thus caught within
+   `interval` seconds.
 
 What remains is a replica that reaches Redis while the one that made the change does not (a
 partition between them, not an outage): it trusts Redis until its next drain, at most
@@ -40,13 +47,18 @@ from shared.logging import get_logger
 
 log = get_logger(__name__)
 
-# Applies every pending row of the log to Redis and deletes it; returns how many it applied.
-# Raises CacheUnavailable when Redis failed, DomainError when PostgreSQL did.
-Drain = Callable[[], Awaitable[int]]
+# Applies every pending row of the log to Redis and marks it applied; with True, also the rows
+# applied within the cache TTL. Returns how many it applied. Raises CacheUnavailable when Redis
+# failed, DomainError when PostgreSQL did.
+Drain = Callable[[bool], Awaitable[int]]
 
 
-async def _ping(client: aioredis.Redis) -> None:
-    await client.ping()
+async def _run_ids(client: aioredis.Redis) -> frozenset[str]:
+    """Which Redis server processes answer: a new one (a restart, a failover) may have lost
+    writes the old one acknowledged."""
+    info = await client.info("server")
+    nodes = info.values() if "run_id" not in info else [info]
+    return frozenset(str(node.get("run_id", "")) for node in nodes if isinstance(node, dict))
 
 
 class CacheGuard:
@@ -61,6 +73,7 @@ class CacheGuard:
         self.retry_interval = retry_interval
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._servers: frozenset[str] | None = None
         cache.guarded = True
         cache.breaker.on_trip = self.poke
         if cache.client is not None:
@@ -73,8 +86,12 @@ class CacheGuard:
             return False
         try:
             # An empty log proves nothing about Redis: it must answer before it is trusted.
-            await self.cache.apply(_ping)
-            applied = await self.drain()
+            servers = await self.cache.apply(_run_ids)
+            # After a failure, or with a new server process, Redis may have lost writes it
+            # acknowledged (a restart from an older snapshot, a failover to a replica that had
+            # not received them): re-apply what any live entry could predate.
+            replay = self.cache.breaker.is_open or servers != self._servers
+            applied = await self.drain(replay)
         except CacheUnavailable as exc:
             self.cache.breaker.trip()
             log.debug("invalidation log not applied", error=str(exc))
@@ -82,7 +99,8 @@ class CacheGuard:
         except DomainError:
             return False  # PostgreSQL away: nothing new can be written to the log either
         if applied:
-            log.info("cache invalidations applied from the log", count=applied)
+            log.info("cache invalidations applied from the log", count=applied, replay=replay)
+        self._servers = servers
         self.cache.breaker.success()
         return True
 
