@@ -176,11 +176,7 @@ def _exists(pid: int) -> bool:
 
 
 async def wait_gone(pids: list[int], limit: float = 30) -> None:
-    """Wait until none of `pids` exists, not even as a zombie.
-
-    A PostgreSQL postmaster killed together with `runuser` is reaped by init, here up to
-    about 2 s later; until then a new postmaster takes its pid file for a live server's.
-    """
+    """Wait until none of `pids` exists, not even as a zombie."""
     deadline = time.monotonic() + limit
     while any(_exists(pid) for pid in pids):
         if time.monotonic() > deadline:
@@ -340,13 +336,14 @@ class FaultStack:
         for channel in self._channels:
             await channel.close(None)
         await self.http.aclose()
+        # Nothing of theirs is looked at any more: no need to wait for graceful stops.
         running = [p for p in [self.envoy, *self.services.values()] if p is not None]
         for process in running:
             if process.running:
-                process.signal(signal.SIGTERM)
+                process.signal(signal.SIGKILL)
         for process in running:
             if process.process is not None:
-                await process.wait_exit(SHUTDOWN_GRACE + 5)
+                await process.wait_exit(10)
         await asyncio.to_thread(self.redis.stop)
         await asyncio.to_thread(self.postgres.stop)
 
@@ -380,16 +377,24 @@ class FaultStack:
         process = self.postgres.process
         if process is None:
             return
-        pids = process_tree(process.pid)
+        postmaster = int((self.postgres.data / "postmaster.pid").read_text().split()[0])
         if kill:
-            signal_tree(process, signal.SIGKILL)
+            signal_tree(process, signal.SIGSTOP)
+            for pid in process_tree(process.pid):
+                if pid != process.pid or pid == postmaster:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            # When we are root, `runuser` is the process we started: left alive, it reaps the
+            # postmaster at once and exits (an orphan would be reaped by init, seconds later,
+            # and a new postmaster takes a zombie's pid file for a live server's).
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGCONT)
         else:
             # A fast shutdown: the postmaster stops its backends itself.
-            postmaster = int((self.postgres.data / "postmaster.pid").read_text().split()[0])
             with contextlib.suppress(ProcessLookupError):
                 os.kill(postmaster, signal.SIGINT)
         await asyncio.to_thread(process.wait, 30)
-        await wait_gone(pids)
+        await wait_gone([postmaster])
         self.postgres.process = None
 
     async def start_postgres(self) -> None:

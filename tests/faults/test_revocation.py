@@ -13,7 +13,6 @@ import time
 
 import grpc
 import httpx
-import pytest
 
 from myl.key.v1 import key_pb2
 from tests.faults.load import VALID
@@ -48,9 +47,8 @@ async def watch_key(
     return answers
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 async def test_revoked_key_stays_revoked_across_redis_hang_and_key_service_restart(
-    stack: FaultStack, sig: signal.Signals
+    stack: FaultStack,
 ) -> None:
     device_id, api_key, key_id = await stack.device_with_key("revoke")
     assert await stack.verify(api_key) == VALID  # now cached in Redis as VALID
@@ -67,7 +65,9 @@ async def test_revoked_key_stays_revoked_across_redis_hang_and_key_service_resta
     done = asyncio.Event()
     watcher = asyncio.create_task(watch_key(stack, api_key, device_id, done))
     try:
-        await stack.stop_service("key_service", sig)
+        # SIGKILL: nothing the process held in memory survives (a graceful stop could not
+        # write to the hung Redis either).
+        await stack.stop_service("key_service", signal.SIGKILL)
         await stack.start_service("key_service")  # while Redis is still hung
         await asyncio.sleep(0.5)
         stack.resume("redis")
@@ -81,7 +81,7 @@ async def test_revoked_key_stays_revoked_across_redis_hang_and_key_service_resta
 
     valid = [how for how, answer in answers if answer in (VALID, "200")]
     print(
-        f"\n[revocation/{sig.name}] revoke took {revoke_seconds:.3f}s with Redis hung; "
+        f"\n[revocation] revoke took {revoke_seconds:.3f}s with Redis hung; "
         f"{len(answers)} checks after it, {len(valid)} VALID/200; last answers {answers[-4:]}"
     )
     assert not valid, f"a revoked key was accepted {len(valid)} times of {len(answers)}"
