@@ -92,6 +92,13 @@ class ServiceProcess:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def log_tail(self, lines: int = 8) -> str:
+        """The end of the process's output (the directory is gone after the run)."""
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
@@ -457,16 +464,14 @@ class FaultStack:
             health = health_pb2_grpc.HealthStub(channel)
             while True:
                 if not process.running:
-                    raise StackError(
-                        f"{service} exited with {process.process and process.process.returncode}"
-                        f"; see {process.log}"
-                    )
+                    status = process.process and process.process.returncode
+                    raise StackError(f"{service} exited with {status}:\n{process.log_tail()}")
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return time.monotonic()
                 if time.monotonic() > deadline:
-                    raise StackError(f"{service} not serving after {limit}s; see {process.log}")
+                    raise StackError(f"{service} not serving after {limit}s:\n{process.log_tail()}")
                 await asyncio.sleep(0.02)
 
     async def wait_gateway_healthy(self, limit: float = 15) -> None:
@@ -597,4 +602,14 @@ async def start_fault_stack() -> FaultStack:
 async def stop_fault_stack(stack: FaultStack, *, keep: bool = False) -> None:
     await stack.close()
     if not keep:
-        shutil.rmtree(stack.directory, ignore_errors=True)
+        _remove_in_background(stack.directory)
+
+
+def _remove_in_background(directory: Path) -> None:
+    """Remove `directory` without waiting: the database files take seconds on a slow disk."""
+    subprocess.run(
+        ["sh", "-c", 'rm -rf -- "$1" &', "sh", str(directory)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )

@@ -15,8 +15,6 @@ import asyncio
 import signal
 import time
 
-import pytest
-
 from myl.cert.v1 import cert_pb2
 from myl.key.v1 import key_pb2
 from tests.faults.load import UNLIMITED, Call, Kind, Load, Target, codes, load_target
@@ -95,17 +93,20 @@ def failed(calls: list[Call]) -> list[Call]:
     return [call for call in calls if not call.succeeded]
 
 
-@pytest.mark.parametrize("service", SERVICES)
 async def test_sigterm_under_load_fails_no_accepted_rpc_and_loses_no_count(
-    stack: FaultStack, service: ServiceName
+    stack: FaultStack,
 ) -> None:
-    target, key_id = await counted_target(stack, f"drain-{service}")
+    """Both services get SIGTERM at once (a host going down), under load, and start again."""
+    target, key_id = await counted_target(stack, "drain")
     async with Load(stack, target, RATES) as load:
         await asyncio.sleep(1.0)
         terminated = time.monotonic()
-        status = await stack.stop_service(service, signal.SIGTERM)
+        statuses = await asyncio.gather(
+            *(stack.stop_service(service, signal.SIGTERM) for service in SERVICES)
+        )
         exited = time.monotonic()
-        serving = await stack.start_service(service)
+        await asyncio.gather(*(stack.start_service(service) for service in SERVICES))
+        serving = time.monotonic()
         await asyncio.sleep(0.5)
     ok_gets = sum(call.succeeded for call in load.select("get"))
     valid = sum(call.succeeded for call in load.select("verify"))
@@ -118,9 +119,9 @@ async def test_sigterm_under_load_fails_no_accepted_rpc_and_loses_no_count(
     later = load.select(started_after=terminated)
     later_grpc = [c for c in failed(later) if c.kind != "rest"]
     print(
-        f"\n[SIGTERM {service}] {len(load.calls)} calls at {load.rate():.0f}/s; exit status "
-        f"{status} after {exited - terminated:.2f}s, serving again {serving - terminated:.2f}s "
-        f"after SIGTERM\n"
+        f"\n[SIGTERM both services] {len(load.calls)} calls at {load.rate():.0f}/s; exit "
+        f"statuses {dict(zip(SERVICES, statuses, strict=True))} within "
+        f"{exited - terminated:.2f}s, serving again {serving - terminated:.2f}s after SIGTERM\n"
         f"  accepted before SIGTERM: {len(accepted)}, failed {codes(failed(accepted))}\n"
         f"  started in the last {ACCEPTED_BEFORE:g}s before it: {len(edge)}, "
         f"failed {codes(failed(edge))}\n"
@@ -128,9 +129,9 @@ async def test_sigterm_under_load_fails_no_accepted_rpc_and_loses_no_count(
         f"  access_count {counts[0]} for {ok_gets} OK GetCertificate, usage_count {counts[1]} "
         f"for {valid} VALID verifies"
     )
-    assert status == 0, f"{service} exited with {status} on SIGTERM"
+    assert statuses == [0, 0], f"exit statuses on SIGTERM: {statuses}"
     assert not failed(accepted), f"RPCs accepted before SIGTERM failed: {codes(failed(accepted))}"
-    # While the one replica is away, gRPC callers get the code they retry on, nothing else.
+    # While the only replicas are away, gRPC callers get the code they retry on, nothing else.
     unexpected = [c for c in later_grpc if c.code != "UNAVAILABLE"]
     assert not unexpected, [
         f"{c.kind} {c.code}, started {c.start - terminated:+.3f}s after SIGTERM" for c in unexpected

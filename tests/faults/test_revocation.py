@@ -16,7 +16,7 @@ import httpx
 
 from myl.key.v1 import key_pb2
 from tests.faults.load import VALID
-from tests.faults.stack import FaultStack
+from tests.faults.stack import REDIS_BREAKER_RESET, FaultStack
 
 
 async def watch_key(
@@ -74,7 +74,7 @@ async def test_revoked_key_stays_revoked_across_redis_hang_and_key_service_resta
         resumed = time.monotonic()
         await stack.wait_gateway_healthy()
         # Long enough for the breaker to close and the cache to be read again.
-        await asyncio.sleep(max(0.0, 3.0 - (time.monotonic() - resumed)))
+        await asyncio.sleep(max(0.0, REDIS_BREAKER_RESET + 0.5 - (time.monotonic() - resumed)))
     finally:
         done.set()
         answers = await watcher
