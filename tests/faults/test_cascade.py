@@ -7,9 +7,13 @@ import asyncio
 import signal
 import time
 
+import pytest
+
 from myl.cert.v1 import cert_pb2
 from tests.faults.load import VALID
 from tests.faults.stack import FaultStack
+
+pytestmark = pytest.mark.slow
 
 DOWN_FOR = 4.0  # seconds key_service stays down after the delete: its retries back off
 REVOKED_WITHIN = 2.0  # seconds after key_service serves again

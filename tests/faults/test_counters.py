@@ -15,10 +15,14 @@ import asyncio
 import signal
 import time
 
+import pytest
+
 from myl.cert.v1 import cert_pb2
 from myl.key.v1 import key_pb2
 from tests.faults.load import UNLIMITED, Call, Kind, Load, Target, codes, load_target
 from tests.faults.stack import FLUSH_INTERVAL, SERVICES, FaultStack, ServiceName, unique
+
+pytestmark = pytest.mark.slow
 
 RATES: dict[Kind, float] = {"get": 60.0, "verify": 60.0, "rest": 30.0}
 # A request started this long before SIGTERM had reached the service (answers take a few ms).

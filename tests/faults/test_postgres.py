@@ -25,6 +25,8 @@ from myl.cert.v1 import cert_pb2
 from myl.key.v1 import key_pb2
 from tests.faults.stack import FaultStack, unique
 
+pytestmark = pytest.mark.slow
+
 ABANDONED = 20  # provisions whose callers give up during one outage
 CALLER_DEADLINE = 0.5  # seconds those callers wait
 REQUEST_ID = "request_id"  # the AIP-155 field, on ProvisionCertificateRequest once it exists

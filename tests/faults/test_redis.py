@@ -11,6 +11,7 @@ import asyncio
 import time
 
 import grpc
+import pytest
 
 from myl.key.v1 import key_pb2
 from tests.faults.load import Load, codes, load_target
@@ -20,6 +21,8 @@ from tests.faults.stack import (
     SERVICES,
     FaultStack,
 )
+
+pytestmark = pytest.mark.slow
 
 HANG = 3.0  # seconds Redis stays hung: the breaker opens, half-opens, and probes
 SLOW = 0.2  # seconds: an answer slower than this paid for the hang

@@ -13,10 +13,13 @@ import time
 
 import grpc
 import httpx
+import pytest
 
 from myl.key.v1 import key_pb2
 from tests.faults.load import VALID
 from tests.faults.stack import REDIS_BREAKER_RESET, FaultStack
+
+pytestmark = pytest.mark.slow
 
 
 async def watch_key(
