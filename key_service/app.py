@@ -9,7 +9,7 @@ from key_service.authz import AuthorizationServicer
 from key_service.config import SERVICE, KeyServiceConfig
 from key_service.devices import CertServiceDirectory, DeviceDirectory
 from key_service.ratelimit import LocalLimiter
-from key_service.scriptclient import ScriptClient
+from key_service.scriptclient import script_client
 from key_service.service import ApiKeyServicer
 from key_service.storage import KeyStore
 from key_service.usage import UsageBuffer
@@ -79,7 +79,7 @@ async def create_app(config: KeyServiceConfig, *, clock: Clock | None = None) ->
     clock = clock or SystemClock()
     db = await open_database(config.server.database, SERVICE)
     cache = Cache.from_config(config.server.redis)
-    scripts = ScriptClient(config.server.redis)
+    scripts = script_client(config.server.redis)
     store = KeyStore(db)
     usage = UsageBuffer(store, config.usage_flush_interval)
     devices = CertServiceDirectory(config.cert_service_address, config.cert_service_timeout)

@@ -35,7 +35,7 @@ from redis.asyncio.client import Pipeline
 from key_service import keyformat
 from key_service.permissions import ADMIN
 from key_service.ratelimit import POPULATE_SCRIPT, VERIFY_SCRIPT, Decision, LocalLimiter
-from key_service.scriptclient import Script, ScriptClient
+from key_service.scriptclient import Script, ScriptRunner
 from key_service.storage import ApiKeyRow, KeyChange, KeyStore
 from key_service.usage import UsageBuffer
 from myl.key.v1 import key_pb2
@@ -170,7 +170,7 @@ class Verifier:
         cache_ttl: float,
         negative_cache_ttl: float,
         local_limiter: LocalLimiter,
-        scripts: ScriptClient,
+        scripts: ScriptRunner,
     ) -> None:
         self.store = store
         self.cache = cache

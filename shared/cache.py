@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError, Message
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -142,6 +143,19 @@ class Cache:
         breaker = CircuitBreaker(config.breaker_threshold, config.breaker_reset)
         if not config.enabled:
             return cls(None, breaker)
+        if config.cluster_nodes:
+            # redis-py's cluster client: routes by slot, follows MOVED/ASK, re-reads the slot
+            # map after errors. Every key carries a hash tag, so each call and each script
+            # touches one slot.
+            cluster = RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in config.cluster_nodes],
+                password=config.password or None,
+                socket_timeout=config.socket_timeout,
+                socket_connect_timeout=config.socket_timeout,
+                max_connections=256,
+                retry=Retry(NoBackoff(), 0),
+            )
+            return cls(cast(aioredis.Redis, cluster), breaker)
         client = aioredis.Redis(
             host=config.host,
             port=config.port,

@@ -169,6 +169,9 @@ class RedisConfig:
     # Every replica applies the durable invalidation log this often (shared/invalidation.py).
     invalidation_interval: float = 1.0
     enabled: bool = True
+    # A Redis Cluster's seed nodes (REDIS_CLUSTER_NODES=host:port,host:port); when given,
+    # REDIS_HOST/REDIS_PORT/REDIS_DB are not used.
+    cluster_nodes: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_env(cls, env: EnvReader) -> RedisConfig:
@@ -182,7 +185,23 @@ class RedisConfig:
             breaker_reset=env.number("REDIS_BREAKER_RESET", 0.5, minimum=0.01),
             invalidation_interval=env.number("REDIS_INVALIDATION_INTERVAL", 1.0, minimum=0.01),
             enabled=env.flag("REDIS_ENABLED", True),
+            cluster_nodes=_cluster_nodes(env),
         )
+
+
+def _cluster_nodes(env: EnvReader) -> tuple[tuple[str, int], ...]:
+    raw = env.text("REDIS_CLUSTER_NODES", "")
+    nodes = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                "REDIS_CLUSTER_NODES", raw, "comma-separated host:port pairs of cluster nodes"
+            )
+        nodes.append((host, int(port)))
+    return tuple(nodes)
 
 
 @dataclass(frozen=True)

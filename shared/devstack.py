@@ -17,6 +17,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import redis
+from redis.crc import key_slot
+
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 
 
@@ -173,10 +176,11 @@ class PostgresServer:
 class RedisServer:
     """A non-persistent redis-server on 127.0.0.1:`port`."""
 
-    def __init__(self, directory: Path, port: int) -> None:
+    def __init__(self, directory: Path, port: int, *, extra_args: tuple[str, ...] = ()) -> None:
         self.directory = directory
         self.port = port
         self.host = "127.0.0.1"
+        self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
 
     @staticmethod
@@ -206,6 +210,7 @@ class RedisServer:
                 str(self.directory),
                 "--logfile",
                 str(self.directory / "redis.log"),
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -216,6 +221,115 @@ class RedisServer:
     def stop(self) -> None:
         stop_process_group(self.process)
         self.process = None
+
+
+def _cluster_args(directory: Path, port: int) -> tuple[str, ...]:
+    return (
+        "--cluster-enabled", "yes",
+        "--cluster-config-file", str(directory / f"node-{port}" / "nodes.conf"),
+        "--cluster-node-timeout", "1000",
+        "--cluster-replica-validity-factor", "0",
+    )  # fmt: skip
+
+
+def free_cluster_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Free ports for cluster nodes: each node also listens on its port + 10000 (the
+    cluster bus), so both must be free and below 65536."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port(host)
+        if port + 10000 >= 65536 or port in ports:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port + 10000))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
+class RedisClusterServers:
+    """A Redis Cluster of `masters` masters, each with one replica, on loopback ports.
+
+    Built with redis-server's own cluster mode and `redis-cli --cluster create`. A node
+    timeout of one second lets a replica take over quickly when its master dies."""
+
+    def __init__(self, directory: Path, ports: list[int], *, replicas: int = 1) -> None:
+        self.directory = directory
+        self.replicas = replicas
+        self.nodes = [
+            RedisServer(directory / f"node-{port}", port, extra_args=_cluster_args(directory, port))
+            for port in ports
+        ]
+
+    @property
+    def addresses(self) -> str:
+        """`REDIS_CLUSTER_NODES` for this cluster."""
+        return ",".join(f"{node.host}:{node.port}" for node in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> None:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise DevStackError("redis-cli not found: install redis-tools (apt-get install redis)")
+        subprocess.run(
+            [
+                cli, "--cluster", "create",
+                *(f"{node.host}:{node.port}" for node in self.nodes),
+                "--cluster-replicas", str(self.replicas), "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=timeout,
+        )  # fmt: skip
+        self.wait_ok(timeout)
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Wait until every running node says cluster_state:ok."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if all(self._ok(node) for node in self.running()):
+                return
+            if time.monotonic() > deadline:
+                raise DevStackError(f"Redis Cluster not ok after {timeout}s")
+            time.sleep(0.1)
+
+    def running(self) -> list[RedisServer]:
+        return [node for node in self.nodes if node.process is not None]
+
+    @staticmethod
+    def _client(node: RedisServer) -> redis.Redis:
+        return redis.Redis(host=node.host, port=node.port, socket_timeout=2)
+
+    def _ok(self, node: RedisServer) -> bool:
+        with contextlib.suppress(redis.RedisError), self._client(node) as client:
+            info = client.execute_command("CLUSTER", "INFO")
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            return "cluster_state:ok" in text
+        return False
+
+    def master_of(self, key: str) -> RedisServer:
+        """The node that serves `key` now."""
+        slot = key_slot(key.encode())
+        for node in self.running():
+            with contextlib.suppress(redis.RedisError), self._client(node) as client:
+                for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                    if int(start) <= slot <= int(end):
+                        port = int(primary[1])
+                        return next(n for n in self.nodes if n.port == port)
+        raise DevStackError(f"no node serves {key}")
+
+    def flush(self) -> None:
+        for node in self.running():
+            with contextlib.suppress(redis.RedisError), self._client(node) as client:
+                client.flushall()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
 
 
 def stop_process_group(

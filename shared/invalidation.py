@@ -40,6 +40,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from shared.cache import Cache, CacheUnavailable
 from shared.errors import DomainError
@@ -56,7 +57,10 @@ Drain = Callable[[bool], Awaitable[int]]
 async def _run_ids(client: aioredis.Redis) -> frozenset[str]:
     """Which Redis server processes answer: a new one (a restart, a failover) may have lost
     writes the old one acknowledged."""
-    info = await client.info("server")
+    if isinstance(client, RedisCluster):
+        info = await client.info("server", target_nodes=RedisCluster.PRIMARIES)
+    else:
+        info = await client.info("server")
     nodes = info.values() if "run_id" not in info else [info]
     return frozenset(str(node.get("run_id", "")) for node in nodes if isinstance(node, dict))
 

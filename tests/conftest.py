@@ -12,13 +12,22 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import psycopg
 import pytest
 import redis
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from shared.config import ServerConfig
-from shared.devstack import PostgresServer, RedisServer, free_port
+from shared.devstack import (
+    PostgresServer,
+    RedisClusterServers,
+    RedisServer,
+    free_cluster_ports,
+    free_port,
+)
 from shared.migrations import MigrationRunner, load_migrations
 
 pytest_plugins = ["tests.fixtures.cert", "tests.fixtures.key"]
@@ -99,17 +108,87 @@ def clean_redis(redis_server: RedisServer) -> RedisServer:
     return redis_server
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """A Redis Cluster of 3 masters with a replica each, for the session."""
+    directory = Path(tempfile.mkdtemp(prefix="myl-test-cluster-"))
+    cluster = RedisClusterServers(directory, free_cluster_ports(6))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Modules that set `REDIS_BACKENDS = ("standalone", "cluster")` run every test that
+    builds a service config (`make_config`) once against each."""
+    backends = getattr(metafunc.module, "REDIS_BACKENDS", None)
+    if backends and "redis_backend" in metafunc.fixturenames:
+        metafunc.parametrize("redis_backend", backends, indirect=True)
+
+
+@pytest.fixture
+def redis_backend(request: pytest.FixtureRequest) -> str:
+    """ "standalone" (the session's Redis) or "cluster" (the session's Redis Cluster)."""
+    return str(getattr(request, "param", "standalone"))
+
+
+@pytest.fixture
+async def redis_inspect(
+    request: pytest.FixtureRequest, clean_redis: RedisServer, redis_backend: str
+) -> AsyncIterator[aioredis.Redis]:
+    """A client of the backend this test's services use, to look at what they stored."""
+    client: aioredis.Redis
+    if redis_backend == "cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        first = cluster.nodes[0]
+        client = cast(aioredis.Redis, RedisCluster(host=first.host, port=first.port))
+    else:
+        client = aioredis.Redis(host=clean_redis.host, port=clean_redis.port)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def all_keys(client: aioredis.Redis) -> list[str]:
+    """Every key, from every master of a cluster."""
+    if isinstance(client, RedisCluster):
+        found = await client.keys("*", target_nodes=RedisCluster.PRIMARIES)
+    else:
+        found = await client.keys("*")
+    return sorted(k.decode() if isinstance(k, bytes) else str(k) for k in found)
+
+
+def standalone_only(redis_backend: str) -> None:
+    """Skip a test that stops or inspects the single Redis server itself."""
+    if redis_backend != "standalone":
+        pytest.skip("stops the standalone Redis; the cluster's failover has its own test")
+
+
 ConfigFactory = Callable[..., ServerConfig]
 
 
 @pytest.fixture
 def make_config(
-    pg_server: PostgresServer, database: str, clean_redis: RedisServer
+    request: pytest.FixtureRequest,
+    pg_server: PostgresServer,
+    database: str,
+    clean_redis: RedisServer,
+    redis_backend: str,
 ) -> ConfigFactory:
     """Build a service's ServerConfig pointing at this test's database and Redis.
 
     Extra keyword arguments are environment variables (unprefixed).
     """
+
+    cluster_env: dict[str, str] = {}
+    if redis_backend == "cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        cluster_env["REDIS_CLUSTER_NODES"] = cluster.addresses
 
     def build(service: str, **env: str) -> ServerConfig:
         environ = {
@@ -124,6 +203,7 @@ def make_config(
             "METRICS_PORT": "0",
             "ENVIRONMENT": "test",
             "SHUTDOWN_GRACE": "1",
+            **cluster_env,
             **env,
         }
         return ServerConfig.from_env(service, 0, 0, environ)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import TypeAlias
 
 import grpc
@@ -16,6 +15,7 @@ from prometheus_client import REGISTRY
 from cert_service import certcache
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from shared.devstack import RedisServer
+from tests.conftest import standalone_only
 from tests.fixtures.cert import RunningCertService, StartCertService, make_csr
 
 Stub: TypeAlias = "cert_pb2_grpc.CertificateServiceAsyncStub"
@@ -27,13 +27,12 @@ DEVICE_KEY = certcache.device_key("device-1")
 NAME_KEY = certcache.name_key("cached.myl.zip")
 
 
+REDIS_BACKENDS = ("standalone", "cluster")
+
+
 @pytest.fixture
-async def redis_client(clean_redis: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis(host=clean_redis.host, port=clean_redis.port)
-    try:
-        yield client
-    finally:
-        await client.aclose()
+def redis_client(redis_inspect: aioredis.Redis) -> aioredis.Redis:
+    return redis_inspect
 
 
 async def get(stub: Stub, device_id: str = "device-1") -> cert_pb2.Certificate:
@@ -173,8 +172,12 @@ async def test_access_is_counted_in_batches_and_flushed_on_shutdown(
 
 
 async def test_every_rpc_works_from_postgresql_while_redis_is_down(
-    start_cert_service: StartCertService, clean_redis: RedisServer, db_conn: Conn
+    start_cert_service: StartCertService,
+    clean_redis: RedisServer,
+    db_conn: Conn,
+    redis_backend: str,
 ) -> None:
+    standalone_only(redis_backend)
     service = await start_cert_service(REDIS_BREAKER_RESET="0.05")
     async with grpc.aio.insecure_channel(service.address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)

@@ -16,9 +16,13 @@ from key_service.verify import VERIFY, rate_key, record_key
 from myl.key.v1 import key_pb2
 from shared.config import ServerConfig
 from shared.devstack import RedisServer
+from tests.conftest import all_keys, standalone_only
 from tests.fixtures.key import FakeClock, RunningKeyService, start_key_service
 
 R = key_pb2.VerifyApiKeyRequest
+
+
+REDIS_BACKENDS = ("standalone", "cluster")
 
 
 def _redis(server: RedisServer) -> aioredis.Redis:
@@ -60,11 +64,11 @@ async def test_valid_key_reports_device_permissions_and_limit(
 
 
 async def test_malformed_keys_are_not_found_without_io(
-    key_service: RunningKeyService, monkeypatch: pytest.MonkeyPatch, clean_redis: RedisServer
+    key_service: RunningKeyService, monkeypatch: pytest.MonkeyPatch, redis_inspect: aioredis.Redis
 ) -> None:
     plaintext, _ = await key_service.issue_device_key()
     reads = CountingReads(key_service, monkeypatch)
-    client = _redis(clean_redis)
+    client = redis_inspect
     await client.config_resetstat()
     typo = plaintext[:10] + ("A" if plaintext[10] != "A" else "B") + plaintext[11:]
     for bad in [typo, plaintext[:-1], plaintext + "x", "myl_" + "0" * 49, "not a key", "x" * 5000]:
@@ -78,8 +82,12 @@ async def test_malformed_keys_are_not_found_without_io(
 
 
 async def test_cache_hit_is_one_redis_round_trip_and_no_database_read(
-    key_service: RunningKeyService, monkeypatch: pytest.MonkeyPatch, clean_redis: RedisServer
+    key_service: RunningKeyService,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_inspect: aioredis.Redis,
+    redis_backend: str,
 ) -> None:
+    standalone_only(redis_backend)  # reads one server's command statistics
     plaintext, _ = await key_service.issue_device_key()
     reads = CountingReads(key_service, monkeypatch)
     first = await key_service.stub.VerifyApiKey(R(api_key=plaintext))  # miss: reads PG once
@@ -98,7 +106,7 @@ async def test_cache_hit_is_one_redis_round_trip_and_no_database_read(
     redis_py = key_service.app.cache.client
     assert redis_py is not None
     monkeypatch.setattr(redis_py, "execute_command", None)  # nothing else may talk to Redis
-    client = _redis(clean_redis)
+    client = redis_inspect
     await client.config_resetstat()
     for _ in range(5):
         reply = await key_service.stub.VerifyApiKey(R(api_key=plaintext))
@@ -115,12 +123,14 @@ async def test_cache_hit_is_one_redis_round_trip_and_no_database_read(
 
 
 async def test_both_redis_keys_share_one_hash_tag(
-    key_service: RunningKeyService, clean_redis: RedisServer
+    key_service: RunningKeyService, redis_inspect: aioredis.Redis
 ) -> None:
-    plaintext, _ = await key_service.issue_device_key()
+    # One request per minute: the rate state lives a minute (at 1000/min it lives 60 ms and
+    # may be gone before we look).
+    plaintext, _ = await key_service.issue_device_key(rate_limit=1)
     await key_service.stub.VerifyApiKey(R(api_key=plaintext))
-    client = _redis(clean_redis)
-    keys = sorted(k.decode() if isinstance(k, bytes) else k for k in await client.keys("*"))
+    client = redis_inspect
+    keys = await all_keys(client)
     key_hash = keyformat.hash_key(plaintext)
     assert keys == sorted([record_key(key_hash), rate_key(key_hash)])
     tags = {k[k.index("{") + 1 : k.index("}")] for k in keys}
@@ -129,7 +139,7 @@ async def test_both_redis_keys_share_one_hash_tag(
 
 
 async def test_unknown_key_is_cached_as_unknown(
-    key_service: RunningKeyService, monkeypatch: pytest.MonkeyPatch, clean_redis: RedisServer
+    key_service: RunningKeyService, monkeypatch: pytest.MonkeyPatch, redis_inspect: aioredis.Redis
 ) -> None:
     reads = CountingReads(key_service, monkeypatch)
     unknown = keyformat.generate().plaintext
@@ -137,7 +147,7 @@ async def test_unknown_key_is_cached_as_unknown(
         reply = await key_service.stub.VerifyApiKey(R(api_key=unknown))
         assert reply.result == key_pb2.VERIFY_RESULT_NOT_FOUND
     assert reads.calls == 1
-    client = _redis(clean_redis)
+    client = redis_inspect
     ttl = await client.pttl(record_key(keyformat.hash_key(unknown)))
     assert 0 < ttl <= key_service.config.negative_cache_ttl * 1000
     await client.aclose()
@@ -247,8 +257,12 @@ async def test_lua_and_python_gcra_agree(clean_redis: RedisServer) -> None:
 
 
 async def test_redis_down_falls_back_to_postgres_and_local_limiter(
-    make_config: Callable[..., ServerConfig], key_clock: FakeClock, clean_redis: RedisServer
+    make_config: Callable[..., ServerConfig],
+    key_clock: FakeClock,
+    clean_redis: RedisServer,
+    redis_backend: str,
 ) -> None:
+    standalone_only(redis_backend)
     service = await start_key_service(
         make_config("key_service", REDIS_BREAKER_RESET="0.05"), key_clock
     )
