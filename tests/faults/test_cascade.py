@@ -1,5 +1,10 @@
 """Issue 8, point 4: a device deleted while key_service is down loses its keys within 2 s of
-key_service serving again."""
+key_service serving again.
+
+Devices are deleted at several moments of one outage, so that whatever schedule the cascade
+retries on (a growing backoff, say), some device has its next attempt due well after
+key_service is back: the test measures the worst of them.
+"""
 
 from __future__ import annotations
 
@@ -15,32 +20,45 @@ from tests.faults.stack import FaultStack
 
 pytestmark = pytest.mark.slow
 
-DOWN_FOR = 4.0  # seconds key_service stays down after the delete: its retries back off
+DELETES_EVERY = 1.0  # seconds between deletions, while key_service is down
+DEVICES = 4
+DOWN_FOR = DEVICES * DELETES_EVERY  # seconds from the kill to the restart
 REVOKED_WITHIN = 2.0  # seconds after key_service serves again
 
 
-async def test_keys_of_a_device_deleted_while_key_service_was_down_stop_verifying(
+async def test_keys_of_devices_deleted_while_key_service_was_down_stop_verifying(
     stack: FaultStack,
 ) -> None:
-    device_id, api_key, _ = await stack.device_with_key("deleted")
-    assert await stack.verify(api_key) == VALID  # cached in Redis as VALID
+    devices = [await stack.device_with_key(f"deleted-{i}") for i in range(DEVICES)]
+    for _, api_key, _ in devices:
+        assert await stack.verify(api_key) == VALID  # cached in Redis as VALID
 
     await stack.stop_service("key_service", signal.SIGKILL)
-    await stack.cert.DeleteDevice(cert_pb2.DeleteDeviceRequest(device_id=device_id), timeout=5)
-    await asyncio.sleep(DOWN_FOR)
+    killed = time.monotonic()
+    deleted_at: list[float] = []
+    for index, (device_id, _, _) in enumerate(devices):
+        await asyncio.sleep(max(0.0, killed + index * DELETES_EVERY - time.monotonic()))
+        await stack.cert.DeleteDevice(cert_pb2.DeleteDeviceRequest(device_id=device_id), timeout=5)
+        deleted_at.append(time.monotonic() - killed)
+    await asyncio.sleep(max(0.0, killed + DOWN_FOR - time.monotonic()))
     serving = await stack.start_service("key_service")
 
-    results: list[str] = []
-    while True:
-        result = await stack.verify(api_key, dry_run=True)
-        results.append(result)
-        waited = time.monotonic() - serving
-        if result != VALID or waited > 10 * REVOKED_WITHIN:
-            break
+    revoked_after: dict[int, float] = {}
+    while len(revoked_after) < DEVICES and time.monotonic() - serving < 10 * REVOKED_WITHIN:
+        for index, (_, api_key, _) in enumerate(devices):
+            if index not in revoked_after and await stack.verify(api_key, dry_run=True) != VALID:
+                revoked_after[index] = time.monotonic() - serving
         await asyncio.sleep(0.05)
     print(
-        f"\n[delete cascade] key answered {result} {waited:.2f}s after key_service served "
-        f"again ({results.count(VALID)} VALID answers before)"
+        f"\n[delete cascade] key_service down {DOWN_FOR:g}s, serving again "
+        f"{serving - killed:.2f}s after the kill; devices deleted at "
+        + ", ".join(f"{t:.1f}s" for t in deleted_at)
+        + "; their keys stopped verifying "
+        + ", ".join(
+            f"{revoked_after[i]:.2f}s" if i in revoked_after else "never" for i in range(DEVICES)
+        )
+        + " after it served again"
     )
-    assert result != VALID, f"the deleted device's key still verified {waited:.1f}s later"
-    assert waited <= REVOKED_WITHIN, f"the deletion reached key_service {waited:.2f}s later"
+    assert len(revoked_after) == DEVICES, "a deleted device's key still verifies"
+    worst = max(revoked_after.values())
+    assert worst <= REVOKED_WITHIN, f"a deletion reached key_service {worst:.2f}s late"

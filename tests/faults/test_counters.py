@@ -146,7 +146,7 @@ async def test_sigterm_under_load_fails_no_accepted_rpc_and_loses_no_count(
 async def test_sigkill_loses_at_most_one_flush_interval_of_counts(stack: FaultStack) -> None:
     target, key_id = await counted_target(stack, "killed")
     async with Load(stack, target, {"get": RATES["get"], "verify": RATES["verify"]}) as load:
-        await asyncio.sleep(2.5)
+        await asyncio.sleep(2 * FLUSH_INTERVAL)
         killed = time.monotonic()
         await asyncio.gather(*(stack.stop_service(service, signal.SIGKILL) for service in SERVICES))
         await asyncio.gather(*(stack.start_service(service) for service in SERVICES))
