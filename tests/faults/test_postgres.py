@@ -13,7 +13,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Literal
+from typing import Literal, TypeVar
 
 import grpc
 import pytest
@@ -29,7 +29,10 @@ pytestmark = pytest.mark.slow
 
 ABANDONED = 20  # provisions whose callers give up during one outage
 CALLER_DEADLINE = 0.5  # seconds those callers wait
-REQUEST_ID = "request_id"  # the AIP-155 field, on ProvisionCertificateRequest once it exists
+REQUEST_ID = "request_id"  # the AIP-155 field of mutating requests
+
+M = TypeVar("M", bound=Message)
+R = TypeVar("R")
 
 
 async def code_of(call: Awaitable[object]) -> str:
@@ -115,41 +118,28 @@ async def test_provisions_abandoned_during_postgres_outage_leave_no_rows(
     assert rows == ok, f"{rows} rows for {ok} OK answers: {rows - ok} callers never saw theirs"
 
 
-def message_with_request_id(message: Message, request_id: str) -> Message:
+def message_with_request_id(message: M, request_id: str) -> M:
     setattr(message, REQUEST_ID, request_id)
     return message
 
 
-async def test_provision_retried_with_the_same_request_id_gets_a_working_certificate(
-    stack: FaultStack,
-) -> None:
-    if REQUEST_ID not in cert_pb2.ProvisionCertificateRequest.DESCRIPTOR.fields_by_name:
-        pytest.skip("ProvisionCertificateRequest has no request_id field yet (AIP-155)")
-    device_id = unique("retried")
-    subdomain = f"{device_id}.myl.zip"
-    request = cert_pb2.ProvisionCertificateRequest(device_id=device_id, uuid_subdomain=subdomain)
-    message_with_request_id(request, str(uuid.uuid4()))
-
-    stack.hang("postgres")
-    try:
-        first = await code_of(stack.cert.ProvisionCertificate(request, timeout=CALLER_DEADLINE))
-    finally:
-        stack.resume("postgres")
-    await asyncio.sleep(1.0)  # anything held for the first attempt could commit now
-
+async def retry_until_ok(call: Callable[[], Awaitable[R]], first: str) -> R:
+    """Retry while the answer is UNAVAILABLE (the retryable code), for at most 10 s."""
     started = time.monotonic()
     while True:
         try:
-            reply = await stack.cert.ProvisionCertificate(request, timeout=3)
-            break
+            return await call()
         except grpc.aio.AioRpcError as err:
             refused = (err.code(), err.details())
-        # Only the retryable answer may be retried; ALREADY_EXISTS is the failure here.
+        # ALREADY_EXISTS, say, is what the request_id is there to prevent.
         assert refused[0] == grpc.StatusCode.UNAVAILABLE, (first, *refused)
         assert time.monotonic() - started < 10, "retries kept failing"
         await asyncio.sleep(0.1)
-    print(f"\n[request_id retry] first attempt {first}; the retry got OK")
 
+
+def check_provisioned(reply: cert_pb2.ProvisionCertificateResponse, device_id: str) -> None:
+    """The certificate names the device's subdomain and the returned key is its key."""
+    subdomain = f"{device_id}.myl.zip"
     certificate = reply.certificate
     assert certificate.device_id == device_id
     assert list(certificate.dns_names) == [subdomain, f"*.{subdomain}"]
@@ -158,11 +148,72 @@ async def test_provision_retried_with_the_same_request_id_gets_a_working_certifi
     assert names.get_values_for_type(x509.DNSName) == [subdomain, f"*.{subdomain}"]
     key = load_pem_private_key(reply.private_key_pem.encode(), password=None)
     assert key.public_key() == issued.public_key()
-    # And it is the device's current certificate.
+
+
+async def test_retries_with_the_same_request_id_get_working_results(stack: FaultStack) -> None:
+    """A provision and a key generation whose callers gave up during a PostgreSQL hang,
+    retried with the same request_id: OK with a working certificate (not ALREADY_EXISTS), and
+    exactly one working key per request_id."""
+    for request_type in (cert_pb2.ProvisionCertificateRequest, key_pb2.GenerateApiKeyRequest):
+        if REQUEST_ID not in request_type.DESCRIPTOR.fields_by_name:
+            pytest.skip(f"{request_type.__name__} has no request_id field yet (AIP-155)")
+    device_id = unique("retried")
+    provision = message_with_request_id(
+        cert_pb2.ProvisionCertificateRequest(
+            device_id=device_id, uuid_subdomain=f"{device_id}.myl.zip"
+        ),
+        str(uuid.uuid4()),
+    )
+    key_device = unique("retried-key")
+    await stack.provision(key_device)
+    generate = message_with_request_id(
+        key_pb2.GenerateApiKeyRequest(device_id=key_device), str(uuid.uuid4())
+    )
+
+    stack.hang("postgres")
+    try:
+        first = await asyncio.gather(
+            code_of(stack.cert.ProvisionCertificate(provision, timeout=CALLER_DEADLINE)),
+            code_of(stack.keys.GenerateApiKey(generate, timeout=CALLER_DEADLINE)),
+        )
+    finally:
+        stack.resume("postgres")
+    await asyncio.sleep(1.0)  # anything held for the first attempts could commit now
+
+    provisioned = await retry_until_ok(
+        lambda: stack.cert.ProvisionCertificate(provision, timeout=3), first[0]
+    )
+    check_provisioned(provisioned, device_id)
+    # The caller never saw that answer either: once more, the same request.
+    again = await stack.cert.ProvisionCertificate(provision, timeout=3)
+    check_provisioned(again, device_id)
     current = await stack.cert.GetCertificate(
         cert_pb2.GetCertificateRequest(device_id=device_id), timeout=3
     )
-    assert current.certificate.serial_number == certificate.serial_number
+    assert current.certificate.serial_number == again.certificate.serial_number
+
+    generated = await retry_until_ok(
+        lambda: stack.keys.GenerateApiKey(generate, timeout=3), first[1]
+    )
+    assert await stack.verify(generated.api_key, dry_run=True) == "VERIFY_RESULT_VALID"
+    regenerated = await stack.keys.GenerateApiKey(generate, timeout=3)
+    results = [
+        await stack.verify(reply.api_key, dry_run=True) for reply in (generated, regenerated)
+    ]
+    active = await stack.count(
+        "SELECT count(*) FROM device_api_keys WHERE device_id = %s AND revoked_at IS NULL",
+        key_device,
+    )
+    print(
+        f"\n[request_id retries] first attempts {first}; provision retried twice: OK, "
+        f"serials {provisioned.certificate.serial_number[:8]}.., "
+        f"{again.certificate.serial_number[:8]}..; key retried twice: {results}, "
+        f"{active} unrevoked key(s) for the device"
+    )
+    assert results == ["VERIFY_RESULT_REVOKED", "VERIFY_RESULT_VALID"], (
+        "exactly one key of one request_id works: the last one handed out"
+    )
+    assert active == 1
 
 
 OUTAGE = 3.0  # seconds PostgreSQL stays down
