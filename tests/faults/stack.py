@@ -83,12 +83,6 @@ class ServiceProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
-    def pid(self) -> int:
-        if self.process is None:
-            raise StackError(f"{self.name} is not running")
-        return self.process.pid
-
-    @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
@@ -169,7 +163,7 @@ def signal_tree(process: subprocess.Popen[bytes] | None, sig: signal.Signals) ->
         return []
     if sig == signal.SIGKILL:
         signal_tree(process, signal.SIGSTOP)
-    pids = process_tree(process.pid)
+    pids: list[int] = []
     for _ in range(2 if sig == signal.SIGSTOP else 1):
         pids = process_tree(process.pid)
         for pid in pids:
@@ -195,7 +189,7 @@ class FaultStack:
     """The whole stack on free loopback ports under one temporary directory.
 
     Parts: `postgres`, `redis`, `cert_service`, `key_service`, `envoy`. Faults:
-    `hang(part)` / `resume(part)` (SIGSTOP / SIGCONT of its process group),
+    `hang(part)` / `resume(part)` (SIGSTOP / SIGCONT of its processes),
     `stop_postgres(kill=...)` / `start_postgres()`, `kill_redis()` / `start_redis()`,
     `stop_service(name, sig)` / `start_service(name)` / `restart_service(name, sig)`.
     `heal()` resumes and restarts whatever a test left stopped.
