@@ -35,14 +35,33 @@ class GatewayPorts:
     admin_port: int = 9901
     cert_port: int = 50051
     key_port: int = 50052
+    # Further replicas of each service, on the same host (Envoy balances over all of them).
+    cert_replica_ports: tuple[int, ...] = ()
+    key_replica_ports: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("listen_port", "admin_port", "cert_port", "key_port"):
-            port = getattr(self, name)
-            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-                raise ValueError(f"{name} must be a TCP port (1-65535), got {port!r}")
+            _check_port(name, getattr(self, name))
+        for name in ("cert_replica_ports", "key_replica_ports"):
+            for port in getattr(self, name):
+                _check_port(name, port)
         if self.listen_port == self.admin_port:
             raise ValueError("listen_port and admin_port must differ")
+
+
+def _check_port(name: str, port: object) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"{name} must be a TCP port (1-65535), got {port!r}")
+
+
+def _endpoints(host: str, ports: tuple[int, ...]) -> str:
+    """The `lb_endpoints` entries (YAML flow mappings, one per line) of one cluster."""
+    indent = " " * 14
+    return "\n".join(
+        f"{indent}- endpoint: {{ address: {{ socket_address: "
+        f"{{ address: {json.dumps(host)}, port_value: {port} }} }} }}"
+        for port in ports
+    )
 
 
 def render_envoy_config(
@@ -74,10 +93,8 @@ def render_envoy_config(
         listen_address=json.dumps(listen_address),
         listen_port=ports.listen_port,
         admin_port=ports.admin_port,
-        cert_host=json.dumps(cert_host),
-        cert_port=ports.cert_port,
-        key_host=json.dumps(key_host),
-        key_port=ports.key_port,
+        cert_endpoints=_endpoints(cert_host, (ports.cert_port, *ports.cert_replica_ports)),
+        key_endpoints=_endpoints(key_host, (ports.key_port, *ports.key_replica_ports)),
         descriptor_path=json.dumps(str(descriptor_path)),
         access_log_path=json.dumps(str(access_log_path)),
     )

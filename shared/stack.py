@@ -25,6 +25,7 @@ from shared.config import ConfigError, EnvReader
 from shared.devstack import (
     DevStackError,
     PostgresServer,
+    RedisClusterServers,
     RedisServer,
     stop_process_group,
     wait_for_port,
@@ -79,6 +80,19 @@ def wait_gateway_healthy(port: int, timeout: float, process: subprocess.Popen[by
         time.sleep(0.2)
 
 
+def _replica_ports(env: dict[str, str], prefix: str, port: int) -> list[int]:
+    """`<prefix>_REPLICAS` processes (default 1; one per core in production)."""
+    count = EnvReader(prefix, env).integer("REPLICAS", 1, minimum=1, maximum=16)
+    return [port + 100 * index for index in range(count)]
+
+
+def _target(ports: list[int]) -> str:
+    """A gRPC target naming every replica (`ipv4:` takes a comma-separated list)."""
+    if len(ports) == 1:
+        return f"127.0.0.1:{ports[0]}"
+    return "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
+
+
 class Stack:
     def __init__(self) -> None:
         self.env = dict(os.environ)
@@ -88,6 +102,9 @@ class Stack:
         self.key_port = EnvReader("KEY_SERVICE", self.env).port("PORT", 50052)
         self.gateway_port = reader.port("GATEWAY_PORT", 8080)
         self.admin_port = reader.port("ENVOY_ADMIN_PORT", 9901)
+        # Replica i of a service listens on its port + 100 * i (metrics likewise).
+        self.cert_ports = _replica_ports(self.env, "CERT_SERVICE", self.cert_port)
+        self.key_ports = _replica_ports(self.env, "KEY_SERVICE", self.key_port)
 
     def start_databases(self) -> None:
         if not self.env.get("DB_HOST"):
@@ -99,7 +116,16 @@ class Stack:
             postgres.create_database(self.env.get("DB_NAME", "myl"))
             self.env.update(DB_HOST="127.0.0.1", DB_PORT=str(port), DB_USER="postgres")
             self.env.setdefault("DB_SSLMODE", "disable")
-        if not self.env.get("REDIS_HOST"):
+        if EnvReader("", self.env).flag("REDIS_CLUSTER", False) and not self.env.get(
+            "REDIS_CLUSTER_NODES"
+        ):
+            base = EnvReader("", self.env).port("REDIS_CLUSTER_PORT", 7000)
+            cluster = RedisClusterServers(RUN / "redis-cluster", [base + n for n in range(6)])
+            say(f"Redis Cluster (3 masters, 3 replicas) on 127.0.0.1:{base}-{base + 5}")
+            self.stops.append(cluster.stop)
+            cluster.start()
+            self.env["REDIS_CLUSTER_NODES"] = cluster.addresses
+        elif not self.env.get("REDIS_HOST"):
             port = EnvReader("", self.env).port("REDIS_PORT", 6379)
             redis = RedisServer(RUN / "redis", port)
             say(f"Redis on 127.0.0.1:{port}")
@@ -129,11 +155,14 @@ class Stack:
         self.env.update(CA_CERT_FILE=str(cert), CA_KEY_FILE=str(key))
         say(f"development CA: {cert}")
 
-    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, name: str, argv: list[str], extra_env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log_path = RUN / f"{name}.log"
         log = open(log_path, "ab")  # noqa: SIM115
+        env = {**self.env, **(extra_env or {})}
         process = subprocess.Popen(
-            argv, env=self.env, cwd=ROOT, stdout=log, stderr=log, start_new_session=True
+            argv, env=env, cwd=ROOT, stdout=log, stderr=log, start_new_session=True
         )
         log.close()
         self.stops.append(lambda: stop_process_group(process))
@@ -141,15 +170,38 @@ class Stack:
         return process
 
     def start_services(self) -> None:
-        self.env.setdefault("CERT_SERVICE_ADDRESS", f"127.0.0.1:{self.cert_port}")
-        self.env.setdefault("KEY_SERVICE_ADDRESS", f"127.0.0.1:{self.key_port}")
-        cert = self.spawn("cert_service", [sys.executable, "-m", "cert_service", "serve"])
-        key = self.spawn("key_service", [sys.executable, "-m", "key_service", "serve"])
-        wait_healthy(f"127.0.0.1:{self.cert_port}", 30, cert)
-        wait_healthy(f"127.0.0.1:{self.key_port}", 30, key)
+        # Each service reaches the other's replicas as one gRPC target (the first that
+        # answers); the gateway balances over all of them.
+        self.env.setdefault("CERT_SERVICE_ADDRESS", _target(self.cert_ports))
+        self.env.setdefault("KEY_SERVICE_ADDRESS", _target(self.key_ports))
+        started = []
+        for service, ports, metrics in (
+            ("cert_service", self.cert_ports, 9464),
+            ("key_service", self.key_ports, 9465),
+        ):
+            prefix = service.upper()
+            metrics = EnvReader(prefix, self.env).port("METRICS_PORT", metrics)
+            for index, port in enumerate(ports):
+                name = service if len(ports) == 1 else f"{service}-{index}"
+                replica = {f"{prefix}_PORT": str(port)}
+                if metrics:
+                    replica[f"{prefix}_METRICS_PORT"] = str(metrics + 100 * index)
+                process = self.spawn(
+                    name, [sys.executable, "-m", service, "serve"], extra_env=replica
+                )
+                started.append((port, process))
+        for port, process in started:
+            wait_healthy(f"127.0.0.1:{port}", 30, process)
 
     def start_gateway(self) -> None:
-        ports = GatewayPorts(self.gateway_port, self.admin_port, self.cert_port, self.key_port)
+        ports = GatewayPorts(
+            self.gateway_port,
+            self.admin_port,
+            self.cert_ports[0],
+            self.key_ports[0],
+            cert_replica_ports=tuple(self.cert_ports[1:]),
+            key_replica_ports=tuple(self.key_ports[1:]),
+        )
         config_path = RUN / "envoy.yaml"
         config_path.write_text(
             render_envoy_config(
