@@ -87,8 +87,8 @@ def replicated_stack(
                     f"{service}-{index}", argv, replica_env
                 )
         for name, process in replicas.items():
-            service, index = name.rsplit("-", 1)
-            port = (cert_ports if service == "cert_service" else key_ports)[int(index)]
+            kind, number = name.rsplit("-", 1)
+            port = (cert_ports if kind == "cert_service" else key_ports)[int(number)]
             wait_healthy(f"127.0.0.1:{port}", 30, process)
         created = subprocess.run(
             [sys.executable, "-m", "key_service", "admin", "create-key",
