@@ -104,16 +104,25 @@ class OutboxRelay:
         return self._stub
 
     def _drop_channel(self) -> None:
-        """Forget the channel; the next call connects afresh (no reconnect backoff)."""
+        """Forget the channel; the next call connects afresh (no reconnect backoff).
+
+        The old channel is closed only after the deadline of any call still on it: closing
+        it at once would cancel deliveries of the same batch in mid-flight."""
         channel, self._channel, self._stub = self._channel, None, None
         if channel is not None:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # no loop: the channel dies with its loop
                 return
-            task = loop.create_task(channel.close(None))
+            task = loop.create_task(self._close_later(channel))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
+
+    async def _close_later(self, channel: grpc.aio.Channel) -> None:
+        try:
+            await asyncio.sleep(self.timeout)
+        finally:
+            await channel.close(None)
 
     async def deliver(self, event: OutboxEvent) -> bool:
         """One attempt at an event this relay holds the lease of; True when delivered."""
@@ -122,6 +131,11 @@ class OutboxRelay:
         )
         try:
             reply = await self._get_stub().RevokeDeviceApiKeys(request, timeout=self.timeout)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this relay is being stopped
+            error = "CANCELLED: the call's channel was closed"  # not us: try again later
         except grpc.aio.AioRpcError as exc:
             error = f"{exc.code().name}: {exc.details()}"
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -166,12 +180,16 @@ class OutboxRelay:
         return RelayResult(delivered, failed)
 
     async def run(self) -> None:
-        """Poll every `interval` seconds (or when woken) until cancelled."""
+        """Poll every `interval` seconds (or when woken) until cancelled; nothing else ends
+        it (a pass that fails in any way is logged and the next one follows)."""
         while True:
             try:
                 await self.run_once()
             except asyncio.CancelledError:
-                raise
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                log.warning("outbox relay pass cancelled from within; going on")
             except Exception:
                 log.warning("outbox relay pass failed", exc_info=True)
             self._wake.clear()

@@ -17,12 +17,13 @@ does not count requests with an expired or revoked key.
 When Redis cannot be reached, each replica limits with `LocalLimiter`, the
 same algorithm in process memory (so the effective limit is per replica until
 Redis returns). It seeds a key it has not seen *conservatively*, as if the
-key had just used its whole burst: one request now, then the steady rate.
-Redis may have lost the key's state (a restart) or may only be out of reach
-(a hang, with the key's burst already spent there), and the replica cannot
-tell which; with this seeding a Redis restart hands a key at most one extra
-burst (the fresh state Redis starts from), never a second one from the
-fallback.
+key had just used its burst but for one second's worth of its rate (at least
+one request): Redis may have lost the key's state (a restart) or may only be
+out of reach (a hang, with the burst already spent there), and the replica
+cannot tell which. With this seeding a Redis restart hands a key at most one
+extra burst (the fresh state Redis starts from) and one second of its rate,
+never a second burst from the fallback; and a key allowed thousands of
+requests a second is not refused the moment Redis goes away.
 """
 
 from __future__ import annotations
@@ -138,8 +139,9 @@ class LocalLimiter:
         tats = self._tats
         tat = tats.get(key)
         if tat is None:
-            # Burst spent but for one request (see the module docstring).
-            tat = now_us + (limit - 1) * emission_interval_us(limit)
+            # Burst spent but for one second of the rate (see the module docstring).
+            allowance = max(1, limit // 60)
+            tat = now_us + (limit - allowance) * emission_interval_us(limit)
         new_tat, decision = gcra(tat, now_us, limit, apply)
         if new_tat is not None:
             if len(tats) >= self.max_keys and key not in tats:

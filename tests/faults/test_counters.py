@@ -93,6 +93,10 @@ async def counted_target(stack: FaultStack, prefix: str) -> tuple[Target, str]:
     return target, await key_id_of(stack, target.verify_key)
 
 
+# The services' SHUTDOWN_DRAIN_DELAY (their default): after SIGTERM they keep serving this long.
+DRAIN_DELAY = 1.5
+
+
 def failed(calls: list[Call]) -> list[Call]:
     return [call for call in calls if not call.succeeded]
 
@@ -135,8 +139,16 @@ async def test_sigterm_under_load_fails_no_accepted_rpc_and_loses_no_count(
     )
     assert statuses == [0, 0], f"exit statuses on SIGTERM: {statuses}"
     assert not failed(accepted), f"RPCs accepted before SIGTERM failed: {codes(failed(accepted))}"
-    # While the only replicas are away, gRPC callers get the code they retry on, nothing else.
-    unexpected = [c for c in later_grpc if c.code != "UNAVAILABLE"]
+    # While the only replicas are away, gRPC callers get the code they retry on, nothing else;
+    # except that a call arriving just as a server stops accepting (the drain delay is over)
+    # may be cancelled by gRPC itself before any handler saw it: never accepted, and through
+    # the gateway such a reset read is retried on another replica.
+    refused_from = terminated + DRAIN_DELAY - 0.1
+    unexpected = [
+        c
+        for c in later_grpc
+        if c.code != "UNAVAILABLE" and not (c.code == "CANCELLED" and c.start >= refused_from)
+    ]
     assert not unexpected, [
         f"{c.kind} {c.code}, started {c.start - terminated:+.3f}s after SIGTERM" for c in unexpected
     ]
