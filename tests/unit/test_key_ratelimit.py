@@ -82,7 +82,8 @@ def test_local_limiter_keeps_state_per_key_and_evicts_recovered_ones() -> None:
 
 def test_local_limiter_seeds_an_unseen_key_with_its_burst_spent() -> None:
     # Redis may hold this key's spent burst (a hang) or have lost it (a restart); the
-    # fallback cannot tell, so it admits one second of its rate (here one request) and then only the steady rate.
+    # fallback cannot tell, so it admits one second of its rate (here one request) and then
+    # only the steady rate.
     limiter = LocalLimiter()
     assert [limiter.check(b"k", 20, T0, True).allowed for _ in range(5)] == [True] + [False] * 4
     interval = emission_interval_us(20)
