@@ -253,10 +253,12 @@ class CertificateStore:
         self.db = db
 
     @asynccontextmanager
-    async def connection(self, *, watched: bool = True) -> AsyncIterator[AsyncConnection[TupleRow]]:
+    async def connection(
+        self, *, watched: bool = True, budget: float | None = None
+    ) -> AsyncIterator[AsyncConnection[TupleRow]]:
         """An autocommit connection; UNAVAILABLE at once while the database is unreachable
         (`shared.db.Database`). `watched=False` for background work that holds it long."""
-        async with self.db.connection(watched=watched) as conn:
+        async with self.db.connection(watched=watched, budget=budget) as conn:
             if not conn.autocommit:
                 await conn.set_autocommit(True)
                 conn.prepare_threshold = 0
@@ -659,7 +661,7 @@ class CertificateStore:
     async def flush_access(
         self, device_ids: Sequence[str], counts: Sequence[int], times: Sequence[datetime]
     ) -> int:
-        async with self.connection() as conn:
+        async with self.connection(budget=10.0) as conn:
             cur = await conn.execute(
                 """
                 UPDATE device_certificates AS d

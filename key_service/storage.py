@@ -191,9 +191,11 @@ class KeyStore:
         self.db = db
 
     @asynccontextmanager
-    async def _transaction(self, *, watched: bool = True) -> AsyncIterator[Connection]:
+    async def _transaction(
+        self, *, watched: bool = True, budget: float | None = None
+    ) -> AsyncIterator[Connection]:
         """One transaction; UNAVAILABLE (never INTERNAL) when the database is unreachable."""
-        async with self.db.connection(watched=watched) as conn, conn.transaction():
+        async with self.db.connection(watched=watched, budget=budget) as conn, conn.transaction():
             yield conn
 
     # -- reads ---------------------------------------------------------------
@@ -448,10 +450,11 @@ class KeyStore:
             )
 
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
-        """One statement for the whole batch."""
+        """One statement for the whole batch (a large batch may take a while: it gets ten
+        seconds; a failure merely leaves the counts for the next flush)."""
         if not deltas:
             return
-        async with self._transaction() as conn:
+        async with self._transaction(budget=10.0) as conn:
             await conn.execute(
                 "UPDATE device_api_keys AS k SET usage_count = k.usage_count + u.n, "
                 "last_used_at = GREATEST(k.last_used_at, u.t) "

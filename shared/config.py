@@ -115,7 +115,7 @@ class DatabaseConfig:
     connect_timeout: float = 2.0
     # A request-path statement not answered within this is cut, and the database is
     # treated as unreachable until a probe connects (shared/db.py).
-    operation_timeout: float = 0.75
+    operation_timeout: float = 0.5
 
     @classmethod
     def from_env(cls, env: EnvReader, *, production: bool) -> DatabaseConfig:
@@ -132,7 +132,7 @@ class DatabaseConfig:
             pool_max=pool_max,
             idle_timeout=env.number("DB_IDLE_TIMEOUT", 30.0, minimum=1.0),
             connect_timeout=env.number("DB_CONNECT_TIMEOUT", 2.0, minimum=0.1),
-            operation_timeout=env.number("DB_OPERATION_TIMEOUT", 0.75, minimum=0.05),
+            operation_timeout=env.number("DB_OPERATION_TIMEOUT", 0.5, minimum=0.05),
         )
 
     def conninfo(self) -> str:

@@ -49,7 +49,7 @@ log = get_logger(__name__)
 Pool = AsyncConnectionPool[AsyncConnection[TupleRow]]
 Connection = AsyncConnection[TupleRow]
 
-DEFAULT_OPERATION_TIMEOUT: Final = 0.75
+DEFAULT_OPERATION_TIMEOUT: Final = 0.5
 DEFAULT_PROBE_INTERVAL: Final = 0.2
 _WATCH_PERIOD: Final = 0.05
 _RETRY_AFTER: Final = 1.0
@@ -177,11 +177,15 @@ class Database:
         return self.down_since is None
 
     @asynccontextmanager
-    async def connection(self, *, watched: bool = True) -> AsyncIterator[Connection]:
+    async def connection(
+        self, *, watched: bool = True, budget: float | None = None
+    ) -> AsyncIterator[Connection]:
         """A pooled connection; UNAVAILABLE at once while the database is down.
 
         `watched`: the watchdog cuts the connection once it has been held for longer than
-        `operation_timeout` (background jobs that hold one for long pass False)."""
+        `budget` (default `operation_timeout`); background jobs that hold one for long pass
+        a larger budget, or False. Every held connection is cut when the database is found
+        unreachable."""
         if self.down_since is not None or self._closed:
             raise database_unavailable(self.service)
         pool = self.pool
@@ -191,8 +195,9 @@ class Database:
             self.suspect(exc)
             raise database_unavailable(self.service) from exc
         token = id(conn)
+        limit = budget if budget is not None else self.operation_timeout
+        self._held[token] = (conn, time.monotonic() + limit if watched else float("inf"))
         if watched:
-            self._held[token] = (conn, time.monotonic() + self.operation_timeout)
             self._ensure_watchdog()
         try:
             yield conn
@@ -257,7 +262,9 @@ class Database:
             )
 
     async def _watch(self) -> None:
-        while self._held and not self._closed:
+        while any(deadline != float("inf") for _, deadline in self._held.values()):
+            if self._closed:
+                return
             await asyncio.sleep(_WATCH_PERIOD)
             now = time.monotonic()
             overdue = [conn for conn, deadline in self._held.values() if now > deadline]

@@ -221,9 +221,13 @@ ANSWER_WITHIN = 1.0  # seconds every RPC that needs it may take to say UNAVAILAB
 WRITES_BACK_WITHIN = 2.0  # seconds after PostgreSQL accepts connections
 
 
+@pytest.mark.parametrize("fault", ["stopped", "hung"])
 async def test_postgres_outage_is_answered_fast_with_unavailable_and_writes_recover(
-    stack: FaultStack,
+    stack: FaultStack, fault: str
 ) -> None:
+    """PostgreSQL stopped (connections refused) or hung (SIGSTOP: nothing answers, TCP stays
+    up): every RPC that needs it is UNAVAILABLE within a second, cached reads go on, and
+    writes work again within two seconds of PostgreSQL accepting connections."""
     cached_device, _, key_id = await stack.device_with_key("outage")
     await stack.cert.GetCertificate(cert_pb2.GetCertificateRequest(device_id=cached_device))
     unseen = unique("never-seen")
@@ -242,7 +246,10 @@ async def test_postgres_outage_is_answered_fast_with_unavailable_and_writes_reco
         ),
     }
 
-    await stack.stop_postgres()
+    if fault == "hung":
+        stack.hang("postgres")
+    else:
+        await stack.stop_postgres()
     down_at = time.monotonic()
     answers: dict[str, list[tuple[str, float]]] = {name: [] for name in needs_database}
     cached: list[tuple[str, float]] = []
@@ -266,7 +273,11 @@ async def test_postgres_outage_is_answered_fast_with_unavailable_and_writes_reco
     # Back up: note when a raw connection first succeeds, and when each service first writes.
     accepted: list[float] = []
     first_write: dict[str, list[float]] = {"ProvisionCertificate": [], "GenerateApiKey": []}
-    restart = asyncio.create_task(stack.start_postgres())
+    if fault == "hung":
+        stack.resume("postgres")
+        restart = asyncio.create_task(asyncio.sleep(0))
+    else:
+        restart = asyncio.create_task(stack.start_postgres())
 
     async def probe_connections() -> None:
         while True:
@@ -306,7 +317,7 @@ async def test_postgres_outage_is_answered_fast_with_unavailable_and_writes_reco
         name: (dict(Counter(code for code, _ in results)), max(s for _, s in results))
         for name, results in answers.items()
     }
-    print(f"\n[postgres outage {OUTAGE:g}s] {round_number} rounds")
+    print(f"\n[postgres {fault} {OUTAGE:g}s] {round_number} rounds")
     for name, (codes, slowest) in report.items():
         print(f"  {name}: {codes}, slowest {slowest:.3f}s")
     print(
