@@ -295,6 +295,7 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
         request_key = idempotency.request_key("rotate", request)
         caller = caller_from_metadata(metadata)
         current = await self._load(key_id, caller)
+        cap = await self._rotation_cap(caller, current)
         now = self.clock.now()
         earlier = await self._earlier_attempt(request_key, now)
         if earlier is not None:
@@ -322,7 +323,7 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
                     uuid_subdomain=old.uuid_subdomain,
                     permissions=old.permissions,
                     rate_limit=old.rate_limit,
-                    expires_at=now + max(lifetime, timedelta(minutes=1)),
+                    expires_at=min(now + max(lifetime, timedelta(minutes=1)), cap),
                     rotated_from=old.id,
                 ),
                 retire_at=now + grace,
@@ -407,6 +408,27 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
         )
         await self.verifier.publish(change)
         return key_pb2.RevokeDeviceApiKeysResponse(revoked_count=len(change.rows))
+
+    async def _rotation_cap(self, caller: Caller, target: ApiKeyRow) -> datetime:
+        """What a caller may not grant it may not obtain by rotation either.
+
+        A key without `admin` that rotates another key must hold every permission
+        of that key and at least its rate limit (else PERMISSION_DENIED, as for
+        GenerateApiKey), and the new key cannot outlive the caller's own.
+        Rotating one's own key, admin keys and internal callers: no cap.
+        """
+        if caller.internal or ADMIN in caller.permissions or caller.key_id == str(target.id):
+            return datetime.max.replace(tzinfo=target.expires_at.tzinfo)
+        own = await self.store.get(uuid.UUID(caller.key_id)) if caller.key_id else None
+        if own is None:
+            raise permission_denied("the calling key is unknown", "CALLER_KEY_UNKNOWN")
+        _require_grantable(caller, target.permissions)
+        if target.rate_limit > own.rate_limit:
+            raise permission_denied(
+                "a key cannot rotate a key with a higher rate limit than its own",
+                "RATE_LIMIT_NOT_GRANTABLE",
+            )
+        return own.expires_at
 
     # -- helpers -------------------------------------------------------------
 
