@@ -28,7 +28,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[attr-defined]
 
-from key_service.permissions import API_ACCESS
+from key_service.permissions import API_ACCESS, grants
 from key_service.verify import (
     EXPIRED,
     INSUFFICIENT_PERMISSIONS,
@@ -40,12 +40,13 @@ from key_service.verify import (
 )
 
 # Imported for their descriptors: method_policy looks the services up by name.
-from myl.cert.v1 import cert_pb2  # noqa: F401
+from myl.cert.v1 import cert_pb2
 from myl.envoy.config.core.v3 import base_pb2
 from myl.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from myl.envoy.type.v3 import http_status_pb2
 from myl.key.v1 import key_pb2
 from shared.errors import ERROR_DOMAIN
+from shared.httprules import HttpRoutes
 from shared.identity import (
     DEVICE_ID_HEADER,
     KEY_ID_HEADER,
@@ -59,6 +60,11 @@ API_KEY_HEADER: Final = "x-api-key"
 ORIGINAL_PATH_HEADER: Final = "x-envoy-original-path"
 _OVERWRITE: Final = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _POLICY_CACHE_LIMIT: Final = 4096
+# The services the gateway exposes; their REST routes come from the contracts.
+PUBLIC_SERVICES: Final = (
+    cert_pb2.DESCRIPTOR.services_by_name["CertificateService"].full_name,
+    key_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name,
+)
 
 CheckResponse = external_auth_pb2.CheckResponse
 
@@ -97,10 +103,15 @@ class Denial:
 
 
 def deny(
-    http_status: int, code: int, reason: str, message: str, retry_after: int | None = None
+    http_status: int,
+    code: int,
+    reason: str,
+    message: str,
+    retry_after: int | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Denial:
-    """A refusal with its HTTP status, gRPC code and ErrorInfo reason."""
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)
+    """A refusal with its HTTP status, gRPC code, ErrorInfo reason and metadata."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
     packed = any_pb2.Any()
     packed.Pack(info)
     status = status_pb2.Status(code=code, message=message, details=[packed])
@@ -109,7 +120,14 @@ def deny(
         {
             "code": code,
             "message": message,
-            "details": [{"@type": packed.type_url, "reason": reason, "domain": ERROR_DOMAIN}],
+            "details": [
+                {
+                    "@type": packed.type_url,
+                    "reason": reason,
+                    "domain": ERROR_DOMAIN,
+                    **({"metadata": metadata} if metadata else {}),
+                }
+            ],
         }
     )
     rest = CheckResponse(
@@ -143,18 +161,30 @@ MISSING_KEY: Final = deny(
 UNKNOWN_KEY: Final = deny(401, code_pb2.UNAUTHENTICATED, "API_KEY_INVALID", "invalid API key")
 EXPIRED_KEY: Final = deny(401, code_pb2.UNAUTHENTICATED, "API_KEY_EXPIRED", "API key expired")
 REVOKED_KEY: Final = deny(401, code_pb2.UNAUTHENTICATED, "API_KEY_REVOKED", "API key revoked")
-FORBIDDEN: Final = deny(
-    403,
-    code_pb2.PERMISSION_DENIED,
-    "PERMISSION_MISSING",
-    "API key lacks the permission this method needs",
-)
 _REFUSALS: Final[dict[int, Denial]] = {
     NOT_FOUND: UNKNOWN_KEY,
     EXPIRED: EXPIRED_KEY,
     REVOKED: REVOKED_KEY,
-    INSUFFICIENT_PERMISSIONS: FORBIDDEN,
 }
+
+
+def forbidden(missing: tuple[str, ...]) -> Denial:
+    """403 PERMISSION_MISSING naming what the key lacks (ErrorInfo metadata `permissions`)."""
+    names = ", ".join(missing)
+    noun = "permission" if len(missing) == 1 else "permissions"
+    return deny(
+        403,
+        code_pb2.PERMISSION_DENIED,
+        "PERMISSION_MISSING",
+        f"API key lacks the {noun} this method needs: {names}",
+        metadata={"permissions": ",".join(missing)},
+    )
+
+
+def _is_grpc_path(path: str) -> bool:
+    """`/package.Service/Method`: two segments, the first a qualified name."""
+    service, slash, method = path[1:].partition("/")
+    return bool(slash) and "." in service and bool(method) and "/" not in method
 
 
 def allow(record: KeyRecord) -> CheckResponse:
@@ -179,9 +209,21 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self.verifier = verifier
         self._policies: dict[str, tuple[str, ...] | None] = {}
         self._allowed: dict[KeyRecord, CheckResponse] = {}
+        self.routes = HttpRoutes.build(PUBLIC_SERVICES)
+        # One per set of missing permissions; the vocabulary is small.
+        self._forbidden: dict[tuple[str, ...], Denial] = {}
 
-    def required_permissions(self, path: str) -> tuple[str, ...] | None:
-        """What a key needs for `path`, or None when the path has no public route."""
+    def required_permissions(self, path: str, http_method: str = "POST") -> tuple[str, ...] | None:
+        """What a key needs for `path`, or None when the path has no public route.
+
+        `path` is a gRPC method path (native gRPC) or a REST path (checked before the
+        transcoder), which is resolved to its method with the contracts' HTTP rules.
+        """
+        if not _is_grpc_path(path):
+            grpc_path = self.routes.grpc_path(http_method, path)
+            if grpc_path is None:
+                return None
+            path = grpc_path
         cached = self._policies.get(path, ())
         if cached != ():
             return cached
@@ -197,7 +239,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     ) -> CheckResponse:
         http = request.attributes.request.http
         path = http.path.split("?", 1)[0]
-        required = self.required_permissions(path)
+        required = self.required_permissions(path, http.method)
         if required is None:
             return NO_ROUTE.respond(http)
         api_key = http.headers.get(API_KEY_HEADER)
@@ -215,6 +257,12 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                     "rate limit exceeded",
                     retry_after=seconds,
                 ).respond(http)
+            if verdict.result == INSUFFICIENT_PERMISSIONS and record is not None:
+                missing = tuple(p for p in required if not grants(record.permissions, (p,)))
+                denial = self._forbidden.get(missing)
+                if denial is None:
+                    denial = self._forbidden[missing] = forbidden(missing)
+                return denial.respond(http)
             return _REFUSALS.get(verdict.result, UNKNOWN_KEY).respond(http)
         response = self._allowed.get(record)
         if response is None:

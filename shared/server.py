@@ -26,6 +26,7 @@ from shared.config import ServerConfig
 from shared.errors import DomainError, ErrorKind, internal_error
 from shared.logging import REQUEST_CONTEXT, get_logger
 from shared.metrics import RPC_LATENCY, RPC_RESULTS
+from shared.wire import Undecodable, tolerant_deserializer, undecodable_error
 
 log = get_logger(__name__)
 
@@ -84,7 +85,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return cached
         wrapped = grpc.unary_unary_rpc_method_handler(
             self._wrap(method.rsplit("/", 1)[-1], handler.unary_unary),  # type: ignore[arg-type]
-            request_deserializer=handler.request_deserializer,
+            # A request that does not parse reaches the handler wrapper as Undecodable.
+            request_deserializer=tolerant_deserializer(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
         self._wrapped[method] = wrapped
@@ -103,6 +105,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             set_context((_request_id(context.invocation_metadata()), name))
             start = perf_counter()
             try:
+                if request.__class__ is Undecodable:
+                    raise undecodable_error(request)
                 response = await behavior(request, context)
             except DomainError as err:
                 results.labels(service, name, err.kind.grpc_code.name).inc()
@@ -193,6 +197,10 @@ class GrpcServer:
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                # Well above what the gateway lets through (8 KiB of request headers plus
+                # its own), so a caller never sees RESOURCE_EXHAUSTED for a long URL.
+                ("grpc.max_metadata_size", 32 * 1024),
+                ("grpc.absolute_max_metadata_size", 64 * 1024),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ],

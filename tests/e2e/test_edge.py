@@ -6,10 +6,18 @@ they see (status, body, headers) and what reaches the logs.
 
 from __future__ import annotations
 
+import asyncio
+import json
+from asyncio.subprocess import PIPE
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import grpc
 import httpx
+import pytest
+from grpc_status import rpc_status
 
+from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from tests.e2e.conftest import Gateway
 from tests.e2e.test_gateway import device_key, operator_key, provision
 from tests.fixtures.key import RunningKeyService
@@ -85,3 +93,214 @@ async def test_rotation_cannot_obtain_what_the_caller_may_not_grant(
         )
         assert by_operator.status_code == 200, by_operator.text
         assert by_operator.json()["key"]["rateLimit"] == 1_000_000
+
+
+def field_violations(body: dict[str, Any]) -> list[str]:
+    return [
+        v["field"]
+        for d in body["details"]
+        if d["@type"].endswith("BadRequest")
+        for v in d["fieldViolations"]
+    ]
+
+
+async def read_logs(gateway: Gateway, request_id: str) -> str:
+    """The access log once the line for `request_id` is flushed, plus Envoy's own log."""
+    for _ in range(50):  # flushed every 100 ms
+        text = gateway.access_log.read_text()
+        if request_id in text:
+            break
+        await asyncio.sleep(0.1)
+    assert request_id in text
+    return text + (gateway.config_path.parent / "envoy.log").read_text()
+
+
+async def test_a_key_in_the_query_string_reaches_no_log(
+    gateway: Gateway, key_service: RunningKeyService, capsys: pytest.CaptureFixture[str]
+) -> None:
+    admin = await operator_key(key_service)
+    async with httpx.AsyncClient(base_url=gateway.url) as client:
+        await provision(client, gateway, admin, "dev-q")
+        key = (await device_key(client, gateway, admin, "dev-q"))["apiKey"]
+        body = key[len("myl_") :]
+        # Only in the query: not a key at all (401), and not logged.
+        only_query = await client.get(f"/api/v1/devices/dev-q/certificate?api_key={key}")
+        assert only_query.status_code == 401, only_query.text
+        # Header and query: the unknown parameter is refused, its value not echoed.
+        both = await client.get(
+            f"/api/v1/devices/dev-q/certificate?api_key={key}", headers={"X-API-Key": key}
+        )
+        assert both.status_code == 400, both.text
+        assert body not in both.text
+        # A gRPC-path request with the key in its query.
+        grpc_path = await client.post(
+            f"/myl.cert.v1.CertificateService/GetCertificate?key={key}",
+            headers={"X-API-Key": key},
+        )
+        assert grpc_path.status_code >= 400
+    logs = await read_logs(gateway, both.headers["x-request-id"])
+    logs = await read_logs(gateway, grpc_path.headers["x-request-id"]) + logs
+    assert only_query.headers["x-request-id"] in logs
+    assert body not in logs
+    assert body not in capsys.readouterr().out
+    entries = [json.loads(line) for line in gateway.access_log.read_text().splitlines()]
+    paths = {e["path"] for e in entries}
+    assert "/api/v1/devices/dev-q/certificate" in paths
+
+
+ROUTES_WITH_TEXT_FROM_THE_URL = [
+    ("GET", "/api/v1/devices/dev%ffx/certificate", "device_id"),
+    ("GET", "/api/v1/ssl/certificates/dev%ff.myl.zip", "uuid_subdomain"),
+    ("GET", "/api/v1/ssl/certificates?pageToken=%ff", "page_token"),
+    ("POST", "/api/v1/devices/dev%ffx/certificate:renew", "device_id"),
+    ("POST", "/api/v1/devices/dev%ffx/certificate:revoke", "device_id"),
+    ("DELETE", "/api/v1/devices/dev%ffx", "device_id"),
+    ("GET", "/api/v1/keys/%ff", "key_id"),
+    ("GET", "/api/v1/devices/dev%ffx/keys", "device_id"),
+    ("GET", "/api/v1/devices/dev-u/keys?pageToken=%ff", "page_token"),
+    ("POST", "/api/v1/keys/%ff:rotate", "key_id"),
+    ("POST", "/api/v1/keys/%ff:revoke", "key_id"),
+    ("POST", "/api/v1/devices/dev%ffx/keys:revoke", "device_id"),
+    ("GET", "/api/v1/audit-events?deviceId=%ff", "device_id"),
+    ("GET", "/api/v1/audit-events?keyId=%c3%28", "key_id"),
+]
+
+
+async def test_invalid_utf8_in_a_path_or_query_is_400_naming_the_field(
+    gateway: Gateway, key_service: RunningKeyService, capsys: pytest.CaptureFixture[str]
+) -> None:
+    admin = await operator_key(key_service)
+    async with httpx.AsyncClient(base_url=gateway.url) as client:
+        for method, path, field in ROUTES_WITH_TEXT_FROM_THE_URL:
+            reply = await client.request(
+                method,
+                path,
+                headers={"X-API-Key": admin},
+                content=None if method in ("GET", "DELETE") else b"{}",
+            )
+            assert reply.status_code == 400, (path, reply.text)
+            body = reply.json()
+            assert body["code"] == 3, (path, body)
+            assert field_violations(body) == [field], (path, body)
+            assert "DecodeError" not in reply.text
+    assert "Traceback" not in capsys.readouterr().out
+
+
+async def test_a_corrupt_grpc_message_is_invalid_argument(
+    gateway: Gateway, key_service: RunningKeyService, cert_service: Any
+) -> None:
+    admin = await operator_key(key_service)
+    # GetCertificateRequest{device_id: b"\xff"} on the wire, and bytes that are no message.
+    bad_utf8 = b"\x0a\x01\xff"
+    truncated = b"\x0a\x05ab"
+    for address, metadata in (
+        (gateway.grpc_address, (("x-api-key", admin),)),
+        (cert_service.address, ()),
+    ):
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = channel.unary_unary(
+                "/myl.cert.v1.CertificateService/GetCertificate",
+                request_serializer=bytes,
+                response_deserializer=bytes,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call(bad_utf8, metadata=metadata)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "device_id" in str(caught.value.details())
+            status = rpc_status.from_call(caught.value)  # type: ignore[arg-type]
+            assert status is not None
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call(truncated, metadata=metadata)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_oversized_requests_are_413_or_431_before_the_key_is_checked(
+    gateway: Gateway, key_service: RunningKeyService
+) -> None:
+    admin = await operator_key(key_service)
+    long_name = "a" * 10_000
+    async with httpx.AsyncClient(base_url=gateway.url) as client:
+        for headers in ({"X-API-Key": admin}, {}):
+            path = await client.get(f"/api/v1/devices/{long_name}/certificate", headers=headers)
+            assert path.status_code == 431, path.text
+            assert path.json()["code"] == 3
+            assert "x-myl" not in path.text
+            query = await client.get(
+                f"/api/v1/ssl/certificates?pageToken={long_name}", headers=headers
+            )
+            assert query.status_code == 431, query.text
+            header = await client.get("/api/v1/ssl/ca", headers={**headers, "X-Padding": long_name})
+            assert header.status_code == 431, header.text
+            body = await client.post(
+                "/api/v1/ssl/provision",
+                headers={**headers, "Content-Type": "application/json"},
+                content=b'{"deviceId": "' + b"a" * 200_000 + b'"}',
+            )
+            assert body.status_code == 413, body.text
+            assert body.json()["message"] == "request body larger than 64 KiB"
+            assert body.json()["code"] == 8
+            # 10 MB from curl, which waits for "100 Continue" and so reads the answer.
+            curl = await asyncio.create_subprocess_exec(
+                "curl", "-s", "-o", "-", "-w", "%{http_code}", "-X", "POST",
+                "-H", "Content-Type: application/json",
+                *(f"-H{k}: {v}" for k, v in headers.items()),
+                "--data-binary", "@-", f"{gateway.url}/api/v1/ssl/provision",
+                stdin=PIPE, stdout=PIPE,
+            )  # fmt: skip
+            out, _ = await curl.communicate(b'{"deviceId": "' + b"a" * 10_000_000 + b'"}')
+            assert out.endswith(b"413"), out
+        # Just inside the limits: an ordinary answer from the service.
+        fits = await client.get(
+            f"/api/v1/devices/{'a' * 6000}/certificate", headers={"X-API-Key": admin}
+        )
+        assert fits.status_code == 400, fits.text
+        assert field_violations(fits.json()) == ["device_id"]
+
+
+async def test_authentication_comes_before_parsing_the_body(
+    gateway: Gateway, key_service: RunningKeyService
+) -> None:
+    admin = await operator_key(key_service)
+    async with httpx.AsyncClient(base_url=gateway.url) as client:
+        for body in ('{"deviceId": "x", ', '{"deviceId": ["a"]}', "not json"):
+            anonymous = await client.post(
+                "/api/v1/ssl/provision",
+                headers={"Content-Type": "application/json"},
+                content=body,
+            )
+            assert anonymous.status_code == 401, anonymous.text
+            assert error_reason(anonymous.json()) == "API_KEY_MISSING"
+            keyed = await client.post(
+                "/api/v1/ssl/provision",
+                headers={"Content-Type": "application/json", "X-API-Key": admin},
+                content=body,
+            )
+            assert keyed.status_code == 400, keyed.text
+            assert keyed.json()["code"] == 3
+        unknown = await client.get("/api/v1/nothing-here")
+        assert unknown.status_code == 404
+
+
+async def test_permission_missing_names_the_permission(
+    gateway: Gateway, key_service: RunningKeyService
+) -> None:
+    admin = await operator_key(key_service)
+    async with httpx.AsyncClient(base_url=gateway.url) as client:
+        await provision(client, gateway, admin, "dev-p")
+        key = (await device_key(client, gateway, admin, "dev-p"))["apiKey"]
+        renew = await client.post(
+            "/api/v1/devices/dev-p/certificate:renew", headers={"X-API-Key": key}, json={}
+        )
+        assert renew.status_code == 403
+        body = renew.json()
+        assert error_reason(body) == "PERMISSION_MISSING"
+        assert "ssl:write" in body["message"]
+        assert body["details"][0]["metadata"] == {"permissions": "ssl:write"}
+    async with grpc.aio.insecure_channel(gateway.grpc_address) as channel:
+        stub = cert_pb2_grpc.CertificateServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ListCertificates(
+                cert_pb2.ListCertificatesRequest(), metadata=(("x-api-key", key),)
+            )
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "admin" in str(caught.value.details())

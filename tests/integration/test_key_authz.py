@@ -24,10 +24,13 @@ OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
 async def check(
-    service: RunningKeyService, path: str, headers: dict[str, str] | None = None
+    service: RunningKeyService,
+    path: str,
+    headers: dict[str, str] | None = None,
+    method: str = "POST",
 ) -> external_auth_pb2.CheckResponse:
     http = attribute_context_pb2.AttributeContext.HttpRequest(
-        method="POST", path=path, headers=headers or {}
+        method=method, path=path, headers=headers or {}
     )
     request = external_auth_pb2.CheckRequest(
         attributes=attribute_context_pb2.AttributeContext(
@@ -55,7 +58,8 @@ def denial(
         "/grpc.health.v1.Health/Check",
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
         "/myl.cert.v1.CertificateService/NoSuchMethod",
-        "/api/v1/ssl/provision",
+        "/api/v1/ssl/no-such-route",
+        "/api/v1/ssl/provision/extra",
         "/",
         "",
     ],
@@ -68,6 +72,47 @@ async def test_paths_without_a_policy_are_not_found(
     assert (status, code) == (404, code_pb2.NOT_FOUND)
     assert headers["content-type"] == "application/json"
     assert body["code"] == code_pb2.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "permission"),
+    [
+        ("POST", "/api/v1/ssl/provision", "ssl:write"),
+        ("GET", "/api/v1/devices/d-1/certificate", "ssl:read"),
+        ("GET", "/api/v1/ssl/certificates/d-1.myl.zip", "ssl:read"),
+        ("GET", "/api/v1/ssl/certificates?pageSize=3", "admin"),
+        ("POST", "/api/v1/devices/d-1/certificate:renew", "ssl:write"),
+        ("POST", "/api/v1/devices/d-1/certificate:revoke", "ssl:write"),
+        ("DELETE", "/api/v1/devices/d-1", "device:write"),
+        ("GET", "/api/v1/ssl/ca", "ssl:read"),
+        ("POST", "/api/v1/device/generate-key", "device:write"),
+        ("GET", "/api/v1/keys/k-1", "device:read"),
+        ("GET", "/api/v1/devices/d-1/keys", "device:read"),
+        ("POST", "/api/v1/keys/k-1:rotate", "device:write"),
+        ("POST", "/api/v1/keys/k-1:revoke", "device:write"),
+        ("POST", "/api/v1/devices/d-1/keys:revoke", "device:write"),
+        ("GET", "/api/v1/audit-events?deviceId=d-1", "admin"),
+    ],
+)
+async def test_rest_calls_are_checked_against_their_methods_permission(
+    key_service: RunningKeyService, method: str, path: str, permission: str
+) -> None:
+    """The gateway checks REST calls before transcoding: the route decides the permission."""
+    others = ["ssl:read", "ssl:write", "device:read", "device:write"]
+    weaker, _ = await key_service.issue_device_key(
+        None, permissions=["api:access", *(p for p in others if p != permission)]
+    )
+    status, code, _, body = denial(await check(key_service, path, {"x-api-key": weaker}, method))
+    assert (status, code) == (403, code_pb2.PERMISSION_DENIED), body
+    assert body["details"][0]["metadata"] == {"permissions": permission}  # type: ignore[index]
+    assert permission in str(body["message"])
+    enough, _ = await key_service.issue_device_key(None, permissions=["api:access", permission])
+    allowed = await check(key_service, path, {"x-api-key": enough}, method)
+    assert allowed.WhichOneof("http_response") == "ok_response"
+    # The same path with another verb is no route at all.
+    wrong_verb = "PUT"
+    status, code, _, _ = denial(await check(key_service, path, {"x-api-key": enough}, wrong_verb))
+    assert status == 404
 
 
 async def test_missing_and_bad_keys_are_unauthenticated(

@@ -1,0 +1,113 @@
+"""Requests that do not parse: say which field is wrong instead of failing with UNKNOWN.
+
+grpcio answers a request it cannot deserialize with UNKNOWN ("Unexpected DecodeError") and
+logs a traceback. The commonest cause is not a broken client but a REST caller: the gateway's
+transcoder copies a percent-decoded path or query value such as `%ff` into a proto3 `string`
+field as is, and proto3 strings must be valid UTF-8. The server builder therefore wraps every
+request deserializer (`tolerant_deserializer`): a request that does not parse becomes an
+`Undecodable` placeholder, and the handler wrapper answers it with INVALID_ARGUMENT naming the
+field (`undecodable_error`), found by walking the wire format. Only failed requests pay for
+the walk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError
+
+from shared.errors import DomainError, ErrorKind, invalid_argument
+
+_LENGTH_DELIMITED: Final = 2
+
+
+class Undecodable:
+    """Stands in for a request whose bytes did not parse as `descriptor`."""
+
+    __slots__ = ("data", "descriptor")
+
+    def __init__(self, descriptor: Descriptor | None, data: bytes) -> None:
+        self.descriptor = descriptor
+        self.data = data
+
+
+def tolerant_deserializer(
+    deserialize: Callable[[bytes], Any] | None,
+) -> Callable[[bytes], Any] | None:
+    """`deserialize`, returning an `Undecodable` instead of raising DecodeError."""
+    if deserialize is None:
+        return None
+    message_class = getattr(deserialize, "__self__", None)
+    descriptor = getattr(message_class, "DESCRIPTOR", None)
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            return Undecodable(descriptor if isinstance(descriptor, Descriptor) else None, data)
+
+    return parse
+
+
+def undecodable_error(request: Undecodable) -> DomainError:
+    """INVALID_ARGUMENT naming the field that is not valid UTF-8, or the whole request."""
+    if request.descriptor is not None:
+        field = _invalid_utf8_field(request.descriptor, request.data, "")
+        if field is not None:
+            return invalid_argument(field, "must be valid UTF-8 text")
+    name = request.descriptor.full_name if request.descriptor is not None else "request"
+    return DomainError(
+        ErrorKind.INVALID_ARGUMENT,
+        f"the request is not a valid {name} message",
+        "MALFORMED_REQUEST",
+    )
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _invalid_utf8_field(descriptor: Descriptor, data: bytes, prefix: str) -> str | None:
+    """The first string field (dotted path) in `data` that is not UTF-8, if any."""
+    pos = 0
+    try:
+        while pos < len(data):
+            key, pos = _varint(data, pos)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, pos = _varint(data, pos)
+            elif wire_type == 1:
+                pos += 8
+            elif wire_type == 5:
+                pos += 4
+            elif wire_type == _LENGTH_DELIMITED:
+                size, pos = _varint(data, pos)
+                chunk, pos = data[pos : pos + size], pos + size
+                field = descriptor.fields_by_number.get(number)
+                if field is None:
+                    continue
+                if field.type == FieldDescriptor.TYPE_STRING:
+                    try:
+                        chunk.decode("utf-8")
+                    except UnicodeDecodeError:
+                        return prefix + field.name
+                elif field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type:
+                    inner = _invalid_utf8_field(field.message_type, chunk, f"{prefix}{field.name}.")
+                    if inner is not None:
+                        return inner
+            else:
+                return None
+    except ValueError:
+        return None
+    return None
