@@ -19,13 +19,14 @@ from typing import Any, NoReturn, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
 from shared.config import ServerConfig
 from shared.errors import DomainError, ErrorKind, internal_error
 from shared.logging import REQUEST_CONTEXT, get_logger
 from shared.metrics import RPC_LATENCY, RPC_RESULTS
+from shared.reflection import ReflectionServicer
 from shared.wire import Undecodable, tolerant_deserializer, undecodable_error
 
 log = get_logger(__name__)
@@ -220,8 +221,9 @@ class GrpcServer:
         self._hooks.append(hook)
 
     async def start(self) -> int:
-        reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        names = [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            ReflectionServicer(names), self.server
         )
         self.port = self.server.add_insecure_port(self.config.address)
         if self.port == 0:
