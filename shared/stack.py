@@ -5,18 +5,28 @@ PostgreSQL and Redis run from the system's binaries under `.run/` unless
 development CA, cert_service, key_service, the Envoy gateway, a bootstrap
 operator key in `.run/admin.key`. Ctrl-C (or SIGTERM) stops everything in
 reverse order, services first with a graceful drain, and leaves no process.
+
+One stack per run directory: a second `make run` while one runs (it holds an
+exclusive lock on `.run/stack.lock`) refuses at once, names the running one's
+pid, and exits 1 without touching anything, including its `.run/envoy.yaml`.
+Before starting anything it also checks that every port it will listen on is
+free, and names the one that is not. `.run/` cannot be listed by others, and the
+development CA key and the bootstrap operator key in it are mode 0600.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -93,6 +103,41 @@ def _target(ports: list[int]) -> str:
     return "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
 
 
+def take_run_lock(run: Path) -> IO[str]:
+    """Hold `run/stack.lock` for this process's lifetime, or fail naming the holder."""
+    lock = open(run / "stack.lock", "a+")  # noqa: SIM115 (held until the process exits)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise DevStackError(
+            f"another `make run` is already running from {run} (pid {holder}); "
+            "stop it first (Ctrl-C in its terminal), or set MYL_RUN_DIR and other ports"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def require_free_ports(ports: dict[str, int]) -> None:
+    """DevStackError naming the first port something already listens on."""
+    for name, port in ports.items():
+        if port == 0:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                raise DevStackError(
+                    f"port {port} ({name}) is already in use on 127.0.0.1: stop what "
+                    f"listens there or set {name} to another port"
+                ) from None
+
+
 class Stack:
     def __init__(self) -> None:
         self.env = dict(os.environ)
@@ -105,6 +150,25 @@ class Stack:
         # Replica i of a service listens on its port + 100 * i (metrics likewise).
         self.cert_ports = _replica_ports(self.env, "CERT_SERVICE", self.cert_port)
         self.key_ports = _replica_ports(self.env, "KEY_SERVICE", self.key_port)
+
+    def ports(self) -> dict[str, int]:
+        """Every port this stack will listen on, by the variable that sets it."""
+        ports = {"GATEWAY_PORT": self.gateway_port, "ENVOY_ADMIN_PORT": self.admin_port}
+        for prefix, service_ports, metrics_default in (
+            ("CERT_SERVICE", self.cert_ports, 9464),
+            ("KEY_SERVICE", self.key_ports, 9465),
+        ):
+            metrics = EnvReader(prefix, self.env).port("METRICS_PORT", metrics_default)
+            for index, port in enumerate(service_ports):
+                suffix = f" + {100 * index}" if index else ""
+                ports[f"{prefix}_PORT{suffix}"] = port
+                if metrics:
+                    ports[f"{prefix}_METRICS_PORT{suffix}"] = metrics + 100 * index
+        if not self.env.get("DB_HOST"):
+            ports["DB_PORT"] = EnvReader("", self.env).port("DB_PORT", 5432)
+        if not self.env.get("REDIS_HOST"):
+            ports["REDIS_PORT"] = EnvReader("", self.env).port("REDIS_PORT", 6379)
+        return ports
 
     def start_databases(self) -> None:
         if not self.env.get("DB_HOST"):
@@ -255,9 +319,18 @@ def _signals_raise() -> Iterator[None]:
 
 
 def main() -> int:
-    RUN.mkdir(parents=True, exist_ok=True)
-    stack = Stack()
-    with _signals_raise():
+    try:
+        # Not listable by others. As root, PostgreSQL runs as `postgres` and must be able
+        # to pass through to its data directory (search permission only).
+        RUN.mkdir(mode=0o700, parents=True, exist_ok=True)
+        RUN.chmod(0o711 if os.geteuid() == 0 else 0o700)
+        lock = take_run_lock(RUN)
+        stack = Stack()
+        require_free_ports(stack.ports())
+    except (DevStackError, ConfigError, OSError) as exc:
+        print(f"[stack] error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    with lock, _signals_raise():
         try:
             stack.start_databases()
             stack.migrate()
@@ -279,6 +352,10 @@ def main() -> int:
             say("stopping")
         except (DevStackError, ConfigError, OSError) as exc:
             print(f"[stack] error: {exc}", file=sys.stderr, flush=True)
+            return 1
+        except subprocess.CalledProcessError as exc:
+            detail = exc.stderr.decode(errors="replace").strip() if exc.stderr else ""
+            print(f"[stack] error: {exc}\n{detail}", file=sys.stderr, flush=True)
             return 1
         finally:
             stack.stop()
