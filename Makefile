@@ -64,9 +64,10 @@ migrate-status: $(STAMP)
 	$(PY) -m cert_service migrate status
 	$(PY) -m key_service migrate status
 
+# Asks for confirmation; ARGS="--yes" (and --force, --discard-data) for scripts.
 migrate-rollback: $(STAMP)
-	$(PY) -m key_service migrate down
-	$(PY) -m cert_service migrate down
+	$(PY) -m key_service migrate down $(ARGS)
+	$(PY) -m cert_service migrate down $(ARGS)
 
 clean:
 	rm -rf .run .mypy_cache .ruff_cache .pytest_cache .hypothesis

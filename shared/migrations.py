@@ -8,6 +8,11 @@ advisory lock per service, so two racing runners apply each migration once;
 every migration runs in its own transaction together with its history row, so
 a failing migration leaves nothing half-applied. A migration whose file changed
 after it was applied is refused (checksum mismatch).
+
+Rolling back never destroys data silently: a down migration that would drop a
+table holding rows (the audit trail, certificates, keys) is refused unless the
+caller passes `discard_data=True`, and `sessions_in_use` tells a command-line
+caller whether services are still connected to the database.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
+_DROPPED_TABLE = re.compile(r"DROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?([a-z_][a-z0-9_]*)", re.I)
 _FILE = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.(?P<direction>up|down)\.sql$")
 
 HISTORY_DDL = """
@@ -167,8 +173,43 @@ class MigrationRunner:
                 applied.append(m)
             return applied
 
-    async def down(self, steps: int = 1) -> list[Migration]:
-        """Roll back the last `steps` applied migrations; returns them."""
+    async def sessions_in_use(self) -> int:
+        """Other client sessions connected to this database (running services, psql...)."""
+        async with await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True) as conn:
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            )
+            row = await cur.fetchone()
+            return int(str(row[0])) if row else 0
+
+    async def to_roll_back(self, steps: int = 1) -> list[Migration]:
+        """The migrations `down(steps)` would roll back, last applied first."""
+        async with await self._connect() as conn:
+            states = [s for s in await self._states(conn) if s.applied_at is not None]
+            return [s.migration for s in reversed(states[-steps:] if steps > 0 else [])]
+
+    async def _tables_with_rows(
+        self, conn: psycopg.AsyncConnection[tuple[object, ...]], down_sql: str
+    ) -> list[str]:
+        found = []
+        for table in dict.fromkeys(t.lower() for t in _DROPPED_TABLE.findall(down_sql)):
+            cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
+            exists = await cur.fetchone()
+            if not exists or not exists[0]:
+                continue
+            query = sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(table))
+            row = await (await conn.execute(query)).fetchone()
+            if row and row[0]:
+                found.append(table)
+        return found
+
+    async def down(self, steps: int = 1, *, discard_data: bool = False) -> list[Migration]:
+        """Roll back the last `steps` applied migrations; returns them.
+
+        A migration that would drop a table holding rows is refused (MigrationError,
+        nothing rolled back by it) unless `discard_data` is true.
+        """
         async with await self._connect() as conn:
             states = [s for s in await self._states(conn) if s.applied_at is not None]
             rolled = []
@@ -176,6 +217,13 @@ class MigrationRunner:
                 m = s.migration
                 if m.down_sql is None:
                     raise MigrationError(f"{self.service}: {m.label} has no down migration")
+                holding = [] if discard_data else await self._tables_with_rows(conn, m.down_sql)
+                if holding:
+                    raise MigrationError(
+                        f"{self.service}: rolling back {m.label} would drop "
+                        f"{', '.join(holding)}, which holds rows; export them first, "
+                        "or confirm that they may be destroyed (--discard-data)"
+                    )
                 try:
                     async with conn.transaction():
                         await conn.execute(sql.SQL(m.down_sql))

@@ -1,0 +1,91 @@
+"""`python -m key_service migrate ...`, the command behind `make migrate*`, for real."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psycopg
+
+from shared.devstack import PostgresServer, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def migrate(
+    pg: PostgresServer, database: str, *args: str, port: int | None = None
+) -> tuple[int, str, str]:
+    env = {
+        **os.environ,
+        "DB_HOST": pg.host,
+        "DB_PORT": str(port or pg.port),
+        "DB_NAME": database,
+        "DB_USER": pg.user,
+        "DB_SSLMODE": "disable",
+        "DB_CONNECT_TIMEOUT": "2",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "key_service", "migrate", *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def tables(pg: PostgresServer, database: str) -> set[str]:
+    with psycopg.connect(pg.conninfo(database)) as conn:
+        rows = conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+        ).fetchall()
+    return {str(r[0]) for r in rows}
+
+
+def test_rollback_needs_confirmation_and_never_silently_drops_the_audit_trail(
+    pg_server: PostgresServer, database: str
+) -> None:
+    # Not confirmed (no terminal, no --yes): nothing happens.
+    code, out, err = migrate(pg_server, database, "down")
+    assert code == 1
+    assert "0002_api_key_audit_events" in out
+    assert "pass --yes" in err
+    assert "api_key_audit_events" in tables(pg_server, database)
+
+    # A service (any other session) connected: refused.
+    with psycopg.connect(pg_server.conninfo(database), autocommit=True) as live:
+        live.execute(
+            "INSERT INTO api_key_audit_events (event_id, action, key_id, actor, display_prefix,"
+            " created_at) VALUES (%s, 'create', %s, 'test', 'myl_test', now())",
+            (uuid.uuid4(), uuid.uuid4()),
+        )
+        code, _, err = migrate(pg_server, database, "down", "--yes")
+        assert code == 1
+        assert "other session(s) are connected" in err, err
+
+    # Confirmed, nobody connected, but the audit trail holds a row: refused, kept.
+    code, _, err = migrate(pg_server, database, "down", "--yes")
+    assert code == 1
+    assert "would drop api_key_audit_events, which holds rows" in err, err
+    assert "api_key_audit_events" in tables(pg_server, database)
+
+    code, out, err = migrate(pg_server, database, "down", "--yes", "--discard-data")
+    assert code == 0, err
+    assert "rolled back 0002_api_key_audit_events" in out
+    assert "api_key_audit_events" not in tables(pg_server, database)
+    assert "device_api_keys" in tables(pg_server, database)
+
+
+def test_an_unreachable_database_is_one_line(pg_server: PostgresServer, database: str) -> None:
+    port = free_port()
+    for action in ("up", "status", "down"):
+        code, _, err = migrate(pg_server, database, action, port=port)
+        assert code == 1
+        assert "Traceback" not in err
+        assert err.strip().count("\n") == 0, err
+        assert f"127.0.0.1:{port}" in err
