@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, descriptor_pool
+from google.protobuf.descriptor import Descriptor
 from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[attr-defined]
 
 from key_service.permissions import API_ACCESS, grants
@@ -46,7 +47,7 @@ from myl.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from myl.envoy.type.v3 import http_status_pb2
 from myl.key.v1 import key_pb2
 from shared.errors import ERROR_DOMAIN
-from shared.httprules import HttpRoutes
+from shared.httprules import HttpRoutes, unknown_json_fields
 from shared.identity import (
     DEVICE_ID_HEADER,
     KEY_ID_HEADER,
@@ -109,12 +110,33 @@ def deny(
     message: str,
     retry_after: int | None = None,
     metadata: dict[str, str] | None = None,
+    violations: dict[str, str] | None = None,
 ) -> Denial:
-    """A refusal with its HTTP status, gRPC code, ErrorInfo reason and metadata."""
+    """A refusal with its HTTP status, gRPC code, ErrorInfo reason and metadata, and
+    BadRequest field violations (field -> description) when given."""
     info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
     packed = any_pb2.Any()
     packed.Pack(info)
-    status = status_pb2.Status(code=code, message=message, details=[packed])
+    details = [packed]
+    json_details: list[dict[str, Any]] = []
+    if violations:
+        bad = any_pb2.Any()
+        bad.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+                    for f, d in violations.items()
+                ]
+            )
+        )
+        details.append(bad)
+        json_details.append(
+            {
+                "@type": bad.type_url,
+                "fieldViolations": [{"field": f, "description": d} for f, d in violations.items()],
+            }
+        )
+    status = status_pb2.Status(code=code, message=message, details=details)
     extra = [] if retry_after is None else [_header("retry-after", str(retry_after))]
     body = json.dumps(
         {
@@ -126,7 +148,8 @@ def deny(
                     "reason": reason,
                     "domain": ERROR_DOMAIN,
                     **({"metadata": metadata} if metadata else {}),
-                }
+                },
+                *json_details,
             ],
         }
     )
@@ -138,14 +161,14 @@ def deny(
             body=body,
         ),
     )
-    details = base64.b64encode(status.SerializeToString()).decode()
+    status_bin = base64.b64encode(status.SerializeToString()).decode()
     grpc_denial = CheckResponse(
         status=status,
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=http_status),  # type: ignore[arg-type]
             headers=[
                 _header("grpc-status", str(code)),
-                _header("grpc-status-details-bin", details),
+                _header("grpc-status-details-bin", status_bin),
                 *extra,
             ],
             body=message,
@@ -181,6 +204,26 @@ def forbidden(missing: tuple[str, ...]) -> Denial:
     )
 
 
+def unknown_fields(fields: list[str]) -> Denial:
+    """400 for a REST body with fields the method does not have (the transcoder would
+    silently drop them, and the caller would believe it had set them)."""
+    return deny(
+        400,
+        code_pb2.INVALID_ARGUMENT,
+        "UNKNOWN_FIELD",
+        "unknown field(s) in the request body: " + ", ".join(fields),
+        violations={f: "unknown field" for f in fields},
+    )
+
+
+def _input_type(method_path: str) -> Descriptor:
+    service, _, method = method_path[1:].partition("/")
+    found: Descriptor = (
+        descriptor_pool.Default().FindServiceByName(service).methods_by_name[method].input_type
+    )
+    return found
+
+
 def _is_grpc_path(path: str) -> bool:
     """`/package.Service/Method`: two segments, the first a qualified name."""
     service, slash, method = path[1:].partition("/")
@@ -213,17 +256,15 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         # One per set of missing permissions; the vocabulary is small.
         self._forbidden: dict[tuple[str, ...], Denial] = {}
 
-    def required_permissions(self, path: str, http_method: str = "POST") -> tuple[str, ...] | None:
-        """What a key needs for `path`, or None when the path has no public route.
+    def method_path(self, path: str, http_method: str = "POST") -> str | None:
+        """The gRPC method path of a call: `path` itself for native gRPC, else the method
+        the contracts' HTTP rules map a REST call to (it is checked before the transcoder)."""
+        if _is_grpc_path(path):
+            return path
+        return self.routes.grpc_path(http_method, path)
 
-        `path` is a gRPC method path (native gRPC) or a REST path (checked before the
-        transcoder), which is resolved to its method with the contracts' HTTP rules.
-        """
-        if not _is_grpc_path(path):
-            grpc_path = self.routes.grpc_path(http_method, path)
-            if grpc_path is None:
-                return None
-            path = grpc_path
+    def required_permissions(self, path: str) -> tuple[str, ...] | None:
+        """What a key needs for the gRPC method `path`, or None when it has no public route."""
         cached = self._policies.get(path, ())
         if cached != ():
             return cached
@@ -239,8 +280,9 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     ) -> CheckResponse:
         http = request.attributes.request.http
         path = http.path.split("?", 1)[0]
-        required = self.required_permissions(path, http.method)
-        if required is None:
+        method_path = self.method_path(path, http.method)
+        required = None if method_path is None else self.required_permissions(method_path)
+        if method_path is None or required is None:
             return NO_ROUTE.respond(http)
         api_key = http.headers.get(API_KEY_HEADER)
         if not api_key:
@@ -264,6 +306,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                     denial = self._forbidden[missing] = forbidden(missing)
                 return denial.respond(http)
             return _REFUSALS.get(verdict.result, UNKNOWN_KEY).respond(http)
+        if http.body and method_path != path:
+            unknown = unknown_json_fields(_input_type(method_path), http.body)
+            if unknown:
+                return unknown_fields(unknown).respond(http)
         response = self._allowed.get(record)
         if response is None:
             response = allow(record)

@@ -1,4 +1,5 @@
-"""REST routes of the contracts: which gRPC method a REST call is for.
+"""REST routes of the contracts: which gRPC method a REST call is for, and which
+fields of its JSON body the method does not know.
 
 The gateway checks a REST call's key before its transcoder reads the body (so a call without
 a key is 401 whatever its body), and so before the transcoder has turned the REST path into
@@ -18,12 +19,14 @@ method the gateway answers 404, as the transcoder would.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
 from google.api import annotations_pb2, http_pb2  # type: ignore[attr-defined]
 from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 _VERBS: Final = ("get", "put", "post", "delete", "patch")
 
@@ -109,3 +112,49 @@ class HttpRoutes:
             ):
                 return route.grpc_path
         return None
+
+
+def _is_well_known(descriptor: Descriptor) -> bool:
+    """Messages proto3 JSON writes as scalars or free-form values (Timestamp, Struct...)."""
+    return descriptor.full_name.startswith("google.protobuf.")
+
+
+def unknown_json_fields(descriptor: Descriptor, body: str) -> list[str]:
+    """Fields of a JSON request body that `descriptor` does not have, as dotted paths.
+
+    The transcoder follows the proto3 JSON mapping, which ignores unknown fields: a
+    misspelled `expiresAt` would silently leave `expireTime` at its default. Both spellings
+    the mapping accepts (lowerCamelCase and the proto name) are known. A body that is not a
+    JSON object is left to the transcoder, which answers it with 400.
+    """
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return []
+    found: list[str] = []
+    _walk(descriptor, value, "", found)
+    return found
+
+
+def _walk(descriptor: Descriptor, value: object, prefix: str, found: list[str]) -> None:
+    if not isinstance(value, dict):
+        return
+    for name, item in value.items():
+        field = descriptor.fields_by_name.get(name) or _by_json_name(descriptor, name)
+        if field is None:
+            found.append(f"{prefix}{name}")
+            continue
+        message = field.message_type
+        if message is None or _is_well_known(message) or message.GetOptions().map_entry:
+            continue
+        items = item if isinstance(item, list) else [item]
+        for index, element in enumerate(items):
+            where = f"{prefix}{name}[{index}]." if isinstance(item, list) else f"{prefix}{name}."
+            _walk(message, element, where, found)
+
+
+def _by_json_name(descriptor: Descriptor, name: str) -> FieldDescriptor | None:
+    for field in descriptor.fields:
+        if field.json_name == name:
+            return field
+    return None

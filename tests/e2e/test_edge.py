@@ -391,3 +391,57 @@ async def test_readme_walk_through_runs_and_leaves_no_key_in_a_file(
     assert device_key.startswith("myl_")
     for path in workdir.rglob("*"):
         assert not path.is_file() or device_key not in path.read_text(errors="replace"), path
+
+
+async def test_transcoder_errors_name_the_problem_and_unknown_fields_are_refused(
+    gateway: Gateway, key_service: RunningKeyService
+) -> None:
+    admin = await operator_key(key_service)
+    headers = {"X-API-Key": admin}
+    async with httpx.AsyncClient(base_url=gateway.url, headers=headers) as client:
+        await provision(client, gateway, admin, "dev-t")
+
+        nul = await client.get("/api/v1/devices/dev%00t/certificate")
+        assert nul.status_code == 400
+        assert nul.json()["message"], nul.text
+        assert field_violations(nul.json()) == ["path"]
+
+        not_a_list = await client.post("/api/v1/ssl/provision", json={"deviceId": ["a"]})
+        assert not_a_list.status_code == 400
+        assert field_violations(not_a_list.json()) == ["body"]
+        assert "not repeating" in not_a_list.json()["message"]
+
+        short_enum = await client.get("/api/v1/ssl/certificates", params={"status": "ACTIVE"})
+        assert short_enum.status_code == 400
+        assert field_violations(short_enum.json()) == ["url"]
+        assert "CERTIFICATE_STATUS_ACTIVE" in short_enum.json()["details"][0]["metadata"]["hint"]
+        any_case = await client.get(
+            "/api/v1/ssl/certificates", params={"status": "certificate_status_active"}
+        )
+        assert any_case.status_code == 200, any_case.text
+
+        # A misspelled field is refused, naming it; nothing is created.
+        misspelled = await client.post(
+            "/api/v1/device/generate-key",
+            json={"deviceId": "dev-t", "expiresAt": "2030-01-01T00:00:00Z", "extra": {"a": 1}},
+        )
+        assert misspelled.status_code == 400, misspelled.text
+        assert error_reason(misspelled.json()) == "UNKNOWN_FIELD"
+        assert field_violations(misspelled.json()) == ["expiresAt", "extra"]
+        listed = await client.get("/api/v1/devices/dev-t/keys")
+        assert listed.json()["keys"] == []
+        # Both spellings proto3 JSON accepts are known; what was applied is in the answer.
+        expire = (datetime.now(UTC) + timedelta(days=30)).replace(microsecond=0)
+        both = await client.post(
+            "/api/v1/device/generate-key",
+            json={"device_id": "dev-t", "expireTime": expire.isoformat().replace("+00:00", "Z")},
+        )
+        assert both.status_code == 200, both.text
+        applied = datetime.fromisoformat(both.json()["key"]["expireTime"].replace("Z", "+00:00"))
+        assert applied == expire
+        revoked = await client.post(
+            "/api/v1/devices/dev-t/certificate:revoke",
+            json={"reason": "revocation_reason_superseded"},
+        )
+        assert revoked.status_code == 200, revoked.text
+        assert revoked.json()["certificate"]["revocationReason"] == "REVOCATION_REASON_SUPERSEDED"
