@@ -6,13 +6,14 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: help run test check lint typecheck buf proto bench migrate migrate-status \
+.PHONY: help run test check lint typecheck buf proto bench fuzz migrate migrate-status \
 	migrate-rollback system-deps clean
 
 help:
 	@echo "make run               the whole stack in the foreground (Ctrl-C stops it)"
 	@echo "make test              lint, type checks, contract checks and the whole test suite"
 	@echo "make bench             benchmarks (prints numbers)"
+	@echo "make fuzz              schemathesis against the gateway, long run, random seed"
 	@echo "make proto             regenerate Python code and the gateway descriptor set"
 	@echo "make migrate | migrate-status | migrate-rollback"
 
@@ -55,6 +56,12 @@ proto: $(STAMP)
 bench: $(STAMP)
 	@deploy/system-deps.sh bench
 	$(PY) -m tests.bench
+
+# The schemathesis test of `make test`, longer: random seed, more examples, stateful phase.
+fuzz: $(STAMP) system-deps
+	MYL_FUZZ_RANDOM=1 MYL_FUZZ_EXAMPLES=$${MYL_FUZZ_EXAMPLES:-200} \
+	MYL_FUZZ_PHASES=examples,coverage,fuzzing,stateful \
+	$(BIN)/pytest -q -p no:cacheprovider tests/e2e/test_fuzz.py
 
 migrate: $(STAMP)
 	$(PY) -m cert_service migrate up

@@ -111,6 +111,7 @@ def deny(
     retry_after: int | None = None,
     metadata: dict[str, str] | None = None,
     violations: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Denial:
     """A refusal with its HTTP status, gRPC code, ErrorInfo reason and metadata, and
     BadRequest field violations (field -> description) when given."""
@@ -138,6 +139,7 @@ def deny(
         )
     status = status_pb2.Status(code=code, message=message, details=details)
     extra = [] if retry_after is None else [_header("retry-after", str(retry_after))]
+    extra += [_header(name, value) for name, value in (headers or {}).items()]
     body = json.dumps(
         {
             "code": code,
@@ -204,6 +206,18 @@ def forbidden(missing: tuple[str, ...]) -> Denial:
     )
 
 
+def method_not_allowed(allowed: tuple[str, ...]) -> Denial:
+    """405 with `Allow` for a REST path that exists with other HTTP methods."""
+    names = ", ".join(allowed)
+    return deny(
+        405,
+        code_pb2.UNIMPLEMENTED,
+        "METHOD_NOT_ALLOWED",
+        f"this path takes {names}",
+        headers={"allow": names},
+    )
+
+
 def unknown_fields(fields: list[str]) -> Denial:
     """400 for a REST body with fields the method does not have (the transcoder would
     silently drop them, and the caller would believe it had set them)."""
@@ -255,6 +269,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self.routes = HttpRoutes.build(PUBLIC_SERVICES)
         # One per set of missing permissions; the vocabulary is small.
         self._forbidden: dict[tuple[str, ...], Denial] = {}
+        self._wrong_method: dict[tuple[str, ...], Denial] = {}
+
+    def _not_allowed(self, allowed: tuple[str, ...]) -> Denial:
+        denial = self._wrong_method.get(allowed)
+        if denial is None:
+            denial = self._wrong_method[allowed] = method_not_allowed(allowed)
+        return denial
 
     def method_path(self, path: str, http_method: str = "POST") -> str | None:
         """The gRPC method path of a call: `path` itself for native gRPC, else the method
@@ -283,6 +304,9 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         method_path = self.method_path(path, http.method)
         required = None if method_path is None else self.required_permissions(method_path)
         if method_path is None or required is None:
+            allowed = self.routes.allowed_methods(path) if method_path is None else []
+            if allowed:
+                return self._not_allowed(tuple(allowed)).respond(http)
             return NO_ROUTE.respond(http)
         api_key = http.headers.get(API_KEY_HEADER)
         if not api_key:

@@ -6,7 +6,10 @@
 
 Generated files are checked in. The descriptor set (`deploy/envoy/myl.pb`)
 holds both services and the `google.rpc` error detail types so that Envoy's
-gRPC-JSON transcoder can render ErrorInfo and BadRequest as JSON.
+gRPC-JSON transcoder can render ErrorInfo and BadRequest as JSON. The OpenAPI
+document of the REST surface (`deploy/envoy/openapi.json`, served by the
+gateway at `GET /openapi.json`) is written from that descriptor set
+(`openapi.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 DESCRIPTOR_SET = Path("deploy/envoy/myl.pb")
+OPENAPI = Path("deploy/envoy/openapi.json")
 # Protos whose Python code we generate (google/* comes from googleapis-common-protos).
 PYTHON_SOURCES = sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / "myl").rglob("*.proto"))
 # Protos the gateway transcodes, plus the error detail types it must render.
@@ -69,6 +73,9 @@ def generate(out: Path) -> None:
             *GATEWAY_SOURCES,
         ]
     )
+    import openapi  # beside this file; it imports the generated myl.auth.v1 options
+
+    (out / OPENAPI).write_text(openapi.render((out / DESCRIPTOR_SET).read_bytes()))
 
 
 def generated_files(base: Path) -> list[Path]:
@@ -79,7 +86,7 @@ def generated_files(base: Path) -> list[Path]:
         for p in py.rglob("*")
         if p.is_file() and (p.suffix in {".py", ".pyi"}) and p.name != "generate.py"
     ]
-    return sorted([*found, DESCRIPTOR_SET])
+    return sorted([*found, DESCRIPTOR_SET, OPENAPI])
 
 
 def main() -> int:
@@ -92,7 +99,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp))
         for old in generated_files(ROOT):
-            if old != DESCRIPTOR_SET:
+            if old not in (DESCRIPTOR_SET, OPENAPI):
                 (ROOT / old).unlink()
         for rel in generated_files(Path(tmp)):
             (ROOT / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from typing import Literal
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "deploy" / "envoy"
 TEMPLATE_PATH = ENVOY_DIR / "envoy.yaml.tmpl"
 DESCRIPTOR_PATH = ENVOY_DIR / "myl.pb"
+OPENAPI_PATH = ENVOY_DIR / "openapi.json"
 # Envoy opens this like any file; it is the gateway process's own stdout.
 STDOUT = "/dev/stdout"
 
@@ -71,6 +72,7 @@ def render_envoy_config(
     cert_host: str = "127.0.0.1",
     key_host: str = "127.0.0.1",
     descriptor_path: Path = DESCRIPTOR_PATH,
+    openapi_path: Path = OPENAPI_PATH,
     access_log_path: str | Path = STDOUT,
     template_path: Path = TEMPLATE_PATH,
 ) -> str:
@@ -96,6 +98,7 @@ def render_envoy_config(
         cert_endpoints=_endpoints(cert_host, (ports.cert_port, *ports.cert_replica_ports)),
         key_endpoints=_endpoints(key_host, (ports.key_port, *ports.key_replica_ports)),
         descriptor_path=json.dumps(str(descriptor_path)),
+        openapi_path=json.dumps(str(openapi_path)),
         access_log_path=json.dumps(str(access_log_path)),
     )
 

@@ -98,6 +98,18 @@ class HttpRoutes:
                     routes.append(HttpRoute(kind.upper(), segments, verb, grpc_path))
         return cls(routes)
 
+    def allowed_methods(self, path: str) -> list[str]:
+        """The HTTP methods some route accepts for `path` (for 405 and `Allow`)."""
+        path = path.split("?", 1)[0]
+        return sorted(
+            {
+                method
+                for (method, _, _) in self._by_shape
+                if method in ("GET", "POST", "PUT", "DELETE", "PATCH")
+                and self.grpc_path(method, path) is not None
+            }
+        )
+
     def grpc_path(self, http_method: str, path: str) -> str | None:
         """The gRPC method path for this REST call, or None when no route matches."""
         path = path.split("?", 1)[0]

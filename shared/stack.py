@@ -129,6 +129,9 @@ def require_free_ports(ports: dict[str, int]) -> None:
         if port == 0:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # As the servers do: connections of a stack that just stopped (TIME_WAIT)
+            # do not make the port busy, a listener does.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:

@@ -445,3 +445,54 @@ async def test_transcoder_errors_name_the_problem_and_unknown_fields_are_refused
         )
         assert revoked.status_code == 200, revoked.text
         assert revoked.json()["certificate"]["revocationReason"] == "REVOCATION_REASON_SUPERSEDED"
+
+
+async def test_openapi_document_is_served_without_a_key_and_covers_every_route(
+    gateway: Gateway,
+) -> None:
+    async with httpx.AsyncClient(base_url=gateway.url) as client:
+        reply = await client.get("/openapi.json")
+        assert reply.status_code == 200
+        assert reply.headers["content-type"] == "application/json"
+        document = reply.json()
+        assert document == json.loads((ROOT / "deploy" / "envoy" / "openapi.json").read_text())
+        # An undeclared method on a real path: 405 naming the one it takes.
+        wrong = await client.put("/api/v1/ssl/ca")
+        assert wrong.status_code == 405
+        assert wrong.headers["allow"] == "GET"
+    assert document["openapi"].startswith("3.")
+    assert document["components"]["securitySchemes"]["ApiKey"] == {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+    }
+    operations = {
+        op["x-grpc-method"]: (verb.upper(), path, op)
+        for path, item in document["paths"].items()
+        for verb, op in item.items()
+    }
+    public = {
+        f"/{s.full_name}/{m.name}": m
+        for s in (
+            cert_pb2.DESCRIPTOR.services_by_name["CertificateService"],
+            key_pb2.DESCRIPTOR.services_by_name["ApiKeyService"],
+        )
+        for m in s.methods
+        if method_policy(f"/{s.full_name}/{m.name}") is not None
+    }
+    assert set(operations) == set(public)
+    for grpc_path, (_, _, operation) in operations.items():
+        policy = method_policy(grpc_path)
+        assert policy is not None
+        assert operation["x-required-permission"] == policy.permission
+        assert f"`{policy.permission}`" in operation["description"]
+        assert operation["responses"]["default"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/google.rpc.Status"
+        }
+    verb, path, rotate = operations["/myl.key.v1.ApiKeyService/RotateApiKey"]
+    assert (verb, path) == ("POST", "/api/v1/keys/{keyId}:rotate")
+    body = rotate["requestBody"]["content"]["application/json"]["schema"]
+    assert set(body["properties"]) == {"gracePeriod"}
+    assert body["additionalProperties"] is False
+    key_schema = document["components"]["schemas"]["myl.key.v1.ApiKey"]
+    assert "expireTime" in key_schema["properties"]

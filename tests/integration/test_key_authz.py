@@ -109,10 +109,13 @@ async def test_rest_calls_are_checked_against_their_methods_permission(
     enough, _ = await key_service.issue_device_key(None, permissions=["api:access", permission])
     allowed = await check(key_service, path, {"x-api-key": enough}, method)
     assert allowed.WhichOneof("http_response") == "ok_response"
-    # The same path with another verb is no route at all.
+    # The same path with another verb: 405 naming the verb it takes.
     wrong_verb = "PUT"
-    status, code, _, _ = denial(await check(key_service, path, {"x-api-key": enough}, wrong_verb))
-    assert status == 404
+    status, code, headers, _ = denial(
+        await check(key_service, path, {"x-api-key": enough}, wrong_verb)
+    )
+    assert (status, code) == (405, code_pb2.UNIMPLEMENTED)
+    assert headers["allow"] == method
 
 
 async def test_missing_and_bad_keys_are_unauthenticated(
