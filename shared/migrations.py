@@ -212,9 +212,9 @@ class MigrationRunner:
         """
         async with await self._connect() as conn:
             states = [s for s in await self._states(conn) if s.applied_at is not None]
-            rolled = []
-            for s in reversed(states[-steps:] if steps > 0 else []):
-                m = s.migration
+            chosen = [s.migration for s in reversed(states[-steps:] if steps > 0 else [])]
+            # Every check before the first rollback: refused means nothing rolled back.
+            for m in chosen:
                 if m.down_sql is None:
                     raise MigrationError(f"{self.service}: {m.label} has no down migration")
                 holding = [] if discard_data else await self._tables_with_rows(conn, m.down_sql)
@@ -224,6 +224,9 @@ class MigrationRunner:
                         f"{', '.join(holding)}, which holds rows; export them first, "
                         "or confirm that they may be destroyed (--discard-data)"
                     )
+            rolled = []
+            for m in chosen:
+                assert m.down_sql is not None
                 try:
                     async with conn.transaction():
                         await conn.execute(sql.SQL(m.down_sql))

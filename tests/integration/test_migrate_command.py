@@ -50,8 +50,10 @@ def tables(pg: PostgresServer, database: str) -> set[str]:
 def test_rollback_needs_confirmation_and_never_silently_drops_the_audit_trail(
     pg_server: PostgresServer, database: str
 ) -> None:
+    # Back to before the audit trail: the last three migrations.
+    steps = ["--steps", "3"]
     # Not confirmed (no terminal, no --yes): nothing happens.
-    code, out, err = migrate(pg_server, database, "down")
+    code, out, err = migrate(pg_server, database, "down", *steps)
     assert code == 1
     assert "0002_api_key_audit_events" in out
     assert "pass --yes" in err
@@ -64,17 +66,21 @@ def test_rollback_needs_confirmation_and_never_silently_drops_the_audit_trail(
             " created_at) VALUES (%s, 'create', %s, 'test', 'myl_test', now())",
             (uuid.uuid4(), uuid.uuid4()),
         )
-        code, _, err = migrate(pg_server, database, "down", "--yes")
+        code, _, err = migrate(pg_server, database, "down", "--yes", *steps)
         assert code == 1
         assert "other session(s) are connected" in err, err
 
-    # Confirmed, nobody connected, but the audit trail holds a row: refused, kept.
-    code, _, err = migrate(pg_server, database, "down", "--yes")
+    # Confirmed, nobody connected, but the audit trail holds a row: refused, and
+    # nothing rolled back, not even the later migrations.
+    before = tables(pg_server, database)
+    code, _, err = migrate(pg_server, database, "down", "--yes", *steps)
     assert code == 1
     assert "would drop api_key_audit_events, which holds rows" in err, err
-    assert "api_key_audit_events" in tables(pg_server, database)
+    assert tables(pg_server, database) == before
+    code, out, _ = migrate(pg_server, database, "status")
+    assert "pending" not in out
 
-    code, out, err = migrate(pg_server, database, "down", "--yes", "--discard-data")
+    code, out, err = migrate(pg_server, database, "down", "--yes", "--discard-data", *steps)
     assert code == 0, err
     assert "rolled back 0002_api_key_audit_events" in out
     assert "api_key_audit_events" not in tables(pg_server, database)
