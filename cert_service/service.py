@@ -15,7 +15,7 @@ from cert_service import validation
 from cert_service.certificates import DeviceCertificates, ProvisionRequest
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from shared import idempotency
-from shared.errors import permission_denied
+from shared.errors import not_found, permission_denied
 from shared.identity import caller_from_metadata
 
 SERVICE_NAME = cert_pb2.DESCRIPTOR.services_by_name["CertificateService"].full_name
@@ -75,7 +75,14 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
     ) -> cert_pb2.LookupCertificateResponse:
         fqdn, via_wildcard = validation.lookup_name(request.uuid_subdomain, self.zone)
         caller = caller_from_metadata(context.invocation_metadata())
-        certificate = await self.certificates.lookup(fqdn, via_wildcard, caller.require_device)
+
+        def authorize(device_id: str) -> None:
+            # Another device's name is answered like a name that does not exist: a
+            # device key learns nothing about names outside its device.
+            if not caller.may_act_on(device_id):
+                raise not_found("certificate", "CERTIFICATE_NOT_FOUND", uuid_subdomain=fqdn)
+
+        certificate = await self.certificates.lookup(fqdn, via_wildcard, authorize)
         return cert_pb2.LookupCertificateResponse(certificate=certificate)
 
     async def ListCertificates(

@@ -434,9 +434,10 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
 
     async def _load(self, key_id: uuid.UUID, caller: Caller) -> ApiKeyRow:
         row = await self.store.get(key_id)
-        if row is None:
+        # Another device's key (or an operator key) is answered like a key that does
+        # not exist: a device key learns nothing about ids outside its device.
+        if row is None or not caller.may_act_on(row.device_id or ""):
             raise not_found("API key", "API_KEY_NOT_FOUND", key_id=str(key_id))
-        caller.require_device(row.device_id or "")
         return row
 
 

@@ -176,7 +176,13 @@ async def test_device_key_acts_only_on_its_own_device_even_with_forged_headers(
         lookup = await client.get(
             f"{gateway.url}/api/v1/ssl/certificates/dev-b.myl.zip", headers=forged
         )
-        assert lookup.status_code == 403
+        # Another device's name reads like a name that does not exist.
+        assert lookup.status_code == 404
+        missing = await client.get(
+            f"{gateway.url}/api/v1/ssl/certificates/dev-z.myl.zip", headers=forged
+        )
+        assert missing.status_code == 404
+        assert lookup.json()["message"] == missing.json()["message"]
         # The operator key reads any device.
         any_device = await client.get(
             f"{gateway.url}/api/v1/devices/dev-b/certificate", headers={"X-API-Key": admin}

@@ -267,9 +267,6 @@ async def test_device_keys_act_only_on_their_own_device(cert_stub: Stub) -> None
         cert_stub.GetCertificate(
             cert_pb2.GetCertificateRequest(device_id="device-2"), metadata=device_key
         ),
-        cert_stub.LookupCertificate(
-            cert_pb2.LookupCertificateRequest(uuid_subdomain="second"), metadata=device_key
-        ),
         cert_stub.RenewCertificate(
             cert_pb2.RenewCertificateRequest(device_id="device-2"), metadata=device_key
         ),
@@ -288,6 +285,17 @@ async def test_device_keys_act_only_on_their_own_device(cert_stub: Stub) -> None
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    # Another device's name reads exactly like a name that does not exist.
+    answers = []
+    for name in ("second", "no-such-name"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await cert_stub.LookupCertificate(
+                cert_pb2.LookupCertificateRequest(uuid_subdomain=name), metadata=device_key
+            )
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        answers.append(str(caught.value.details()).replace(name, "NAME"))
+    assert answers[0] == answers[1]
 
     other = await cert_stub.GetCertificate(
         cert_pb2.GetCertificateRequest(device_id="device-2"), metadata=operator_key
@@ -490,7 +498,7 @@ async def test_refused_lookup_does_not_count_as_an_access(
             await cert_stub.LookupCertificate(
                 cert_pb2.LookupCertificateRequest(uuid_subdomain="second"), metadata=device_key
             )
-        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     await cert_stub.LookupCertificate(
         cert_pb2.LookupCertificateRequest(uuid_subdomain="first"), metadata=device_key
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import uuid
 from asyncio.subprocess import PIPE
 from collections.abc import Awaitable
 from datetime import timedelta
@@ -265,19 +266,10 @@ async def test_device_keys_act_only_on_their_own_device(key_service: RunningKeyS
     _, theirs = await key_service.issue_device_key("dev-theirs")
     _, operator_row = await key_service.issue_device_key(None, permissions=["admin"])
     me = as_device_key(mine)
+    # Refused before any look-up: PERMISSION_DENIED.
     calls: list[Awaitable[Any]] = [
-        key_service.stub.GetApiKey(key_pb2.GetApiKeyRequest(key_id=str(theirs.id)), metadata=me),
-        key_service.stub.GetApiKey(
-            key_pb2.GetApiKeyRequest(key_id=str(operator_row.id)), metadata=me
-        ),
         key_service.stub.ListApiKeys(
             key_pb2.ListApiKeysRequest(device_id="dev-theirs"), metadata=me
-        ),
-        key_service.stub.RevokeApiKey(
-            key_pb2.RevokeApiKeyRequest(key_id=str(theirs.id)), metadata=me
-        ),
-        key_service.stub.RotateApiKey(
-            key_pb2.RotateApiKeyRequest(key_id=str(theirs.id)), metadata=me
         ),
         key_service.stub.RevokeDeviceApiKeys(
             key_pb2.RevokeDeviceApiKeysRequest(device_id="dev-theirs"), metadata=me
@@ -290,6 +282,22 @@ async def test_device_keys_act_only_on_their_own_device(key_service: RunningKeyS
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await call
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Another device's key, or an operator key, reads exactly like no key at all.
+    nobody = uuid.uuid4()
+    for key_id in (theirs.id, operator_row.id, nobody):
+        for call in (
+            key_service.stub.GetApiKey(key_pb2.GetApiKeyRequest(key_id=str(key_id)), metadata=me),
+            key_service.stub.RevokeApiKey(
+                key_pb2.RevokeApiKeyRequest(key_id=str(key_id)), metadata=me
+            ),
+            key_service.stub.RotateApiKey(
+                key_pb2.RotateApiKeyRequest(key_id=str(key_id)), metadata=me
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as hidden:
+                await call
+            assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+            assert hidden.value.details() == "API key not found"
     own = await key_service.stub.ListApiKeys(
         key_pb2.ListApiKeysRequest(device_id="dev-mine"), metadata=me
     )
