@@ -50,13 +50,14 @@ def schemathesis_command(
     ]  # fmt: skip
 
 
-async def run_schemathesis(gateway: Gateway, key: str) -> str:
+async def run_schemathesis(gateway: Gateway, key: str, workdir: Path) -> str:
     examples = int(os.environ.get("MYL_FUZZ_EXAMPLES", "5"))
     seed = None if os.environ.get("MYL_FUZZ_RANDOM") else 20261130
     process = await asyncio.create_subprocess_exec(
         *schemathesis_command(gateway, key, examples=examples, seed=seed),
         stdout=PIPE,
         stderr=STDOUT,
+        cwd=workdir,  # it keeps a cache in .schemathesis/ there
     )
     out, _ = await asyncio.wait_for(process.communicate(), 900)
     text = out.decode(errors="replace")
@@ -65,7 +66,7 @@ async def run_schemathesis(gateway: Gateway, key: str) -> str:
 
 
 async def test_schemathesis_finds_nothing_with_an_operator_or_a_device_key(
-    gateway: Gateway, key_service: RunningKeyService
+    gateway: Gateway, key_service: RunningKeyService, tmp_path: Path
 ) -> None:
     operator, _ = await key_service.issue_device_key(
         None,
@@ -81,7 +82,8 @@ async def test_schemathesis_finds_nothing_with_an_operator_or_a_device_key(
             rateLimit=1_000_000,
         )  # fmt: skip
     reports = await asyncio.gather(
-        run_schemathesis(gateway, operator), run_schemathesis(gateway, device["apiKey"])
+        run_schemathesis(gateway, operator, tmp_path),
+        run_schemathesis(gateway, device["apiKey"], tmp_path),
     )
     for report in reports:
         generated = re.search(r"(\d+) generated", report)
