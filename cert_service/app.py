@@ -8,10 +8,11 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from cert_service.access import AccessRecorder
+from cert_service.ca import CertificateAuthorityError, LocalCertificateAuthority
 from cert_service.certcache import CertificateCache
 from cert_service.certificates import DeviceCertificates
 from cert_service.config import SERVICE, CertServiceConfig
-from cert_service.issuer import CertificateAuthorityError, Issuer, LocalCertificateAuthority
+from cert_service.issuer import Issuer
 from cert_service.lifecycle import LifecycleWorker
 from cert_service.outbox import OutboxRelay
 from cert_service.service import SERVICE_NAME, CertificateServicer

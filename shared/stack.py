@@ -149,7 +149,7 @@ class Stack:
     def development_ca(self) -> None:
         if self.env.get("CA_CERT_FILE") or self.env.get("CERT_SERVICE_CA_CERT_FILE"):
             return
-        from cert_service.issuer import create_development_ca
+        from cert_service.ca import create_development_ca
 
         cert, key = create_development_ca(RUN / "ca")
         self.env.update(CA_CERT_FILE=str(cert), CA_KEY_FILE=str(key))

@@ -16,14 +16,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cert_service.issuer import (
+from cert_service.ca import (
     CertificateAuthorityError,
+    LocalCertificateAuthority,
+    create_development_ca,
+)
+from cert_service.issuer import (
     CsrError,
     IssuedCertificate,
     Issuer,
-    LocalCertificateAuthority,
     PublicKeyError,
-    create_development_ca,
     generate_private_key,
     load_csr,
     load_public_key,
