@@ -9,8 +9,19 @@ Decisions:
 * If the first DNS name is longer than the 64 characters allowed in a common name, the subject is
   left empty and the subjectAltName extension is marked critical (RFC 5280, 4.2.1.6).
 * Everything that does not depend on the leaf (issuer name, authority key identifier, CA PEM,
-  hash algorithm) is computed once per CA, keeping ``issue`` at a single ECDSA signature plus
-  encoding work.
+  hash algorithm, CRL and AIA URLs, policies) is computed once per CA, keeping ``issue`` at a
+  single ECDSA signature plus encoding work.
+* Every leaf names where relying parties learn about it (see :class:`PkiLocations`): a CRL
+  distribution point for one CRL shard, and an AIA caIssuers URL serving this CA's certificate.
+  The shard is chosen here, at issuance, from the (random) serial number: ``serial % shards``.
+  It is written into the certificate and into :class:`IssuedCertificate`, and never changes for
+  that certificate, even when the shard count does (Boulder's design).
+* Every leaf carries two certificate policies: the CA/Browser Forum's domain-validated policy
+  (2.23.140.1.2.1; the platform allocates every name itself under its own zone, so control of
+  the name is established by construction) and the operator's own policy (configuration;
+  :data:`DEVICE_POLICY_OID` by default), which asserts: the names were allocated by this
+  platform to the device that holds the key, and nothing about any person or organisation was
+  validated.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final, TypeAlias
@@ -26,14 +38,18 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 from cert_service.issuer import MIN_RSA_BITS, IssuedCertificate, PublicKey, checked_key, spki_der
 from cert_service.randomness import serial_number
 
 __all__ = [
+    "DEVICE_POLICY_OID",
+    "DOMAIN_VALIDATED_POLICY_OID",
+    "CaSubject",
     "CertificateAuthorityError",
     "LocalCertificateAuthority",
+    "PkiLocations",
     "create_development_ca",
 ]
 
@@ -43,8 +59,74 @@ _MAX_COMMON_NAME_LENGTH: Final = 64
 _DEVELOPMENT_CA_VALIDITY: Final = timedelta(days=3650)
 
 
+DOMAIN_VALIDATED_POLICY_OID: Final = x509.ObjectIdentifier("2.23.140.1.2.1")
+"""CA/Browser Forum Baseline Requirements: domain validated."""
+
+DEVICE_POLICY_OID: Final = x509.ObjectIdentifier("1.3.6.1.4.1.32473.1.1")
+"""The default of the device certificate policy, version 1: the subject names were allocated by
+the platform to the device holding the key; no person or organisation was validated. It lies
+under IANA's enterprise number for documentation (32473, RFC 5612), which no organisation owns:
+right for the built-in development CA, and meant to be replaced (``CERTIFICATE_POLICY_OID``) by
+an OID under the operator's own arc. (A UUID OID, 2.25.<uuid>, would be ours by construction,
+but common X.509 tooling, pkilint among them, cannot decode arcs above 32 bits, nor the
+example arc 2.999.)"""
+
+
 class CertificateAuthorityError(Exception):
     """The CA certificate or key cannot be used (missing, unreadable, invalid or mismatched)."""
+
+
+@dataclass(frozen=True)
+class PkiLocations:
+    """Where relying parties fetch CRLs and the CA certificate: plain HTTP, no key needed.
+
+    ``base_url`` is the public gateway (``PKI_BASE_URL``), e.g. ``http://pki.myl.zip``; the
+    gateway serves ``/pki/crls/<shard>.crl`` and ``/pki/ca.cer`` under it. ``crl_shards`` is how
+    many CRL shards new certificates are spread over.
+    """
+
+    base_url: str = "http://127.0.0.1:8080"
+    crl_shards: int = 128
+    policy_oid: str = DEVICE_POLICY_OID.dotted_string
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith("http://") or self.base_url != self.base_url.strip():
+            # RFC 5280 and the CA/Browser Forum want CRLs and caIssuers over plain HTTP (a
+            # relying party must not need TLS, and so a CRL, to fetch a CRL).
+            raise ValueError(f"base_url must be an http:// URL, got {self.base_url!r}")
+        if not 1 <= self.crl_shards <= 100_000:
+            raise ValueError(f"crl_shards must be 1-100000, got {self.crl_shards}")
+
+    def crl_url(self, shard: int) -> str:
+        return f"{self.base_url.rstrip('/')}/pki/crls/{shard}.crl"
+
+    def ca_issuer_url(self) -> str:
+        return f"{self.base_url.rstrip('/')}/pki/ca.cer"
+
+
+@dataclass(frozen=True)
+class CaSubject:
+    """The distinguished name of a CA this project creates: country, organisation, common name."""
+
+    country: str = "XX"
+    organization: str = "myl device identity"
+    common_name: str = "myl development CA"
+
+    def __post_init__(self) -> None:
+        if len(self.country) != 2 or not self.country.isascii() or not self.country.isalpha():
+            raise ValueError(f"country must be a two-letter ISO 3166 code, got {self.country!r}")
+        for what, value in (("organization", self.organization), ("common_name", self.common_name)):
+            if not 1 <= len(value) <= 64:
+                raise ValueError(f"{what} must be 1-64 characters, got {value!r}")
+
+    def name(self) -> x509.Name:
+        return x509.Name(
+            [
+                x509.NameAttribute(NameOID.COUNTRY_NAME, self.country.upper()),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, self.organization),
+                x509.NameAttribute(NameOID.COMMON_NAME, self.common_name),
+            ]
+        )
 
 
 def _ca_hash(key: CaPrivateKey) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512:
@@ -70,7 +152,12 @@ class LocalCertificateAuthority:
     P-256 (SHA-256), P-384 (SHA-384), P-521 (SHA-512) and RSA >= 2048 bits (SHA-256).
     """
 
-    def __init__(self, certificate: x509.Certificate, private_key: CaPrivateKey) -> None:
+    def __init__(
+        self,
+        certificate: x509.Certificate,
+        private_key: CaPrivateKey,
+        locations: PkiLocations | None = None,
+    ) -> None:
         if isinstance(private_key, ec.EllipticCurvePrivateKey):
             if not isinstance(private_key.curve, ec.SECP256R1 | ec.SECP384R1 | ec.SECP521R1):
                 raise CertificateAuthorityError(f"unsupported CA curve {private_key.curve.name}")
@@ -103,12 +190,49 @@ class LocalCertificateAuthority:
         self._issuer_name = certificate.subject
         self._issuer_string = certificate.subject.rfc4514_string()
         self._not_after = certificate.not_valid_after_utc
+        ski_value: x509.SubjectKeyIdentifier | None
         try:
-            ski = certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            ski_value = certificate.extensions.get_extension_for_class(
+                x509.SubjectKeyIdentifier
+            ).value
         except x509.ExtensionNotFound:
+            ski_value = None
             self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(private_key.public_key())
         else:
-            self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+            self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski_value)
+        self._locations = locations or PkiLocations()
+        self._key_id = (
+            x509.SubjectKeyIdentifier.from_public_key(private_key.public_key()).digest
+            if ski_value is None
+            else ski_value.digest
+        )
+        self._aia = x509.AuthorityInformationAccess(
+            [
+                x509.AccessDescription(
+                    AuthorityInformationAccessOID.CA_ISSUERS,
+                    x509.UniformResourceIdentifier(self._locations.ca_issuer_url()),
+                )
+            ]
+        )
+        self._policies = x509.CertificatePolicies(
+            [
+                x509.PolicyInformation(DOMAIN_VALIDATED_POLICY_OID, None),
+                x509.PolicyInformation(x509.ObjectIdentifier(self._locations.policy_oid), None),
+            ]
+        )
+        self._crl_points = [
+            x509.CRLDistributionPoints(
+                [
+                    x509.DistributionPoint(
+                        full_name=[x509.UniformResourceIdentifier(self._locations.crl_url(shard))],
+                        relative_name=None,
+                        reasons=None,
+                        crl_issuer=None,
+                    )
+                ]
+            )
+            for shard in range(self._locations.crl_shards)
+        ]
         self._basic_constraints = x509.BasicConstraints(ca=False, path_length=None)
         self._leaf_key_usage = {
             is_rsa: x509.KeyUsage(
@@ -130,7 +254,12 @@ class LocalCertificateAuthority:
 
     @classmethod
     def from_files(
-        cls, cert_path: Path, key_path: Path, *, password: bytes | None = None
+        cls,
+        cert_path: Path,
+        key_path: Path,
+        *,
+        password: bytes | None = None,
+        locations: PkiLocations | None = None,
     ) -> LocalCertificateAuthority:
         """Load a PEM CA certificate and PEM private key; errors name the offending path."""
         try:
@@ -162,7 +291,7 @@ class LocalCertificateAuthority:
                 f"CA key {key_path} has unsupported type {type(private_key).__name__}"
             )
         try:
-            return cls(certificate, private_key)
+            return cls(certificate, private_key, locations)
         except CertificateAuthorityError as exc:
             raise CertificateAuthorityError(
                 f"{exc} (certificate {cert_path}, key {key_path})"
@@ -171,6 +300,24 @@ class LocalCertificateAuthority:
     @property
     def certificate(self) -> x509.Certificate:
         return self._certificate
+
+    @property
+    def private_key(self) -> CaPrivateKey:
+        """The signing key, for CRLs (`cert_service.crl`); never serialized by this project."""
+        return self._private_key
+
+    @property
+    def hash_algorithm(self) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512:
+        return self._hash
+
+    @property
+    def key_id(self) -> bytes:
+        """The CA's key identifier (its subjectKeyIdentifier): the AKI of what it signs."""
+        return self._key_id
+
+    @property
+    def locations(self) -> PkiLocations:
+        return self._locations
 
     def ca_chain_pem(self) -> str:
         """PEM of the CA certificate that clients need to trust device certificates."""
@@ -206,6 +353,7 @@ class LocalCertificateAuthority:
             san_critical = True
         is_rsa = isinstance(public_key, rsa.RSAPublicKey)
         serial = serial_number()
+        shard = serial % self._locations.crl_shards
         builder = (
             x509.CertificateBuilder()
             .subject_name(subject)
@@ -223,6 +371,9 @@ class LocalCertificateAuthority:
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(self._aki, critical=False)
+            .add_extension(self._aia, critical=False)
+            .add_extension(self._policies, critical=False)
+            .add_extension(self._crl_points[shard], critical=False)
         )
         certificate = builder.sign(self._private_key, self._hash)
 
@@ -241,6 +392,8 @@ class LocalCertificateAuthority:
             dns_names=names,
             not_before=start,
             not_after=end,
+            crl_shard=shard,
+            issuer_key_id=self._key_id.hex(),
         )
 
 
@@ -254,13 +407,12 @@ def _write_new_file(path: Path, data: bytes, mode: int) -> None:
         os.fsync(fd)
 
 
-def create_development_ca(
-    directory: Path, common_name: str = "myl development CA"
-) -> tuple[Path, Path]:
+def create_development_ca(directory: Path, subject: CaSubject | None = None) -> tuple[Path, Path]:
     """Create ``ca.crt`` and ``ca.key`` in ``directory`` unless both already exist.
 
-    P-256 key (PKCS#8, mode 0600), self-signed, CA=true with path length 0, keyCertSign and
-    cRLSign, valid for 10 years from one hour ago. Existing files are kept untouched; if only one
+    P-256 key (PKCS#8, mode 0600), self-signed, subject C, O and CN from ``subject``, CA=true
+    (no path length: a root that may later sign an intermediate), keyCertSign and cRLSign,
+    valid for 10 years from one hour ago. Existing files are kept untouched; if only one
     of the two exists, :class:`CertificateAuthorityError` is raised rather than overwriting it.
     Intended for development and tests, not for concurrent first runs.
     """
@@ -279,7 +431,7 @@ def create_development_ca(
     directory.mkdir(parents=True, exist_ok=True)
     private_key = ec.generate_private_key(ec.SECP256R1())
     public_key = private_key.public_key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    name = (subject or CaSubject()).name()
     now = datetime.now(UTC).replace(microsecond=0)
     certificate = (
         x509.CertificateBuilder()
@@ -289,7 +441,7 @@ def create_development_ca(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(hours=1))
         .not_valid_after(now + _DEVELOPMENT_CA_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=False,

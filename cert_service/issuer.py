@@ -77,6 +77,10 @@ class IssuedCertificate:
     dns_names: list[str]
     not_before: datetime
     not_after: datetime
+    # The CRL shard named in the certificate's CRL distribution point (None: the issuer
+    # publishes no CRL of ours), and the issuing CA's key identifier, lowercase hex.
+    crl_shard: int | None = None
+    issuer_key_id: str = ""
 
 
 class Issuer(Protocol):
