@@ -41,7 +41,9 @@ def leaf(certificate: cert_pb2.Certificate) -> x509.Certificate:
 
 def shard_of(certificate: x509.Certificate) -> int:
     points = certificate.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
-    url = str(next(iter(points)).full_name[0].value)  # type: ignore[index]
+    full_name = next(iter(points)).full_name
+    assert full_name is not None
+    url = str(full_name[0].value)
     return int(url.rsplit("/", 1)[1].removesuffix(".crl"))
 
 
@@ -63,7 +65,7 @@ def listed(crl: x509.CertificateRevocationList) -> dict[int, x509.ReasonFlags | 
     return reasons
 
 
-async def revoke(stub: Stub, device_id: str, reason: int) -> None:
+async def revoke(stub: Stub, device_id: str, reason: cert_pb2.RevocationReason.ValueType) -> None:
     await stub.RevokeCertificate(
         cert_pb2.RevokeCertificateRequest(device_id=device_id, reason=reason)
     )
