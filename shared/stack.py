@@ -154,9 +154,20 @@ class Stack:
         from cert_service.ca import create_development_ca
         from cert_service.config import ca_subject_from_env
 
-        cert, key = create_development_ca(RUN / "ca", ca_subject_from_env(self.env))
+        subject = ca_subject_from_env(self.env)
+        cert, key = create_development_ca(RUN / "ca", subject)
         self.env.update(CA_CERT_FILE=str(cert), CA_KEY_FILE=str(key))
         say(f"development CA: {cert}")
+        from cryptography import x509
+
+        existing = x509.load_pem_x509_certificate(cert.read_bytes()).subject
+        if existing != subject.name():
+            # An existing CA is never replaced silently: its certificates are out there.
+            say(
+                f"  its subject is {existing.rfc4514_string()}, not "
+                f"{subject.name().rfc4514_string()} (CA_COUNTRY, CA_ORGANIZATION, "
+                f"CA_COMMON_NAME); delete {RUN / 'ca'} to create a new one"
+            )
 
     def spawn(
         self, name: str, argv: list[str], extra_env: dict[str, str] | None = None
