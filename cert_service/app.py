@@ -6,14 +6,19 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 
 from cert_service.access import AccessRecorder
+from cert_service.ari import RenewalPolicy
+from cert_service.ca import CertificateAuthorityError, LocalCertificateAuthority
 from cert_service.certcache import CertificateCache
 from cert_service.certificates import DeviceCertificates
 from cert_service.config import SERVICE, CertServiceConfig
-from cert_service.issuer import CertificateAuthorityError, Issuer, LocalCertificateAuthority
+from cert_service.crl import CrlPublisher, CrlStore
+from cert_service.issuer import Issuer
 from cert_service.lifecycle import LifecycleWorker
 from cert_service.outbox import OutboxRelay
+from cert_service.pki import PublicRepository
 from cert_service.service import SERVICE_NAME, CertificateServicer
 from cert_service.storage import CertificateStore
 from myl.cert.v1 import cert_pb2_grpc
@@ -57,6 +62,20 @@ class CertApp:
             retry_min=config.outbox_retry_min,
             retry_max=config.outbox_retry_max,
         )
+        renewal = RenewalPolicy(
+            config.renew_at_fraction, config.ari_explanation_url, config.reissue_issued_before
+        )
+        self.crl_publisher: CrlPublisher | None = None
+        repository: PublicRepository | None = None
+        if isinstance(issuer, LocalCertificateAuthority):
+            self.crl_publisher = CrlPublisher(
+                CrlStore(self.store),
+                issuer,
+                clock,
+                validity=timedelta(seconds=config.crl_validity),
+                interval=config.crl_interval,
+            )
+            repository = PublicRepository(issuer, self.crl_publisher)
         self.lifecycle = LifecycleWorker(
             self.store,
             certificate_cache,
@@ -65,6 +84,7 @@ class CertApp:
             renew_at_fraction=config.renew_at_fraction,
             batch_size=config.lifecycle_batch_size,
             default_validity_days=config.cert_validity_days,
+            renewal=renewal,
         )
         self.certificates = DeviceCertificates(
             self.store,
@@ -84,7 +104,12 @@ class CertApp:
         )
         certificate_cache.invalidation_failed = self.guard.poke
         servicer = CertificateServicer(
-            self.certificates, config.dns_zone, config.cert_validity_days
+            self.certificates,
+            config.dns_zone,
+            config.cert_validity_days,
+            clock=clock,
+            renewal=renewal,
+            repository=repository,
         )
         self.grpc = GrpcServer(config.server)
         self.grpc.add_service(
@@ -120,6 +145,8 @@ class CertApp:
         lifecycle_interval = self.config.lifecycle_interval
         if lifecycle_interval > 0:
             self._spawn(lambda: self.lifecycle.run(lifecycle_interval), "lifecycle")
+        if self.crl_publisher is not None and self.config.crl_interval > 0:
+            self._spawn(self.crl_publisher.run, "crl publisher")
         self._spawn(self._observe_pool, "pool stats")
         return port
 
@@ -169,7 +196,9 @@ async def create_app(config: CertServiceConfig, *, clock: Clock | None = None) -
     Raises `CertificateAuthorityError` for an unusable CA and `DatabaseUnavailable` when
     PostgreSQL cannot be reached.
     """
-    issuer = LocalCertificateAuthority.from_files(config.ca_cert_file, config.ca_key_file)
+    issuer = LocalCertificateAuthority.from_files(
+        config.ca_cert_file, config.ca_key_file, locations=config.pki
+    )
     db = await open_database(config.server.database, SERVICE)
     cache = Cache.from_config(config.server.redis)
     return CertApp(config, clock or SystemClock(), db, cache, issuer)

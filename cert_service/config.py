@@ -8,9 +8,13 @@ a development CA under `.run/ca`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
+from cryptography import x509
+
+from cert_service.ca import DEVICE_POLICY_OID, CaSubject, PkiLocations
 from cert_service.names import new_uuid_subdomain
 from shared.config import ConfigError, EnvReader, ServerConfig
 
@@ -44,6 +48,17 @@ class CertServiceConfig:
     outbox_retry_min: float = 0.5
     # Capped low: a delete's cascade must reach key_service within seconds of its return.
     outbox_retry_max: float = 1.0
+    # Public URLs and CRL sharding written into every certificate (PKI_BASE_URL, CRL_SHARDS,
+    # CERTIFICATE_POLICY_OID).
+    pki: PkiLocations = field(default_factory=PkiLocations)
+    # Seconds from a CRL's thisUpdate to its nextUpdate; a shard is re-signed when half of it
+    # has passed, and within CRL_INTERVAL of a revocation in it.
+    crl_validity: float = 86_400.0
+    crl_interval: float = 1.0
+    # ARI: explanation URL for urgent windows, and the mass re-issue cut-off (certificates
+    # issued before it are due now).
+    ari_explanation_url: str = "http://127.0.0.1:8080/pki/renewal"
+    reissue_issued_before: datetime | None = None
 
     @classmethod
     def from_env(
@@ -64,6 +79,12 @@ class CertServiceConfig:
                 _name(env, "RENEW_AT_FRACTION"), str(fraction), "a number between 0 and 1"
             )
         retry_min = env.number("OUTBOX_RETRY_MIN", 0.5, minimum=0.01)
+        pki = _pki_locations(env)
+        crl_validity = env.number("CRL_VALIDITY", 86_400.0, minimum=60.0)
+        if crl_validity > 10 * 86_400:
+            # CA/Browser Forum BR 4.9.7: nextUpdate at most 10 days after thisUpdate.
+            raise ConfigError(_name(env, "CRL_VALIDITY"), str(crl_validity), "at most 864000")
+        explanation = env.text("ARI_EXPLANATION_URL", "") or f"{pki.base_url}/pki/renewal"
         return cls(
             server=server,
             ca_cert_file=_required_path(env, "CA_CERT_FILE", "the CA certificate (PEM)"),
@@ -85,6 +106,11 @@ class CertServiceConfig:
             outbox_interval=env.number("OUTBOX_INTERVAL", 1.0, minimum=0.01),
             outbox_retry_min=retry_min,
             outbox_retry_max=env.number("OUTBOX_RETRY_MAX", 1.0, minimum=retry_min),
+            pki=pki,
+            crl_validity=crl_validity,
+            crl_interval=env.number("CRL_INTERVAL", 1.0, minimum=0.0),
+            ari_explanation_url=explanation,
+            reissue_issued_before=_optional_time(env, "REISSUE_ISSUED_BEFORE"),
         )
 
 
@@ -103,3 +129,57 @@ def _required_path(env: EnvReader, name: str, what: str) -> Path:
             "development CA under .run/ca",
         )
     return Path(value)
+
+
+def _pki_locations(env: EnvReader) -> PkiLocations:
+    base_url = env.text("PKI_BASE_URL", "http://127.0.0.1:8080").rstrip("/")
+    shards = env.integer("CRL_SHARDS", 128, minimum=1, maximum=100_000)
+    policy = env.text("CERTIFICATE_POLICY_OID", DEVICE_POLICY_OID.dotted_string)
+    try:
+        x509.ObjectIdentifier(policy)
+    except ValueError:
+        raise ConfigError(
+            _name(env, "CERTIFICATE_POLICY_OID"), policy, "a dotted OID such as 1.3.6.1.4.1.1.1"
+        ) from None
+    try:
+        return PkiLocations(base_url, shards, policy)
+    except ValueError:
+        raise ConfigError(
+            _name(env, "PKI_BASE_URL"), base_url, "an http:// URL such as http://pki.myl.zip"
+        ) from None
+
+
+def _optional_time(env: EnvReader, name: str) -> datetime | None:
+    value = env.text(name, "")
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        raise ConfigError(_name(env, name), value, "an ISO 8601 time with offset") from None
+    if parsed > datetime.now(UTC):
+        # A cut-off in the future would re-issue each new certificate again at every pass.
+        raise ConfigError(_name(env, name), value, "a time that is not in the future")
+    return parsed.astimezone(UTC)
+
+
+def ca_subject_from_env(environ: Mapping[str, str] | None = None) -> CaSubject:
+    """The subject of a CA the project creates (`make run`'s development CA): `CA_COUNTRY`,
+    `CA_ORGANIZATION`, `CA_COMMON_NAME` (each may carry the `CERT_SERVICE_` prefix)."""
+    env = EnvReader("CERT_SERVICE", environ)
+    default = CaSubject()
+    values = {
+        "CA_COUNTRY": env.text("CA_COUNTRY", default.country),
+        "CA_ORGANIZATION": env.text("CA_ORGANIZATION", default.organization),
+        "CA_COMMON_NAME": env.text("CA_COMMON_NAME", default.common_name),
+    }
+    try:
+        return CaSubject(values["CA_COUNTRY"], values["CA_ORGANIZATION"], values["CA_COMMON_NAME"])
+    except ValueError as exc:
+        field = str(exc).split(" ", 1)[0]
+        name = {"country": "CA_COUNTRY", "organization": "CA_ORGANIZATION"}.get(
+            field, "CA_COMMON_NAME"
+        )
+        raise ConfigError(_name(env, name), values[name], str(exc)) from None

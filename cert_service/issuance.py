@@ -53,6 +53,11 @@ def issue_device_certificate(
         "not_after": issued.not_after.isoformat(),
         "validity_days": validity_days,
     }
+    if issued.crl_shard is not None:
+        # Read by the database (migration 0005): the row's crl_shard column and the
+        # revocation log take them from here.
+        data["crl_shard"] = issued.crl_shard
+        data["issuer_key_id"] = issued.issuer_key_id
     if csr_pem is not CSR_UNCHANGED:
         data["csr_pem"] = csr_pem
     ISSUED.labels(occasion).inc()

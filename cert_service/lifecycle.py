@@ -2,9 +2,11 @@
 
 One pass (`run_once`) does, in batches of `LIFECYCLE_BATCH_SIZE`:
 
-1. Renewal: active certificates with auto_renewal once `RENEW_AT_FRACTION` of their lifetime has
-   passed (now >= not_before + fraction * (not_after - not_before)), including ones already past
-   their expiry, are re-signed with the public key stored in certificate_data, for the validity
+1. Renewal: active certificates with auto_renewal once their renewal window has opened
+   (`cert_service.ari`: `RENEW_AT_FRACTION` of their lifetime has passed, now >= not_before +
+   fraction * (not_after - not_before), compared in whole seconds as GetRenewalInfo answers; or
+   they were issued before the mass re-issue cut-off), including ones already past their
+   expiry, are re-signed with the public key stored in certificate_data, for the validity
    they were provisioned with. A stored key that cannot be re-signed switches the
    certificate's auto_renewal off (logged) so the batch does not retry it forever.
 2. Expiry: active certificates with expires_at <= now become 'expired'.
@@ -21,6 +23,7 @@ import asyncio
 from dataclasses import dataclass
 
 from cert_service import certcache
+from cert_service.ari import RenewalPolicy
 from cert_service.certcache import CertificateCache
 from cert_service.issuance import CSR_UNCHANGED, issue_device_certificate
 from cert_service.issuer import Issuer, PublicKeyError, load_public_key
@@ -50,6 +53,7 @@ class LifecycleWorker:
         renew_at_fraction: float,
         batch_size: int,
         default_validity_days: int,
+        renewal: RenewalPolicy | None = None,
     ) -> None:
         self.store = store
         self.cache = cache
@@ -58,6 +62,7 @@ class LifecycleWorker:
         self.renew_at_fraction = renew_at_fraction
         self.batch_size = batch_size
         self.default_validity_days = default_validity_days
+        self.renewal = renewal or RenewalPolicy(renew_at_fraction, "")
 
     async def run_once(self) -> LifecycleResult:
         renewed, failed = await self._renew_due()
@@ -71,13 +76,16 @@ class LifecycleWorker:
     async def _renew_due(self) -> tuple[int, int]:
         renewed = failed = 0
         while True:
-            now = self.clock.now()
+            # Whole seconds: due exactly when GetRenewalInfo's window has opened.
+            now = self.clock.now().replace(microsecond=0)
             renewals: list[tuple[str, NewCertificate]] = []
             broken: list[str] = []
-            async with self.store.renewal_batch(now, self.renew_at_fraction, self.batch_size) as (
-                conn,
-                sources,
-            ):
+            async with self.store.renewal_batch(
+                now,
+                self.renewal.fraction,
+                self.batch_size,
+                self.renewal.reissue_issued_before,
+            ) as (conn, sources):
                 for source in sources:
                     try:
                         new = issue_device_certificate(

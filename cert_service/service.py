@@ -10,11 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from google.api import httpbody_pb2  # type: ignore[attr-defined]
 
 from cert_service import validation
+from cert_service.ari import RenewalPolicy
 from cert_service.certificates import DeviceCertificates, ProvisionRequest
+from cert_service.pki import PublicRepository, renewal_info
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from shared import idempotency
+from shared.clock import Clock
 from shared.errors import not_found, permission_denied
 from shared.identity import caller_from_metadata
 
@@ -25,11 +29,21 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
     def __init__(
-        self, certificates: DeviceCertificates, zone: str, default_validity_days: int
+        self,
+        certificates: DeviceCertificates,
+        zone: str,
+        default_validity_days: int,
+        *,
+        clock: Clock,
+        renewal: RenewalPolicy,
+        repository: PublicRepository | None = None,
     ) -> None:
         self.certificates = certificates
         self.zone = zone
         self.default_validity_days = default_validity_days
+        self.clock = clock
+        self.renewal = renewal
+        self.repository = repository
 
     async def ProvisionCertificate(
         self, request: cert_pb2.ProvisionCertificateRequest, context: Context
@@ -145,3 +159,32 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
         self, request: cert_pb2.GetCaChainRequest, context: Context
     ) -> cert_pb2.GetCaChainResponse:
         return cert_pb2.GetCaChainResponse(ca_chain_pem=self.certificates.ca_chain_pem())
+
+    async def GetRenewalInfo(
+        self, request: cert_pb2.GetRenewalInfoRequest, context: Context
+    ) -> cert_pb2.GetRenewalInfoResponse:
+        device_id = validation.device_id(request.device_id)
+        caller_from_metadata(context.invocation_metadata()).require_device(device_id)
+        certificate = await self.certificates.get(device_id)
+        key_id = b"" if self.repository is None else self.repository.ca.key_id
+        return renewal_info(self.renewal, certificate, key_id, self.clock.now())
+
+    async def GetCrl(
+        self, request: cert_pb2.GetCrlRequest, context: Context
+    ) -> httpbody_pb2.HttpBody:
+        repository = self._repository()
+        body, headers = await repository.crl(request.file_name, self.clock.now())
+        await context.send_initial_metadata(headers)
+        return body
+
+    async def GetIssuerCertificate(
+        self, request: cert_pb2.GetIssuerCertificateRequest, context: Context
+    ) -> httpbody_pb2.HttpBody:
+        body, headers = self._repository().issuer_certificate()
+        await context.send_initial_metadata(headers)
+        return body
+
+    def _repository(self) -> PublicRepository:
+        if self.repository is None:
+            raise not_found("public repository (the issuer publishes none)", "NO_REPOSITORY")
+        return self.repository

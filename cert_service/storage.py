@@ -697,9 +697,15 @@ class CertificateStore:
 
     @asynccontextmanager
     async def renewal_batch(
-        self, now: datetime, fraction: float, limit: int
+        self,
+        now: datetime,
+        fraction: float,
+        limit: int,
+        issued_before: datetime | None = None,
     ) -> AsyncIterator[tuple[AsyncConnection[TupleRow], list[RenewalSource]]]:
-        """Lock up to `limit` active, auto-renewing certificates that are due for renewal.
+        """Lock up to `limit` active, auto-renewing certificates that are due for renewal:
+        `fraction` of their lifetime has passed, or they were issued before `issued_before`
+        (a mass re-issue; see `cert_service.ari`).
 
         Yields inside a transaction; rows locked by another replica are skipped. Store the
         results with `store_renewals` on the yielded connection before the block ends.
@@ -713,11 +719,11 @@ class CertificateStore:
                        (certificate_data->>'validity_days')::integer, expires_at
                 FROM device_certificates
                 WHERE status = 'active' AND auto_renewal
-                  AND issued_at + (expires_at - issued_at) * %s <= %s
+                  AND (issued_at + (expires_at - issued_at) * %s <= %s OR issued_at < %s)
                 ORDER BY expires_at LIMIT %s
                 FOR UPDATE SKIP LOCKED
                 """,
-                (fraction, now, limit),
+                (fraction, now, issued_before, limit),
                 binary=True,
             )
             rows = await cur.fetchall()

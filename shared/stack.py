@@ -149,6 +149,8 @@ class Stack:
         self.cert_port = EnvReader("CERT_SERVICE", self.env).port("PORT", 50051)
         self.key_port = EnvReader("KEY_SERVICE", self.env).port("PORT", 50052)
         self.gateway_port = reader.port("GATEWAY_PORT", 8080)
+        # Certificates name CRLs and the CA certificate under the local gateway.
+        self.env.setdefault("PKI_BASE_URL", f"http://127.0.0.1:{self.gateway_port}")
         self.admin_port = reader.port("ENVOY_ADMIN_PORT", 9901)
         # Replica i of a service listens on its port + 100 * i (metrics likewise).
         self.cert_ports = _replica_ports(self.env, "CERT_SERVICE", self.cert_port)
@@ -216,11 +218,23 @@ class Stack:
     def development_ca(self) -> None:
         if self.env.get("CA_CERT_FILE") or self.env.get("CERT_SERVICE_CA_CERT_FILE"):
             return
-        from cert_service.issuer import create_development_ca
+        from cert_service.ca import create_development_ca
+        from cert_service.config import ca_subject_from_env
 
-        cert, key = create_development_ca(RUN / "ca")
+        subject = ca_subject_from_env(self.env)
+        cert, key = create_development_ca(RUN / "ca", subject)
         self.env.update(CA_CERT_FILE=str(cert), CA_KEY_FILE=str(key))
         say(f"development CA: {cert}")
+        from cryptography import x509
+
+        existing = x509.load_pem_x509_certificate(cert.read_bytes()).subject
+        if existing != subject.name():
+            # An existing CA is never replaced silently: its certificates are out there.
+            say(
+                f"  its subject is {existing.rfc4514_string()}, not "
+                f"{subject.name().rfc4514_string()} (CA_COUNTRY, CA_ORGANIZATION, "
+                f"CA_COMMON_NAME); delete {RUN / 'ca'} to create a new one"
+            )
 
     def spawn(
         self, name: str, argv: list[str], extra_env: dict[str, str] | None = None

@@ -217,8 +217,9 @@ def bulk_load(args: tuple[str, str, str, int, int]) -> int:
     conninfo, ca_cert, ca_key, start, stop = args
     import psycopg
 
+    from cert_service.ca import LocalCertificateAuthority
     from cert_service.issuance import issue_device_certificate
-    from cert_service.issuer import LocalCertificateAuthority, generate_private_key
+    from cert_service.issuer import generate_private_key
 
     ca = LocalCertificateAuthority.from_files(Path(ca_cert), Path(ca_key))
     public_key, _ = generate_private_key()
@@ -293,7 +294,7 @@ def run(devices: int, quick: bool) -> None:
     import psycopg
     import redis
 
-    from cert_service.issuer import create_development_ca
+    from cert_service.ca import create_development_ca
     from shared.devstack import free_port
     from shared.stack import wait_healthy
     from tests.fixtures.cert import make_csr

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import grpc
 
-from cert_service.issuer import create_development_ca
+from cert_service.ca import create_development_ca
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from shared.devstack import free_port
 from shared.gateway import GatewayPorts, envoy_command, render_envoy_config

@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from cert_service.issuer import create_development_ca
+from cert_service.ca import create_development_ca
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from myl.key.v1 import key_pb2, key_pb2_grpc
 from shared.devstack import free_port

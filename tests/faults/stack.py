@@ -34,7 +34,7 @@ import httpx
 import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cert_service.issuer import create_development_ca
+from cert_service.ca import create_development_ca
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from myl.key.v1 import key_pb2, key_pb2_grpc
 from shared.devstack import PostgresServer, RedisServer, free_port

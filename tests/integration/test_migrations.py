@@ -116,7 +116,8 @@ def test_migrate_commands(pg_server: PostgresServer, empty_database: str) -> Non
 
     assert "applied 0001_device_certificates" in run("up")
     assert "applied" in run("status")
-    rolled = run("down", "--steps", "4", "--yes")
+    steps = len(list((ROOT / "cert_service" / "migrations").glob("*.up.sql")))
+    rolled = run("down", "--steps", str(steps), "--yes")
     assert "rolled back 0002_device_events_outbox" in rolled
     assert "rolled back 0001_device_certificates" in rolled
     assert "pending" in run("status")

@@ -14,16 +14,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
-from cert_service.issuer import (
+from cert_service.ca import (
+    CaSubject,
     CertificateAuthorityError,
+    LocalCertificateAuthority,
+    PkiLocations,
+    create_development_ca,
+)
+from cert_service.issuer import (
     CsrError,
     IssuedCertificate,
     Issuer,
-    LocalCertificateAuthority,
     PublicKeyError,
-    create_development_ca,
     generate_private_key,
     load_csr,
     load_public_key,
@@ -124,6 +128,45 @@ def test_local_ca_satisfies_issuer_protocol(ca: LocalCertificateAuthority) -> No
     )
 
 
+def test_leaf_names_its_crl_shard_issuer_url_and_policies(
+    ca_dir: tuple[Path, Path], p256_key: ec.EllipticCurvePrivateKey, now: datetime
+) -> None:
+    locations = PkiLocations("http://pki.example.net:8080", crl_shards=7, policy_oid="1.2.3.4")
+    ca = LocalCertificateAuthority.from_files(*ca_dir, locations=locations)
+    shards = set()
+    for _ in range(40):
+        issued = ca.issue(p256_key.public_key(), [NAME], now, now + timedelta(days=90))
+        cert = x509.load_pem_x509_certificate(issued.leaf_pem.encode())
+        assert issued.crl_shard is not None
+        assert issued.crl_shard == int(issued.serial_hex, 16) % 7
+        shards.add(issued.crl_shard)
+        points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        [point] = list(points)
+        assert point.full_name == [
+            x509.UniformResourceIdentifier(
+                f"http://pki.example.net:8080/pki/crls/{issued.crl_shard}.crl"
+            )
+        ]
+        access = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+        assert [(a.access_method, a.access_location.value) for a in access] == [
+            (AuthorityInformationAccessOID.CA_ISSUERS, "http://pki.example.net:8080/pki/ca.cer")
+        ]
+        policies = cert.extensions.get_extension_for_class(x509.CertificatePolicies).value
+        assert [p.policy_identifier.dotted_string for p in policies] == [
+            "2.23.140.1.2.1",
+            "1.2.3.4",
+        ]
+        assert issued.issuer_key_id == ca.key_id.hex()
+    assert len(shards) > 3  # spread over the shards
+
+
+def test_pki_locations_refuse_https_and_bad_shard_counts() -> None:
+    with pytest.raises(ValueError, match="http://"):
+        PkiLocations("https://pki.example.net")
+    with pytest.raises(ValueError, match="crl_shards"):
+        PkiLocations("http://pki.example.net", crl_shards=0)
+
+
 def test_issue_wildcard_certificate(
     ca: LocalCertificateAuthority, p256_key: ec.EllipticCurvePrivateKey, now: datetime
 ) -> None:
@@ -146,7 +189,11 @@ def test_issue_wildcard_certificate(
     assert not san.critical
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == NAME
     assert cert.issuer == ca_cert.subject
-    assert issued.issuer == ca_cert.subject.rfc4514_string() == "CN=myl development CA"
+    assert (
+        issued.issuer
+        == ca_cert.subject.rfc4514_string()
+        == "CN=myl development CA,O=myl device identity,C=XX"
+    )
     assert issued.dns_names == WILDCARD_NAMES
 
     expected_start = now.replace(microsecond=0)
@@ -512,14 +559,16 @@ def test_generate_private_key() -> None:
 
 def test_create_development_ca(tmp_path: Path) -> None:
     directory = tmp_path / "nested" / "ca"
-    cert_path, key_path = create_development_ca(directory, common_name="dev CA")
+    cert_path, key_path = create_development_ca(
+        directory, CaSubject(country="DE", organization="Example GmbH", common_name="dev CA")
+    )
     assert (cert_path, key_path) == (directory / "ca.crt", directory / "ca.key")
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
     cert_bytes, key_bytes = cert_path.read_bytes(), key_path.read_bytes()
 
     cert = x509.load_pem_x509_certificate(cert_bytes)
     cert.verify_directly_issued_by(cert)
-    assert cert.subject.rfc4514_string() == "CN=dev CA"
+    assert cert.subject.rfc4514_string() == "CN=dev CA,O=Example GmbH,C=DE"
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     assert usage.key_cert_sign
@@ -531,7 +580,10 @@ def test_create_development_ca(tmp_path: Path) -> None:
     assert isinstance(key.curve, ec.SECP256R1)
 
     # Idempotent: a second call keeps both files byte for byte.
-    assert create_development_ca(directory, common_name="other") == (cert_path, key_path)
+    assert create_development_ca(directory, CaSubject(common_name="other")) == (
+        cert_path,
+        key_path,
+    )
     assert cert_path.read_bytes() == cert_bytes
     assert key_path.read_bytes() == key_bytes
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600

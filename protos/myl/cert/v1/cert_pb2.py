@@ -24,11 +24,12 @@ _sym_db = _symbol_database.Default()
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from myl.auth.v1 import auth_pb2 as myl_dot_auth_dot_v1_dot_auth__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16myl/cert/v1/cert.proto\x12\x0bmyl.cert.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16myl/auth/v1/auth.proto\"\xd5\x05\n\x0b\x43\x65rtificate\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x16\n\x0euuid_subdomain\x18\x02 \x01(\t\x12\x36\n\x10\x63\x65rtificate_type\x18\x03 \x01(\x0e\x32\x1c.myl.cert.v1.CertificateType\x12.\n\x06status\x18\x04 \x01(\x0e\x32\x1e.myl.cert.v1.CertificateStatus\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x05 \x01(\t\x12\x15\n\rserial_number\x18\x06 \x01(\t\x12\x1a\n\x12\x66ingerprint_sha256\x18\x07 \x01(\t\x12\x19\n\x11public_key_sha256\x18\x08 \x01(\t\x12\x0e\n\x06issuer\x18\t \x01(\t\x12\x11\n\tdns_names\x18\n \x03(\t\x12.\n\nnot_before\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tnot_after\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x61uto_renewal\x18\r \x01(\x08\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x11revocation_reason\x18\x11 \x01(\x0e\x32\x1d.myl.cert.v1.RevocationReason\x12\x34\n\x10last_access_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x61\x63\x63\x65ss_count\x18\x13 \x01(\x03\x12\x15\n\rrenewal_count\x18\x14 \x01(\x05\"\xee\x01\n\x1bProvisionCertificateRequest\x12\x17\n\tdevice_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0euuid_subdomain\x18\x02 \x01(\t\x12\x36\n\x10\x63\x65rtificate_type\x18\x03 \x01(\x0e\x32\x1c.myl.cert.v1.CertificateType\x12\x0f\n\x07\x63sr_pem\x18\x04 \x01(\t\x12\x19\n\x0c\x61uto_renewal\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\rvalidity_days\x18\x06 \x01(\x05\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x0f\n\r_auto_renewal\"f\n\x1cProvisionCertificateResponse\x12-\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32\x18.myl.cert.v1.Certificate\x12\x17\n\x0fprivate_key_pem\x18\x02 \x01(\t\"0\n\x15GetCertificateRequest\x12\x17\n\tdevice_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"G\n\x16GetCertificateResponse\x12-\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32\x18.myl.cert.v1.Certificate\"8\n\x18LookupCertificateRequest\x12\x1c\n\x0euuid_subdomain\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"J\n\x19LookupCertificateResponse\x12-\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32\x18.myl.cert.v1.Certificate\"\xa3\x01\n\x17ListCertificatesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12.\n\x06status\x18\x03 \x01(\x0e\x32\x1e.myl.cert.v1.CertificateStatus\x12\x31\n\rexpire_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"c\n\x18ListCertificatesResponse\x12.\n\x0c\x63\x65rtificates\x18\x01 \x03(\x0b\x32\x18.myl.cert.v1.Certificate\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"W\n\x17RenewCertificateRequest\x12\x17\n\tdevice_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"I\n\x18RenewCertificateResponse\x12-\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32\x18.myl.cert.v1.Certificate\"v\n\x18RevokeCertificateRequest\x12\x17\n\tdevice_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12-\n\x06reason\x18\x02 \x01(\x0e\x32\x1d.myl.cert.v1.RevocationReason\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"J\n\x19RevokeCertificateResponse\x12-\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32\x18.myl.cert.v1.Certificate\"B\n\x13\x44\x65leteDeviceRequest\x12\x17\n\tdevice_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x16\n\x14\x44\x65leteDeviceResponse\"\x13\n\x11GetCaChainRequest\"*\n\x12GetCaChainResponse\x12\x14\n\x0c\x63\x61_chain_pem\x18\x01 \x01(\t*o\n\x0f\x43\x65rtificateType\x12 \n\x1c\x43\x45RTIFICATE_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43\x45RTIFICATE_TYPE_WILDCARD\x10\x01\x12\x1b\n\x17\x43\x45RTIFICATE_TYPE_SINGLE\x10\x02*\x96\x01\n\x11\x43\x65rtificateStatus\x12\"\n\x1e\x43\x45RTIFICATE_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43\x45RTIFICATE_STATUS_ACTIVE\x10\x01\x12\x1e\n\x1a\x43\x45RTIFICATE_STATUS_EXPIRED\x10\x02\x12\x1e\n\x1a\x43\x45RTIFICATE_STATUS_REVOKED\x10\x03*\xd6\x01\n\x10RevocationReason\x12!\n\x1dREVOCATION_REASON_UNSPECIFIED\x10\x00\x12$\n REVOCATION_REASON_KEY_COMPROMISE\x10\x01\x12)\n%REVOCATION_REASON_AFFILIATION_CHANGED\x10\x02\x12 \n\x1cREVOCATION_REASON_SUPERSEDED\x10\x03\x12,\n(REVOCATION_REASON_CESSATION_OF_OPERATION\x10\x04\x32\xe7\t\n\x12\x43\x65rtificateService\x12\x9e\x01\n\x14ProvisionCertificate\x12(.myl.cert.v1.ProvisionCertificateRequest\x1a).myl.cert.v1.ProvisionCertificateResponse\"1\xca\xf3\x18\tssl:write\xd0\xf3\x18\x01\x82\xd3\xe4\x93\x02\x1a\"\x15/api/v1/ssl/provision:\x01*\x12\x9a\x01\n\x0eGetCertificate\x12\".myl.cert.v1.GetCertificateRequest\x1a#.myl.cert.v1.GetCertificateResponse\"?\xca\xf3\x18\x08ssl:read\xd0\xf3\x18\x01\x82\xd3\xe4\x93\x02)\x12\'/api/v1/devices/{device_id}/certificate\x12\xa5\x01\n\x11LookupCertificate\x12%.myl.cert.v1.LookupCertificateRequest\x1a&.myl.cert.v1.LookupCertificateResponse\"A\xca\xf3\x18\x08ssl:read\xd0\xf3\x18\x01\x82\xd3\xe4\x93\x02+\x12)/api/v1/ssl/certificates/{uuid_subdomain}\x12\x8a\x01\n\x10ListCertificates\x12$.myl.cert.v1.ListCertificatesRequest\x1a%.myl.cert.v1.ListCertificatesResponse\")\xca\xf3\x18\x05\x61\x64min\x82\xd3\xe4\x93\x02\x1a\x12\x18/api/v1/ssl/certificates\x12\xaa\x01\n\x10RenewCertificate\x12$.myl.cert.v1.RenewCertificateRequest\x1a%.myl.cert.v1.RenewCertificateResponse\"I\xca\xf3\x18\tssl:write\xd0\xf3\x18\x01\x82\xd3\xe4\x93\x02\x32\"-/api/v1/devices/{device_id}/certificate:renew:\x01*\x12\xae\x01\n\x11RevokeCertificate\x12%.myl.cert.v1.RevokeCertificateRequest\x1a&.myl.cert.v1.RevokeCertificateResponse\"J\xca\xf3\x18\tssl:write\xd0\xf3\x18\x01\x82\xd3\xe4\x93\x02\x33\"./api/v1/devices/{device_id}/certificate:revoke:\x01*\x12\x8c\x01\n\x0c\x44\x65leteDevice\x12 .myl.cert.v1.DeleteDeviceRequest\x1a!.myl.cert.v1.DeleteDeviceResponse\"7\xca\xf3\x18\x0c\x64\x65vice:write\xd0\xf3\x18\x01\x82\xd3\xe4\x93\x02\x1d*\x1b/api/v1/devices/{device_id}\x12q\n\nGetCaChain\x12\x1e.myl.cert.v1.GetCaChainRequest\x1a\x1f.myl.cert.v1.GetCaChainResponse\"\"\xca\xf3\x18\x08ssl:read\x82\xd3\xe4\x93\x02\x10\x12\x0e/api/v1/ssl/cab\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16myl/cert/v1/cert.proto\x12\x0bmyl.cert.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/httpbody.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16myl/auth/v1/auth.proto\"\xd5\x05\n\x0b\x43\x65rtificate\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x16\n\x0euuid_subdomain\x18\x02 \x01(\t\x12\x36\n\x10\x63\x65rtificate_type\x18\x03 \x01(\x0e\x32\x1c.myl.cert.v1.CertificateType\x12.\n\x06status\x18\x04 \x01(\x0e\x32\x1e.myl.cert.v1.CertificateStatus\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x05 \x01(\t\x12\x15\n\rserial_number\x18\x06 \x01(\t\x12\x1a\n\x12\x66ingerprint_sha256\x18\x07 \x01(\t\x12\x19\n\x11public_key_sha256\x18\x08 \x01(\t\x12\x0e\n\x06issuer\x18\t \x01(\t\x12\x11\n\tdns_names\x18\n \x03(\t\x12.\n\nnot_before\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tnot_after\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x61uto_renewal\x18\r \x01(\x08\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x11revocation_reason\x18\x11 \x01(\x0e\x32\x1d.myl.cert.v1.RevocationReason\x12\x34\n\x10last_access_time\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x61\x63\x63\x65ss_count\x18\x13 \x01(\x03\x12\x15\n\rrenewal_count\x18\x14 \x01(\x05\"\xee\x01\n\x1bProvisionCertificateRequest\x12\x17\n\tdevice_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0euuid_subdomain\x18\x02 \x01(\t\x12\x36\n\x10\x63\x65rtificate_type\x18\x03 \x01(\x0e\x32\x1c.myl.cert.v1.CertificateType\x12\x0f\n\x07\x63sr_pem\x18\x04 \x01(\t\x12\x19\n\x0c\x61uto_renewal\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\rvalidity_days\x18\x06 \x01(\x05\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x0f\n\r_auto_renewal\"f\n\x1cProvisionCertificateResponse\x12-\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32\x18.myl.cert.v1.Certificate\x12\x17\n\x0fprivate_key_pem\x18\x02 \x01(\t\"0\n\x15GetCertificateRequest\x12\x17\n\tdevice_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"G\n\x16GetCertificateResponse\x12-\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32\x18.myl.cert.v1.Certificate\"8\n\x18LookupCertificateRequest\x12\x1c\n\x0euuid_subdomain\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"J\n\x19LookupCertificateResponse\x12-\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32\x18.myl.cert.v1.Certificate\"\xa3\x01\n\x17ListCertificatesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12.\n\x06status\x18\x03 \x01(\x0e\x32\x1e.myl.cert.v1.CertificateStatus\x12\x31\n\rexpire_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"c\n\x18ListCertificatesResponse\x12.\n\x0c\x63\x65rtificates\x18\x01 \x03(\x0b\x32\x18.myl.cert.v1.Certificate\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"W\n\x17RenewCertificateRequest\x12\x17\n\tdevice_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"I\n\x18RenewCertificateResponse\x12-\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32\x18.myl.cert.v1.Certificate\"v\n\x18RevokeCertificateRequest\x12\x17\n\tdevice_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12-\n\x06reason\x18\x02 \x01(\x0e\x32\x1d.myl.cert.v1.RevocationReason\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"J\n\x19RevokeCertificateResponse\x12-\n\x0b\x63\x65rtificate\x18\x01 \x01(\x0b\x32\x18.myl.cert.v1.Certificate\"B\n\x13\x44\x65leteDeviceRequest\x12\x17\n\tdevice_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x16\n\x14\x44\x65leteDeviceResponse\"\x13\n\x11GetCaChainRequest\"*\n\x12GetCaChainResponse\x12\x14\n\x0c\x63\x61_chain_pem\x18\x01 \x01(\t\"0\n\x15GetRenewalInfoRequest\x12\x17\n\tdevice_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"c\n\rRenewalWindow\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8f\x01\n\x16GetRenewalInfoResponse\x12\x34\n\x10suggested_window\x18\x01 \x01(\x0b\x32\x1a.myl.cert.v1.RenewalWindow\x12\x17\n\x0f\x65xplanation_url\x18\x02 \x01(\t\x12\x15\n\rserial_number\x18\x03 \x01(\t\x12\x0f\n\x07\x63\x65rt_id\x18\x04 \x01(\t\"(\n\rGetCrlRequest\x12\x17\n\tfile_name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\x1d\n\x1bGetIssuerCertificateRequest*o\n\x0f\x43\x65rtificateType\x12 \n\x1c\x43\x45RTIFICATE_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43\x45RTIFICATE_TYPE_WILDCARD\x10\x01\x12\x1b\n\x17\x43\x45RTIFICATE_TYPE_SINGLE\x10\x02*\x96\x01\n\x11\x43\x65rtificateStatus\x12\"\n\x1e\x43\x45RTIFICATE_STATUS_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43\x45RTIFICATE_STATUS_ACTIVE\x10\x01\x12\x1e\n\x1a\x43\x45RTIFICATE_STATUS_EXPIRED\x10\x02\x12\x1e\n\x1a\x43\x45RTIFICATE_STATUS_REVOKED\x10\x03*\xd6\x01\n\x10RevocationReason\x12!\n\x1dREVOCATION_REASON_UNSPECIFIED\x10\x00\x12$\n REVOCATION_REASON_KEY_COMPROMISE\x10\x01\x12)\n%REVOCATION_REASON_AFFILIATION_CHANGED\x10\x02\x12 \n\x1cREVOCATION_REASON_SUPERSEDED\x10\x03\x12,\n(REVOCATION_REASON_CESSATION_OF_OPERATION\x10\x04\x32\xd8\x0c\n\x12\x43\x65rtificateService\x12\x9e\x01\n\x14ProvisionCertificate\x12(.myl.cert.v1.ProvisionCertificateRequest\x1a).myl.cert.v1.ProvisionCertificateResponse\"1\xca\xf3\x18\tssl:write\xd0\xf3\x18\x01\x82\xd3\xe4\x93\x02\x1a\"\x15/api/v1/ssl/provision:\x01*\x12\x9a\x01\n\x0eGetCertificate\x12\".myl.cert.v1.GetCertificateRequest\x1a#.myl.cert.v1.GetCertificateResponse\"?\xca\xf3\x18\x08ssl:read\xd0\xf3\x18\x01\x82\xd3\xe4\x93\x02)\x12\'/api/v1/devices/{device_id}/certificate\x12\xa5\x01\n\x11LookupCertificate\x12%.myl.cert.v1.LookupCertificateRequest\x1a&.myl.cert.v1.LookupCertificateResponse\"A\xca\xf3\x18\x08ssl:read\xd0\xf3\x18\x01\x82\xd3\xe4\x93\x02+\x12)/api/v1/ssl/certificates/{uuid_subdomain}\x12\x8a\x01\n\x10ListCertificates\x12$.myl.cert.v1.ListCertificatesRequest\x1a%.myl.cert.v1.ListCertificatesResponse\")\xca\xf3\x18\x05\x61\x64min\x82\xd3\xe4\x93\x02\x1a\x12\x18/api/v1/ssl/certificates\x12\xaa\x01\n\x10RenewCertificate\x12$.myl.cert.v1.RenewCertificateRequest\x1a%.myl.cert.v1.RenewCertificateResponse\"I\xca\xf3\x18\tssl:write\xd0\xf3\x18\x01\x82\xd3\xe4\x93\x02\x32\"-/api/v1/devices/{device_id}/certificate:renew:\x01*\x12\xae\x01\n\x11RevokeCertificate\x12%.myl.cert.v1.RevokeCertificateRequest\x1a&.myl.cert.v1.RevokeCertificateResponse\"J\xca\xf3\x18\tssl:write\xd0\xf3\x18\x01\x82\xd3\xe4\x93\x02\x33\"./api/v1/devices/{device_id}/certificate:revoke:\x01*\x12\x8c\x01\n\x0c\x44\x65leteDevice\x12 .myl.cert.v1.DeleteDeviceRequest\x1a!.myl.cert.v1.DeleteDeviceResponse\"7\xca\xf3\x18\x0c\x64\x65vice:write\xd0\xf3\x18\x01\x82\xd3\xe4\x93\x02\x1d*\x1b/api/v1/devices/{device_id}\x12q\n\nGetCaChain\x12\x1e.myl.cert.v1.GetCaChainRequest\x1a\x1f.myl.cert.v1.GetCaChainResponse\"\"\xca\xf3\x18\x08ssl:read\x82\xd3\xe4\x93\x02\x10\x12\x0e/api/v1/ssl/ca\x12\xa6\x01\n\x0eGetRenewalInfo\x12\".myl.cert.v1.GetRenewalInfoRequest\x1a#.myl.cert.v1.GetRenewalInfoResponse\"K\xca\xf3\x18\x08ssl:read\xd0\xf3\x18\x01\x82\xd3\xe4\x93\x02\x35\x12\x33/api/v1/devices/{device_id}/certificate/renewalInfo\x12Y\n\x06GetCrl\x12\x1a.myl.cert.v1.GetCrlRequest\x1a\x14.google.api.HttpBody\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/pki/crls/{file_name}\x12k\n\x14GetIssuerCertificate\x12(.myl.cert.v1.GetIssuerCertificateRequest\x1a\x14.google.api.HttpBody\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/pki/ca.cerb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,6 +48,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVOKECERTIFICATEREQUEST'].fields_by_name['device_id']._serialized_options = b'\342A\001\002'
   _globals['_DELETEDEVICEREQUEST'].fields_by_name['device_id']._loaded_options = None
   _globals['_DELETEDEVICEREQUEST'].fields_by_name['device_id']._serialized_options = b'\342A\001\002'
+  _globals['_GETRENEWALINFOREQUEST'].fields_by_name['device_id']._loaded_options = None
+  _globals['_GETRENEWALINFOREQUEST'].fields_by_name['device_id']._serialized_options = b'\342A\001\002'
+  _globals['_GETCRLREQUEST'].fields_by_name['file_name']._loaded_options = None
+  _globals['_GETCRLREQUEST'].fields_by_name['file_name']._serialized_options = b'\342A\001\002'
   _globals['_CERTIFICATESERVICE'].methods_by_name['ProvisionCertificate']._loaded_options = None
   _globals['_CERTIFICATESERVICE'].methods_by_name['ProvisionCertificate']._serialized_options = b'\312\363\030\tssl:write\320\363\030\001\202\323\344\223\002\032\"\025/api/v1/ssl/provision:\001*'
   _globals['_CERTIFICATESERVICE'].methods_by_name['GetCertificate']._loaded_options = None
@@ -63,46 +68,62 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CERTIFICATESERVICE'].methods_by_name['DeleteDevice']._serialized_options = b'\312\363\030\014device:write\320\363\030\001\202\323\344\223\002\035*\033/api/v1/devices/{device_id}'
   _globals['_CERTIFICATESERVICE'].methods_by_name['GetCaChain']._loaded_options = None
   _globals['_CERTIFICATESERVICE'].methods_by_name['GetCaChain']._serialized_options = b'\312\363\030\010ssl:read\202\323\344\223\002\020\022\016/api/v1/ssl/ca'
-  _globals['_CERTIFICATETYPE']._serialized_start=2273
-  _globals['_CERTIFICATETYPE']._serialized_end=2384
-  _globals['_CERTIFICATESTATUS']._serialized_start=2387
-  _globals['_CERTIFICATESTATUS']._serialized_end=2537
-  _globals['_REVOCATIONREASON']._serialized_start=2540
-  _globals['_REVOCATIONREASON']._serialized_end=2754
-  _globals['_CERTIFICATE']._serialized_start=160
-  _globals['_CERTIFICATE']._serialized_end=885
-  _globals['_PROVISIONCERTIFICATEREQUEST']._serialized_start=888
-  _globals['_PROVISIONCERTIFICATEREQUEST']._serialized_end=1126
-  _globals['_PROVISIONCERTIFICATERESPONSE']._serialized_start=1128
-  _globals['_PROVISIONCERTIFICATERESPONSE']._serialized_end=1230
-  _globals['_GETCERTIFICATEREQUEST']._serialized_start=1232
-  _globals['_GETCERTIFICATEREQUEST']._serialized_end=1280
-  _globals['_GETCERTIFICATERESPONSE']._serialized_start=1282
-  _globals['_GETCERTIFICATERESPONSE']._serialized_end=1353
-  _globals['_LOOKUPCERTIFICATEREQUEST']._serialized_start=1355
-  _globals['_LOOKUPCERTIFICATEREQUEST']._serialized_end=1411
-  _globals['_LOOKUPCERTIFICATERESPONSE']._serialized_start=1413
-  _globals['_LOOKUPCERTIFICATERESPONSE']._serialized_end=1487
-  _globals['_LISTCERTIFICATESREQUEST']._serialized_start=1490
-  _globals['_LISTCERTIFICATESREQUEST']._serialized_end=1653
-  _globals['_LISTCERTIFICATESRESPONSE']._serialized_start=1655
-  _globals['_LISTCERTIFICATESRESPONSE']._serialized_end=1754
-  _globals['_RENEWCERTIFICATEREQUEST']._serialized_start=1756
-  _globals['_RENEWCERTIFICATEREQUEST']._serialized_end=1843
-  _globals['_RENEWCERTIFICATERESPONSE']._serialized_start=1845
-  _globals['_RENEWCERTIFICATERESPONSE']._serialized_end=1918
-  _globals['_REVOKECERTIFICATEREQUEST']._serialized_start=1920
-  _globals['_REVOKECERTIFICATEREQUEST']._serialized_end=2038
-  _globals['_REVOKECERTIFICATERESPONSE']._serialized_start=2040
-  _globals['_REVOKECERTIFICATERESPONSE']._serialized_end=2114
-  _globals['_DELETEDEVICEREQUEST']._serialized_start=2116
-  _globals['_DELETEDEVICEREQUEST']._serialized_end=2182
-  _globals['_DELETEDEVICERESPONSE']._serialized_start=2184
-  _globals['_DELETEDEVICERESPONSE']._serialized_end=2206
-  _globals['_GETCACHAINREQUEST']._serialized_start=2208
-  _globals['_GETCACHAINREQUEST']._serialized_end=2227
-  _globals['_GETCACHAINRESPONSE']._serialized_start=2229
-  _globals['_GETCACHAINRESPONSE']._serialized_end=2271
-  _globals['_CERTIFICATESERVICE']._serialized_start=2757
-  _globals['_CERTIFICATESERVICE']._serialized_end=4012
+  _globals['_CERTIFICATESERVICE'].methods_by_name['GetRenewalInfo']._loaded_options = None
+  _globals['_CERTIFICATESERVICE'].methods_by_name['GetRenewalInfo']._serialized_options = b'\312\363\030\010ssl:read\320\363\030\001\202\323\344\223\0025\0223/api/v1/devices/{device_id}/certificate/renewalInfo'
+  _globals['_CERTIFICATESERVICE'].methods_by_name['GetCrl']._loaded_options = None
+  _globals['_CERTIFICATESERVICE'].methods_by_name['GetCrl']._serialized_options = b'\202\323\344\223\002\027\022\025/pki/crls/{file_name}'
+  _globals['_CERTIFICATESERVICE'].methods_by_name['GetIssuerCertificate']._loaded_options = None
+  _globals['_CERTIFICATESERVICE'].methods_by_name['GetIssuerCertificate']._serialized_options = b'\202\323\344\223\002\r\022\013/pki/ca.cer'
+  _globals['_CERTIFICATETYPE']._serialized_start=2670
+  _globals['_CERTIFICATETYPE']._serialized_end=2781
+  _globals['_CERTIFICATESTATUS']._serialized_start=2784
+  _globals['_CERTIFICATESTATUS']._serialized_end=2934
+  _globals['_REVOCATIONREASON']._serialized_start=2937
+  _globals['_REVOCATIONREASON']._serialized_end=3151
+  _globals['_CERTIFICATE']._serialized_start=187
+  _globals['_CERTIFICATE']._serialized_end=912
+  _globals['_PROVISIONCERTIFICATEREQUEST']._serialized_start=915
+  _globals['_PROVISIONCERTIFICATEREQUEST']._serialized_end=1153
+  _globals['_PROVISIONCERTIFICATERESPONSE']._serialized_start=1155
+  _globals['_PROVISIONCERTIFICATERESPONSE']._serialized_end=1257
+  _globals['_GETCERTIFICATEREQUEST']._serialized_start=1259
+  _globals['_GETCERTIFICATEREQUEST']._serialized_end=1307
+  _globals['_GETCERTIFICATERESPONSE']._serialized_start=1309
+  _globals['_GETCERTIFICATERESPONSE']._serialized_end=1380
+  _globals['_LOOKUPCERTIFICATEREQUEST']._serialized_start=1382
+  _globals['_LOOKUPCERTIFICATEREQUEST']._serialized_end=1438
+  _globals['_LOOKUPCERTIFICATERESPONSE']._serialized_start=1440
+  _globals['_LOOKUPCERTIFICATERESPONSE']._serialized_end=1514
+  _globals['_LISTCERTIFICATESREQUEST']._serialized_start=1517
+  _globals['_LISTCERTIFICATESREQUEST']._serialized_end=1680
+  _globals['_LISTCERTIFICATESRESPONSE']._serialized_start=1682
+  _globals['_LISTCERTIFICATESRESPONSE']._serialized_end=1781
+  _globals['_RENEWCERTIFICATEREQUEST']._serialized_start=1783
+  _globals['_RENEWCERTIFICATEREQUEST']._serialized_end=1870
+  _globals['_RENEWCERTIFICATERESPONSE']._serialized_start=1872
+  _globals['_RENEWCERTIFICATERESPONSE']._serialized_end=1945
+  _globals['_REVOKECERTIFICATEREQUEST']._serialized_start=1947
+  _globals['_REVOKECERTIFICATEREQUEST']._serialized_end=2065
+  _globals['_REVOKECERTIFICATERESPONSE']._serialized_start=2067
+  _globals['_REVOKECERTIFICATERESPONSE']._serialized_end=2141
+  _globals['_DELETEDEVICEREQUEST']._serialized_start=2143
+  _globals['_DELETEDEVICEREQUEST']._serialized_end=2209
+  _globals['_DELETEDEVICERESPONSE']._serialized_start=2211
+  _globals['_DELETEDEVICERESPONSE']._serialized_end=2233
+  _globals['_GETCACHAINREQUEST']._serialized_start=2235
+  _globals['_GETCACHAINREQUEST']._serialized_end=2254
+  _globals['_GETCACHAINRESPONSE']._serialized_start=2256
+  _globals['_GETCACHAINRESPONSE']._serialized_end=2298
+  _globals['_GETRENEWALINFOREQUEST']._serialized_start=2300
+  _globals['_GETRENEWALINFOREQUEST']._serialized_end=2348
+  _globals['_RENEWALWINDOW']._serialized_start=2350
+  _globals['_RENEWALWINDOW']._serialized_end=2449
+  _globals['_GETRENEWALINFORESPONSE']._serialized_start=2452
+  _globals['_GETRENEWALINFORESPONSE']._serialized_end=2595
+  _globals['_GETCRLREQUEST']._serialized_start=2597
+  _globals['_GETCRLREQUEST']._serialized_end=2637
+  _globals['_GETISSUERCERTIFICATEREQUEST']._serialized_start=2639
+  _globals['_GETISSUERCERTIFICATEREQUEST']._serialized_end=2668
+  _globals['_CERTIFICATESERVICE']._serialized_start=3154
+  _globals['_CERTIFICATESERVICE']._serialized_end=4778
 # @@protoc_insertion_point(module_scope)

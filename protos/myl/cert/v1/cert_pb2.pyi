@@ -582,3 +582,121 @@ class GetCaChainResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCaChainResponse: _TypeAlias = GetCaChainResponse  # noqa: Y015
+
+@_typing.final
+class GetRenewalInfoRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRenewalInfoRequest: _TypeAlias = GetRenewalInfoRequest  # noqa: Y015
+
+@_typing.final
+class RenewalWindow(_message.Message):
+    """RFC 9773's suggestedWindow: renew at a time chosen uniformly at random
+    between `start` and `end`; a window in the past means "renew now".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        end: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewalWindow: _TypeAlias = RenewalWindow  # noqa: Y015
+
+@_typing.final
+class GetRenewalInfoResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUGGESTED_WINDOW_FIELD_NUMBER: _builtins.int
+    EXPLANATION_URL_FIELD_NUMBER: _builtins.int
+    SERIAL_NUMBER_FIELD_NUMBER: _builtins.int
+    CERT_ID_FIELD_NUMBER: _builtins.int
+    explanation_url: _builtins.str
+    """Why renewal is urgent (revoked, or part of a mass re-issue); empty when the
+    window is the ordinary one.
+    """
+    serial_number: _builtins.str
+    """The certificate the window is for, lowercase hex."""
+    cert_id: _builtins.str
+    """The RFC 9773 certificate identifier: base64url(authority key identifier)
+    "." base64url(serial number), without padding.
+    """
+    @_builtins.property
+    def suggested_window(self) -> Global___RenewalWindow: ...
+    def __init__(
+        self,
+        *,
+        suggested_window: Global___RenewalWindow | None = ...,
+        explanation_url: _builtins.str = ...,
+        serial_number: _builtins.str = ...,
+        cert_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["suggested_window", b"suggested_window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cert_id", b"cert_id", "explanation_url", b"explanation_url", "serial_number", b"serial_number", "suggested_window", b"suggested_window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRenewalInfoResponse: _TypeAlias = GetRenewalInfoResponse  # noqa: Y015
+
+@_typing.final
+class GetCrlRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_NAME_FIELD_NUMBER: _builtins.int
+    file_name: _builtins.str
+    """`<shard>.crl`, e.g. `7.crl`, as in the certificate's CRL distribution point."""
+    def __init__(
+        self,
+        *,
+        file_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_name", b"file_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCrlRequest: _TypeAlias = GetCrlRequest  # noqa: Y015
+
+@_typing.final
+class GetIssuerCertificateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetIssuerCertificateRequest: _TypeAlias = GetIssuerCertificateRequest  # noqa: Y015

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from myl.cert.v1 import cert_pb2 as myl_dot_cert_dot_v1_dot_cert__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -76,6 +77,21 @@ class CertificateServiceStub:
                 request_serializer=myl_dot_cert_dot_v1_dot_cert__pb2.GetCaChainRequest.SerializeToString,
                 response_deserializer=myl_dot_cert_dot_v1_dot_cert__pb2.GetCaChainResponse.FromString,
                 _registered_method=True)
+        self.GetRenewalInfo = channel.unary_unary(
+                '/myl.cert.v1.CertificateService/GetRenewalInfo',
+                request_serializer=myl_dot_cert_dot_v1_dot_cert__pb2.GetRenewalInfoRequest.SerializeToString,
+                response_deserializer=myl_dot_cert_dot_v1_dot_cert__pb2.GetRenewalInfoResponse.FromString,
+                _registered_method=True)
+        self.GetCrl = channel.unary_unary(
+                '/myl.cert.v1.CertificateService/GetCrl',
+                request_serializer=myl_dot_cert_dot_v1_dot_cert__pb2.GetCrlRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.GetIssuerCertificate = channel.unary_unary(
+                '/myl.cert.v1.CertificateService/GetIssuerCertificate',
+                request_serializer=myl_dot_cert_dot_v1_dot_cert__pb2.GetIssuerCertificateRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
 
 
 class CertificateServiceServicer:
@@ -144,6 +160,34 @@ class CertificateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRenewalInfo(self, request, context):
+        """The suggested renewal window of the device's current certificate (RFC 9773,
+        ACME Renewal Information). The lifecycle worker renews by the same window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCrl(self, request, context):
+        """One CRL shard, DER (`application/pkix-crl`): the URL in every certificate's
+        CRL distribution point. Public: the gateway serves it without an API key.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetIssuerCertificate(self, request, context):
+        """The issuing CA certificate, DER (`application/pkix-cert`): the AIA
+        caIssuers URL in every certificate. Public: served without an API key.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CertificateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +230,21 @@ def add_CertificateServiceServicer_to_server(servicer, server):
                     servicer.GetCaChain,
                     request_deserializer=myl_dot_cert_dot_v1_dot_cert__pb2.GetCaChainRequest.FromString,
                     response_serializer=myl_dot_cert_dot_v1_dot_cert__pb2.GetCaChainResponse.SerializeToString,
+            ),
+            'GetRenewalInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRenewalInfo,
+                    request_deserializer=myl_dot_cert_dot_v1_dot_cert__pb2.GetRenewalInfoRequest.FromString,
+                    response_serializer=myl_dot_cert_dot_v1_dot_cert__pb2.GetRenewalInfoResponse.SerializeToString,
+            ),
+            'GetCrl': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCrl,
+                    request_deserializer=myl_dot_cert_dot_v1_dot_cert__pb2.GetCrlRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'GetIssuerCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetIssuerCertificate,
+                    request_deserializer=myl_dot_cert_dot_v1_dot_cert__pb2.GetIssuerCertificateRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -406,6 +465,87 @@ class CertificateService:
             '/myl.cert.v1.CertificateService/GetCaChain',
             myl_dot_cert_dot_v1_dot_cert__pb2.GetCaChainRequest.SerializeToString,
             myl_dot_cert_dot_v1_dot_cert__pb2.GetCaChainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRenewalInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/myl.cert.v1.CertificateService/GetRenewalInfo',
+            myl_dot_cert_dot_v1_dot_cert__pb2.GetRenewalInfoRequest.SerializeToString,
+            myl_dot_cert_dot_v1_dot_cert__pb2.GetRenewalInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCrl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/myl.cert.v1.CertificateService/GetCrl',
+            myl_dot_cert_dot_v1_dot_cert__pb2.GetCrlRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetIssuerCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/myl.cert.v1.CertificateService/GetIssuerCertificate',
+            myl_dot_cert_dot_v1_dot_cert__pb2.GetIssuerCertificateRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,

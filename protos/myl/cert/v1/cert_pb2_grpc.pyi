@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from google.api import httpbody_pb2 as _httpbody_pb2
 from grpc import aio as _aio
 from myl.cert.v1 import cert_pb2 as _cert_pb2
 import abc as _abc_1
@@ -60,6 +61,22 @@ class CertificateServiceStub:
     """
     GetCaChain: _grpc.UnaryUnaryMultiCallable[_cert_pb2.GetCaChainRequest, _cert_pb2.GetCaChainResponse]
     """Returns the CA chain that clients should trust for device certificates."""
+    GetRenewalInfo: _grpc.UnaryUnaryMultiCallable[_cert_pb2.GetRenewalInfoRequest, _cert_pb2.GetRenewalInfoResponse]
+    """The suggested renewal window of the device's current certificate (RFC 9773,
+    ACME Renewal Information). The lifecycle worker renews by the same window.
+    """
+    GetCrl: _grpc.UnaryUnaryMultiCallable[_cert_pb2.GetCrlRequest, _httpbody_pb2.HttpBody]
+    """One CRL shard, DER (`application/pkix-crl`): the URL in every certificate's
+    CRL distribution point. Public: the gateway serves it without an API key.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    GetIssuerCertificate: _grpc.UnaryUnaryMultiCallable[_cert_pb2.GetIssuerCertificateRequest, _httpbody_pb2.HttpBody]
+    """The issuing CA certificate, DER (`application/pkix-cert`): the AIA
+    caIssuers URL in every certificate. Public: served without an API key.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
 
 @_typing.type_check_only
 class CertificateServiceAsyncStub(CertificateServiceStub):
@@ -93,6 +110,22 @@ class CertificateServiceAsyncStub(CertificateServiceStub):
     """
     GetCaChain: _aio.UnaryUnaryMultiCallable[_cert_pb2.GetCaChainRequest, _cert_pb2.GetCaChainResponse]  # type: ignore[assignment]
     """Returns the CA chain that clients should trust for device certificates."""
+    GetRenewalInfo: _aio.UnaryUnaryMultiCallable[_cert_pb2.GetRenewalInfoRequest, _cert_pb2.GetRenewalInfoResponse]  # type: ignore[assignment]
+    """The suggested renewal window of the device's current certificate (RFC 9773,
+    ACME Renewal Information). The lifecycle worker renews by the same window.
+    """
+    GetCrl: _aio.UnaryUnaryMultiCallable[_cert_pb2.GetCrlRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """One CRL shard, DER (`application/pkix-crl`): the URL in every certificate's
+    CRL distribution point. Public: the gateway serves it without an API key.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
+    GetIssuerCertificate: _aio.UnaryUnaryMultiCallable[_cert_pb2.GetIssuerCertificateRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """The issuing CA certificate, DER (`application/pkix-cert`): the AIA
+    caIssuers URL in every certificate. Public: served without an API key.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
 
 class CertificateServiceServicer(metaclass=_abc_1.ABCMeta):
     """Device certificates: one DNS name under the platform zone per device, and
@@ -171,5 +204,39 @@ class CertificateServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cert_pb2.GetCaChainResponse, _abc.Awaitable[_cert_pb2.GetCaChainResponse]]:
         """Returns the CA chain that clients should trust for device certificates."""
+
+    @_abc_1.abstractmethod
+    def GetRenewalInfo(
+        self,
+        request: _cert_pb2.GetRenewalInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cert_pb2.GetRenewalInfoResponse, _abc.Awaitable[_cert_pb2.GetRenewalInfoResponse]]:
+        """The suggested renewal window of the device's current certificate (RFC 9773,
+        ACME Renewal Information). The lifecycle worker renews by the same window.
+        """
+
+    @_abc_1.abstractmethod
+    def GetCrl(
+        self,
+        request: _cert_pb2.GetCrlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
+        """One CRL shard, DER (`application/pkix-crl`): the URL in every certificate's
+        CRL distribution point. Public: the gateway serves it without an API key.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+
+    @_abc_1.abstractmethod
+    def GetIssuerCertificate(
+        self,
+        request: _cert_pb2.GetIssuerCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
+        """The issuing CA certificate, DER (`application/pkix-cert`): the AIA
+        caIssuers URL in every certificate. Public: served without an API key.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
 
 def add_CertificateServiceServicer_to_server(servicer: CertificateServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,330 @@
+"""CRLs: signing one shard, and the publisher that keeps every shard current.
+
+RFC 5280 version 2 CRLs, sharded as Let's Encrypt's Boulder does. A certificate's shard is chosen
+when it is issued (`cert_service.ca`) and named in its CRL distribution point,
+`<PKI_BASE_URL>/pki/crls/<shard>.crl`; the revocation log (`revoked_certificates`, filled by a
+trigger in the transaction that revokes, migration 0005) says what each shard lists.
+
+Each CRL carries:
+
+* a CRL number (monotonic per shard, allocated in PostgreSQL under a per-shard transaction-level
+  advisory lock, so replicas never sign one shard at the same time nor reuse a number);
+* the authority key identifier of the CA, and thisUpdate/nextUpdate (`CRL_VALIDITY` apart);
+* a critical issuing distribution point naming the shard's URL with onlyContainsUserCerts, so a
+  relying party never takes one shard's CRL for another's (RFC 5280, 5.2.5);
+* per entry the revocation date and, unless it is "unspecified" (RFC 5280 says to leave that
+  one out), the reason code.
+
+Entries leave a CRL once their certificate has expired (RFC 5280 allows it; an expired
+certificate fails validation anyway), and the log forgets them a day later.
+
+When is a shard re-signed? The publisher looks every `CRL_INTERVAL` seconds (default 1) and
+signs a shard that (a) has a revocation not yet in its CRL, (b) has no CRL yet, or (c) is past
+half of its validity. So a revocation is listed within about one interval (plus one signature and
+two round trips), and every CRL is replaced long before its nextUpdate, even when replicas are
+down for a while. Several replicas may all run the publisher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from prometheus_client import Counter, Histogram
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
+
+from cert_service.ca import LocalCertificateAuthority
+from cert_service.storage import CertificateStore
+from shared.clock import Clock
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+CRLS_SIGNED = Counter("myl_crls_signed_total", "CRL shards signed")
+CRL_SIGN_SECONDS = Histogram(
+    "myl_crl_sign_seconds", "Time to read, sign and store one CRL shard", buckets=(0.01, 0.1, 1, 10)
+)
+
+REASONS: Final = {
+    "key_compromise": x509.ReasonFlags.key_compromise,
+    "affiliation_changed": x509.ReasonFlags.affiliation_changed,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessation_of_operation": x509.ReasonFlags.cessation_of_operation,
+}
+"""Stored reason -> CRL reason code. "unspecified" gets no reasonCode extension (RFC 5280)."""
+
+_FILE_NAME: Final = re.compile(r"^(0|[1-9][0-9]{0,5})\.crl$")
+# The log keeps an entry this long after its certificate expired (it is off the CRL by then).
+_LOG_RETENTION: Final = timedelta(days=1)
+
+
+def parse_crl_file_name(file_name: str) -> int | None:
+    """`'7.crl'` -> 7; None for anything that is not `<shard>.crl`."""
+    match = _FILE_NAME.match(file_name)
+    return int(match[1]) if match else None
+
+
+@dataclass(frozen=True)
+class RevokedEntry:
+    serial_hex: str
+    revoked_at: datetime
+    reason: str
+
+
+@dataclass(frozen=True)
+class PublishedCrl:
+    shard: int
+    crl_number: int
+    this_update: datetime
+    next_update: datetime
+    entries: int
+    der: bytes
+
+
+def sign_crl(
+    ca: LocalCertificateAuthority,
+    shard: int,
+    crl_number: int,
+    this_update: datetime,
+    next_update: datetime,
+    entries: Sequence[RevokedEntry],
+) -> bytes:
+    """One shard's CRL, DER."""
+    distribution_point = x509.IssuingDistributionPoint(
+        full_name=[x509.UniformResourceIdentifier(ca.locations.crl_url(shard))],
+        relative_name=None,
+        only_contains_user_certs=True,
+        only_contains_ca_certs=False,
+        only_some_reasons=None,
+        indirect_crl=False,
+        only_contains_attribute_certs=False,
+    )
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.certificate.subject)
+        .last_update(this_update)
+        .next_update(next_update)
+        .add_extension(x509.AuthorityKeyIdentifier(ca.key_id, None, None), critical=False)
+        .add_extension(x509.CRLNumber(crl_number), critical=False)
+        .add_extension(distribution_point, critical=True)
+    )
+    for entry in entries:
+        revoked = (
+            x509.RevokedCertificateBuilder()
+            .serial_number(int(entry.serial_hex, 16))
+            .revocation_date(entry.revoked_at.astimezone(UTC).replace(microsecond=0))
+        )
+        flag = REASONS.get(entry.reason)
+        if flag is not None:
+            revoked = revoked.add_extension(x509.CRLReason(flag), critical=False)
+        builder = builder.add_revoked_certificate(revoked.build())
+    crl = builder.sign(ca.private_key, ca.hash_algorithm)
+    return crl.public_bytes(serialization.Encoding.DER)
+
+
+class CrlStore:
+    """SQL for revoked_certificates, crl_dirty and crls (migration 0005)."""
+
+    def __init__(self, store: CertificateStore) -> None:
+        self._store = store
+
+    async def shards_due(
+        self, issuer_key_id: str, shard_count: int, refresh_before: datetime
+    ) -> list[int]:
+        """Shards with unpublished revocations, without a CRL, or whose CRL's nextUpdate is
+        before `refresh_before`; also shards beyond `shard_count` that still have a CRL (the
+        count went down: their certificates still point at them)."""
+        async with self._store.connection() as conn:
+            cur = await conn.execute(
+                """
+                SELECT s FROM generate_series(0, %(count)s - 1) AS s
+                WHERE NOT EXISTS (SELECT 1 FROM crls c
+                                  WHERE c.issuer_key_id = %(issuer)s AND c.crl_shard = s)
+                UNION
+                SELECT crl_shard FROM crl_dirty WHERE issuer_key_id = %(issuer)s
+                UNION
+                SELECT crl_shard FROM crls
+                WHERE issuer_key_id = %(issuer)s AND next_update <= %(refresh)s
+                ORDER BY 1
+                """,
+                {"count": shard_count, "issuer": issuer_key_id, "refresh": refresh_before},
+            )
+            return [int(row[0]) for row in await cur.fetchall()]
+
+    @asynccontextmanager
+    async def shard_lock(
+        self, issuer_key_id: str, shard: int, refresh_before: datetime
+    ) -> AsyncIterator[tuple[AsyncConnection[TupleRow], PublishedCrl | None] | None]:
+        """Inside one transaction: the shard's advisory lock, then whether it still needs
+        signing. Yields None when another replica holds the shard or it is no longer due;
+        otherwise the connection and the current CRL (None: the first one)."""
+        async with self._store.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "SELECT pg_try_advisory_xact_lock(hashtext('myl.crl:' || %s), %s)",
+                (issuer_key_id, shard),
+            )
+            row = await cur.fetchone()
+            if row is None or not row[0]:
+                yield None
+                return
+            cur = await conn.execute(
+                """
+                SELECT crl_number, this_update, next_update, entries,
+                       EXISTS (SELECT 1 FROM crl_dirty d
+                               WHERE d.issuer_key_id = %(issuer)s AND d.crl_shard = %(shard)s)
+                FROM crls WHERE issuer_key_id = %(issuer)s AND crl_shard = %(shard)s
+                """,
+                {"issuer": issuer_key_id, "shard": shard},
+            )
+            current = await cur.fetchone()
+            if current is not None and not current[4] and current[2] > refresh_before:
+                yield None  # another replica has just signed it
+                return
+            previous = (
+                None
+                if current is None
+                else PublishedCrl(shard, current[0], current[1], current[2], current[3], b"")
+            )
+            yield conn, previous
+
+    @staticmethod
+    async def take_entries(
+        conn: AsyncConnection[TupleRow], issuer_key_id: str, shard: int, now: datetime
+    ) -> list[RevokedEntry]:
+        """Clear the shard's dirty mark, then read what its CRL lists (same transaction: a
+        revocation committed after this read marks the shard dirty again)."""
+        await conn.execute(
+            "DELETE FROM crl_dirty WHERE issuer_key_id = %s AND crl_shard = %s",
+            (issuer_key_id, shard),
+        )
+        cur = await conn.execute(
+            """
+            SELECT serial_number, revoked_at, reason FROM revoked_certificates
+            WHERE issuer_key_id = %s AND crl_shard = %s AND not_after > %s
+            ORDER BY revoked_at, serial_number
+            """,
+            (issuer_key_id, shard, now),
+            binary=True,
+        )
+        return [RevokedEntry(*row) for row in await cur.fetchall()]
+
+    @staticmethod
+    async def save(conn: AsyncConnection[TupleRow], issuer_key_id: str, crl: PublishedCrl) -> None:
+        await conn.execute(
+            """
+            INSERT INTO crls (issuer_key_id, crl_shard, crl_number, this_update, next_update,
+                              entries, der)
+            VALUES (%s, %s, %s, %s, %s, %s, %s)
+            ON CONFLICT (issuer_key_id, crl_shard) DO UPDATE SET
+                crl_number = EXCLUDED.crl_number, this_update = EXCLUDED.this_update,
+                next_update = EXCLUDED.next_update, entries = EXCLUDED.entries,
+                der = EXCLUDED.der
+            WHERE crls.crl_number < EXCLUDED.crl_number
+            """,
+            (
+                issuer_key_id,
+                crl.shard,
+                crl.crl_number,
+                crl.this_update,
+                crl.next_update,
+                crl.entries,
+                crl.der,
+            ),
+        )
+
+    async def forget_expired(self, issuer_key_id: str, before: datetime) -> int:
+        async with self._store.connection() as conn:
+            cur = await conn.execute(
+                "DELETE FROM revoked_certificates WHERE issuer_key_id = %s AND not_after < %s",
+                (issuer_key_id, before),
+            )
+            return cur.rowcount
+
+    async def get(self, issuer_key_id: str, shard: int) -> PublishedCrl | None:
+        async with self._store.connection() as conn:
+            cur = await conn.execute(
+                """
+                SELECT crl_shard, crl_number, this_update, next_update, entries, der FROM crls
+                WHERE issuer_key_id = %s AND crl_shard = %s
+                """,
+                (issuer_key_id, shard),
+                binary=True,
+            )
+            row = await cur.fetchone()
+        return None if row is None else PublishedCrl(*row)
+
+
+class CrlPublisher:
+    """Keeps every shard's CRL signed and current; serves the stored CRLs."""
+
+    def __init__(
+        self,
+        crls: CrlStore,
+        ca: LocalCertificateAuthority,
+        clock: Clock,
+        *,
+        validity: timedelta,
+        interval: float,
+    ) -> None:
+        self.crls = crls
+        self.ca = ca
+        self.clock = clock
+        self.validity = validity
+        self.interval = interval
+        self.issuer_key_id = ca.key_id.hex()
+
+    async def run_once(self) -> int:
+        """Sign every shard that is due; returns how many were signed here."""
+        now = self.clock.now()
+        refresh_before = now + self.validity / 2
+        signed = 0
+        shards = await self.crls.shards_due(
+            self.issuer_key_id, self.ca.locations.crl_shards, refresh_before
+        )
+        for shard in shards:
+            if await self.publish(shard, refresh_before):
+                signed += 1
+        if shards:
+            await self.crls.forget_expired(self.issuer_key_id, now - _LOG_RETENTION)
+        return signed
+
+    async def publish(self, shard: int, refresh_before: datetime) -> bool:
+        with CRL_SIGN_SECONDS.time():
+            async with self.crls.shard_lock(self.issuer_key_id, shard, refresh_before) as held:
+                if held is None:
+                    return False
+                conn, previous = held
+                now = self.clock.now().astimezone(UTC).replace(microsecond=0)
+                # Never step back in time, whatever a replica's clock says.
+                this_update = now if previous is None else max(now, previous.this_update)
+                entries = await self.crls.take_entries(conn, self.issuer_key_id, shard, now)
+                number = 1 if previous is None else previous.crl_number + 1
+                next_update = this_update + self.validity
+                der = sign_crl(self.ca, shard, number, this_update, next_update, entries)
+                crl = PublishedCrl(shard, number, this_update, next_update, len(entries), der)
+                await self.crls.save(conn, self.issuer_key_id, crl)
+        CRLS_SIGNED.inc()
+        log.info("crl signed", shard=shard, crl_number=number, entries=len(entries))
+        return True
+
+    async def current(self, shard: int) -> PublishedCrl | None:
+        return await self.crls.get(self.issuer_key_id, shard)
+
+    async def run(self) -> None:
+        """A pass every `interval` seconds until cancelled; a failed pass is logged."""
+        while True:
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("crl pass failed", exc_info=True)
+            await asyncio.sleep(self.interval)
