@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import grpc
+import psycopg
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -137,3 +138,17 @@ async def test_generate_and_rotate_retried_leave_exactly_one_working_key(
     )
     active = [k.key_id for k in keys.keys if k.status == key_pb2.API_KEY_STATUS_ACTIVE]
     assert sorted(active) == sorted([second.key.key_id, again.key.key_id])
+
+
+async def test_forgetting_old_request_ids_does_not_read_the_whole_table(
+    cert_service: RunningCertService, db_conn: psycopg.AsyncConnection[tuple[object, ...]]
+) -> None:
+    # The lifecycle worker runs this every minute; at ten million devices a sequential scan
+    # of device_certificates is gigabytes. The partial index must be usable for it.
+    await db_conn.execute("SET enable_seqscan = off")
+    cur = await db_conn.execute(
+        "EXPLAIN UPDATE device_certificates SET request_id = NULL, request_hash = NULL "
+        "WHERE request_id IS NOT NULL AND created_at < now()"
+    )
+    plan = "\n".join(str(row[0]) for row in await cur.fetchall())
+    assert "idx_device_certificates_request_created" in plan, plan

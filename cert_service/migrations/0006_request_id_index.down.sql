@@ -1,0 +1,1 @@
+DROP INDEX IF EXISTS idx_device_certificates_request_created;
