@@ -179,8 +179,9 @@ SQL_SUBDOMAIN = f"md5('sub-' || g)::uuid::text || '.{ZONE}'"
 
 def certificate_document(directory: Path) -> str:
     """certificate_data of a real certificate, issued by the built-in CA from a device's CSR."""
+    from cert_service.ca import LocalCertificateAuthority, create_development_ca
     from cert_service.issuance import issue_device_certificate
-    from cert_service.issuer import LocalCertificateAuthority, create_development_ca, load_csr
+    from cert_service.issuer import load_csr
     from tests.fixtures.cert import make_csr
 
     ca_cert, ca_key = create_development_ca(directory / "ca")
