@@ -92,7 +92,8 @@ def replicated_stack(
             wait_healthy(f"127.0.0.1:{port}", 30, process)
         created = subprocess.run(
             [sys.executable, "-m", "key_service", "admin", "create-key",
-             "--permissions", OPERATOR_PERMISSIONS, "--name", "replica test"],
+             "--permissions", OPERATOR_PERMISSIONS, "--name", "replica test",
+             "--rate-limit", "1000000"],
             cwd=ROOT, env=env, capture_output=True, text=True, check=True,
         )  # fmt: skip
         operator_key = created.stdout.strip().splitlines()[-1]
