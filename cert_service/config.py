@@ -8,11 +8,12 @@ a development CA under `.run/ca`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cert_service.names import new_uuid_subdomain
 from shared.config import ConfigError, EnvReader, ServerConfig
+from shared.limits import LimitSet, limits_from_env
 
 SERVICE = "cert_service"
 DEFAULT_PORT = 50051
@@ -44,6 +45,10 @@ class CertServiceConfig:
     outbox_retry_min: float = 0.5
     # Capped low: a delete's cascade must reach key_service within seconds of its return.
     outbox_retry_max: float = 1.0
+    # Provisioning and registration limits: built-in defaults, LIMITS_FILE overrides.
+    limits: LimitSet = field(default_factory=LimitSet.builtin)
+    # How often pool and Redis gauges (and cert_service's fleet gauges) are sampled.
+    metrics_interval: float = 5.0
 
     @classmethod
     def from_env(
@@ -85,6 +90,8 @@ class CertServiceConfig:
             outbox_interval=env.number("OUTBOX_INTERVAL", 1.0, minimum=0.01),
             outbox_retry_min=retry_min,
             outbox_retry_max=env.number("OUTBOX_RETRY_MAX", 1.0, minimum=retry_min),
+            limits=limits_from_env(env),
+            metrics_interval=env.number("METRICS_INTERVAL", 5.0, minimum=0.01),
         )
 
 
