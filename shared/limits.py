@@ -194,7 +194,9 @@ class LimitSet:
             [(name, spec)] = entry.items()
             limit_name = _limit_name(name)
             limit = _limit(spec, name, with_ids=True)
-            ids = spec["ids"]
+            ids = spec.get("ids")
+            if ids is None:
+                raise ValueError(f"{name}: missing 'ids'")
             if not isinstance(ids, list) or not ids:
                 raise ValueError(f"{name}: `ids` must be a non-empty list")
             for ident in ids:
