@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -97,7 +98,8 @@ def limit_named(error: grpc.aio.AioRpcError) -> str:
 
 
 def trailer(error: grpc.aio.AioRpcError, name: str) -> str | None:
-    for key, value in error.trailing_metadata() or ():
+    metadata: Any = error.trailing_metadata() or ()
+    for key, value in metadata:
         if key == name:
             return str(value)
     return None
