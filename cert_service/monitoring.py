@@ -11,7 +11,6 @@ the gauges they feed, not in `storage.py`: no request path uses them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import timedelta
 
 from cryptography import x509
@@ -33,6 +32,7 @@ from shared.metrics import (
 log = get_logger(__name__)
 
 EXPIRING_WINDOW = timedelta(days=7)
+_SAMPLE_TIMEOUT = 30.0
 
 _FLEET_SQL = """
 SELECT
@@ -71,7 +71,9 @@ class FleetSampler:
         self.sample_ca()
         now = self.clock.now()
         params = {"fraction": self.renew_at_fraction, "now": now, "soon": now + EXPIRING_WINDOW}
-        async with self.store.connection() as conn:
+        # Not watched: on a large table the counts may take longer than a request may hold a
+        # connection, and that must not read as the database hanging. Bounded instead.
+        async with asyncio.timeout(_SAMPLE_TIMEOUT), self.store.connection(watched=False) as conn:
             cur = await conn.execute(_FLEET_SQL, params)
             row = await cur.fetchone()
         if row is None:
@@ -86,6 +88,10 @@ class FleetSampler:
 
     async def run(self, interval: float) -> None:
         while True:
-            with contextlib.suppress(DomainError):  # the database is down: try next time
+            try:
                 await self.sample()
+            except (DomainError, TimeoutError):  # the database is away: try next time
+                pass
+            except Exception:
+                log.exception("fleet sampling failed")
             await asyncio.sleep(interval)

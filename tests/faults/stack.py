@@ -52,7 +52,7 @@ REDIS_BREAKER_RESET: Final = 2.0
 FLUSH_INTERVAL: Final = 1.0
 SHUTDOWN_GRACE: Final = 5.0
 # Sampled gauges (pool, Redis, fleet) are refreshed this often here.
-METRICS_INTERVAL: Final = 0.5
+METRICS_INTERVAL: Final = 1.0
 # Channels reconnect quickly after a restart (gRPC's default backoff starts at 1 s and grows).
 CHANNEL_OPTIONS: Final = [
     ("grpc.initial_reconnect_backoff_ms", 100),

@@ -89,7 +89,7 @@ async def test_request_path_metrics_move(stack: FaultStack) -> None:
         ).status_code,
     ]
     assert statuses == [200, 200, 401, 403, 403, 429, 200, 404]
-    await asyncio.sleep(1.0)  # one sampling interval and then some
+    await asyncio.sleep(1.5)  # one sampling interval and then some
     after = {service: await scrape(stack, service) for service in SERVICES}
 
     def moved(who: ServiceName, name: str, **labels: str) -> float:
