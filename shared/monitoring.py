@@ -13,6 +13,7 @@ import contextlib
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from shared.cache import Cache, CacheUnavailable
 from shared.db import Database
@@ -24,10 +25,21 @@ log = get_logger(__name__)
 DEFAULT_INTERVAL = 5.0
 
 
-async def _redis_info(client: aioredis.Redis) -> dict[str, Any]:
-    info: dict[str, Any] = await client.info("memory")
-    clients: dict[str, Any] = await client.info("clients")
-    return {**info, **clients}
+async def redis_info(client: aioredis.Redis) -> dict[str, float]:
+    """used_memory and connected_clients; on a cluster, summed over its masters."""
+    totals = {"used_memory": 0.0, "connected_clients": 0.0}
+    for section in ("memory", "clients"):
+        if isinstance(client, RedisCluster):
+            reply: dict[str, Any] = await client.info(section, target_nodes=RedisCluster.PRIMARIES)
+        else:
+            reply = await client.info(section)
+        per_node = [v for v in reply.values() if isinstance(v, dict)] or [reply]
+        for node in per_node:
+            for name in totals:
+                value = node.get(name)
+                if isinstance(value, int | float):
+                    totals[name] += value
+    return totals
 
 
 class ResourceSampler:
@@ -50,13 +62,13 @@ class ResourceSampler:
             return
         try:
             async with asyncio.timeout(max(1.0, self.interval)):
-                info = await self.cache.apply(_redis_info)
+                info = await self.cache.apply(redis_info)
         except (CacheUnavailable, TimeoutError):
             self._redis_up.set(0)
             return
         self._redis_up.set(1)
-        self._memory.set(float(info.get("used_memory", 0)))
-        self._clients.set(float(info.get("connected_clients", 0)))
+        self._memory.set(info["used_memory"])
+        self._clients.set(info["connected_clients"])
 
     async def run(self) -> None:
         while True:

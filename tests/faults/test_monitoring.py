@@ -11,10 +11,13 @@ import time
 from collections.abc import Awaitable, Callable
 
 import psycopg
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from myl.cert.v1 import cert_pb2
 from tests.faults.stack import SERVICES, FaultStack, ServiceName, unique
+
+pytestmark = pytest.mark.slow
 
 Labels = tuple[tuple[str, str], ...]
 Samples = dict[tuple[str, Labels], float]

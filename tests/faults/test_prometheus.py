@@ -24,6 +24,8 @@ import yaml
 from shared.devstack import free_port
 from tests.faults.stack import FaultStack
 
+pytestmark = pytest.mark.slow
+
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 SHORT_FOR = "2s"
 

@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
+from redis.crc import key_slot
 
 from shared.cache import Cache
 from shared.config import RedisConfig
-from shared.devstack import RedisServer
+from shared.devstack import RedisClusterServers, RedisServer
 from shared.errors import DomainError, ErrorKind
 from shared.limits import (
     SECOND_US,
@@ -22,6 +23,7 @@ from shared.limits import (
     LocalBuckets,
     gcra,
 )
+from shared.monitoring import redis_info
 from tests.fixtures.cert import FakeClock
 
 NAME = LimitName.CERTIFICATES_PER_DEVICE_NAME
@@ -140,3 +142,36 @@ async def test_with_redis_away_each_replica_limits_conservatively(
     await limiter.spend(bucket)
     clock.advance(minutes=72)
     await limiter.spend(bucket)
+
+
+async def test_limits_run_unchanged_on_a_cluster(redis_cluster: RedisClusterServers) -> None:
+    redis_cluster.flush()
+    nodes = tuple((node.host, node.port) for node in redis_cluster.nodes)
+    cache = Cache.from_config(RedisConfig(cluster_nodes=nodes, socket_timeout=0.5))
+    try:
+        clock = FakeClock(frozen=True)
+        limits = _limits(
+            NEW_DEVICES_PER_OPERATOR_KEY=Limit(3, 3, 3600 * SECOND_US),
+            CERTIFICATES_PER_DEVICE_NAME=Limit(1, 1, 3600 * SECOND_US),
+        )
+        limiter = Limiter(cache, limits, clock, LocalBuckets())
+        operator = Bucket(LimitName.NEW_DEVICES_PER_OPERATOR_KEY, "cluster-key")
+        names = [Bucket(NAME, f"n{n}.myl.zip") for n in range(3)]
+        assert len({key_slot(b.key.encode()) for b in [operator, *names]}) > 1
+        await limiter.spend(operator, names[0])
+        with pytest.raises(DomainError, match="CertificatesPerDeviceName"):
+            await limiter.spend(operator, names[0])  # refused: the operator's spend refunded
+        spend = await limiter.spend(operator, names[1])
+        await spend.refund()
+        await limiter.spend(operator, names[1])
+        await limiter.spend(operator, names[2])
+        with pytest.raises(DomainError, match="NewDevicesPerOperatorKey"):
+            await limiter.spend(operator, Bucket(NAME, "n3.myl.zip"))
+        assert not cache.breaker.is_open
+        assert len(limiter.local) == 0  # every decision came from the cluster
+        # The resource sampler's INFO works on a cluster too (summed over its nodes).
+        info = await cache.apply(redis_info)
+        assert info["used_memory"] > 0
+        assert info["connected_clients"] >= 3
+    finally:
+        await cache.close()
