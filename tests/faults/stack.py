@@ -51,8 +51,6 @@ REDIS_BREAKER_RESET: Final = 2.0
 # Counters are flushed every second here, so a test sees them without waiting long.
 FLUSH_INTERVAL: Final = 1.0
 SHUTDOWN_GRACE: Final = 5.0
-# Sampled gauges (pool, Redis, fleet) are refreshed this often here.
-METRICS_INTERVAL: Final = 1.0
 # Channels reconnect quickly after a restart (gRPC's default backoff starts at 1 s and grows).
 CHANNEL_OPTIONS: Final = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -276,7 +274,6 @@ class FaultStack:
             "KEY_SERVICE_ADDRESS": self.address("key_service"),
             "CERT_SERVICE_ACCESS_FLUSH_INTERVAL": str(FLUSH_INTERVAL),
             "KEY_SERVICE_USAGE_FLUSH_INTERVAL": str(FLUSH_INTERVAL),
-            "METRICS_INTERVAL": str(METRICS_INTERVAL),
         }
         for name in ("DB_PASSWORD", "REDIS_PASSWORD", "PGPASSWORD"):
             self.env.pop(name, None)

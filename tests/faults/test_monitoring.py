@@ -39,7 +39,8 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and wanted <= set(ls))
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], limit: float = 10.0) -> None:
+async def eventually(check: Callable[[], Awaitable[bool]], limit: float = 20.0) -> None:
+    """Sampled gauges move within METRICS_INTERVAL (5 s by default, as here)."""
     deadline = time.monotonic() + limit
     while not await check():
         assert time.monotonic() < deadline, "the metric did not move in time"
