@@ -217,3 +217,11 @@ async def test_redis_status_follows_redis(stack: FaultStack) -> None:
     await eventually(lambda: redis_up(0))
     await stack.start_redis()
     await eventually(lambda: redis_up(1))
+
+    async def breakers_closed() -> bool:
+        for service in SERVICES:
+            if value(await scrape(stack, service), "myl_redis_circuit_open") != 0:
+                return False
+        return True
+
+    await eventually(breakers_closed)  # leave the stack as settled as it was found

@@ -88,7 +88,8 @@ async def prometheus(stack: FaultStack) -> AsyncIterator[str]:
 async def until(check: Callable[[], Awaitable[bool]], limit: float, what: str) -> None:
     deadline = time.monotonic() + limit
     while True:
-        with contextlib.suppress(httpx.HTTPError):
+        # Not yet listening, or still starting (a 503 whose body is not JSON).
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
             if await check():
                 return
         assert time.monotonic() < deadline, f"not within {limit}s: {what}"
