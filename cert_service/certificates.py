@@ -201,36 +201,35 @@ class DeviceCertificates:
 
         Spends from the provisioning limits first (`cert_service.limits`); a failed provision,
         or the retry of an earlier one, gives the spend back."""
-        spend: Spend | None = None
+        replayed: set[str] = set()
         try:
             if self.limits is not None:
-                spend = await self._spend_for_provision(request)
-            result = await self._provision(request, spend)
+                await self._check_provision(request)
+            result = await self._provision(request, replayed)
+            if self.limits is not None and not replayed:
+                await self.limits.spend_provision(request.fqdn, request.operator_key_id)
         except Exception as exc:
-            if spend is not None:
-                await spend.refund()
             _count("provision", exc)
             raise
         _count("provision", None)
         return result
 
-    async def _spend_for_provision(self, request: ProvisionRequest) -> Spend | None:
-        """The provision's spend; None when a limit refused it but the device or the name is
-        taken already: that provision issues nothing new (it is refused as ALREADY_EXISTS, or
-        is the retry of an earlier one), and a client should hear that rather than a limit."""
+    async def _check_provision(self, request: ProvisionRequest) -> None:
+        """Refuse a provision no limit has room for, unless the device or the name is taken
+        already: that provision issues nothing new (it is refused as ALREADY_EXISTS, or is the
+        retry of an earlier one), and a client should hear that rather than a limit."""
         assert self.limits is not None
         try:
-            return await self.limits.for_provision(request.fqdn, request.operator_key_id)
+            await self.limits.check_provision(request.fqdn, request.operator_key_id)
         except DomainError as refusal:
             if refusal.kind is not ErrorKind.RESOURCE_EXHAUSTED:
                 raise
             conflict = await self.store.conflict(request.device_id, request.fqdn)
-            if conflict.device_exists or conflict.subdomain_taken:
-                return None
-            raise
+            if not (conflict.device_exists or conflict.subdomain_taken):
+                raise
 
     async def _provision(
-        self, request: ProvisionRequest, spend: Spend | None
+        self, request: ProvisionRequest, replayed: set[str]
     ) -> tuple[cert_pb2.Certificate, str]:
         private_key_pem = ""
         public_key = request.public_key
@@ -277,11 +276,10 @@ class DeviceCertificates:
                 return certificate, private_key_pem
             conflict = await self.store.conflict(request.device_id, request.fqdn)
             if conflict.device_exists:
-                replayed = await self._replay_provision(request, public_key, private_key_pem)
-                if replayed is not None:
-                    if spend is not None:
-                        await spend.refund()  # the earlier attempt spent already
-                    return replayed
+                replay = await self._replay_provision(request, public_key, private_key_pem)
+                if replay is not None:
+                    replayed.add("replayed")  # the earlier attempt was counted already
+                    return replay
                 raise already_exists(
                     f"device {request.device_id} already has a certificate; renew it, or delete "
                     "the device first",

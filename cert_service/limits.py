@@ -12,16 +12,19 @@
   certificate) and automatic renewals do not count: a device that renews when it should is
   never limited. It applies to every caller, internal ones included, since it protects the CA.
 
-A spend is refunded when the operation then fails, or turns out to be the retry of an earlier
-request (AIP-155), so only certificates actually issued count.
+A provision is checked before and spent after its certificate is stored (not a retry's replay),
+so only certificates actually issued count; a renewal spends first and is refunded if it fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime, timedelta
 
 from cert_service.storage import RenewalSource
-from shared.limits import Bucket, Limiter, LimitName, Spend
+from shared.errors import DomainError
+from shared.limits import Bucket, Limiter, LimitName, Spend, limit_exceeded
+from shared.metrics import LIMIT_DECISIONS
 
 
 class CertificateLimits:
@@ -32,11 +35,31 @@ class CertificateLimits:
         self.renew_at_fraction = renew_at_fraction
         self.default_validity_days = default_validity_days
 
-    async def for_provision(self, fqdn: str, operator_key_id: str | None) -> Spend:
+    @staticmethod
+    def _provision_buckets(fqdn: str, operator_key_id: str | None) -> list[Bucket]:
         buckets = [Bucket(LimitName.CERTIFICATES_PER_DEVICE_NAME, fqdn)]
         if operator_key_id is not None:
             buckets.insert(0, Bucket(LimitName.NEW_DEVICES_PER_OPERATOR_KEY, operator_key_id))
-        return await self.limiter.spend(*buckets)
+        return buckets
+
+    async def check_provision(self, fqdn: str, operator_key_id: str | None) -> None:
+        """Refuse (RESOURCE_EXHAUSTED) a provision a limit has no room for; spends nothing.
+
+        A provision spends only once its certificate is stored (`spend_provision`): of
+        concurrent provisions of one name only one can succeed, and the others must hear
+        ALREADY_EXISTS, not a limit their failed attempts used up."""
+        for bucket in self._provision_buckets(fqdn, operator_key_id):
+            decision = await self.limiter.check(bucket)
+            if not decision.allowed:
+                LIMIT_DECISIONS.labels(bucket.name.value, "refused").inc()
+                limit = self.limiter.limits.limit(bucket.name, bucket.ident)
+                raise limit_exceeded(bucket, limit, decision.retry_after_us)
+
+    async def spend_provision(self, fqdn: str, operator_key_id: str | None) -> None:
+        """Count a stored provision (a concurrent one may have taken the last room: it is
+        counted as far as it fits)."""
+        with contextlib.suppress(DomainError):
+            await self.limiter.spend(*self._provision_buckets(fqdn, operator_key_id))
 
     def renewal_point(self, source: RenewalSource) -> datetime:
         lifetime = timedelta(days=source.validity_days or self.default_validity_days)
