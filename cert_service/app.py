@@ -17,6 +17,8 @@ from cert_service.config import SERVICE, CertServiceConfig
 from cert_service.crl import CrlPublisher, CrlStore
 from cert_service.issuer import Issuer
 from cert_service.lifecycle import LifecycleWorker
+from cert_service.limits import CertificateLimits
+from cert_service.monitoring import FleetSampler
 from cert_service.outbox import OutboxRelay
 from cert_service.pki import PublicRepository
 from cert_service.service import SERVICE_NAME, CertificateServicer
@@ -27,12 +29,12 @@ from shared.clock import Clock, SystemClock
 from shared.config import ConfigError
 from shared.db import Database, DatabaseUnavailable, open_database
 from shared.invalidation import CacheGuard
+from shared.limits import Limiter
 from shared.logging import configure_logging, get_logger
+from shared.monitoring import ResourceSampler
 from shared.server import GrpcServer
 
 log = get_logger(__name__)
-
-_POOL_STATS_INTERVAL = 10.0
 
 
 class CertApp:
@@ -94,7 +96,14 @@ class CertApp:
             self.outbox,
             clock,
             config.cert_validity_days,
+            CertificateLimits(
+                Limiter(cache, config.limits, clock),
+                config.renew_at_fraction,
+                config.cert_validity_days,
+            ),
         )
+        self.resources = ResourceSampler(SERVICE, db, cache, config.metrics_interval)
+        self.fleet = FleetSampler(self.store, issuer, clock, config.renew_at_fraction)
         redis_config = config.server.redis
         self.guard = CacheGuard(
             cache,
@@ -147,7 +156,9 @@ class CertApp:
             self._spawn(lambda: self.lifecycle.run(lifecycle_interval), "lifecycle")
         if self.crl_publisher is not None and self.config.crl_interval > 0:
             self._spawn(self.crl_publisher.run, "crl publisher")
-        self._spawn(self._observe_pool, "pool stats")
+        self._spawn(self.resources.run, "resource sampler")
+        metrics_interval = self.config.metrics_interval
+        self._spawn(lambda: self.fleet.run(metrics_interval), "fleet sampler")
         return port
 
     def _spawn(self, work: Callable[[], Awaitable[None]], name: str) -> None:
@@ -160,11 +171,6 @@ class CertApp:
                 log.exception("background task stopped", task=name)
 
         self._tasks.append(asyncio.create_task(guarded(), name=f"cert_service {name}"))
-
-    async def _observe_pool(self) -> None:
-        while True:
-            self.db.record_stats()
-            await asyncio.sleep(_POOL_STATS_INTERVAL)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain RPCs, then stop the workers, flush access counters, close pool and Redis."""

@@ -29,6 +29,7 @@ from cert_service.issuer import (
     generate_private_key,
     load_public_key,
 )
+from cert_service.limits import CertificateLimits
 from cert_service.outbox import OutboxRelay
 from cert_service.storage import (
     CertificateRecord,
@@ -49,7 +50,9 @@ from shared.errors import (
     not_found,
 )
 from shared.idempotency import RequestKey, recent
+from shared.limits import Spend
 from shared.logging import get_logger
+from shared.metrics import CERTIFICATE_OPERATIONS
 
 log = get_logger(__name__)
 
@@ -83,6 +86,8 @@ class ProvisionRequest:
     generated_name: bool = False
     # AIP-155: the request id and fingerprint, when the caller sent one.
     request: RequestKey | None = None
+    # The operator key asking through the gateway (NewDevicesPerOperatorKey), if one is.
+    operator_key_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,8 +106,10 @@ class DeviceCertificates:
         outbox: OutboxRelay,
         clock: Clock,
         default_validity_days: int,
+        limits: CertificateLimits | None = None,
     ) -> None:
         self.default_validity_days = default_validity_days
+        self.limits = limits
         self.store = store
         self.cache = cache
         self.issuer = issuer
@@ -190,7 +197,40 @@ class DeviceCertificates:
 
     async def provision(self, request: ProvisionRequest) -> tuple[cert_pb2.Certificate, str]:
         """Issue and store the device's first certificate; returns it and, when the service
-        generated the key, the private key PEM (returned once, never stored or logged)."""
+        generated the key, the private key PEM (returned once, never stored or logged).
+
+        Spends from the provisioning limits first (`cert_service.limits`); a failed provision,
+        or the retry of an earlier one, gives the spend back."""
+        replayed: set[str] = set()
+        try:
+            if self.limits is not None:
+                await self._check_provision(request)
+            result = await self._provision(request, replayed)
+            if self.limits is not None and not replayed:
+                await self.limits.spend_provision(request.fqdn, request.operator_key_id)
+        except Exception as exc:
+            _count("provision", exc)
+            raise
+        _count("provision", None)
+        return result
+
+    async def _check_provision(self, request: ProvisionRequest) -> None:
+        """Refuse a provision no limit has room for, unless the device or the name is taken
+        already: that provision issues nothing new (it is refused as ALREADY_EXISTS, or is the
+        retry of an earlier one), and a client should hear that rather than a limit."""
+        assert self.limits is not None
+        try:
+            await self.limits.check_provision(request.fqdn, request.operator_key_id)
+        except DomainError as refusal:
+            if refusal.kind is not ErrorKind.RESOURCE_EXHAUSTED:
+                raise
+            conflict = await self.store.conflict(request.device_id, request.fqdn)
+            if not (conflict.device_exists or conflict.subdomain_taken):
+                raise
+
+    async def _provision(
+        self, request: ProvisionRequest, replayed: set[str]
+    ) -> tuple[cert_pb2.Certificate, str]:
         private_key_pem = ""
         public_key = request.public_key
         if public_key is None:
@@ -236,9 +276,10 @@ class DeviceCertificates:
                 return certificate, private_key_pem
             conflict = await self.store.conflict(request.device_id, request.fqdn)
             if conflict.device_exists:
-                replayed = await self._replay_provision(request, public_key, private_key_pem)
-                if replayed is not None:
-                    return replayed
+                replay = await self._replay_provision(request, public_key, private_key_pem)
+                if replay is not None:
+                    replayed.add("replayed")  # the earlier attempt was counted already
+                    return replay
                 raise already_exists(
                     f"device {request.device_id} already has a certificate; renew it, or delete "
                     "the device first",
@@ -327,45 +368,82 @@ class DeviceCertificates:
 
         An expired certificate can be renewed with its key. A revoked one needs a CSR with a
         different key: its key is never signed again. A retry of a renewal (same AIP-155
-        request id) returns the device's certificate without renewing again.
+        request id) returns the device's certificate without renewing again. A renewal asked
+        for before the renewal point spends from CertificatesPerDeviceName.
         """
+        try:
+            certificate = await self._renew(device_id, csr_pem, request)
+        except Exception as exc:
+            _count("renew", exc)
+            raise
+        _count("renew", None)
+        return certificate
+
+    async def _renew(
+        self, device_id: str, csr_pem: str | None, request: RequestKey | None
+    ) -> cert_pb2.Certificate:
         if request is not None and await self._done_before(request, "renew", device_id):
             record = await self.store.get_by_device(device_id)
             if record is None:
                 raise _not_found(device_id=device_id)
             return record.to_pb(self.clock.now())
-        for _ in range(_ATTEMPTS):
-            source = await self.store.renewal_source(device_id)
-            if source is None:
-                raise _not_found(device_id=device_id)
-            public_key = self._renewal_key(source, csr_pem)
-            now = self.clock.now()
-            new = issue_device_certificate(
-                self.issuer,
-                public_key,
-                source.uuid_subdomain,
-                source.certificate_type,
-                source.validity_days or self.default_validity_days,
-                now,
-                CSR_UNCHANGED if csr_pem is None else csr_pem,
-                occasion="renew",
-            )
-            replaced = await self.store.replace_certificate(source, new, now)
-            if replaced is not None:
-                record, invalidation = replaced
-                await self._changed(record.device_id, record.uuid_subdomain, invalidation)
-                log.info("certificate renewed", device_id=device_id, serial=new.serial_number)
-                if request is not None:
-                    await self.store.record_request(
-                        request.request_id, "renew", request.fingerprint, device_id, now
-                    )
-                return record.to_pb(now)
+        spend: Spend | None = None
+        try:
+            for _ in range(_ATTEMPTS):
+                source = await self.store.renewal_source(device_id)
+                if source is None:
+                    raise _not_found(device_id=device_id)
+                public_key = self._renewal_key(source, csr_pem)
+                now = self.clock.now()
+                if spend is None and self.limits is not None:
+                    spend = await self.limits.for_renewal(source, now)
+                renewed = await self._renew_from(source, public_key, csr_pem, request, now)
+                if renewed is not None:
+                    return renewed
+        except Exception:
+            if spend is not None:
+                await spend.refund()
+            raise
+        if spend is not None:
+            await spend.refund()
         raise DomainError(
             ErrorKind.ABORTED,
             "the certificate changed while it was being renewed; retry",
             "CONCURRENT_CHANGE",
             metadata={"device_id": device_id},
         )
+
+    async def _renew_from(
+        self,
+        source: RenewalSource,
+        public_key: PublicKey,
+        csr_pem: str | None,
+        request: RequestKey | None,
+        now: datetime,
+    ) -> cert_pb2.Certificate | None:
+        """One renewal attempt; None when the row changed meanwhile."""
+        device_id = source.device_id
+        new = issue_device_certificate(
+            self.issuer,
+            public_key,
+            source.uuid_subdomain,
+            source.certificate_type,
+            source.validity_days or self.default_validity_days,
+            now,
+            CSR_UNCHANGED if csr_pem is None else csr_pem,
+            occasion="renew",
+        )
+        replaced = await self.store.replace_certificate(source, new, now)
+        if replaced is None:
+            return None
+        record, invalidation = replaced
+        await self._changed(record.device_id, record.uuid_subdomain, invalidation)
+        log.info("certificate renewed", device_id=device_id, serial=new.serial_number)
+        if request is not None:
+            await self.store.record_request(
+                request.request_id, "renew", request.fingerprint, device_id, now
+            )
+        return record.to_pb(now)
 
     def _renewal_key(self, source: RenewalSource, csr_pem: str | None) -> PublicKey:
         if csr_pem is not None:
@@ -464,6 +542,17 @@ class DeviceCertificates:
                 break
         await self.store.forget_invalidations(now - ttl)
         return applied
+
+
+def _count(operation: str, error: BaseException | None) -> None:
+    """myl_certificate_operations_total: ok, or the refusal's reason (a fixed vocabulary)."""
+    if error is None:
+        outcome = "ok"
+    elif isinstance(error, DomainError):
+        outcome = error.reason
+    else:
+        outcome = "INTERNAL"
+    CERTIFICATE_OPERATIONS.labels(operation, outcome).inc()
 
 
 def _seconds(now: datetime) -> int:

@@ -17,6 +17,7 @@ from cryptography import x509
 from cert_service.ca import DEVICE_POLICY_OID, CaSubject, PkiLocations
 from cert_service.names import new_uuid_subdomain
 from shared.config import ConfigError, EnvReader, ServerConfig
+from shared.limits import LimitSet, limits_from_env
 
 SERVICE = "cert_service"
 DEFAULT_PORT = 50051
@@ -59,6 +60,10 @@ class CertServiceConfig:
     # issued before it are due now).
     ari_explanation_url: str = "http://127.0.0.1:8080/pki/renewal"
     reissue_issued_before: datetime | None = None
+    # Provisioning and registration limits: built-in defaults, LIMITS_FILE overrides.
+    limits: LimitSet = field(default_factory=LimitSet.builtin)
+    # How often pool and Redis gauges (and cert_service's fleet gauges) are sampled.
+    metrics_interval: float = 5.0
 
     @classmethod
     def from_env(
@@ -111,6 +116,8 @@ class CertServiceConfig:
             crl_interval=env.number("CRL_INTERVAL", 1.0, minimum=0.0),
             ari_explanation_url=explanation,
             reissue_issued_before=_optional_time(env, "REISSUE_ISSUED_BEFORE"),
+            limits=limits_from_env(env),
+            metrics_interval=env.number("METRICS_INTERVAL", 5.0, minimum=0.01),
         )
 
 

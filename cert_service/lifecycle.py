@@ -31,6 +31,7 @@ from cert_service.storage import CertificateStore, NewCertificate
 from shared import idempotency
 from shared.clock import Clock
 from shared.logging import get_logger
+from shared.metrics import CERTIFICATE_OPERATIONS
 
 log = get_logger(__name__)
 
@@ -71,6 +72,8 @@ class LifecycleWorker:
         await self.store.forget_requests(self.clock.now() - idempotency.WINDOW)
         if renewed or expired or failed:
             log.info("lifecycle pass", renewed=renewed, expired=expired, failed=failed)
+            CERTIFICATE_OPERATIONS.labels("auto_renew", "ok").inc(renewed)
+            CERTIFICATE_OPERATIONS.labels("auto_renew", "KEY_UNUSABLE").inc(failed)
         return LifecycleResult(renewed, expired, failed)
 
     async def _renew_due(self) -> tuple[int, int]:
@@ -148,4 +151,5 @@ class LifecycleWorker:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                CERTIFICATE_OPERATIONS.labels("auto_renew", "PASS_FAILED").inc()
                 log.warning("lifecycle pass failed", exc_info=True)

@@ -58,7 +58,8 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
             None if csr_pem is None else validation.csr_public_key(csr_pem, fqdn, certificate_type)
         )
         request_key = idempotency.request_key("provision", request)
-        caller_from_metadata(context.invocation_metadata()).require_device(device_id)
+        caller = caller_from_metadata(context.invocation_metadata())
+        caller.require_device(device_id)
         certificate, private_key_pem = await self.certificates.provision(
             ProvisionRequest(
                 device_id=device_id,
@@ -70,6 +71,7 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
                 validity_days=validity_days,
                 generated_name=not request.uuid_subdomain,
                 request=request_key,
+                operator_key_id=caller.key_id if caller.operator else None,
             )
         )
         return cert_pb2.ProvisionCertificateResponse(

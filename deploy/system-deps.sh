@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# System packages the stack and the tests need: PostgreSQL 15 server binaries
-# and redis-server; with the argument `bench`, also h2load for the benchmarks.
+# System packages the stack and the tests need: PostgreSQL 15 server binaries,
+# redis-server, and prometheus (its promtool checks the alert rules, and the
+# monitoring test runs a real Prometheus); with the argument `bench`, also
+# h2load for the benchmarks.
 # Installed with apt when we are root; otherwise we say what to install.
 set -euo pipefail
 
 missing=()
 [ -x "${PG_BIN:-/usr/lib/postgresql/15/bin}/postgres" ] || missing+=(postgresql-15)
 command -v redis-server >/dev/null || missing+=(redis-server)
+{ command -v prometheus && command -v promtool; } >/dev/null || missing+=(prometheus)
 if [ "${1:-}" = bench ]; then
   command -v h2load >/dev/null || missing+=(nghttp2-client)
 fi
@@ -18,7 +21,7 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The packages' own services are not wanted: the stack runs its own servers.
-  for unit in redis-server postgresql; do
+  for unit in redis-server postgresql prometheus prometheus-node-exporter; do
     service "$unit" stop >/dev/null 2>&1 || true
   done
 else

@@ -21,7 +21,9 @@ from shared.clock import Clock, SystemClock
 from shared.config import ConfigError
 from shared.db import Database, DatabaseUnavailable, open_database
 from shared.invalidation import CacheGuard
+from shared.limits import Limiter
 from shared.logging import configure_logging, get_logger
+from shared.monitoring import ResourceSampler
 from shared.server import GrpcServer
 
 log = get_logger(__name__)
@@ -45,6 +47,7 @@ class KeyApp:
         verifier: Verifier,
         store: KeyStore,
         guard: CacheGuard,
+        resources: ResourceSampler,
     ) -> None:
         self.config = config
         self.server = server
@@ -55,6 +58,7 @@ class KeyApp:
         self.verifier = verifier
         self.store = store
         self.guard = guard
+        self.resources = resources
         self.port = 0
 
     async def start(self) -> int:
@@ -64,6 +68,7 @@ class KeyApp:
         self.port = await self.server.start()
         self.usage.start()
         self.guard.start()
+        self.resources.start()
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -93,10 +98,17 @@ async def create_app(config: KeyServiceConfig, *, clock: Clock | None = None) ->
         local_limiter=LocalLimiter(config.local_limiter_max_keys),
         scripts=scripts,
     )
+    limiter = Limiter(cache, config.limits, clock)
     servicer = ApiKeyServicer(
-        config=config, store=store, verifier=verifier, devices=devices, clock=clock
+        config=config,
+        store=store,
+        verifier=verifier,
+        devices=devices,
+        clock=clock,
+        limiter=limiter,
     )
-    authorization = AuthorizationServicer(verifier)
+    authorization = AuthorizationServicer(verifier, limiter)
+    resources = ResourceSampler(SERVICE, db, cache, config.metrics_interval)
     redis_config = config.server.redis
     guard = CacheGuard(
         cache,
@@ -115,6 +127,7 @@ async def create_app(config: KeyServiceConfig, *, clock: Clock | None = None) ->
         lambda s: external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization, s),
     )
     # After the drain, in order: write usage, then close what it needs last.
+    server.on_shutdown(resources.stop)
     server.on_shutdown(usage.stop)
     server.on_shutdown(guard.stop)
     server.on_shutdown(devices.close)
@@ -131,6 +144,7 @@ async def create_app(config: KeyServiceConfig, *, clock: Clock | None = None) ->
         verifier=verifier,
         store=store,
         guard=guard,
+        resources=resources,
     )
 
 

@@ -9,7 +9,18 @@ for REST and native gRPC callers alike. Rules:
 - no `x-api-key`: 401; unknown, malformed, expired or revoked key: 401;
 - the key lacks the method's permission or `api:access` (a key holding
   `admin` passes every permission check): 403;
-- rate limited: 429 with `retry-after` (whole seconds, at least 1).
+- rate limited: 429 with `retry-after` (whole seconds, at least 1);
+- too many failed verifications from the client's address (`FailedVerificationsPerAddress`,
+  see `shared.limits`): 429 with `retry-after`, also for a request whose key is good, until
+  the address may try again. Failures (401s for an unknown, expired or revoked key) spend from
+  the address's bucket; an address refused once is refused by this replica without any I/O
+  until its retry time, so a guesser costs no database reads. The address is Envoy's view of
+  the client (`attributes.source.address`, which honours `use_remote_address` and trusted
+  hops), else the last `x-forwarded-for` entry; IPv6 clients are counted per /64.
+
+Every decision is counted in `myl_gateway_decisions_total` by result (allowed, unauthenticated,
+forbidden, rate_limited, not_found (no such route or method), invalid_argument (unknown JSON
+fields)): the RPC itself answers OK whatever it decided.
 
 On success the upstream request gets the identity headers (overwriting any
 the client sent) and loses `x-api-key`. Device scoping (a device key acts
@@ -20,12 +31,13 @@ Check does not parse request bodies.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 from dataclasses import dataclass
 from typing import Any, Final
 
 import grpc
-from google.protobuf import any_pb2, descriptor_pool
+from google.protobuf import any_pb2, descriptor_pool, duration_pb2
 from google.protobuf.descriptor import Descriptor
 from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[attr-defined]
 
@@ -46,7 +58,8 @@ from myl.envoy.config.core.v3 import base_pb2
 from myl.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from myl.envoy.type.v3 import http_status_pb2
 from myl.key.v1 import key_pb2
-from shared.errors import ERROR_DOMAIN
+from shared.clock import micros_source
+from shared.errors import ERROR_DOMAIN, DomainError
 from shared.httprules import HttpRoutes, unknown_json_fields
 from shared.identity import (
     DEVICE_ID_HEADER,
@@ -55,6 +68,8 @@ from shared.identity import (
     PERMISSIONS_HEADER,
     method_policy,
 )
+from shared.limits import Bucket, Limiter, LimitName
+from shared.metrics import GATEWAY_DECISIONS
 
 API_KEY_HEADER: Final = "x-api-key"
 # Set by the transcoder on REST calls only (Envoy strips a client-sent one).
@@ -114,7 +129,7 @@ def deny(
     headers: dict[str, str] | None = None,
 ) -> Denial:
     """A refusal with its HTTP status, gRPC code, ErrorInfo reason and metadata, and
-    BadRequest field violations (field -> description) when given."""
+    BadRequest field violations (field -> description) and RetryInfo when given."""
     info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
     packed = any_pb2.Any()
     packed.Pack(info)
@@ -137,6 +152,13 @@ def deny(
                 "fieldViolations": [{"field": f, "description": d} for f, d in violations.items()],
             }
         )
+    if retry_after is not None:
+        retry = any_pb2.Any()
+        retry.Pack(
+            error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=retry_after))
+        )
+        details.append(retry)
+        json_details.append({"@type": retry.type_url, "retryDelay": f"{retry_after}s"})
     status = status_pb2.Status(code=code, message=message, details=details)
     extra = [] if retry_after is None else [_header("retry-after", str(retry_after))]
     extra += [_header(name, value) for name, value in (headers or {}).items()]
@@ -191,6 +213,47 @@ _REFUSALS: Final[dict[int, Denial]] = {
     EXPIRED: EXPIRED_KEY,
     REVOKED: REVOKED_KEY,
 }
+# Verification failures that count against the client address.
+_FAILURES: Final = frozenset({NOT_FOUND, EXPIRED, REVOKED})
+_BLOCKED_LIMIT: Final = 100_000
+
+_ALLOWED = GATEWAY_DECISIONS.labels("allowed")
+_UNAUTHENTICATED = GATEWAY_DECISIONS.labels("unauthenticated")
+_FORBIDDEN = GATEWAY_DECISIONS.labels("forbidden")
+_RATE_LIMITED = GATEWAY_DECISIONS.labels("rate_limited")
+_NOT_ROUTED = GATEWAY_DECISIONS.labels("not_found")
+_INVALID_ARGUMENT = GATEWAY_DECISIONS.labels("invalid_argument")
+
+
+def client_address(request: external_auth_pb2.CheckRequest) -> str | None:
+    """The bucket id of the client: its IPv4 address, or its IPv6 /64; None if unknown."""
+    text = request.attributes.source.address.socket_address.address
+    if not text:
+        forwarded = request.attributes.request.http.headers.get("x-forwarded-for", "")
+        text = forwarded.rsplit(",", 1)[-1].strip()
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return (
+        str(address.ipv4_mapped or address)
+        if isinstance(address, ipaddress.IPv6Address)
+        else str(address)
+    )
+
+
+def _limit_denial(refusal: DomainError) -> Denial:
+    seconds = max(1, int(refusal.retry_after or 1))
+    return deny(
+        429,
+        code_pb2.RESOURCE_EXHAUSTED,
+        refusal.reason,
+        refusal.message,
+        retry_after=seconds,
+        metadata=dict(refusal.metadata),
+    )
 
 
 def forbidden(missing: tuple[str, ...]) -> Denial:
@@ -262,8 +325,12 @@ def allow(record: KeyRecord) -> CheckResponse:
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
-    def __init__(self, verifier: Verifier) -> None:
+    def __init__(self, verifier: Verifier, limiter: Limiter | None = None) -> None:
         self.verifier = verifier
+        self.limiter = limiter
+        self._now_us = micros_source(verifier.clock)
+        # Addresses refused by FailedVerificationsPerAddress: (until_us, denial), per replica.
+        self._blocked: dict[str, tuple[int, Denial]] = {}
         self._policies: dict[str, tuple[str, ...] | None] = {}
         self._allowed: dict[KeyRecord, CheckResponse] = {}
         self.routes = HttpRoutes.build(PUBLIC_SERVICES)
@@ -304,16 +371,39 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         method_path = self.method_path(path, http.method)
         required = None if method_path is None else self.required_permissions(method_path)
         if method_path is None or required is None:
+            _NOT_ROUTED.inc()
             allowed = self.routes.allowed_methods(path) if method_path is None else []
             if allowed:
                 return self._not_allowed(tuple(allowed)).respond(http)
             return NO_ROUTE.respond(http)
         api_key = http.headers.get(API_KEY_HEADER)
         if not api_key:
+            _UNAUTHENTICATED.inc()
             return MISSING_KEY.respond(http)
+        address = None
+        if self.limiter is not None:
+            address = client_address(request)
+            if self._blocked and address is not None:
+                blocked = self._blocked.get(address)
+                if blocked is not None:
+                    if self._now_us() < blocked[0]:
+                        _RATE_LIMITED.inc()
+                        return blocked[1].respond(http)
+                    del self._blocked[address]
         verdict = await self.verifier.verify(api_key, required, dry_run=False)
         record = verdict.record
         if record is None or verdict.result != key_pb2.VERIFY_RESULT_VALID:
+            if address is not None and verdict.result in _FAILURES:
+                refused = await self._count_failure(address)
+                if refused is not None:
+                    _RATE_LIMITED.inc()
+                    return refused.respond(http)
+            if verdict.result == INSUFFICIENT_PERMISSIONS:
+                _FORBIDDEN.inc()
+            elif verdict.result == RATE_LIMITED:
+                _RATE_LIMITED.inc()
+            else:
+                _UNAUTHENTICATED.inc()
             if verdict.result == RATE_LIMITED and verdict.decision is not None:
                 seconds = max(1, -(-verdict.decision.retry_after_us // 1_000_000))
                 return deny(
@@ -333,6 +423,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         if http.body and method_path != path:
             unknown = unknown_json_fields(_input_type(method_path), http.body)
             if unknown:
+                _INVALID_ARGUMENT.inc()
                 return unknown_fields(unknown).respond(http)
         response = self._allowed.get(record)
         if response is None:
@@ -340,4 +431,19 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             if len(self._allowed) >= _POLICY_CACHE_LIMIT:
                 self._allowed.clear()
             self._allowed[record] = response
+        _ALLOWED.inc()
         return response
+
+    async def _count_failure(self, address: str) -> Denial | None:
+        """Spend a failure from the address's bucket; the denial when it is refused."""
+        assert self.limiter is not None
+        try:
+            await self.limiter.spend(Bucket(LimitName.FAILED_VERIFICATIONS_PER_ADDRESS, address))
+        except DomainError as refusal:
+            denial = _limit_denial(refusal)
+            if len(self._blocked) >= _BLOCKED_LIMIT:
+                self._blocked.clear()
+            until = self._now_us() + int((refusal.retry_after or 1) * 1_000_000)
+            self._blocked[address] = (until, denial)
+            return denial
+        return None

@@ -6,9 +6,10 @@ Every name is read as `KEY_SERVICE_<NAME>` first, then `<NAME>`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shared.config import EnvReader, ServerConfig
+from shared.limits import LimitSet, limits_from_env
 
 SERVICE = "key_service"
 DEFAULT_PORT = 50052
@@ -34,6 +35,10 @@ class KeyServiceConfig:
     usage_flush_interval: float = 5.0
     # Keys the in-process fallback limiter tracks while Redis is away.
     local_limiter_max_keys: int = 100_000
+    # Provisioning and registration limits: built-in defaults, LIMITS_FILE overrides.
+    limits: LimitSet = field(default_factory=LimitSet.builtin)
+    # How often pool and Redis gauges (and cert_service's fleet gauges) are sampled.
+    metrics_interval: float = 5.0
 
     @classmethod
     def from_env(
@@ -62,4 +67,6 @@ class KeyServiceConfig:
             local_limiter_max_keys=env.integer(
                 "LOCAL_LIMITER_MAX_KEYS", 100_000, minimum=1, maximum=10_000_000
             ),
+            limits=limits_from_env(env),
+            metrics_interval=env.number("METRICS_INTERVAL", 5.0, minimum=0.01),
         )

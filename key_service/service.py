@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final
 
@@ -43,6 +43,7 @@ from shared.errors import (
 )
 from shared.idempotency import RequestKey
 from shared.identity import Caller, caller_from_metadata
+from shared.limits import Bucket, Limiter, LimitName
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -97,8 +98,10 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
         verifier: Verifier,
         devices: DeviceDirectory,
         clock: Clock,
+        limiter: Limiter | None = None,
     ) -> None:
         self.config = config
+        self.limiter = limiter
         self.store = store
         self.verifier = verifier
         self.devices = devices
@@ -148,6 +151,47 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
                 "uuid_subdomain", "does not match the device's certificate; leave it empty"
             )
         earlier = await self._earlier_attempt(request_key, now)
+        # NewApiKeysPerDevice: every caller, every new key but an AIP-155 retry's replacement.
+        spend = (
+            await self.limiter.spend(Bucket(LimitName.NEW_API_KEYS_PER_DEVICE, device_id))
+            if self.limiter is not None and earlier is None
+            else None
+        )
+        try:
+            return await self._generate(
+                caller,
+                metadata,
+                device_id,
+                device_name,
+                initials,
+                certificate.uuid_subdomain,
+                permissions,
+                rate_limit,
+                expires_at,
+                now,
+                request_key,
+                earlier,
+            )
+        except Exception:
+            if spend is not None:
+                await spend.refund()
+            raise
+
+    async def _generate(
+        self,
+        caller: Caller,
+        metadata: Any,
+        device_id: str,
+        device_name: str,
+        initials: str,
+        uuid_subdomain: str,
+        permissions: Sequence[str],
+        rate_limit: int,
+        expires_at: datetime,
+        now: datetime,
+        request_key: RequestKey | None,
+        earlier: ApiKeyRow | None,
+    ) -> key_pb2.GenerateApiKeyResponse:
         new_key = keyformat.generate()
         row, superseded = await self.store.create(
             NewKeyRow(
@@ -157,7 +201,7 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
                 key_prefix=new_key.display_prefix,
                 device_name=device_name,
                 user_initials=initials,
-                uuid_subdomain=certificate.uuid_subdomain,
+                uuid_subdomain=uuid_subdomain,
                 permissions=permissions,
                 rate_limit=rate_limit,
                 expires_at=expires_at,

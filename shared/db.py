@@ -42,7 +42,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from shared.config import DatabaseConfig
 from shared.errors import DomainError, ErrorKind
 from shared.logging import get_logger
-from shared.metrics import DB_UP, POOL_SIZE
+from shared.metrics import DB_QUERY_LATENCY, DB_UP, POOL_SIZE
 
 log = get_logger(__name__)
 
@@ -169,6 +169,7 @@ class Database:
         self._closed = False
         self._up = DB_UP.labels(service)
         self._up.set(1)
+        self._query_latency = DB_QUERY_LATENCY.labels(service)
         # The database server's clock minus ours (see `write_deadline`).
         self.clock_offset = timedelta(0)
 
@@ -197,6 +198,7 @@ class Database:
         token = id(conn)
         limit = budget if budget is not None else self.operation_timeout
         self._held[token] = (conn, time.monotonic() + limit if watched else float("inf"))
+        started = time.perf_counter()
         if watched:
             self._ensure_watchdog()
         try:
@@ -208,6 +210,8 @@ class Database:
             raise database_unavailable(self.service) from exc
         finally:
             self._held.pop(token, None)
+            if watched:  # request-path work; background batches would drown it
+                self._query_latency.observe(time.perf_counter() - started)
             await pool.putconn(conn)
 
     async def measure_clock(self) -> None:

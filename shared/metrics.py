@@ -21,3 +21,56 @@ REDIS_ERRORS = Counter("myl_redis_errors_total", "Redis errors and short-circuit
 CIRCUIT_OPEN = Gauge("myl_redis_circuit_open", "1 while the Redis circuit breaker is open")
 POOL_SIZE = Gauge("myl_db_pool_connections", "PostgreSQL pool connections", ["service", "state"])
 DB_UP = Gauge("myl_db_up", "1 while PostgreSQL answers, 0 while it is unreachable", ["service"])
+
+# -- recorded since the monitoring work (README, "Monitoring"): what makes each move is noted.
+
+# Every request-path use of a PostgreSQL connection: from checkout to return (its queries).
+DB_QUERY_LATENCY = Histogram(
+    "myl_db_query_duration_seconds",
+    "Time a request held a PostgreSQL connection (its statements and commit)",
+    ["service"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+# Sampled every few seconds by `shared.monitoring.ResourceSampler`.
+REDIS_UP = Gauge("myl_redis_up", "1 while Redis answers PING, 0 otherwise", ["service"])
+REDIS_MEMORY = Gauge("myl_redis_memory_used_bytes", "Redis used_memory (INFO memory)", ["service"])
+REDIS_CLIENTS = Gauge(
+    "myl_redis_connected_clients", "Redis connected_clients (INFO clients)", ["service"]
+)
+# shared.limits: every check-and-spend, by limit and result (allowed, refused).
+LIMIT_DECISIONS = Counter(
+    "myl_limit_decisions_total",
+    "Provisioning and registration limit decisions",
+    ["limit", "result"],
+)
+# key_service's gateway Check: allowed, unauthenticated (401), forbidden (403),
+# rate_limited (429), not_found (404: no such route).
+GATEWAY_DECISIONS = Counter(
+    "myl_gateway_decisions_total", "Gateway authorization decisions", ["result"]
+)
+# cert_service: operation (provision, renew, auto_renew) and outcome (ok, or the error reason).
+CERTIFICATE_OPERATIONS = Counter(
+    "myl_certificate_operations_total",
+    "Certificate issuance and renewal outcomes",
+    ["operation", "outcome"],
+)
+# Sampled by cert_service's fleet sampler (cert_service/monitoring.py).
+OUTBOX_PENDING = Gauge("myl_outbox_pending_events", "Device events not yet delivered")
+OUTBOX_LAG = Gauge(
+    "myl_outbox_lag_seconds", "Age of the oldest undelivered device event (0 when none)"
+)
+RENEWAL_BACKLOG = Gauge(
+    "myl_certificates_renewal_backlog",
+    "Active auto-renewing certificates past their renewal point",
+)
+EXPIRING_SOON = Gauge(
+    "myl_certificates_expiring_soon",
+    "Active certificates expiring within 7 days",
+    ["auto_renewal"],
+)
+CA_EXPIRY = Gauge(
+    "myl_ca_certificate_not_after_timestamp_seconds", "When the issuing CA certificate expires"
+)
+FLEET_SAMPLE_TIME = Gauge(
+    "myl_fleet_sample_timestamp_seconds", "When the fleet gauges were last sampled"
+)

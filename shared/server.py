@@ -11,6 +11,7 @@ seconds, then the shutdown hooks (flush counters, close pools) run in order.
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 import time
 import uuid
@@ -136,11 +137,13 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], err: DomainError) 
     if err.kind is not ErrorKind.INTERNAL:
         log.info("rpc refused", code=err.kind.name, reason=err.reason, error=err.message)
     status = err.to_status()
-    await context.abort(
-        err.kind.grpc_code,
-        err.message,
-        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+    trailers: tuple[tuple[str, str | bytes], ...] = (
+        ("grpc-status-details-bin", status.SerializeToString()),
     )
+    if err.retry_after is not None:
+        # The gateway passes it on as the HTTP `Retry-After` header (whole seconds).
+        trailers += (("retry-after", str(max(1, math.ceil(err.retry_after)))),)
+    await context.abort(err.kind.grpc_code, err.message, trailing_metadata=trailers)
     raise AssertionError("context.abort returned")  # it always raises
 
 

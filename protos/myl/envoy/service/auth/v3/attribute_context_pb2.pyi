@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from myl.envoy.config.core.v3 import address_pb2 as _address_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -49,6 +50,7 @@ class AttributeContext(_message.Message):
             def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
             def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+        ADDRESS_FIELD_NUMBER: _builtins.int
         SERVICE_FIELD_NUMBER: _builtins.int
         LABELS_FIELD_NUMBER: _builtins.int
         PRINCIPAL_FIELD_NUMBER: _builtins.int
@@ -57,18 +59,23 @@ class AttributeContext(_message.Message):
         principal: _builtins.str
         certificate: _builtins.str
         @_builtins.property
+        def address(self) -> _address_pb2.Address:
+            """The downstream client's address as Envoy sees it (after use_remote_address)."""
+
+        @_builtins.property
         def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
         def __init__(
             self,
             *,
+            address: _address_pb2.Address | None = ...,
             service: _builtins.str = ...,
             labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
             principal: _builtins.str = ...,
             certificate: _builtins.str = ...,
         ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        _HasFieldArgType: _TypeAlias = _typing.Literal["address", b"address"]  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "labels", b"labels", "principal", b"principal", "service", b"service"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "certificate", b"certificate", "labels", b"labels", "principal", b"principal", "service", b"service"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
