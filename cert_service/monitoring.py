@@ -28,6 +28,7 @@ from shared.metrics import (
     OUTBOX_PENDING,
     RENEWAL_BACKLOG,
 )
+from shared.tasks import stop_if_cancelled
 
 log = get_logger(__name__)
 
@@ -94,4 +95,5 @@ class FleetSampler:
                 pass
             except Exception:
                 log.exception("fleet sampling failed")
+            stop_if_cancelled()
             await asyncio.sleep(interval)

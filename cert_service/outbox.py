@@ -31,6 +31,7 @@ from cert_service.storage import CertificateStore, OutboxEvent
 from myl.key.v1 import key_pb2, key_pb2_grpc
 from shared.clock import Clock
 from shared.logging import get_logger
+from shared.tasks import stop_if_cancelled
 
 log = get_logger(__name__)
 
@@ -195,6 +196,7 @@ class OutboxRelay:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
+            stop_if_cancelled()
 
     async def try_deliver(self, event: OutboxEvent) -> bool:
         """`deliver`, for callers that must not fail: an error leaves the event to the relay,

@@ -45,6 +45,7 @@ from redis.asyncio.cluster import RedisCluster
 from shared.cache import Cache, CacheUnavailable
 from shared.errors import DomainError
 from shared.logging import get_logger
+from shared.tasks import stop_if_cancelled
 
 log = get_logger(__name__)
 
@@ -127,6 +128,7 @@ class CacheGuard:
             delay = self.interval if trusted else self.retry_interval
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
+            stop_if_cancelled()
 
     async def stop(self) -> None:
         if self._task is not None:

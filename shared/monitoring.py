@@ -19,6 +19,7 @@ from shared.cache import Cache, CacheUnavailable
 from shared.db import Database
 from shared.logging import get_logger
 from shared.metrics import REDIS_CLIENTS, REDIS_MEMORY, REDIS_UP
+from shared.tasks import stop_if_cancelled
 
 log = get_logger(__name__)
 
@@ -76,6 +77,7 @@ class ResourceSampler:
                 await self.sample()
             except Exception:
                 log.exception("sampling failed")
+            stop_if_cancelled()
             await asyncio.sleep(self.interval)
 
     def start(self) -> None:

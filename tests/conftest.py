@@ -8,6 +8,7 @@ users get a flushed Redis. Both servers stop when the session ends.
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -221,3 +222,21 @@ async def db_conn(
         yield conn
     finally:
         await conn.close()
+
+
+def _dump_asyncio_tasks(signum: int, frame: object) -> None:
+    """SIGUSR1: write every asyncio task's stack (what a hung test is waiting for) to
+    $TMPDIR/myl-asyncio-tasks.txt (pytest captures the process's own output)."""
+    import asyncio
+
+    with open(Path(tempfile.gettempdir()) / "myl-asyncio-tasks.txt", "w") as out:
+        loop = asyncio._get_running_loop()
+        if loop is None:
+            out.write("no running event loop\n")
+            return
+        for task in asyncio.all_tasks(loop):
+            out.write(f"--- {task!r}\n")
+            task.print_stack(file=out)
+
+
+signal.signal(signal.SIGUSR1, _dump_asyncio_tasks)
