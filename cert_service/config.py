@@ -45,10 +45,10 @@ class CertServiceConfig:
     # Deadline of one RevokeDeviceApiKeys call.
     key_service_timeout: float = 2.0
     # Outbox relay: poll period, and the first and longest delay between retries.
-    outbox_interval: float = 1.0
+    outbox_interval: float = 0.25
     outbox_retry_min: float = 0.5
     # Capped low: a delete's cascade must reach key_service within seconds of its return.
-    outbox_retry_max: float = 1.0
+    outbox_retry_max: float = 0.5
     # Public URLs and CRL sharding written into every certificate (PKI_BASE_URL, CRL_SHARDS,
     # CERTIFICATE_POLICY_OID).
     pki: PkiLocations = field(default_factory=PkiLocations)
@@ -108,9 +108,9 @@ class CertServiceConfig:
             ),
             key_service_address=env.text("KEY_SERVICE_ADDRESS", "127.0.0.1:50052"),
             key_service_timeout=env.number("KEY_SERVICE_TIMEOUT", 2.0, minimum=0.05),
-            outbox_interval=env.number("OUTBOX_INTERVAL", 1.0, minimum=0.01),
+            outbox_interval=env.number("OUTBOX_INTERVAL", 0.25, minimum=0.01),
             outbox_retry_min=retry_min,
-            outbox_retry_max=env.number("OUTBOX_RETRY_MAX", 1.0, minimum=retry_min),
+            outbox_retry_max=env.number("OUTBOX_RETRY_MAX", 0.5, minimum=retry_min),
             pki=pki,
             crl_validity=crl_validity,
             crl_interval=env.number("CRL_INTERVAL", 1.0, minimum=0.0),

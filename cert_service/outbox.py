@@ -47,7 +47,11 @@ _BATCH: Final = 50
 _CHANNEL_OPTIONS: Final = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_reconnect_backoff_ms", 250),
+    # gRPC shares subchannels between a process's channels: without this, a fresh channel
+    # inherits the old one's connection back-off and fails for seconds after key_service
+    # is back.
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 
 
