@@ -294,8 +294,8 @@ class ClusterScriptClient:
     async def _node_for(self, slot: int) -> Node:
         node = self._slots[slot]
         if node is None:
-            if self._refreshing is None or self._refreshing.done():
-                self._refreshing = asyncio.ensure_future(self._refresh())
+            self._slots_stale()
+            assert self._refreshing is not None
             await asyncio.shield(self._refreshing)
             node = self._slots[slot]
             if node is None:

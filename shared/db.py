@@ -346,10 +346,3 @@ class Database:
         if self._retired:
             await asyncio.gather(*self._retired, return_exceptions=True)
         await self.pool.close()
-
-
-def record_pool_stats(pool: Pool, service: str) -> None:
-    stats = pool.get_stats()
-    POOL_SIZE.labels(service, "size").set(stats.get("pool_size", 0))
-    POOL_SIZE.labels(service, "available").set(stats.get("pool_available", 0))
-    POOL_SIZE.labels(service, "waiting").set(stats.get("requests_waiting", 0))
