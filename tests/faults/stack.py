@@ -172,6 +172,20 @@ def signal_tree(process: subprocess.Popen[bytes] | None, sig: signal.Signals) ->
     return pids
 
 
+def continue_until_exit(process: subprocess.Popen[bytes], limit: float) -> None:
+    """SIGCONT `process` until it has exited (it may stop itself again after each one)."""
+    deadline = time.monotonic() + limit
+    while True:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGCONT)
+        try:
+            process.wait(0.1)
+            return
+        except subprocess.TimeoutExpired:
+            if time.monotonic() > deadline:
+                raise
+
+
 def _exists(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
 
@@ -387,14 +401,15 @@ class FaultStack:
                         os.kill(pid, signal.SIGKILL)
             # When we are root, `runuser` is the process we started: left alive, it reaps the
             # postmaster at once and exits (an orphan would be reaped by init, seconds later,
-            # and a new postmaster takes a zombie's pid file for a live server's).
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGCONT)
+            # and a new postmaster takes a zombie's pid file for a live server's). runuser
+            # mirrors its child's stops: if it sees the postmaster's stop before the kill has
+            # landed it stops itself again, so keep continuing it until it has exited.
+            await asyncio.to_thread(continue_until_exit, process, 30)
         else:
             # A fast shutdown: the postmaster stops its backends itself.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(postmaster, signal.SIGINT)
-        await asyncio.to_thread(process.wait, 30)
+            await asyncio.to_thread(process.wait, 30)
         await wait_gone([postmaster])
         self.postgres.process = None
 
