@@ -9,12 +9,16 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from cert_service.access import AccessRecorder
+from cert_service.acme import AcmeClient, AcmeIssuer, load_account_key
+from cert_service.acme_worker import AcmeWorker
 from cert_service.ari import RenewalPolicy
 from cert_service.ca import CertificateAuthorityError, LocalCertificateAuthority
 from cert_service.certcache import CertificateCache
-from cert_service.certificates import DeviceCertificates
+from cert_service.certificates import AsyncIssuance, DeviceCertificates
 from cert_service.config import SERVICE, CertServiceConfig
 from cert_service.crl import CrlPublisher, CrlStore
+from cert_service.dns01 import DnsUpdater
+from cert_service.issuance_queue import IssuanceQueue
 from cert_service.issuer import Issuer
 from cert_service.lifecycle import LifecycleWorker
 from cert_service.limits import CertificateLimits
@@ -78,6 +82,12 @@ class CertApp:
                 interval=config.crl_interval,
             )
             repository = PublicRepository(issuer, self.crl_publisher)
+        self.acme_worker: AcmeWorker | None = None
+        acme: AsyncIssuance | None = None
+        queue: IssuanceQueue | None = None
+        if config.acme is not None and config.dns is not None:
+            queue = IssuanceQueue(self.store)
+            acme = AsyncIssuance(queue)
         self.lifecycle = LifecycleWorker(
             self.store,
             certificate_cache,
@@ -87,6 +97,7 @@ class CertApp:
             batch_size=config.lifecycle_batch_size,
             default_validity_days=config.cert_validity_days,
             renewal=renewal,
+            queue=queue,
         )
         self.certificates = DeviceCertificates(
             self.store,
@@ -101,7 +112,20 @@ class CertApp:
                 config.renew_at_fraction,
                 config.cert_validity_days,
             ),
+            acme,
         )
+        if queue is not None and config.acme is not None and config.dns is not None:
+            self.acme_worker = AcmeWorker(
+                queue,
+                AcmeClient(config.acme, DnsUpdater(config.dns)),
+                clock,
+                config.acme,
+                self.certificates.changed,
+                poll_interval=config.acme_poll_interval,
+            )
+            worker = self.acme_worker
+            self.certificates.acme = AsyncIssuance(queue, worker.poke)
+            self.lifecycle.queued = worker.poke
         self.resources = ResourceSampler(SERVICE, db, cache, config.metrics_interval)
         self.fleet = FleetSampler(self.store, issuer, clock, config.renew_at_fraction)
         redis_config = config.server.redis
@@ -156,6 +180,8 @@ class CertApp:
             self._spawn(lambda: self.lifecycle.run(lifecycle_interval), "lifecycle")
         if self.crl_publisher is not None and self.config.crl_interval > 0:
             self._spawn(self.crl_publisher.run, "crl publisher")
+        if self.acme_worker is not None:
+            self._spawn(self.acme_worker.run, "acme worker")
         self._spawn(self.resources.run, "resource sampler")
         metrics_interval = self.config.metrics_interval
         self._spawn(lambda: self.fleet.run(metrics_interval), "fleet sampler")
@@ -202,9 +228,14 @@ async def create_app(config: CertServiceConfig, *, clock: Clock | None = None) -
     Raises `CertificateAuthorityError` for an unusable CA and `DatabaseUnavailable` when
     PostgreSQL cannot be reached.
     """
-    issuer = LocalCertificateAuthority.from_files(
-        config.ca_cert_file, config.ca_key_file, locations=config.pki
-    )
+    issuer: Issuer
+    if config.acme is not None:
+        load_account_key(config.acme.account_key_file)  # unusable: refuse to start
+        issuer = AcmeIssuer()
+    else:
+        issuer = LocalCertificateAuthority.from_files(
+            config.ca_cert_file, config.ca_key_file, locations=config.pki
+        )
     db = await open_database(config.server.database, SERVICE)
     cache = Cache.from_config(config.server.redis)
     return CertApp(config, clock or SystemClock(), db, cache, issuer)
@@ -215,6 +246,12 @@ async def _serve(config: CertServiceConfig) -> int:
         app = await create_app(config)
     except CertificateAuthorityError as exc:
         print(f"cert_service: {exc} (CA_CERT_FILE, CA_KEY_FILE)", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(
+            f"cert_service: ACME account key unusable: {exc} (ACME_ACCOUNT_KEY_FILE)",
+            file=sys.stderr,
+        )
         return 2
     except DatabaseUnavailable as exc:
         print(f"cert_service: {exc}", file=sys.stderr)

@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Final
 
@@ -19,9 +19,11 @@ from cryptography.hazmat.primitives import serialization
 
 from cert_service import certcache
 from cert_service.access import AccessRecorder
+from cert_service.acme import csr_names_problem, device_csr
 from cert_service.batching import Coalescer
 from cert_service.certcache import NOT_FOUND, CertificateCache
 from cert_service.issuance import CSR_UNCHANGED, issue_device_certificate
+from cert_service.issuance_queue import IssuanceQueue
 from cert_service.issuer import (
     Issuer,
     PublicKey,
@@ -30,11 +32,13 @@ from cert_service.issuer import (
     load_public_key,
 )
 from cert_service.limits import CertificateLimits
+from cert_service.names import certificate_names
 from cert_service.outbox import OutboxRelay
 from cert_service.storage import (
     CertificateRecord,
     CertificateStore,
     ListQuery,
+    NewCertificate,
     NewRow,
     RenewalSource,
 )
@@ -47,6 +51,7 @@ from shared.errors import (
     already_exists,
     failed_precondition,
     internal_error,
+    invalid_argument,
     not_found,
 )
 from shared.idempotency import RequestKey, recent
@@ -91,6 +96,14 @@ class ProvisionRequest:
 
 
 @dataclass(frozen=True)
+class AsyncIssuance:
+    """The ACME issuer's side of the operations: orders are queued, a worker completes them."""
+
+    queue: IssuanceQueue
+    poke: Callable[[], None] = field(default=lambda: None)
+
+
+@dataclass(frozen=True)
 class CertificatePage:
     certificates: list[cert_pb2.Certificate]
     last: CertificateRecord | None
@@ -107,8 +120,11 @@ class DeviceCertificates:
         clock: Clock,
         default_validity_days: int,
         limits: CertificateLimits | None = None,
+        acme: AsyncIssuance | None = None,
     ) -> None:
         self.default_validity_days = default_validity_days
+        # Set with CERT_ISSUER=acme: provisions and renewals queue orders (PENDING).
+        self.acme = acme
         self.limits = limits
         self.store = store
         self.cache = cache
@@ -169,8 +185,11 @@ class DeviceCertificates:
             await self.cache.fill(key, None, started)
             raise _not_found(**what)
         # An expired status is as true in an hour as it is now, so the computed one is cached.
+        # One with an order in progress is not: its attempts and errors change without a
+        # logged invalidation, and it is read from PostgreSQL until the order completes.
         certificate = record.to_pb(self.clock.now())
-        await self.cache.fill(key, certificate, started)
+        if not certificate.HasField("pending_issuance"):
+            await self.cache.fill(key, certificate, started)
         return certificate
 
     async def list(
@@ -191,6 +210,12 @@ class DeviceCertificates:
         )
 
     def ca_chain_pem(self) -> str:
+        if self.acme is not None:
+            raise failed_precondition(
+                "certificates come from an ACME CA: each certificate_chain_pem carries the "
+                "CA's chain",
+                "CA_CHAIN_WITH_CERTIFICATE",
+            )
         return self.issuer.ca_chain_pem()
 
     # -- changes ------------------------------------------------------------------------------
@@ -235,18 +260,22 @@ class DeviceCertificates:
         public_key = request.public_key
         if public_key is None:
             public_key, private_key_pem = generate_private_key()
+        order_csr = self._order_csr(request, private_key_pem)
         for _ in range(_ATTEMPTS):
             now = self.clock.now()
-            new = issue_device_certificate(
-                self.issuer,
-                public_key,
-                request.fqdn,
-                request.certificate_type,
-                request.validity_days,
-                now,
-                request.csr_pem,
-                occasion="provision",
-            )
+            if order_csr is None:
+                new = issue_device_certificate(
+                    self.issuer,
+                    public_key,
+                    request.fqdn,
+                    request.certificate_type,
+                    request.validity_days,
+                    now,
+                    request.csr_pem,
+                    occasion="provision",
+                )
+            else:
+                new = _pending_certificate(public_key, request, order_csr, now)
             key = request.request
             record = await self._inserts.submit(
                 NewRow(
@@ -258,6 +287,7 @@ class DeviceCertificates:
                     now,
                     key.request_id if key else None,
                     key.fingerprint if key else None,
+                    order_csr,
                 )
             )
             if record is not None:
@@ -266,7 +296,12 @@ class DeviceCertificates:
                 if not request.generated_name:
                     # Nobody can have looked up a name generated just now: nothing to replace.
                     keys.append(certcache.name_key(request.fqdn))
-                await self.cache.publish_new(certificate, *keys)
+                if self.acme is None:
+                    await self.cache.publish_new(certificate, *keys)
+                else:
+                    # Pending: not cached (see `_from_database`); a cached "not found" goes.
+                    await self.cache.invalidate(*keys)
+                    self.acme.poke()
                 log.info(
                     "certificate provisioned",
                     device_id=request.device_id,
@@ -311,6 +346,20 @@ class DeviceCertificates:
             retry_after=1.0,
         )
 
+    def _order_csr(self, request: ProvisionRequest, private_key_pem: str) -> str | None:
+        """With the ACME issuer, the CSR the order is finalized with: the device's (which must
+        name exactly the certificate's names) or one made with the key generated for it."""
+        if self.acme is None:
+            return None
+        names = certificate_names(request.fqdn, request.certificate_type == "wildcard")
+        if private_key_pem:
+            return device_csr(private_key_pem, names)
+        assert request.csr_pem is not None
+        problem = csr_names_problem(request.csr_pem, names)
+        if problem is not None:
+            raise invalid_argument("csr_pem", problem)
+        return request.csr_pem
+
     async def _replay_provision(
         self, request: ProvisionRequest, public_key: PublicKey, private_key_pem: str
     ) -> tuple[cert_pb2.Certificate, str] | None:
@@ -337,6 +386,21 @@ class DeviceCertificates:
             return None
         if not private_key_pem:
             return record.to_pb(now), ""
+        if self.acme is not None:
+            names = certificate_names(record.uuid_subdomain, request.certificate_type == "wildcard")
+            queued = await self.acme.queue.request(
+                request.device_id,
+                device_csr(private_key_pem, names),
+                "provision",
+                now,
+                record.serial_number,
+            )
+            if queued is None:
+                return None
+            record, invalidation = queued
+            await self.changed(record.device_id, record.uuid_subdomain, invalidation)
+            self.acme.poke()
+            return record.to_pb(now), private_key_pem
         new = issue_device_certificate(
             self.issuer,
             public_key,
@@ -353,7 +417,7 @@ class DeviceCertificates:
         if superseded is None:
             return None  # renewed or revoked since: the device has moved on
         record, invalidation = superseded
-        await self._changed(record.device_id, record.uuid_subdomain, invalidation)
+        await self.changed(record.device_id, record.uuid_subdomain, invalidation)
         log.info(
             "provision retried: certificate superseded",
             device_id=request.device_id,
@@ -397,7 +461,10 @@ class DeviceCertificates:
                 now = self.clock.now()
                 if spend is None and self.limits is not None:
                     spend = await self.limits.for_renewal(source, now)
-                renewed = await self._renew_from(source, public_key, csr_pem, request, now)
+                if self.acme is not None:
+                    renewed = await self._queue_renewal(source, csr_pem, request, now)
+                else:
+                    renewed = await self._renew_from(source, public_key, csr_pem, request, now)
                 if renewed is not None:
                     return renewed
         except Exception:
@@ -437,11 +504,48 @@ class DeviceCertificates:
         if replaced is None:
             return None
         record, invalidation = replaced
-        await self._changed(record.device_id, record.uuid_subdomain, invalidation)
+        await self.changed(record.device_id, record.uuid_subdomain, invalidation)
         log.info("certificate renewed", device_id=device_id, serial=new.serial_number)
         if request is not None:
             await self.store.record_request(
                 request.request_id, "renew", request.fingerprint, device_id, now
+            )
+        return record.to_pb(now)
+
+    async def _queue_renewal(
+        self,
+        source: RenewalSource,
+        csr_pem: str | None,
+        request: RequestKey | None,
+        now: datetime,
+    ) -> cert_pb2.Certificate | None:
+        """The ACME issuer's renewal: queue an order for the new CSR, or the stored one."""
+        if csr_pem is not None:
+            names = certificate_names(source.uuid_subdomain, source.certificate_type == "wildcard")
+            problem = csr_names_problem(csr_pem, names)
+            if problem is not None:
+                raise invalid_argument("csr_pem", problem)
+        order_csr = csr_pem or source.csr_pem
+        if order_csr is None:
+            raise failed_precondition(
+                "no CSR is stored for this certificate (the service generated its key, which "
+                "it never keeps): renew with a CSR",
+                "CSR_REQUIRED",
+                device_id=source.device_id,
+            )
+        assert self.acme is not None
+        queued = await self.acme.queue.request(
+            source.device_id, order_csr, "renew", now, source.serial_number
+        )
+        if queued is None:
+            return None
+        record, invalidation = queued
+        await self.changed(record.device_id, record.uuid_subdomain, invalidation)
+        self.acme.poke()
+        log.info("certificate renewal queued", device_id=source.device_id)
+        if request is not None:
+            await self.store.record_request(
+                request.request_id, "renew", request.fingerprint, source.device_id, now
             )
         return record.to_pb(now)
 
@@ -475,7 +579,7 @@ class DeviceCertificates:
         if record is None:
             raise _not_found(device_id=device_id)
         if invalidation is not None:
-            await self._changed(record.device_id, record.uuid_subdomain, invalidation)
+            await self.changed(record.device_id, record.uuid_subdomain, invalidation)
             log.info("certificate revoked", device_id=device_id, reason=reason)
         return record.to_pb(now)
 
@@ -495,7 +599,7 @@ class DeviceCertificates:
         if deleted is None:
             raise _not_found(device_id=device_id)
         fqdn, event, invalidation = deleted
-        await self._changed(device_id, fqdn, invalidation)
+        await self.changed(device_id, fqdn, invalidation)
         log.info("device deleted", device_id=device_id, uuid_subdomain=fqdn)
         await self.outbox.try_deliver(event)
 
@@ -510,7 +614,7 @@ class DeviceCertificates:
         request.matches(fingerprint)
         return done_device == device_id
 
-    async def _changed(self, device_id: str, fqdn: str, invalidation: int) -> None:
+    async def changed(self, device_id: str, fqdn: str, invalidation: int) -> None:
         """Fence the changed certificate's entries, then forget the logged invalidation."""
         if await self.cache.invalidate(certcache.device_key(device_id), certcache.name_key(fqdn)):
             # Fenced already: should the delete fail, a guard's pass deletes the row.
@@ -542,6 +646,25 @@ class DeviceCertificates:
                 break
         await self.store.forget_invalidations(now - ttl)
         return applied
+
+
+def _pending_certificate(
+    public_key: PublicKey, request: ProvisionRequest, csr_pem: str, now: datetime
+) -> NewCertificate:
+    """A PENDING row's certificate: no chain or serial yet, the key and the CSR recorded."""
+    spki = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    data = {
+        "public_key_sha256": hashlib.sha256(spki).hexdigest(),
+        "public_key_pem": public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode("ascii"),
+        "dns_names": certificate_names(request.fqdn, request.certificate_type == "wildcard"),
+        "validity_days": request.validity_days,
+        "csr_pem": csr_pem,
+    }
+    return NewCertificate("", "", now, now, data)
 
 
 def _count(operation: str, error: BaseException | None) -> None:

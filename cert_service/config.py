@@ -14,7 +14,9 @@ from pathlib import Path
 
 from cryptography import x509
 
+from cert_service.acme import AcmeSettings
 from cert_service.ca import DEVICE_POLICY_OID, CaSubject, PkiLocations
+from cert_service.dns01 import DnsSettings
 from cert_service.names import new_uuid_subdomain
 from shared.config import ConfigError, EnvReader, ServerConfig
 from shared.limits import LimitSet, limits_from_env
@@ -64,6 +66,12 @@ class CertServiceConfig:
     limits: LimitSet = field(default_factory=LimitSet.builtin)
     # How often pool and Redis gauges (and cert_service's fleet gauges) are sampled.
     metrics_interval: float = 5.0
+    # CERT_ISSUER: "builtin" (the CA of CA_CERT_FILE/CA_KEY_FILE signs at once) or "acme"
+    # (an ACME CA, asynchronously; `acme` and `dns` are then set).
+    issuer: str = "builtin"
+    acme: AcmeSettings | None = None
+    dns: DnsSettings | None = None
+    acme_poll_interval: float = 0.5
 
     @classmethod
     def from_env(
@@ -90,10 +98,22 @@ class CertServiceConfig:
             # CA/Browser Forum BR 4.9.7: nextUpdate at most 10 days after thisUpdate.
             raise ConfigError(_name(env, "CRL_VALIDITY"), str(crl_validity), "at most 864000")
         explanation = env.text("ARI_EXPLANATION_URL", "") or f"{pki.base_url}/pki/renewal"
+        issuer = env.choice("CERT_ISSUER", "builtin", ("builtin", "acme"))
+        acme = _acme_settings(env) if issuer == "acme" else None
+        dns = _dns_settings(env, zone.lower().removesuffix(".")) if issuer == "acme" else None
+        if issuer == "acme":
+            ca_cert_file, ca_key_file = Path(), Path()
+        else:
+            ca_cert_file = _required_path(env, "CA_CERT_FILE", "the CA certificate (PEM)")
+            ca_key_file = _required_path(env, "CA_KEY_FILE", "the CA private key (PEM)")
         return cls(
             server=server,
-            ca_cert_file=_required_path(env, "CA_CERT_FILE", "the CA certificate (PEM)"),
-            ca_key_file=_required_path(env, "CA_KEY_FILE", "the CA private key (PEM)"),
+            ca_cert_file=ca_cert_file,
+            ca_key_file=ca_key_file,
+            issuer=issuer,
+            acme=acme,
+            dns=dns,
+            acme_poll_interval=env.number("ACME_POLL_INTERVAL", 0.5, minimum=0.01),
             dns_zone=zone.lower().removesuffix("."),
             cert_validity_days=env.integer(
                 "CERT_VALIDITY_DAYS", 90, minimum=1, maximum=MAX_VALIDITY_DAYS
@@ -119,6 +139,89 @@ class CertServiceConfig:
             limits=limits_from_env(env),
             metrics_interval=env.number("METRICS_INTERVAL", 5.0, minimum=0.01),
         )
+
+
+def _acme_settings(env: EnvReader) -> AcmeSettings:
+    directory = env.text("ACME_DIRECTORY_URL", "")
+    if not directory.startswith("https://"):
+        raise ConfigError(
+            _name(env, "ACME_DIRECTORY_URL"),
+            directory or None,
+            "the https:// URL of the ACME directory (CERT_ISSUER=acme), e.g. "
+            "https://acme-v02.api.letsencrypt.org/directory",
+        )
+    key_file = _required_path(env, "ACME_ACCOUNT_KEY_FILE", "the ACME account key (PEM)")
+    kid, hmac_key = env.text("ACME_EAB_KID", ""), env.text("ACME_EAB_HMAC_KEY", "")
+    if bool(kid) != bool(hmac_key):
+        raise ConfigError(
+            _name(env, "ACME_EAB_HMAC_KEY" if kid else "ACME_EAB_KID"),
+            None,
+            "both ACME_EAB_KID and ACME_EAB_HMAC_KEY (External Account Binding), or neither",
+        )
+    retry_min = env.number("ACME_RETRY_MIN", 2.0, minimum=0.01)
+    return AcmeSettings(
+        directory_url=directory,
+        account_key_file=key_file,
+        contact=env.text("ACME_CONTACT", ""),
+        eab_kid=kid,
+        eab_hmac_key=hmac_key,
+        ca_bundle=env.text("ACME_CA_BUNDLE", ""),
+        network_timeout=env.number("ACME_NETWORK_TIMEOUT", 10.0, minimum=0.1),
+        order_timeout=env.number("ACME_ORDER_TIMEOUT", 120.0, minimum=1.0),
+        concurrency=env.integer("ACME_CONCURRENCY", 8, minimum=1, maximum=256),
+        lease=env.number("ACME_LEASE", 60.0, minimum=1.0),
+        retry_min=retry_min,
+        retry_max=env.number("ACME_RETRY_MAX", 900.0, minimum=retry_min),
+        orders=env.integer("ACME_ORDERS", 300, minimum=1, maximum=10_000_000),
+        order_period=env.number("ACME_ORDER_PERIOD", 10_800.0, minimum=1.0),
+    )
+
+
+def _dns_settings(env: EnvReader, zone: str) -> DnsSettings:
+    server = env.text("DNS_UPDATE_SERVER", "")
+    host_port = _host_port(server, 53)
+    if host_port is None:
+        raise ConfigError(
+            _name(env, "DNS_UPDATE_SERVER"),
+            server or None,
+            "host:port of the zone's authoritative server accepting RFC 2136 updates",
+        )
+    key_name = env.text("DNS_TSIG_KEY_NAME", "")
+    secret = env.text("DNS_TSIG_SECRET", "")
+    if not key_name or not secret:
+        raise ConfigError(
+            _name(env, "DNS_TSIG_SECRET" if key_name else "DNS_TSIG_KEY_NAME"),
+            None,
+            "the TSIG key name and its base64 secret (DNS_TSIG_KEY_NAME, DNS_TSIG_SECRET)",
+        )
+    checks: list[tuple[str, int]] = []
+    for item in filter(None, (x.strip() for x in env.text("DNS_CHECK_SERVERS", "").split(","))):
+        parsed = _host_port(item, 53)
+        if parsed is None:
+            raise ConfigError(_name(env, "DNS_CHECK_SERVERS"), item, "host:port[,host:port...]")
+        checks.append(parsed)
+    algorithm = env.choice(
+        "DNS_TSIG_ALGORITHM", "hmac-sha256", ("hmac-sha256", "hmac-sha384", "hmac-sha512")
+    )
+    return DnsSettings(
+        zone=zone,
+        server=host_port[0],
+        port=host_port[1],
+        key_name=key_name,
+        secret=secret,
+        algorithm=algorithm,
+        check_servers=tuple(checks),
+        timeout=env.number("DNS_TIMEOUT", 3.0, minimum=0.1),
+        propagation_timeout=env.number("DNS_PROPAGATION_TIMEOUT", 30.0, minimum=0.1),
+    )
+
+
+def _host_port(value: str, default_port: int) -> tuple[str, int] | None:
+    host, _, port = value.rpartition(":") if ":" in value else (value, "", str(default_port))
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
 
 
 def _name(env: EnvReader, name: str) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from cert_service.issuer import Issuer, PublicKey
+from cert_service.issuer import IssuedCertificate, Issuer, PublicKey
 from cert_service.names import certificate_names
 from cert_service.storage import NewCertificate
 
@@ -41,6 +41,13 @@ def issue_device_certificate(
         now,
         now + timedelta(days=validity_days),
     )
+    return new_certificate(issued, validity_days, csr_pem, occasion=occasion)
+
+
+def new_certificate(
+    issued: IssuedCertificate, validity_days: int, csr_pem: str | None, *, occasion: str
+) -> NewCertificate:
+    """What device_certificates stores of `issued` (see `issue_device_certificate`)."""
     data: dict[str, Any] = {
         "chain_pem": issued.chain_pem,
         "serial_number": issued.serial_hex,

@@ -20,12 +20,16 @@ or not a pass has run yet. Every changed row's cache entries are fenced after th
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
 
 from cert_service import certcache
 from cert_service.ari import RenewalPolicy
 from cert_service.certcache import CertificateCache
 from cert_service.issuance import CSR_UNCHANGED, issue_device_certificate
+from cert_service.issuance_queue import IssuanceQueue
 from cert_service.issuer import Issuer, PublicKeyError, load_public_key
 from cert_service.storage import CertificateStore, NewCertificate
 from shared import idempotency
@@ -34,6 +38,9 @@ from shared.logging import get_logger
 from shared.metrics import CERTIFICATE_OPERATIONS
 
 log = get_logger(__name__)
+
+# Stands for a renewal queued at the ACME CA (no certificate yet) in a batch's results.
+_NO_CERTIFICATE: Final = NewCertificate("", "", datetime.min, datetime.min, {})
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,8 @@ class LifecycleWorker:
         batch_size: int,
         default_validity_days: int,
         renewal: RenewalPolicy | None = None,
+        queue: IssuanceQueue | None = None,
+        queued: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.cache = cache
@@ -64,6 +73,10 @@ class LifecycleWorker:
         self.batch_size = batch_size
         self.default_validity_days = default_validity_days
         self.renewal = renewal or RenewalPolicy(renew_at_fraction, "")
+        # The ACME issuer: due renewals are queued as orders (with the stored CSR) instead
+        # of signed here; `queued()` wakes the worker.
+        self.queue = queue
+        self.queued = queued
 
     async def run_once(self) -> LifecycleResult:
         renewed, failed = await self._renew_due()
@@ -82,6 +95,7 @@ class LifecycleWorker:
             # Whole seconds: due exactly when GetRenewalInfo's window has opened.
             now = self.clock.now().replace(microsecond=0)
             renewals: list[tuple[str, NewCertificate]] = []
+            queued: list[tuple[str, NewCertificate]] = []
             broken: list[str] = []
             async with self.store.renewal_batch(
                 now,
@@ -89,7 +103,16 @@ class LifecycleWorker:
                 self.batch_size,
                 self.renewal.reissue_issued_before,
             ) as (conn, sources):
-                for source in sources:
+                if self.queue is not None:
+                    ids = [source.device_id for source in sources]
+                    done, broken = await self.queue.queue_renewals(conn, ids, now)
+                    queued = [(device, _NO_CERTIFICATE) for device, _ in done]
+                    for device in broken:
+                        log.error(
+                            "no CSR stored to renew with; auto-renewal switched off",
+                            device_id=device,
+                        )
+                for source in sources if self.queue is None else ():
                     try:
                         new = issue_device_certificate(
                             self.issuer,
@@ -111,6 +134,7 @@ class LifecycleWorker:
                         continue
                     renewals.append((source.device_id, new))
                 await self.store.store_renewals(conn, renewals, broken, now)
+                renewals += queued
             keys = [
                 key
                 for source in sources
@@ -121,6 +145,8 @@ class LifecycleWorker:
             ]
             if keys:
                 await self.cache.invalidate(*keys)
+            if renewals and self.queued is not None:
+                self.queued()
             renewed += len(renewals)
             failed += len(broken)
             if len(sources) < self.batch_size:

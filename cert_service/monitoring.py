@@ -65,7 +65,10 @@ class FleetSampler:
         self.renew_at_fraction = renew_at_fraction
 
     def sample_ca(self) -> None:
-        ca = x509.load_pem_x509_certificate(self.issuer.ca_chain_pem().encode())
+        chain = self.issuer.ca_chain_pem()
+        if not chain:
+            return  # an ACME CA: its expiry is the CA's business
+        ca = x509.load_pem_x509_certificate(chain.encode())
         CA_EXPIRY.set(ca.not_valid_after_utc.timestamp())
 
     async def sample(self) -> None:

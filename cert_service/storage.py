@@ -32,6 +32,7 @@ from myl.cert.v1 import cert_pb2
 from shared.db import Database
 
 STATUS_TO_PB: Final = {
+    "pending": cert_pb2.CERTIFICATE_STATUS_PENDING,
     "active": cert_pb2.CERTIFICATE_STATUS_ACTIVE,
     "expired": cert_pb2.CERTIFICATE_STATUS_EXPIRED,
     "revoked": cert_pb2.CERTIFICATE_STATUS_REVOKED,
@@ -58,8 +59,16 @@ _COLUMNS: Final = """device_id, uuid_subdomain, certificate_type, status,
     certificate_data->>'chain_pem', serial_number, fingerprint_sha256,
     certificate_data->>'public_key_sha256', certificate_data->>'issuer',
     certificate_data->'dns_names', issued_at, expires_at, auto_renewal, renewal_count,
-    revoked_at, revocation_reason, last_accessed_at, access_count, created_at, updated_at"""
+    revoked_at, revocation_reason, last_accessed_at, access_count, created_at, updated_at,
+    issuance_requested_at, issuance_attempts, issuance_error, issuance_due_at"""
 
+
+# Forgets a wanted ACME order (its lease too, so a worker's completion of it is discarded):
+# a revocation cancels the renewal of the revoked key.
+CANCEL_ISSUANCE: Final = """issuance_csr = NULL, issuance_occasion = NULL,
+    issuance_requested_at = NULL, issuance_due_at = NULL, issuance_attempts = 0,
+    issuance_error = NULL, issuance_lease = NULL, issuance_lease_until = NULL,
+    acme_order_url = NULL"""
 
 # The CTE that logs a cache invalidation for the rows of a `changed` CTE (its last
 # parameter is the time); the statement then selects `changed.*, logged.id`.
@@ -101,6 +110,12 @@ class CertificateRecord:
     access_count: int
     created_at: datetime
     updated_at: datetime
+    # An ACME order wanted (CERT_ISSUER=acme): since when, attempts, the last failure, and
+    # when the next attempt is due (None: only a new request can help).
+    issuance_requested_at: datetime | None = None
+    issuance_attempts: int = 0
+    issuance_error: str | None = None
+    issuance_due_at: datetime | None = None
 
     def status_at(self, now: datetime) -> str:
         """The truthful status: an active certificate past its expiry reads as expired."""
@@ -120,14 +135,23 @@ class CertificateRecord:
             public_key_sha256=self.public_key_sha256,
             issuer=self.issuer,
             dns_names=self.dns_names,
-            not_before=timestamp(self.issued_at),
-            not_after=timestamp(self.expires_at),
             auto_renewal=self.auto_renewal,
             create_time=timestamp(self.created_at),
             update_time=timestamp(self.updated_at),
             access_count=self.access_count,
             renewal_count=self.renewal_count,
         )
+        if self.serial_number:
+            # A pending certificate has none: no validity to show yet.
+            certificate.not_before.CopyFrom(timestamp(self.issued_at))
+            certificate.not_after.CopyFrom(timestamp(self.expires_at))
+        if self.issuance_requested_at is not None:
+            pending = certificate.pending_issuance
+            pending.request_time.CopyFrom(timestamp(self.issuance_requested_at))
+            pending.attempts = self.issuance_attempts
+            pending.last_error = self.issuance_error or ""
+            if self.issuance_due_at is not None:
+                pending.next_attempt_time.CopyFrom(timestamp(self.issuance_due_at))
         if self.revoked_at is not None:
             certificate.revoke_time.CopyFrom(timestamp(self.revoked_at))
             certificate.revocation_reason = REASON_TO_PB.get(
@@ -167,20 +191,23 @@ class NewRow:
     # AIP-155: the provision's request id and request fingerprint, if it sent one.
     request_id: uuid.UUID | None = None
     request_hash: bytes | None = None
+    # Set: the row is inserted PENDING, and this CSR queued for the ACME CA.
+    issuance_csr: str | None = None
 
     def record(self) -> CertificateRecord:
         """The row as stored, right after the insert."""
         certificate, data, now = self.certificate, self.certificate.data, self.now
+        pending = self.issuance_csr is not None
         return CertificateRecord(
             device_id=self.device_id,
             uuid_subdomain=self.uuid_subdomain,
             certificate_type=self.certificate_type,
-            status="active",
-            chain_pem=data["chain_pem"],
+            status="pending" if pending else "active",
+            chain_pem=data.get("chain_pem", ""),
             serial_number=certificate.serial_number,
             fingerprint_sha256=certificate.fingerprint_sha256,
             public_key_sha256=data["public_key_sha256"],
-            issuer=data["issuer"],
+            issuer=data.get("issuer", ""),
             dns_names=data["dns_names"],
             issued_at=certificate.not_before,
             expires_at=certificate.not_after,
@@ -192,6 +219,8 @@ class NewRow:
             access_count=0,
             created_at=now,
             updated_at=now,
+            issuance_requested_at=now if pending else None,
+            issuance_due_at=now if pending else None,
         )
 
 
@@ -208,6 +237,8 @@ class RenewalSource:
     public_key_sha256: str
     validity_days: int | None
     expires_at: datetime
+    # The CSR recorded with the certificate (None: the service generated the key).
+    csr_pem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -324,6 +355,7 @@ class CertificateStore:
                     "created_at": row.now.isoformat(),
                     "request_id": str(row.request_id) if row.request_id else None,
                     "request_hash": row.request_hash.hex() if row.request_hash else None,
+                    "issuance_csr": row.issuance_csr,
                 }
                 for row in rows
             ]
@@ -336,29 +368,38 @@ class CertificateStore:
                 INSERT INTO device_certificates (
                     device_id, uuid_subdomain, certificate_type, status, certificate_data,
                     serial_number, fingerprint_sha256, issued_at, expires_at, auto_renewal,
-                    created_at, updated_at, request_id, request_hash)
-                SELECT r.device_id, r.uuid_subdomain, r.certificate_type, 'active',
+                    created_at, updated_at, request_id, request_hash, issuance_csr,
+                    issuance_occasion, issuance_requested_at, issuance_due_at)
+                SELECT r.device_id, r.uuid_subdomain, r.certificate_type,
+                       CASE WHEN r.issuance_csr IS NULL THEN 'active' ELSE 'pending' END,
                        r.certificate_data, r.serial_number, r.fingerprint_sha256, r.issued_at,
                        r.expires_at, r.auto_renewal, r.created_at, r.created_at, r.request_id,
-                       decode(r.request_hash, 'hex')
+                       decode(r.request_hash, 'hex'), r.issuance_csr,
+                       CASE WHEN r.issuance_csr IS NULL THEN NULL ELSE 'provision' END,
+                       CASE WHEN r.issuance_csr IS NULL THEN NULL ELSE r.created_at END,
+                       CASE WHEN r.issuance_csr IS NULL THEN NULL ELSE r.created_at END
                 FROM jsonb_to_recordset(%s::jsonb) AS r(
                     device_id text, uuid_subdomain text, certificate_type text,
                     certificate_data jsonb, serial_number text, fingerprint_sha256 text,
                     issued_at timestamptz, expires_at timestamptz, auto_renewal boolean,
-                    created_at timestamptz, request_id uuid, request_hash text)
+                    created_at timestamptz, request_id uuid, request_hash text,
+                    issuance_csr text)
                 WHERE NOT EXISTS (
                     SELECT 1 FROM device_events_outbox AS o WHERE o.device_id = r.device_id)
                   AND clock_timestamp() < %s
                 ORDER BY r.device_id
                 ON CONFLICT DO NOTHING
-                RETURNING serial_number
+                RETURNING device_id, serial_number
                 """,
                 (document, self.db.write_deadline()),
             )
             if len(rows) == 1:
                 return [rows[0].record() if cur.rowcount == 1 else None]
-            inserted = {serial for (serial,) in await cur.fetchall()}
-        return [row.record() if row.certificate.serial_number in inserted else None for row in rows]
+            inserted = set(await cur.fetchall())
+        return [
+            row.record() if (row.device_id, row.certificate.serial_number) in inserted else None
+            for row in rows
+        ]
 
     async def conflict(self, device_id: str, uuid_subdomain: str) -> Conflict:
         async with self.connection() as conn:
@@ -518,7 +559,8 @@ class CertificateStore:
                 SELECT device_id, uuid_subdomain, certificate_type, status, serial_number,
                        certificate_data->>'public_key_pem',
                        certificate_data->>'public_key_sha256',
-                       (certificate_data->>'validity_days')::integer, expires_at
+                       (certificate_data->>'validity_days')::integer, expires_at,
+                       certificate_data->>'csr_pem'
                 FROM device_certificates WHERE device_id = %s
                 """,
                 (device_id,),
@@ -583,7 +625,7 @@ class CertificateStore:
                 WITH changed AS (
                     UPDATE device_certificates
                     SET status = 'revoked', revoked_at = %s, revocation_reason = %s,
-                        updated_at = %s
+                        updated_at = %s, {CANCEL_ISSUANCE}
                     WHERE device_id = %s AND status <> 'revoked'
                     RETURNING {_COLUMNS}
                 ), {_LOG_CHANGED}
@@ -716,9 +758,10 @@ class CertificateStore:
                 SELECT device_id, uuid_subdomain, certificate_type, status, serial_number,
                        certificate_data->>'public_key_pem',
                        certificate_data->>'public_key_sha256',
-                       (certificate_data->>'validity_days')::integer, expires_at
+                       (certificate_data->>'validity_days')::integer, expires_at,
+                       certificate_data->>'csr_pem'
                 FROM device_certificates
-                WHERE status = 'active' AND auto_renewal
+                WHERE status = 'active' AND auto_renewal AND issuance_csr IS NULL
                   AND (issued_at + (expires_at - issued_at) * %s <= %s OR issued_at < %s)
                 ORDER BY expires_at LIMIT %s
                 FOR UPDATE SKIP LOCKED

@@ -64,7 +64,7 @@ def test_provision_subdomain_defaults_to_a_uuid_and_names_the_field() -> None:
         (lambda: validation.csr_text("x" * 20_000), "csr_pem"),
         (lambda: validation.csr_text("PEM\x00"), "csr_pem"),
         (lambda: validation.page_size(-1), "page_size"),
-        (lambda: validation.status_filter(4), "status"),
+        (lambda: validation.status_filter(99), "status"),
         (lambda: validation.revocation_reason(5), "reason"),
         (
             lambda: validation.timestamp(timestamp_pb2.Timestamp(nanos=-1), "expire_before"),

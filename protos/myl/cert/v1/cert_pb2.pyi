@@ -54,6 +54,10 @@ class _CertificateStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Cer
     CERTIFICATE_STATUS_ACTIVE: _CertificateStatus.ValueType  # 1
     CERTIFICATE_STATUS_EXPIRED: _CertificateStatus.ValueType  # 2
     CERTIFICATE_STATUS_REVOKED: _CertificateStatus.ValueType  # 3
+    CERTIFICATE_STATUS_PENDING: _CertificateStatus.ValueType  # 4
+    """Requested from the ACME CA and not issued yet (`pending_issuance` says how
+    far it got): no chain, serial or validity until it becomes ACTIVE.
+    """
 
 class CertificateStatus(_CertificateStatus, metaclass=_CertificateStatusEnumTypeWrapper):
     """Lifecycle state of a certificate."""
@@ -62,6 +66,10 @@ CERTIFICATE_STATUS_UNSPECIFIED: CertificateStatus.ValueType  # 0
 CERTIFICATE_STATUS_ACTIVE: CertificateStatus.ValueType  # 1
 CERTIFICATE_STATUS_EXPIRED: CertificateStatus.ValueType  # 2
 CERTIFICATE_STATUS_REVOKED: CertificateStatus.ValueType  # 3
+CERTIFICATE_STATUS_PENDING: CertificateStatus.ValueType  # 4
+"""Requested from the ACME CA and not issued yet (`pending_issuance` says how
+far it got): no chain, serial or validity until it becomes ACTIVE.
+"""
 Global___CertificateStatus: _TypeAlias = CertificateStatus  # noqa: Y015
 
 class _RevocationReason:
@@ -112,6 +120,7 @@ class Certificate(_message.Message):
     LAST_ACCESS_TIME_FIELD_NUMBER: _builtins.int
     ACCESS_COUNT_FIELD_NUMBER: _builtins.int
     RENEWAL_COUNT_FIELD_NUMBER: _builtins.int
+    PENDING_ISSUANCE_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     """The device this certificate belongs to."""
     uuid_subdomain: _builtins.str
@@ -155,6 +164,13 @@ class Certificate(_message.Message):
     def last_access_time(self) -> _timestamp_pb2.Timestamp:
         """Last lookup by device or subdomain (flushed in batches, may lag)."""
 
+    @_builtins.property
+    def pending_issuance(self) -> Global___PendingIssuance:
+        """Set while a certificate is being obtained from the ACME CA: the first one
+        (status PENDING) or a renewal (the current certificate stays usable until
+        the new one replaces it).
+        """
+
     def __init__(
         self,
         *,
@@ -178,14 +194,58 @@ class Certificate(_message.Message):
         last_access_time: _timestamp_pb2.Timestamp | None = ...,
         access_count: _builtins.int = ...,
         renewal_count: _builtins.int = ...,
+        pending_issuance: Global___PendingIssuance | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_access_time", b"last_access_time", "not_after", b"not_after", "not_before", b"not_before", "revoke_time", b"revoke_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_access_time", b"last_access_time", "not_after", b"not_after", "not_before", b"not_before", "pending_issuance", b"pending_issuance", "revoke_time", b"revoke_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_count", b"access_count", "auto_renewal", b"auto_renewal", "certificate_chain_pem", b"certificate_chain_pem", "certificate_type", b"certificate_type", "create_time", b"create_time", "device_id", b"device_id", "dns_names", b"dns_names", "fingerprint_sha256", b"fingerprint_sha256", "issuer", b"issuer", "last_access_time", b"last_access_time", "not_after", b"not_after", "not_before", b"not_before", "public_key_sha256", b"public_key_sha256", "renewal_count", b"renewal_count", "revocation_reason", b"revocation_reason", "revoke_time", b"revoke_time", "serial_number", b"serial_number", "status", b"status", "update_time", b"update_time", "uuid_subdomain", b"uuid_subdomain"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_count", b"access_count", "auto_renewal", b"auto_renewal", "certificate_chain_pem", b"certificate_chain_pem", "certificate_type", b"certificate_type", "create_time", b"create_time", "device_id", b"device_id", "dns_names", b"dns_names", "fingerprint_sha256", b"fingerprint_sha256", "issuer", b"issuer", "last_access_time", b"last_access_time", "not_after", b"not_after", "not_before", b"not_before", "pending_issuance", b"pending_issuance", "public_key_sha256", b"public_key_sha256", "renewal_count", b"renewal_count", "revocation_reason", b"revocation_reason", "revoke_time", b"revoke_time", "serial_number", b"serial_number", "status", b"status", "update_time", b"update_time", "uuid_subdomain", b"uuid_subdomain"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Certificate: _TypeAlias = Certificate  # noqa: Y015
+
+@_typing.final
+class PendingIssuance(_message.Message):
+    """An ACME order in progress for a device (CERT_ISSUER=acme)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_TIME_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    attempts: _builtins.int
+    """Attempts so far; each attempt places or resumes one ACME order."""
+    last_error: _builtins.str
+    """The last attempt's failure, e.g. `urn:ietf:params:acme:error:dns: ...` or
+    `dns-update: ...`; empty before the first failure.
+    """
+    @_builtins.property
+    def request_time(self) -> _timestamp_pb2.Timestamp:
+        """When the certificate was requested (provision, renewal or the lifecycle)."""
+
+    @_builtins.property
+    def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """When the next attempt is due (after the CA's Retry-After, a back-off, or
+        the order budget). Unset when the failure needs a new request (a CSR the CA
+        refuses): renew with another CSR.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_time: _timestamp_pb2.Timestamp | None = ...,
+        attempts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_attempt_time", b"next_attempt_time", "request_time", b"request_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "last_error", b"last_error", "next_attempt_time", b"next_attempt_time", "request_time", b"request_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingIssuance: _TypeAlias = PendingIssuance  # noqa: Y015
 
 @_typing.final
 class ProvisionCertificateRequest(_message.Message):
@@ -210,12 +270,16 @@ class ProvisionCertificateRequest(_message.Message):
     """Empty means WILDCARD."""
     csr_pem: _builtins.str
     """PKCS#10 certificate signing request, PEM. Empty: the service generates a
-    P-256 key and returns it once in `private_key_pem`.
+    P-256 key and returns it once in `private_key_pem`. With the ACME issuer
+    the CSR must name exactly the certificate's names (`label.myl.zip`, and
+    `*.label.myl.zip` for WILDCARD) in subjectAltName: the CA signs it as sent.
     """
     auto_renewal: _builtins.bool
     """Renew automatically before expiry. Unset means true."""
     validity_days: _builtins.int
-    """Validity in days; 0 means the configured default (90). At most 825."""
+    """Validity in days; 0 means the configured default (90). At most 825. The
+    ACME CA chooses the validity of its certificates itself.
+    """
     request_id: _builtins.str
     """Optional AIP-155 idempotency key: a UUID chosen by the client, the same for
     every retry of one provision and recognised for 24 hours. A retry of a
@@ -258,7 +322,11 @@ class ProvisionCertificateResponse(_message.Message):
     otherwise. Returned only here, never stored.
     """
     @_builtins.property
-    def certificate(self) -> Global___Certificate: ...
+    def certificate(self) -> Global___Certificate:
+        """ACTIVE with the built-in CA. With the ACME issuer PENDING: the order is
+        placed in the background; poll GetCertificate until it is ACTIVE.
+        """
+
     def __init__(
         self,
         *,
@@ -419,7 +487,9 @@ class RenewCertificateRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     csr_pem: _builtins.str
-    """A new CSR, PEM. Empty: re-sign the current public key."""
+    """A new CSR, PEM. Empty: re-sign the current public key (with the ACME
+    issuer: submit the stored CSR again).
+    """
     request_id: _builtins.str
     """Optional AIP-155 idempotency key (a UUID, recognised for 24 hours): a
     retry returns the certificate the first attempt issued instead of
@@ -446,7 +516,11 @@ class RenewCertificateResponse(_message.Message):
 
     CERTIFICATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def certificate(self) -> Global___Certificate: ...
+    def certificate(self) -> Global___Certificate:
+        """The renewed certificate; with the ACME issuer the current one, with
+        `pending_issuance` set until the CA's certificate replaces it.
+        """
+
     def __init__(
         self,
         *,

@@ -1,0 +1,452 @@
+"""An RFC 8555 client for the `acme` issuer, on certbot's `acme` and `josepy` libraries.
+
+Blocking code: the ACME worker (`cert_service.acme_worker`) runs each order in a thread. One
+`AcmeClient` serves a process; each thread gets its own `ClientV2` and HTTP session (the
+library's nonce pool and last response are per connection), all signing with the one account
+key and using the one account URL.
+
+An order, `obtain(csr, order_url, on_order)`:
+
+1. Resume the order at `order_url` when a previous attempt placed one (its status says where
+   to go on), or place a new one for the CSR's names; `on_order(url)` records it before any
+   other step, so a replica taking over never places a second order for the certificate.
+2. For each pending authorization: its dns-01 challenge's TXT value goes to
+   `_acme-challenge.<name>` (`cert_service.dns01`), every value is checked to be served by
+   the authoritative server, then the challenges are answered and the authorizations polled
+   (at the CA's `Retry-After`, else from 50 ms doubling to 1 s) until none is pending. The
+   records are removed afterwards, whatever happened.
+3. Finalize with the CSR as the device or the service made it, poll the order until it is
+   valid, download the chain.
+
+Every failure is an `AcmeFailure` saying what the worker should do: when to try again (the
+CA's `Retry-After` when it sent one), whether the order is dead (a new one is needed), whether
+nothing can help without a new request (a CSR or identifier the CA refuses), or whether the
+account is gone (registered again, e.g. after the CA lost its state).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import requests
+from acme import challenges, errors, messages
+from acme.client import ClientNetwork, ClientV2
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+from josepy import b64, jwa, jwk
+from josepy import errors as jose_errors
+
+from cert_service.dns01 import DnsUpdateError, DnsUpdater, challenge_name
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+_T = TypeVar("_T")
+
+USER_AGENT: Final = "myl-cert-service"
+# Problem types no retry of the same request can fix: the device must send another CSR.
+_PERMANENT: Final = frozenset(
+    {"badCSR", "badPublicKey", "rejectedIdentifier", "unsupportedIdentifier", "malformed"}
+)
+_ACCOUNT_LOST: Final = frozenset({"accountDoesNotExist"})
+
+
+@dataclass(frozen=True)
+class AcmeSettings:
+    """The CA and the account (`CertServiceConfig.acme`)."""
+
+    directory_url: str
+    account_key_file: Path
+    contact: str = ""
+    eab_kid: str = ""
+    eab_hmac_key: str = field(default="", repr=False)
+    # PEM bundle to trust for the directory's TLS ("" = the system's).
+    ca_bundle: str = ""
+    network_timeout: float = 10.0
+    # One attempt's limit: authorizations, finalization and download.
+    order_timeout: float = 120.0
+    # Orders worked on at once by one process.
+    concurrency: int = 8
+    # A claimed job's lease, renewed while it is worked on.
+    lease: float = 60.0
+    retry_min: float = 2.0
+    retry_max: float = 900.0
+    # The order budget: `orders` per `order_period` seconds, all at once at most.
+    orders: int = 300
+    order_period: float = 10_800.0
+
+
+class AcmeFailure(Exception):
+    """An attempt failed; `str()` is the error shown on the certificate."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        order_invalid: bool = False,
+        permanent: bool = False,
+        account_lost: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.order_invalid = order_invalid
+        self.permanent = permanent
+        self.account_lost = account_lost
+
+
+class _Network(ClientNetwork):
+    """The library's network, remembering the last response's `Retry-After`."""
+
+    retry_after: float | None = None
+
+    def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
+        response = super()._send_request(method, url, *args, **kwargs)
+        self.retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        return response
+
+
+def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
+    """Seconds from a `Retry-After` header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, (when - (now or dt.datetime.now(dt.UTC))).total_seconds())
+
+
+def load_account_key(path: Path) -> tuple[jwk.JWK, jwa.JWASignature]:
+    """The account key (PEM: EC P-256/P-384 or RSA) as a JWK and its JWS algorithm."""
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        algorithm = {"secp256r1": jwa.ES256, "secp384r1": jwa.ES384}.get(key.curve.name)
+        if algorithm is None:
+            raise ValueError(f"EC curve {key.curve.name} is not usable; use P-256 or P-384")
+        return jwk.JWKEC(key=key), algorithm
+    if isinstance(key, rsa.RSAPrivateKey):
+        return jwk.JWKRSA(key=key), jwa.RS256
+    raise ValueError(f"{type(key).__name__} account keys are not supported; use EC or RSA")
+
+
+class AcmeClient:
+    def __init__(self, settings: AcmeSettings, dns: DnsUpdater) -> None:
+        self.settings = settings
+        self.dns = dns
+        self.key, self.algorithm = load_account_key(settings.account_key_file)
+        self.thumbprint = b64.b64encode(self.key.thumbprint()).decode("ascii")
+        self.account_url: str | None = None
+        self._directory: messages.Directory | None = None
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _network(self) -> _Network:
+        net: _Network | None = getattr(self._local, "net", None)
+        if net is None:
+            net = _Network(
+                self.key,
+                alg=self.algorithm,
+                verify_ssl=self.settings.ca_bundle or True,  # type: ignore[arg-type]
+                user_agent=USER_AGENT,
+                timeout=int(max(1, self.settings.network_timeout)),
+            )
+            self._local.net = net
+        net.account = (
+            messages.RegistrationResource(uri=self.account_url, body=messages.Registration())
+            if self.account_url
+            else None
+        )
+        return net
+
+    def _client(self) -> tuple[ClientV2, _Network]:
+        net = self._network()
+        with self._lock:
+            if self._directory is None:
+                self._directory = ClientV2.get_directory(self.settings.directory_url, net)
+            directory = self._directory
+        return ClientV2(directory, net), net
+
+    def register(self) -> str:
+        """Register the account (or find the one this key has); returns its URL."""
+        return _failures(self._register, self._local)
+
+    def _register(self) -> str:
+        saved, self.account_url = self.account_url, None
+        try:
+            client, _ = self._client()
+            binding = None
+            if self.settings.eab_kid:
+                binding = messages.ExternalAccountBinding.from_data(
+                    account_public_key=self.key.public_key(),
+                    kid=self.settings.eab_kid,
+                    hmac_key=self.settings.eab_hmac_key,
+                    directory=client.directory,
+                )
+            registration = messages.NewRegistration.from_data(
+                email=self.settings.contact or None,
+                terms_of_service_agreed=True,
+                external_account_binding=binding,
+            )
+            try:
+                account = client.new_account(registration)
+                url = str(account.uri)
+            except errors.ConflictError as existing:
+                url = str(existing.location)
+        except BaseException:
+            self.account_url = saved
+            raise
+        return url
+
+    # -- one order ----------------------------------------------------------------------------
+
+    def obtain(self, csr_pem: str, order_url: str | None, on_order: Callable[[str], None]) -> str:
+        """The full chain PEM for `csr_pem`; raises AcmeFailure."""
+        return _failures(lambda: self._obtain(csr_pem, order_url, on_order), self._local)
+
+    def _obtain(self, csr_pem: str, order_url: str | None, on_order: Callable[[str], None]) -> str:
+        client, net = self._client()
+        self._local.net.retry_after = None
+        deadline = time.monotonic() + self.settings.order_timeout
+        csr = csr_pem.encode("ascii")
+        order = self._resume(client, order_url, csr) if order_url else None
+        if order is None:
+            order = client.new_order(csr)
+            on_order(str(order.uri))
+        status = order.body.status
+        if status == messages.STATUS_INVALID:
+            raise AcmeFailure(
+                f"order invalid: {_problem(order.body.error)}", order_invalid=True, retry_after=0
+            )
+        if status == messages.STATUS_PENDING:
+            self._authorize(client, order, deadline)
+            status = messages.STATUS_READY
+        if status == messages.STATUS_READY:
+            try:
+                order = client.begin_finalization(order)
+            except messages.Error as error:
+                if error.code != "orderNotReady":
+                    raise
+        return self._certificate(client, net, order, deadline)
+
+    def _resume(self, client: ClientV2, url: str, csr: bytes) -> messages.OrderResource | None:
+        try:
+            response = client._post_as_get(url)
+        except messages.Error as error:
+            if error.code in ("malformed", "notFound") or "not found" in str(error).lower():
+                return None  # the CA forgot it: place another
+            raise
+        except errors.ClientError:
+            return None
+        body = messages.Order.from_json(response.json())
+        if body.status == messages.STATUS_INVALID:
+            return None
+        authorizations = [
+            client._authzr_from_response(client._post_as_get(authz), uri=authz)
+            for authz in body.authorizations
+        ]
+        return messages.OrderResource(
+            body=body, uri=url, authorizations=authorizations, csr_pem=csr
+        )
+
+    def _authorize(self, client: ClientV2, order: messages.OrderResource, deadline: float) -> None:
+        records: dict[str, list[str]] = {}
+        pending: list[tuple[messages.AuthorizationResource, messages.ChallengeBody]] = []
+        for authz in order.authorizations:
+            if authz.body.status == messages.STATUS_VALID:
+                continue  # the CA reuses an earlier validation
+            if authz.body.status != messages.STATUS_PENDING:
+                raise AcmeFailure(
+                    f"authorization for {authz.body.identifier.value} is {authz.body.status}",
+                    order_invalid=True,
+                )
+            challenge = next(
+                (c for c in authz.body.challenges if isinstance(c.chall, challenges.DNS01)),
+                None,
+            )
+            if challenge is None:
+                raise AcmeFailure(
+                    f"the CA offers no dns-01 challenge for {authz.body.identifier.value}",
+                    permanent=True,
+                )
+            name = challenge_name(authz.body.identifier.value)
+            records.setdefault(name, []).append(challenge.chall.validation(self.key))
+            pending.append((authz, challenge))
+        if not pending:
+            return
+        added: list[tuple[str, list[str]]] = []
+        try:
+            for name, values in records.items():
+                self.dns.add(name, values)
+                added.append((name, values))
+            for name, values in records.items():
+                self.dns.wait_served(name, values)
+            for _, challenge in pending:
+                client.answer_challenge(challenge, challenge.chall.response(self.key))
+            for authz, _ in pending:
+                self._wait_authorization(client, authz, deadline)
+        finally:
+            for name, values in added:
+                try:
+                    self.dns.remove(name, values)
+                except DnsUpdateError as exc:
+                    # Harmless (a stale challenge value proves nothing) but worth knowing.
+                    log.warning("challenge record not removed", name=name, error=str(exc))
+
+    def _wait_authorization(
+        self, client: ClientV2, authz: messages.AuthorizationResource, deadline: float
+    ) -> None:
+        pause = 0.05
+        while True:
+            updated, response = client.poll(authz)
+            status = updated.body.status
+            if status == messages.STATUS_VALID:
+                return
+            if status != messages.STATUS_PENDING:
+                problems = [
+                    _problem(c.error) for c in updated.body.challenges if c.error is not None
+                ]
+                raise AcmeFailure(
+                    f"validation of {updated.body.identifier.value} failed: "
+                    + ("; ".join(problems) or str(status)),
+                    order_invalid=True,
+                )
+            wait = parse_retry_after(response.headers.get("Retry-After"))
+            _sleep(wait if wait is not None else pause, deadline, "authorization")
+            pause = min(pause * 2, 1.0)
+
+    def _certificate(
+        self, client: ClientV2, net: _Network, order: messages.OrderResource, deadline: float
+    ) -> str:
+        pause = 0.05
+        body = order.body
+        while True:
+            if body.status == messages.STATUS_VALID and body.certificate is not None:
+                chain: str = client._post_as_get(body.certificate).text
+                return chain
+            if body.status == messages.STATUS_INVALID:
+                raise AcmeFailure(
+                    f"order invalid: {_problem(body.error)}", order_invalid=True, retry_after=0
+                )
+            if body.status == messages.STATUS_READY:
+                order = client.begin_finalization(order.update(body=body))
+                body = order.body
+                continue
+            wait = net.retry_after
+            _sleep(wait if wait is not None else pause, deadline, "finalization")
+            pause = min(pause * 2, 1.0)
+            body = messages.Order.from_json(client._post_as_get(order.uri).json())
+
+    def renewal_time(self, chain_pem: str) -> dt.datetime | None:
+        """The CA's suggested renewal time (ARI, RFC 9773) when its directory offers
+        renewal information; None otherwise or when it cannot be had now."""
+        try:
+            client, _ = self._client()
+            if "renewalInfo" not in client.directory:
+                return None
+            leaf = chain_pem.split("-----END CERTIFICATE-----", 1)[0]
+            when, _ = client.renewal_time((leaf + "-----END CERTIFICATE-----\n").encode())
+        except (errors.Error, messages.Error, requests.RequestException, ValueError):
+            return None
+        return when
+
+
+def _sleep(seconds: float, deadline: float, what: str) -> None:
+    if time.monotonic() + seconds > deadline:
+        raise AcmeFailure(f"{what} not complete within the order timeout")
+    time.sleep(seconds)
+
+
+def _problem(error: messages.Error | None) -> str:
+    if error is None:
+        return "no reason given"
+    return f"{error.typ}: {error.detail or error.title or ''}".strip()
+
+
+def _failures(work: Callable[[], _T], local: threading.local | None) -> _T:
+    """Run `work`, turning the library's and the network's errors into AcmeFailure."""
+    try:
+        return work()
+    except AcmeFailure:
+        raise
+    except messages.Error as error:
+        net = getattr(local, "net", None) if local is not None else None
+        retry_after = getattr(net, "retry_after", None)
+        raise AcmeFailure(
+            _problem(error),
+            retry_after=retry_after,
+            permanent=error.code in _PERMANENT,
+            account_lost=error.code in _ACCOUNT_LOST,
+        ) from error
+    except DnsUpdateError as exc:
+        raise AcmeFailure(f"dns-update: {exc}") from exc
+    except errors.TimeoutError as exc:
+        raise AcmeFailure("the CA did not finish in time") from exc
+    except (errors.Error, requests.RequestException, jose_errors.Error, ValueError) as exc:
+        raise AcmeFailure(f"acme: {type(exc).__name__}: {exc}"[:500]) from exc
+
+
+def device_csr(private_key_pem: str, names: Sequence[str]) -> str:
+    """A CSR for `names` signed by the (service-generated) device key: what the CA finalizes
+    the order with, now and at every renewal, since the key itself is never stored."""
+    key = serialization.load_pem_private_key(private_key_pem.encode("ascii"), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise ValueError("unsupported device key")
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def csr_names_problem(csr_pem: str, names: Sequence[str]) -> str | None:
+    """Why the CA would not finalize an order for `names` with this (already validated) CSR,
+    or None: its subjectAltName must hold exactly those names."""
+    csr = x509.load_pem_x509_csr(csr_pem.encode("ascii"))
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        requested = {name.lower() for name in san.get_values_for_type(x509.DNSName)}
+    except x509.ExtensionNotFound:
+        requested = set()
+    wanted = {name.lower() for name in names}
+    if requested == wanted:
+        return None
+    return (
+        "with the ACME issuer the CSR's subjectAltName must name exactly "
+        f"{', '.join(sorted(wanted))} (the CA signs the CSR as sent)"
+    )
+
+
+class AcmeIssuer:
+    """The `Issuer` of CERT_ISSUER=acme: nothing is signed in the request; the CA's chain
+    comes with each certificate (`DeviceCertificates` queues orders instead of calling this)."""
+
+    def issue(
+        self,
+        public_key: object,
+        dns_names: Sequence[str],
+        not_before: dt.datetime,
+        not_after: dt.datetime,
+    ) -> Any:
+        raise RuntimeError("the ACME issuer signs asynchronously: queue an order")
+
+    def ca_chain_pem(self) -> str:
+        return ""

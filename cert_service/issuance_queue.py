@@ -1,0 +1,284 @@
+"""The ACME issuance queue: the issuance columns of device_certificates (migration 0007).
+
+A row with `issuance_csr` set wants a certificate for that CSR. Workers of every replica claim
+due rows (`FOR UPDATE SKIP LOCKED`, then a lease: `issuance_lease` is a fresh UUID and
+`issuance_lease_until` its end), work on the order without holding a connection, and write the
+outcome only while their lease is still the row's: a completion or failure whose lease was
+taken over, or whose request was cancelled (a revocation, a new request, a deletion), changes
+nothing. A worker renews its lease while it works, so a lease expires only when the replica
+holding it is gone; the replica taking over resumes the order whose URL was recorded.
+
+The orders-per-period budget is a GCRA bucket (`acme_order_budget`), one row per ACME
+directory, spent in PostgreSQL so that every replica shares it exactly.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final
+
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb
+
+from cert_service.storage import (
+    _COLUMNS,
+    _LOG_CHANGED,
+    CANCEL_ISSUANCE,
+    CertificateRecord,
+    CertificateStore,
+    NewCertificate,
+    _record,
+)
+
+# A new request starts afresh: no attempts, error, lease or order of an earlier one.
+_REQUEST: Final = """issuance_attempts = 0, issuance_error = NULL, issuance_lease = NULL,
+    issuance_lease_until = NULL, acme_order_url = NULL"""
+
+
+@dataclass(frozen=True)
+class IssuanceJob:
+    """A claimed order for one device, valid while `lease` is the row's."""
+
+    device_id: str
+    uuid_subdomain: str
+    csr_pem: str
+    occasion: str
+    lease: uuid.UUID
+    order_url: str | None
+    attempts: int
+    requested_at: datetime
+
+
+class IssuanceQueue:
+    def __init__(self, store: CertificateStore) -> None:
+        self.store = store
+
+    async def request(
+        self, device_id: str, csr_pem: str, occasion: str, now: datetime, serial_number: str
+    ) -> tuple[CertificateRecord, int] | None:
+        """Queue an order for `csr_pem` (a renewal, or a provision's retry with a fresh key),
+        replacing any earlier one; None when the row changed since `serial_number` was read.
+        Returns the record and the logged cache invalidation's id."""
+        async with self.store.connection() as conn:
+            cur = await conn.execute(
+                f"""
+                WITH changed AS (
+                    UPDATE device_certificates SET {_REQUEST},
+                        issuance_csr = %s, issuance_occasion = %s,
+                        issuance_requested_at = %s, issuance_due_at = %s, updated_at = %s
+                    WHERE device_id = %s AND serial_number = %s
+                    RETURNING {_COLUMNS}
+                ), {_LOG_CHANGED}
+                SELECT changed.*, logged.id FROM changed, logged
+                """,
+                (csr_pem, occasion, now, now, now, device_id, serial_number, now),
+                binary=True,
+            )
+            row = await cur.fetchone()
+        return None if row is None else (_record(row[:-1]), row[-1])
+
+    async def claim(self, now: datetime, limit: int, lease: timedelta) -> list[IssuanceJob]:
+        """Lease up to `limit` due orders, oldest due first; each claim counts an attempt."""
+        async with self.store.connection() as conn:
+            cur = await conn.execute(
+                """
+                UPDATE device_certificates SET
+                    issuance_lease = gen_random_uuid(), issuance_lease_until = %s,
+                    issuance_attempts = issuance_attempts + 1
+                WHERE device_id IN (
+                    SELECT device_id FROM device_certificates
+                    WHERE issuance_csr IS NOT NULL AND issuance_due_at <= %s
+                      AND (issuance_lease_until IS NULL OR issuance_lease_until <= %s)
+                    ORDER BY issuance_due_at LIMIT %s
+                    FOR UPDATE SKIP LOCKED)
+                  AND issuance_csr IS NOT NULL AND issuance_due_at <= %s
+                  AND (issuance_lease_until IS NULL OR issuance_lease_until <= %s)
+                RETURNING device_id, uuid_subdomain, issuance_csr, issuance_occasion,
+                          issuance_lease, acme_order_url, issuance_attempts,
+                          issuance_requested_at
+                """,
+                (now + lease, now, now, limit, now, now),
+            )
+            rows = await cur.fetchall()
+        return [IssuanceJob(*row) for row in rows]
+
+    async def extend(self, job: IssuanceJob, until: datetime) -> bool:
+        """Keep the lease; False when it is no longer ours (the worker should stop)."""
+        async with self.store.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE device_certificates SET issuance_lease_until = %s "
+                "WHERE device_id = %s AND issuance_lease = %s",
+                (until, job.device_id, job.lease),
+            )
+            return cur.rowcount == 1
+
+    async def record_order(self, job: IssuanceJob, order_url: str) -> bool:
+        """Remember the placed order, so a takeover resumes it instead of placing another."""
+        async with self.store.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE device_certificates SET acme_order_url = %s "
+                "WHERE device_id = %s AND issuance_lease = %s",
+                (order_url, job.device_id, job.lease),
+            )
+            return cur.rowcount == 1
+
+    async def fail(
+        self,
+        job: IssuanceJob,
+        error: str,
+        due_at: datetime | None,
+        *,
+        keep_order: bool,
+        count_attempt: bool = True,
+    ) -> bool:
+        """Give the job back with its error, due again at `due_at` (None: only a new request
+        helps). `keep_order=False` forgets the order (it is invalid: the next attempt places
+        another); `count_attempt=False` for a job that was not tried (the budget deferred it)."""
+        async with self.store.connection() as conn:
+            cur = await conn.execute(
+                """
+                UPDATE device_certificates SET
+                    issuance_error = %s, issuance_due_at = %s,
+                    issuance_lease = NULL, issuance_lease_until = NULL,
+                    acme_order_url = CASE WHEN %s THEN acme_order_url END,
+                    issuance_attempts = issuance_attempts - CASE WHEN %s THEN 0 ELSE 1 END
+                WHERE device_id = %s AND issuance_lease = %s
+                """,
+                (error[:2000], due_at, keep_order, count_attempt, job.device_id, job.lease),
+            )
+            return cur.rowcount == 1
+
+    async def complete(
+        self, job: IssuanceJob, certificate: NewCertificate, now: datetime
+    ) -> tuple[CertificateRecord, int] | None:
+        """Store the CA's certificate, ACTIVE, and end the job; None when the lease is no
+        longer ours (the request was cancelled or replaced: the certificate is not used)."""
+        async with self.store.connection() as conn:
+            cur = await conn.execute(
+                f"""
+                WITH changed AS (
+                    UPDATE device_certificates SET
+                        certificate_data = jsonb_build_object('csr_pem', issuance_csr) || %s,
+                        serial_number = %s, fingerprint_sha256 = %s,
+                        issued_at = %s, expires_at = %s, status = 'active',
+                        revoked_at = NULL, revocation_reason = NULL,
+                        renewal_count = renewal_count
+                            + CASE WHEN status = 'pending' THEN 0 ELSE 1 END,
+                        updated_at = %s, {CANCEL_ISSUANCE}
+                    WHERE device_id = %s AND issuance_lease = %s
+                    RETURNING {_COLUMNS}
+                ), {_LOG_CHANGED}
+                SELECT changed.*, logged.id FROM changed, logged
+                """,
+                (
+                    Jsonb(certificate.data),
+                    certificate.serial_number,
+                    certificate.fingerprint_sha256,
+                    certificate.not_before,
+                    certificate.not_after,
+                    now,
+                    job.device_id,
+                    job.lease,
+                    now,
+                ),
+                binary=True,
+            )
+            row = await cur.fetchone()
+        return None if row is None else (_record(row[:-1]), row[-1])
+
+    @staticmethod
+    async def queue_renewals(
+        conn: AsyncConnection[TupleRow], device_ids: Sequence[str], now: datetime
+    ) -> tuple[list[tuple[str, str]], list[str]]:
+        """The lifecycle's renewals, on the connection whose transaction locked the rows: queue
+        an order with the stored CSR for each device. Returns the queued (device, name) pairs
+        and the devices without a stored CSR (their key was generated by us and never stored:
+        nothing can be submitted for them)."""
+        if not device_ids:
+            return [], []
+        cur = await conn.execute(
+            f"""
+            UPDATE device_certificates SET {_REQUEST},
+                issuance_csr = certificate_data->>'csr_pem',
+                issuance_occasion = 'auto_renew', issuance_requested_at = %s,
+                issuance_due_at = %s
+            WHERE device_id = ANY(%s::text[]) AND issuance_csr IS NULL
+              AND certificate_data->>'csr_pem' IS NOT NULL
+            RETURNING device_id, uuid_subdomain
+            """,
+            (now, now, list(device_ids)),
+        )
+        queued = [(device, name) for device, name in await cur.fetchall()]
+        done = {device for device, _ in queued}
+        return queued, [device for device in device_ids if device not in done]
+
+    async def pending(self) -> int:
+        """How many orders are wanted (the backlog gauge)."""
+        async with self.store.connection() as conn:
+            cur = await conn.execute(
+                "SELECT count(*) FROM device_certificates WHERE issuance_csr IS NOT NULL"
+            )
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    # -- the account and the order budget ------------------------------------------------------
+
+    async def account_url(self, directory_url: str, thumbprint: str) -> str | None:
+        async with self.store.connection() as conn:
+            cur = await conn.execute(
+                "SELECT account_url FROM acme_accounts "
+                "WHERE directory_url = %s AND key_thumbprint = %s",
+                (directory_url, thumbprint),
+            )
+            row = await cur.fetchone()
+        return None if row is None else str(row[0])
+
+    async def save_account(
+        self, directory_url: str, thumbprint: str, account_url: str, now: datetime
+    ) -> str:
+        """Record the account (the first replica's wins, or a re-registration replaces a
+        lost one); returns the account URL every replica uses from now on."""
+        async with self.store.connection() as conn:
+            cur = await conn.execute(
+                """
+                INSERT INTO acme_accounts (directory_url, key_thumbprint, account_url, created_at)
+                VALUES (%s, %s, %s, %s)
+                ON CONFLICT (directory_url, key_thumbprint)
+                DO UPDATE SET account_url = EXCLUDED.account_url, created_at = EXCLUDED.created_at
+                RETURNING account_url
+                """,
+                (directory_url, thumbprint, account_url, now),
+            )
+            row = await cur.fetchone()
+        return account_url if row is None else str(row[0])
+
+    async def spend_order(
+        self, directory_url: str, now: datetime, interval: timedelta, burst: int
+    ) -> timedelta:
+        """Spend one order from the budget (GCRA: one order every `interval`, `burst` at
+        once). Returns zero when admitted, else how long until an order would be."""
+        async with self.store.connection() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO acme_order_budget (directory_url, tat) VALUES (%s, %s) "
+                "ON CONFLICT DO NOTHING",
+                (directory_url, now - interval * burst),
+            )
+            cur = await conn.execute(
+                "SELECT tat FROM acme_order_budget WHERE directory_url = %s FOR UPDATE",
+                (directory_url,),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            tat: datetime = max(row[0], now) + interval
+            wait = tat - interval * burst - now
+            if wait > timedelta(0):
+                return wait
+            await conn.execute(
+                "UPDATE acme_order_budget SET tat = %s WHERE directory_url = %s",
+                (tat, directory_url),
+            )
+        return timedelta(0)
