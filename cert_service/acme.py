@@ -58,6 +58,14 @@ _PERMANENT: Final = frozenset(
     {"badCSR", "badPublicKey", "rejectedIdentifier", "unsupportedIdentifier", "malformed"}
 )
 _ACCOUNT_LOST: Final = frozenset({"accountDoesNotExist"})
+# RFC 5280 CRLReason codes of our revocation reasons.
+_REASON_CODES: Final = {
+    "unspecified": 0,
+    "key_compromise": 1,
+    "affiliation_changed": 3,
+    "superseded": 4,
+    "cessation_of_operation": 5,
+}
 
 
 @dataclass(frozen=True)
@@ -74,8 +82,9 @@ class AcmeSettings:
     network_timeout: float = 10.0
     # One attempt's limit: authorizations, finalization and download.
     order_timeout: float = 120.0
-    # Orders worked on at once by one process.
-    concurrency: int = 8
+    # Orders worked on at once by one process (threads: the HTTP and JOSE work holds the
+    # GIL, so more than a few per core slows the process's own requests down).
+    concurrency: int = 4
     # A claimed job's lease, renewed while it is worked on.
     lease: float = 60.0
     retry_min: float = 2.0
@@ -352,6 +361,22 @@ class AcmeClient:
             _sleep(wait if wait is not None else pause, deadline, "finalization")
             pause = min(pause * 2, 1.0)
             body = messages.Order.from_json(client._post_as_get(order.uri).json())
+
+    def revoke(self, certificate_pem: str, reason: str) -> None:
+        """Revoke at the CA (RFC 8555 7.6) with the account that ordered it; a certificate
+        the CA has revoked already counts as done. Raises AcmeFailure."""
+        leaf = x509.load_pem_x509_certificates(certificate_pem.encode("ascii"))[0]
+        code = _REASON_CODES.get(reason, 0)
+
+        def send() -> None:
+            client, _ = self._client()
+            try:
+                client.revoke(leaf, code)
+            except messages.Error as error:
+                if error.code != "alreadyRevoked":
+                    raise
+
+        _failures(send, self._local)
 
     def renewal_time(self, chain_pem: str) -> dt.datetime | None:
         """The CA's suggested renewal time (ARI, RFC 9773) when its directory offers

@@ -48,6 +48,8 @@ ORDERS = Counter(
     "ACME order attempts by outcome: issued, retry, invalid, refused, deferred, lost",
     ["outcome"],
 )
+PLACED = Counter("myl_acme_orders_placed", "New ACME orders placed (resumed ones are not counted)")
+REVOKED = Counter("myl_acme_revocations", "Revocations the ACME CA accepted")
 ISSUANCE_SECONDS = Histogram(
     "myl_acme_issuance_seconds",
     "From the request of a certificate to its storage, ACME issuer",
@@ -108,6 +110,7 @@ class AcmeWorker:
         self._jobs: set[asyncio.Task[None]] = set()
         self._account = asyncio.Lock()
         self._interval = timedelta(seconds=settings.order_period / settings.orders)
+        self._revoker: asyncio.Task[int] | None = None
 
     def poke(self) -> None:
         """A job was queued here: claim it now rather than at the next poll."""
@@ -124,6 +127,10 @@ class AcmeWorker:
                     await asyncio.wait_for(self._wake.wait(), self.poll_interval)
                 self._wake.clear()
         finally:
+            if self._revoker is not None:
+                self._revoker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._revoker
             for task in list(self._jobs):
                 task.cancel()
             if self._jobs:
@@ -132,6 +139,8 @@ class AcmeWorker:
 
     async def run_once(self) -> int:
         """Claim what there are free slots for and start it; returns how many were claimed."""
+        if self._revoker is None or self._revoker.done():
+            self._revoker = asyncio.create_task(self.send_revocations(), name="acme revocations")
         free = self.settings.concurrency - len(self._jobs)
         if free <= 0:
             return 0
@@ -147,6 +156,52 @@ class AcmeWorker:
             self._jobs.add(task)
             task.add_done_callback(self._jobs.discard)
         return len(jobs)
+
+    async def send_revocations(self) -> int:
+        """Send the due revocations to the CA; returns how many were accepted."""
+        try:
+            due = await self.queue.claim_revocations(
+                self.clock.now(), self.settings.concurrency, timedelta(seconds=self.settings.lease)
+            )
+        except Exception:
+            log.warning("cannot claim ACME revocations", exc_info=True)
+            return 0
+        sent = 0
+        for serial, pem, reason, attempts in due:
+            try:
+                await self._ensure_account()
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._executor, self.client.revoke, pem, reason)
+            except AcmeFailure as failure:
+                if failure.permanent:
+                    log.error(
+                        "the ACME CA refuses the revocation", serial=serial, error=str(failure)
+                    )
+                    with contextlib.suppress(Exception):
+                        await self.queue.revocation_sent(serial)
+                    continue
+                if failure.account_lost:
+                    self.client.account_url = None
+                delay = failure.retry_after or min(
+                    self.settings.retry_max, self.settings.retry_min * 2 ** max(0, attempts - 1)
+                )
+                log.warning(
+                    "ACME revocation failed", serial=serial, error=str(failure), retry_in=delay
+                )
+                with contextlib.suppress(Exception):
+                    await self.queue.revocation_failed(
+                        serial, str(failure), self.clock.now() + timedelta(seconds=delay)
+                    )
+                continue
+            except Exception:
+                log.warning("ACME revocation interrupted", serial=serial, exc_info=True)
+                continue
+            REVOKED.inc()
+            with contextlib.suppress(Exception):
+                await self.queue.revocation_sent(serial)
+            log.info("certificate revoked at the ACME CA", serial=serial, reason=reason)
+            sent += 1
+        return sent
 
     async def idle(self) -> None:
         """Wait until no job of this worker is in flight (tests)."""
@@ -210,6 +265,7 @@ class AcmeWorker:
         loop = asyncio.get_running_loop()
 
         def on_order(url: str) -> None:
+            PLACED.inc()
             recorded = asyncio.run_coroutine_threadsafe(self.queue.record_order(job, url), loop)
             if not recorded.result(timeout=30):
                 raise AcmeFailure("the job was cancelled or taken over")
@@ -219,7 +275,7 @@ class AcmeWorker:
         )
         new = certificate_from_chain(chain, occasion=job.occasion or "provision")
         now = self.clock.now()
-        done = await self.queue.complete(job, new, now)
+        done = await self.queue.complete(job, new, now, self.settings.directory_url)
         if done is None:
             log.info("ACME certificate not used: request cancelled", device_id=job.device_id)
             return

@@ -153,7 +153,7 @@ class IssuanceQueue:
             return cur.rowcount == 1
 
     async def complete(
-        self, job: IssuanceJob, certificate: NewCertificate, now: datetime
+        self, job: IssuanceJob, certificate: NewCertificate, now: datetime, directory_url: str
     ) -> tuple[CertificateRecord, int] | None:
         """Store the CA's certificate, ACTIVE, and end the job; None when the lease is no
         longer ours (the request was cancelled or replaced: the certificate is not used)."""
@@ -162,7 +162,8 @@ class IssuanceQueue:
                 f"""
                 WITH changed AS (
                     UPDATE device_certificates SET
-                        certificate_data = jsonb_build_object('csr_pem', issuance_csr) || %s,
+                        certificate_data = jsonb_build_object(
+                            'csr_pem', issuance_csr, 'acme_directory', %s::text) || %s,
                         serial_number = %s, fingerprint_sha256 = %s,
                         issued_at = %s, expires_at = %s, status = 'active',
                         revoked_at = NULL, revocation_reason = NULL,
@@ -175,6 +176,7 @@ class IssuanceQueue:
                 SELECT changed.*, logged.id FROM changed, logged
                 """,
                 (
+                    directory_url,
                     Jsonb(certificate.data),
                     certificate.serial_number,
                     certificate.fingerprint_sha256,
@@ -224,6 +226,39 @@ class IssuanceQueue:
             )
             row = await cur.fetchone()
         return int(row[0]) if row else 0
+
+    # -- revocations to send to the CA (acme_revocations, written by triggers) ----------------
+
+    async def claim_revocations(
+        self, now: datetime, limit: int, lease: timedelta
+    ) -> list[tuple[str, str, str, int]]:
+        """Due revocations as (serial, certificate PEM, reason, attempts), each pushed back by
+        `lease` so no other replica sends it meanwhile."""
+        async with self.store.connection() as conn:
+            cur = await conn.execute(
+                """
+                UPDATE acme_revocations SET due_at = %s, attempts = attempts + 1
+                WHERE serial_number IN (
+                    SELECT serial_number FROM acme_revocations WHERE due_at <= %s
+                    ORDER BY due_at LIMIT %s FOR UPDATE SKIP LOCKED)
+                RETURNING serial_number, certificate_pem, reason, attempts
+                """,
+                (now + lease, now, limit),
+            )
+            return [(str(a), str(b), str(c), int(d)) for a, b, c, d in await cur.fetchall()]
+
+    async def revocation_sent(self, serial_number: str) -> None:
+        async with self.store.connection() as conn:
+            await conn.execute(
+                "DELETE FROM acme_revocations WHERE serial_number = %s", (serial_number,)
+            )
+
+    async def revocation_failed(self, serial_number: str, error: str, due_at: datetime) -> None:
+        async with self.store.connection() as conn:
+            await conn.execute(
+                "UPDATE acme_revocations SET last_error = %s, due_at = %s WHERE serial_number = %s",
+                (error[:2000], due_at, serial_number),
+            )
 
     # -- the account and the order budget ------------------------------------------------------
 

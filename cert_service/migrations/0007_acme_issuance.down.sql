@@ -1,3 +1,7 @@
+DROP TRIGGER IF EXISTS device_certificates_acme_deleted_active ON device_certificates;
+DROP TRIGGER IF EXISTS device_certificates_acme_revoked ON device_certificates;
+DROP FUNCTION IF EXISTS device_certificates_acme_revocation();
+DROP TABLE IF EXISTS acme_revocations;
 DROP TABLE IF EXISTS acme_order_budget;
 DROP TABLE IF EXISTS acme_accounts;
 DROP INDEX IF EXISTS idx_device_certificates_issuance_due;

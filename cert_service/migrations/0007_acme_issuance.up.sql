@@ -44,3 +44,56 @@ CREATE TABLE acme_order_budget (
     directory_url  text        PRIMARY KEY,
     tat            timestamptz NOT NULL
 );
+
+-- Revocations to send to the ACME CA: relying parties learn revocation from the CA that
+-- issued the certificate, not from us. Written by triggers in the transaction that revokes
+-- (or deletes the device of) a certificate the ACME CA issued (certificate_data names its
+-- directory), so an acknowledged revocation is never forgotten; the worker sends them
+-- (revokeCert) and deletes the row, retrying with back-off.
+CREATE TABLE acme_revocations (
+    serial_number    text        PRIMARY KEY,
+    device_id        text        NOT NULL,
+    certificate_pem  text        NOT NULL,
+    reason           text        NOT NULL,
+    created_at       timestamptz NOT NULL,
+    due_at           timestamptz NOT NULL,
+    attempts         integer     NOT NULL DEFAULT 0,
+    last_error       text
+);
+
+CREATE INDEX idx_acme_revocations_due ON acme_revocations (due_at);
+
+CREATE FUNCTION device_certificates_acme_revocation() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    cert device_certificates;
+    why text;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        cert := OLD;
+        why := 'cessation_of_operation';
+    ELSE
+        cert := NEW;
+        why := coalesce(NEW.revocation_reason, 'unspecified');
+    END IF;
+    IF NOT cert.certificate_data ? 'acme_directory' THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO acme_revocations
+        (serial_number, device_id, certificate_pem, reason, created_at, due_at)
+    VALUES (cert.serial_number, cert.device_id, cert.certificate_data->>'chain_pem', why,
+            statement_timestamp(), statement_timestamp())
+    ON CONFLICT DO NOTHING;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER device_certificates_acme_revoked
+    AFTER UPDATE OF status ON device_certificates
+    FOR EACH ROW WHEN (NEW.status = 'revoked' AND OLD.status <> 'revoked')
+    EXECUTE FUNCTION device_certificates_acme_revocation();
+
+CREATE TRIGGER device_certificates_acme_deleted_active
+    AFTER DELETE ON device_certificates
+    FOR EACH ROW WHEN (OLD.status = 'active')
+    EXECUTE FUNCTION device_certificates_acme_revocation();
