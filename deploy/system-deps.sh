@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # System packages the stack and the tests need: PostgreSQL 15 server binaries,
-# redis-server, and prometheus (its promtool checks the alert rules, and the
-# monitoring test runs a real Prometheus); with the argument `bench`, also
-# h2load for the benchmarks.
+# redis-server, prometheus (its promtool checks the alert rules, and the
+# monitoring test runs a real Prometheus), and for the ACME issuer Knot DNS
+# (knotd, the authoritative server taking DNS-01 records) and pebble (Let's
+# Encrypt's test CA); with the argument `bench`, also h2load for the benchmarks.
 # Installed with apt when we are root; otherwise we say what to install.
 set -euo pipefail
 
@@ -10,6 +11,9 @@ missing=()
 [ -x "${PG_BIN:-/usr/lib/postgresql/15/bin}/postgres" ] || missing+=(postgresql-15)
 command -v redis-server >/dev/null || missing+=(redis-server)
 { command -v prometheus && command -v promtool; } >/dev/null || missing+=(prometheus)
+# knotd is in /usr/sbin, not on every user's PATH.
+{ command -v knotd || [ -x /usr/sbin/knotd ]; } >/dev/null || missing+=(knot)
+command -v pebble >/dev/null || missing+=(pebble)
 if [ "${1:-}" = bench ]; then
   command -v h2load >/dev/null || missing+=(nghttp2-client)
 fi
@@ -21,7 +25,7 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The packages' own services are not wanted: the stack runs its own servers.
-  for unit in redis-server postgresql prometheus prometheus-node-exporter; do
+  for unit in redis-server postgresql prometheus prometheus-node-exporter knot; do
     service "$unit" stop >/dev/null 2>&1 || true
   done
 else

@@ -12,6 +12,12 @@ pid, and exits 1 without touching anything, including its `.run/envoy.yaml`.
 Before starting anything it also checks that every port it will listen on is
 free, and names the one that is not. `.run/` cannot be listed by others, and the
 development CA key and the bootstrap operator key in it are mode 0600.
+
+With `CERT_ISSUER=acme` and no `ACME_DIRECTORY_URL` of its own, cert_service gets a
+local ACME world (`shared.acmestack`): Knot DNS, authoritative for the device zone and
+taking TSIG-signed updates, and Pebble, Let's Encrypt's test CA, validating DNS-01 against
+that Knot. Their settings go to cert_service only (the TSIG secret and the EAB key are
+nobody else's business). Default `make run` starts neither.
 """
 
 from __future__ import annotations
@@ -24,13 +30,21 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.acmestack import (
+    KnotServer,
+    PebbleServer,
+    TsigKey,
+    generate_account_key,
+    generate_eab,
+)
 from shared.config import ConfigError, EnvReader
 from shared.devstack import (
     DevStackError,
@@ -123,20 +137,24 @@ def take_run_lock(run: Path) -> IO[str]:
     return lock
 
 
-def require_free_ports(ports: dict[str, int]) -> None:
-    """DevStackError naming the first port something already listens on."""
-    for name, port in ports.items():
+def require_free_ports(ports: dict[str, int], *, udp: Collection[str] = ()) -> None:
+    """DevStackError naming the first port something already listens on; the ports
+    named in `udp` (a DNS server's) are checked for UDP as well as TCP."""
+    probes = [(name, port, socket.SOCK_STREAM) for name, port in ports.items()]
+    probes += [(name, ports[name], socket.SOCK_DGRAM) for name in udp if name in ports]
+    for name, port, kind in probes:
         if port == 0:
             continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        with socket.socket(socket.AF_INET, kind) as probe:
             # As the servers do: connections of a stack that just stopped (TIME_WAIT)
             # do not make the port busy, a listener does.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
+                protocol = "UDP port" if kind == socket.SOCK_DGRAM else "port"
                 raise DevStackError(
-                    f"port {port} ({name}) is already in use on 127.0.0.1: stop what "
+                    f"{protocol} {port} ({name}) is already in use on 127.0.0.1: stop what "
                     f"listens there or set {name} to another port"
                 ) from None
 
@@ -155,6 +173,16 @@ class Stack:
         # Replica i of a service listens on its port + 100 * i (metrics likewise).
         self.cert_ports = _replica_ports(self.env, "CERT_SERVICE", self.cert_port)
         self.key_ports = _replica_ports(self.env, "KEY_SERVICE", self.key_port)
+        # CERT_ISSUER=acme without a CA of its own: a local Knot and Pebble (start_acme).
+        cert = EnvReader("CERT_SERVICE", self.env)
+        self.local_acme = cert.text("CERT_ISSUER", "builtin") == "acme" and not cert.text(
+            "ACME_DIRECTORY_URL", ""
+        )
+        self.knot_port = reader.port("KNOT_PORT", 15353)
+        self.pebble_port = reader.port("PEBBLE_PORT", 14000)
+        self.pebble_management_port = reader.port("PEBBLE_MANAGEMENT_PORT", 15000)
+        # Settings for cert_service processes only (start_acme fills it).
+        self.cert_env: dict[str, str] = {}
 
     def ports(self) -> dict[str, int]:
         """Every port this stack will listen on, by the variable that sets it."""
@@ -173,7 +201,15 @@ class Stack:
             ports["DB_PORT"] = EnvReader("", self.env).port("DB_PORT", 5432)
         if not self.env.get("REDIS_HOST"):
             ports["REDIS_PORT"] = EnvReader("", self.env).port("REDIS_PORT", 6379)
+        if self.local_acme:
+            ports["KNOT_PORT"] = self.knot_port
+            ports["PEBBLE_PORT"] = self.pebble_port
+            ports["PEBBLE_MANAGEMENT_PORT"] = self.pebble_management_port
         return ports
+
+    def udp_ports(self) -> list[str]:
+        """The names in ports() that also listen on UDP."""
+        return ["KNOT_PORT"] if self.local_acme else []
 
     def start_databases(self) -> None:
         if not self.env.get("DB_HOST"):
@@ -236,6 +272,50 @@ class Stack:
                 f"CA_COMMON_NAME); delete {RUN / 'ca'} to create a new one"
             )
 
+    def start_acme(self) -> None:
+        """Knot and Pebble for CERT_ISSUER=acme, under RUN/knot and RUN/pebble.
+
+        A new TSIG key and EAB key at every start (both servers rewrite their config, and
+        Pebble forgets its accounts anyway); the account key `RUN/acme/account.key` is
+        kept. Pebble issues for 90 days, like Let's Encrypt, rather than its own default of
+        five years. `PEBBLE_*` variables of the environment reach Pebble, and beat the
+        `PEBBLE_VA_NOSLEEP=1` set here.
+        """
+        if not self.local_acme:
+            return
+        zone = EnvReader("CERT_SERVICE", self.env).text("DNS_ZONE", "myl.zip")
+        knot = KnotServer(RUN / "knot", self.knot_port, zone, tsig=TsigKey.generate())
+        say(f"Knot DNS on 127.0.0.1:{knot.port}, zone {knot.zone} (log {knot.log_path})")
+        self.stops.append(knot.stop)
+        knot.start()
+        pebble = PebbleServer(
+            RUN / "pebble",
+            self.pebble_port,
+            self.pebble_management_port,
+            knot.port,
+            eab=generate_eab(),
+            extra_env={k: v for k, v in self.env.items() if k.startswith("PEBBLE_")},
+            certificate_validity=timedelta(days=90),
+        )
+        say(
+            f"Pebble (test ACME CA) on {pebble.directory_url}, management on "
+            f"{pebble.management_url} (log {pebble.log_path})"
+        )
+        self.stops.append(pebble.stop)
+        pebble.start()
+        acme = RUN / "acme"
+        acme.mkdir(mode=0o700, exist_ok=True)
+        account_key = generate_account_key(acme / "account.key")
+        root = acme / "pebble-root.pem"
+        root.write_text(pebble.root_pem())
+        self.cert_env = {
+            **knot.env(),
+            **pebble.env(),
+            "ACME_ACCOUNT_KEY_FILE": str(account_key),
+        }
+        say(f"Pebble's issuing root (new at every start, trusted by nothing else): {root}")
+        say(f"  check a chain: openssl verify -CAfile {root} -untrusted chain.pem chain.pem")
+
     def spawn(
         self, name: str, argv: list[str], extra_env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
@@ -265,6 +345,8 @@ class Stack:
             for index, port in enumerate(ports):
                 name = service if len(ports) == 1 else f"{service}-{index}"
                 replica = {f"{prefix}_PORT": str(port)}
+                if service == "cert_service":
+                    replica.update(self.cert_env)
                 if metrics:
                     replica[f"{prefix}_METRICS_PORT"] = str(metrics + 100 * index)
                 process = self.spawn(
@@ -343,7 +425,7 @@ def main() -> int:
         RUN.chmod(0o711 if os.geteuid() == 0 else 0o700)
         lock = take_run_lock(RUN)
         stack = Stack()
-        require_free_ports(stack.ports())
+        require_free_ports(stack.ports(), udp=stack.udp_ports())
     except (DevStackError, ConfigError, OSError) as exc:
         print(f"[stack] error: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -352,6 +434,7 @@ def main() -> int:
             stack.start_databases()
             stack.migrate()
             stack.development_ca()
+            stack.start_acme()
             stack.start_services()
             gateway = stack.gateway_port
             stack.start_gateway()
@@ -362,6 +445,10 @@ def main() -> int:
             say(f"  cert_service (gRPC)    127.0.0.1:{stack.cert_port}")
             say(f"  key_service (gRPC)     127.0.0.1:{stack.key_port}")
             say(f"  operator key           {key_path}")
+            if stack.local_acme:
+                say(f"  Knot DNS (updates)     127.0.0.1:{stack.knot_port}")
+                say(f"  Pebble ACME directory  https://127.0.0.1:{stack.pebble_port}/dir")
+                say(f"  Pebble's root          {RUN / 'acme' / 'pebble-root.pem'}")
             say("Ctrl-C stops everything")
             while True:
                 time.sleep(3600)
