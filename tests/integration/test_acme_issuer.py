@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -473,7 +474,7 @@ def ca_status(servers: AcmeServers, serial_hex: str) -> str:
     """What Pebble says of a certificate (its management interface): Valid or Revoked."""
     reply = httpx.get(
         f"{servers.pebble.management_url}/cert-status-by-serial/{serial_hex}",
-        verify=str(servers.pebble.ca_bundle),
+        verify=ssl.create_default_context(cafile=str(servers.pebble.ca_bundle)),
         timeout=5,
     )
     reply.raise_for_status()
