@@ -7,9 +7,10 @@ A durable PostgreSQL and Redis, real Knot DNS (the zone, TSIG-signed RFC 2136 up
 real Pebble (no validation sleep, nonce rejection off, authorization reuse off, so every order
 validates two names through Knot), and `python -m cert_service serve` with CERT_ISSUER=acme
 as a separate process. A client provisions devices one at a time (the latency of an order
-alone), then a batch of WILDCARD devices at once, and polls GetCertificate every 20 ms for each until it is ACTIVE. Latency is per device, from the
-moment its ProvisionCertificate returned (PENDING) to the first read that showed it ACTIVE;
-throughput is the batch size over the time from the first provision to the last ACTIVE.
+alone), then a batch of WILDCARD devices at once, and polls GetCertificate every 20 ms for
+each until it is ACTIVE. Latency is per device, from the moment its ProvisionCertificate
+returned (PENDING) to the first read that showed it ACTIVE; throughput is the batch size over
+the time from the first provision to the last ACTIVE.
 """
 
 from __future__ import annotations
