@@ -413,6 +413,8 @@ def _failures(work: Callable[[], _T], local: threading.local | None) -> _T:
     except messages.Error as error:
         net = getattr(local, "net", None) if local is not None else None
         retry_after = getattr(net, "retry_after", None)
+        if error.code == "badNonce":
+            retry_after = 0.0  # the library retried once already: another nonce, at once
         raise AcmeFailure(
             _problem(error),
             retry_after=retry_after,

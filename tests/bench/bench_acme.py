@@ -59,7 +59,7 @@ async def run_batch(address: str, batch: int, prefix: str) -> tuple[list[float],
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.bench_acme")
     parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--single", type=int, default=20, help="provisions one at a time")
     args = parser.parse_args(argv)
 

@@ -501,3 +501,24 @@ async def test_revocation_and_deletion_reach_the_ca(
     while {ca_status(servers, serial) for serial in serials.values()} != {"Revoked"}:
         assert time.monotonic() < deadline, [ca_status(servers, s) for s in serials.values()]
         await asyncio.sleep(0.1)
+
+
+async def test_a_retried_provision_gets_a_fresh_key_and_the_certificate_is_for_it(
+    acme_stub: tuple[AcmeServers, RunningCertService, Stub],
+) -> None:
+    _, _, stub = acme_stub
+    request_id = "4c0ffee0-1234-4abc-8def-0123456789ab"
+    first = await provision(
+        stub, "acme-retry-1", uuid_subdomain="acme-retry", request_id=request_id
+    )
+    again = await provision(
+        stub, "acme-retry-1", uuid_subdomain="acme-retry", request_id=request_id
+    )
+    # The first reply's key reached nobody (it is never stored): the retry's key is the one
+    # the certificate is issued for.
+    assert again.private_key_pem
+    assert again.private_key_pem != first.private_key_pem
+    active = await wait_for(stub, "acme-retry-1", is_active)
+    leaf = x509.load_pem_x509_certificates(active.certificate_chain_pem.encode())[0]
+    key = serialization.load_pem_private_key(again.private_key_pem.encode(), None)
+    assert leaf.public_key() == key.public_key()
