@@ -389,6 +389,8 @@ class AcmeClient:
             when, _ = client.renewal_time((leaf + "-----END CERTIFICATE-----\n").encode())
         except (errors.Error, messages.Error, requests.RequestException, ValueError):
             return None
+        if when is not None and when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
         return when
 
 

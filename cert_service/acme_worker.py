@@ -281,6 +281,9 @@ class AcmeWorker:
             return
         record, invalidation = done
         await self.changed(record.device_id, record.uuid_subdomain, invalidation)
+        renew_at = await loop.run_in_executor(self._executor, self.client.renewal_time, chain)
+        if renew_at is not None:
+            await self.queue.set_renewal_time(job.device_id, new.serial_number, renew_at)
         ORDERS.labels("issued").inc()
         ISSUANCE_SECONDS.observe(max(0.0, (now - job.requested_at).total_seconds()))
         log.info(

@@ -227,6 +227,17 @@ class IssuanceQueue:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
+    async def set_renewal_time(self, device_id: str, serial_number: str, when: datetime) -> None:
+        """Record the CA's suggested renewal time (ARI) for the device's current certificate;
+        the lifecycle renews by it instead of RENEW_AT_FRACTION."""
+        async with self.store.connection() as conn:
+            await conn.execute(
+                "UPDATE device_certificates SET certificate_data = certificate_data "
+                "|| jsonb_build_object('ari_renew_at', %s::timestamptz) "
+                "WHERE device_id = %s AND serial_number = %s",
+                (when, device_id, serial_number),
+            )
+
     # -- revocations to send to the CA (acme_revocations, written by triggers) ----------------
 
     async def claim_revocations(

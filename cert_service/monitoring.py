@@ -4,7 +4,8 @@ Sampled every `METRICS_INTERVAL` seconds by every replica (each exports the same
 alerts take `max` over replicas): the delete cascade's outbox (pending events, the age of the
 oldest one), the lifecycle backlog (active auto-renewing certificates past their renewal point,
 which the worker should have renewed), active certificates expiring within 7 days (by
-auto_renewal), and when the CA certificate expires. The read-only statements live here beside
+auto_renewal), the ACME orders wanted and the age of the oldest, and when the CA certificate
+expires. The read-only statements live here beside
 the gauges they feed, not in `storage.py`: no request path uses them.
 """
 
@@ -24,6 +25,8 @@ from shared.metrics import (
     CA_EXPIRY,
     EXPIRING_SOON,
     FLEET_SAMPLE_TIME,
+    ISSUANCE_OLDEST,
+    ISSUANCE_PENDING,
     OUTBOX_LAG,
     OUTBOX_PENDING,
     RENEWAL_BACKLOG,
@@ -47,7 +50,9 @@ SELECT
        AND expires_at > %(now)s AND expires_at <= %(soon)s),
   (SELECT count(*) FROM device_certificates
      WHERE status = 'active' AND NOT auto_renewal
-       AND expires_at > %(now)s AND expires_at <= %(soon)s)
+       AND expires_at > %(now)s AND expires_at <= %(soon)s),
+  (SELECT count(*) FROM device_certificates WHERE issuance_csr IS NOT NULL),
+  (SELECT min(issuance_requested_at) FROM device_certificates WHERE issuance_csr IS NOT NULL)
 """
 
 
@@ -82,12 +87,16 @@ class FleetSampler:
             row = await cur.fetchone()
         if row is None:
             return
-        pending, oldest, backlog, expiring_auto, expiring_manual = row
+        pending, oldest, backlog, expiring_auto, expiring_manual, orders, oldest_order = row
         OUTBOX_PENDING.set(pending)
         OUTBOX_LAG.set(max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0)
         RENEWAL_BACKLOG.set(backlog)
         EXPIRING_SOON.labels("true").set(expiring_auto)
         EXPIRING_SOON.labels("false").set(expiring_manual)
+        ISSUANCE_PENDING.set(orders)
+        ISSUANCE_OLDEST.set(
+            max(0.0, (now - oldest_order).total_seconds()) if oldest_order is not None else 0.0
+        )
         FLEET_SAMPLE_TIME.set(now.timestamp())
 
     async def run(self, interval: float) -> None:

@@ -746,8 +746,9 @@ class CertificateStore:
         issued_before: datetime | None = None,
     ) -> AsyncIterator[tuple[AsyncConnection[TupleRow], list[RenewalSource]]]:
         """Lock up to `limit` active, auto-renewing certificates that are due for renewal:
-        `fraction` of their lifetime has passed, or they were issued before `issued_before`
-        (a mass re-issue; see `cert_service.ari`).
+        `fraction` of their lifetime has passed (or, for an ACME CA's certificate, the
+        renewal time its ARI suggested, `certificate_data.ari_renew_at`), or they were
+        issued before `issued_before` (a mass re-issue; see `cert_service.ari`).
 
         Yields inside a transaction; rows locked by another replica are skipped. Store the
         results with `store_renewals` on the yielded connection before the block ends.
@@ -762,11 +763,14 @@ class CertificateStore:
                        certificate_data->>'csr_pem'
                 FROM device_certificates
                 WHERE status = 'active' AND auto_renewal AND issuance_csr IS NULL
-                  AND (issued_at + (expires_at - issued_at) * %s <= %s OR issued_at < %s)
+                  AND (CASE WHEN certificate_data ? 'ari_renew_at'
+                            THEN (certificate_data->>'ari_renew_at')::timestamptz <= %s
+                            ELSE issued_at + (expires_at - issued_at) * %s <= %s END
+                       OR issued_at < %s)
                 ORDER BY expires_at LIMIT %s
                 FOR UPDATE SKIP LOCKED
                 """,
-                (fraction, now, issued_before, limit),
+                (now, fraction, now, issued_before, limit),
                 binary=True,
             )
             rows = await cur.fetchall()

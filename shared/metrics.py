@@ -63,6 +63,14 @@ RENEWAL_BACKLOG = Gauge(
     "myl_certificates_renewal_backlog",
     "Active auto-renewing certificates past their renewal point",
 )
+ISSUANCE_PENDING = Gauge(
+    "myl_certificates_pending_issuance",
+    "Certificates with an ACME order wanted (first issuance or renewal)",
+)
+ISSUANCE_OLDEST = Gauge(
+    "myl_certificates_pending_issuance_oldest_seconds",
+    "Age of the oldest wanted ACME order (0 when none)",
+)
 EXPIRING_SOON = Gauge(
     "myl_certificates_expiring_soon",
     "Active certificates expiring within 7 days",

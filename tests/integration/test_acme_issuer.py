@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -522,3 +523,33 @@ async def test_a_retried_provision_gets_a_fresh_key_and_the_certificate_is_for_i
     leaf = x509.load_pem_x509_certificates(active.certificate_chain_pem.encode())[0]
     key = serialization.load_pem_private_key(again.private_key_pem.encode(), None)
     assert leaf.public_key() == key.public_key()
+
+
+async def test_the_lifecycle_follows_the_cas_renewal_window_when_it_gave_one(
+    acme_stub: tuple[AcmeServers, RunningCertService, Stub],
+) -> None:
+    # Pebble 2.4 offers no ARI: the window a CA would suggest is recorded as the worker
+    # records it, and the lifecycle must renew by it rather than by RENEW_AT_FRACTION.
+    _, service, stub = acme_stub
+    worker = service.app.acme_worker
+    assert isinstance(worker, AcmeWorker)
+    for device in ("acme-ari-early", "acme-ari-late"):
+        await provision(stub, device, uuid_subdomain=device)
+    early = await wait_for(stub, "acme-ari-early", is_active)
+    late = await wait_for(stub, "acme-ari-late", is_active)
+    now = service.clock.now()
+    await worker.queue.set_renewal_time("acme-ari-early", early.serial_number, now)
+    await worker.queue.set_renewal_time(
+        "acme-ari-late", late.serial_number, now + timedelta(days=3650)
+    )
+
+    # Long past two thirds of the lifetime: only the CA's window counts.
+    service.clock.advance(seconds=(late.not_after.seconds - late.not_before.seconds) * 0.9)
+    await service.app.lifecycle.run_once()
+    renewed = await wait_for(
+        stub, "acme-ari-early", lambda c: is_active(c) and c.serial_number != early.serial_number
+    )
+    assert renewed.renewal_count == 1
+    unchanged = await stub.GetCertificate(cert_pb2.GetCertificateRequest(device_id="acme-ari-late"))
+    assert unchanged.certificate.serial_number == late.serial_number
+    assert not unchanged.certificate.HasField("pending_issuance")
