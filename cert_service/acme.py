@@ -312,11 +312,20 @@ class AcmeClient:
                 self._wait_authorization(client, authz, deadline)
         finally:
             for name, values in added:
-                try:
-                    self.dns.remove(name, values)
-                except DnsUpdateError as exc:
-                    # Harmless (a stale challenge value proves nothing) but worth knowing.
+                self._remove(name, values)
+
+    def _remove(self, name: str, values: list[str]) -> None:
+        """Delete challenge records, trying three times: a stale value proves nothing to
+        anyone (it is bound to one authorization), but the zone should not collect them."""
+        for attempt in range(3):
+            try:
+                self.dns.remove(name, values)
+                return
+            except DnsUpdateError as exc:
+                if attempt == 2:
                     log.warning("challenge record not removed", name=name, error=str(exc))
+                    return
+                time.sleep(0.2 * (attempt + 1))
 
     def _wait_authorization(
         self, client: ClientV2, authz: messages.AuthorizationResource, deadline: float
@@ -383,8 +392,10 @@ class AcmeClient:
         renewal information; None otherwise or when it cannot be had now."""
         try:
             client, _ = self._client()
-            if "renewalInfo" not in client.directory:
-                return None
+            try:
+                client.directory["renewalInfo"]
+            except KeyError:
+                return None  # the CA offers no ARI
             leaf = chain_pem.split("-----END CERTIFICATE-----", 1)[0]
             when, _ = client.renewal_time((leaf + "-----END CERTIFICATE-----\n").encode())
         except (errors.Error, messages.Error, requests.RequestException, ValueError):

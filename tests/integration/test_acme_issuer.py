@@ -55,7 +55,7 @@ class AcmeServers:
             "ACME_RETRY_MIN": "0.2",
             "ACME_RETRY_MAX": "1",
             "ACME_POLL_INTERVAL": "0.1",
-            "DNS_TIMEOUT": "0.5",
+            "DNS_TIMEOUT": "2",
             "DNS_PROPAGATION_TIMEOUT": "5",
             **self.knot.env(),
             **self.pebble.env(),
