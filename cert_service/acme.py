@@ -58,6 +58,8 @@ _PERMANENT: Final = frozenset(
     {"badCSR", "badPublicKey", "rejectedIdentifier", "unsupportedIdentifier", "malformed"}
 )
 _ACCOUNT_LOST: Final = frozenset({"accountDoesNotExist"})
+# Problems that say nothing about an order being looked up: the look-up is tried again.
+_TRANSIENT: Final = frozenset({"accountDoesNotExist", "badNonce", "rateLimited", "serverInternal"})
 # RFC 5280 CRLReason codes of our revocation reasons.
 _REASON_CODES: Final = {
     "unspecified": 0,
@@ -164,6 +166,11 @@ class AcmeClient:
         self._lock = threading.Lock()
         self._local = threading.local()
 
+    def close(self) -> None:
+        """Make every order in progress give up at its next wait (the service is stopping:
+        its job's lease runs out and a replica resumes the order)."""
+        self.dns.stopping.set()
+
     # -- plumbing -----------------------------------------------------------------------------
 
     def _network(self) -> _Network:
@@ -236,6 +243,8 @@ class AcmeClient:
         csr = csr_pem.encode("ascii")
         order = self._resume(client, order_url, csr) if order_url else None
         if order is None:
+            if self.dns.stopping.is_set():
+                raise AcmeFailure("the service is stopping")
             order = client.new_order(csr)
             on_order(str(order.uri))
         status = order.body.status
@@ -258,9 +267,9 @@ class AcmeClient:
         try:
             response = client._post_as_get(url)
         except messages.Error as error:
-            if error.code in ("malformed", "notFound") or "not found" in str(error).lower():
-                return None  # the CA forgot it: place another
-            raise
+            if error.code in _TRANSIENT:
+                raise
+            return None  # the CA does not know it (any more): place another
         except errors.ClientError:
             return None
         body = messages.Order.from_json(response.json())
@@ -325,7 +334,8 @@ class AcmeClient:
                 if attempt == 2:
                     log.warning("challenge record not removed", name=name, error=str(exc))
                     return
-                time.sleep(0.2 * (attempt + 1))
+                if self.dns.stopping.wait(0.2 * (attempt + 1)):
+                    return
 
     def _wait_authorization(
         self, client: ClientV2, authz: messages.AuthorizationResource, deadline: float
@@ -346,7 +356,7 @@ class AcmeClient:
                     order_invalid=True,
                 )
             wait = parse_retry_after(response.headers.get("Retry-After"))
-            _sleep(wait if wait is not None else pause, deadline, "authorization")
+            self._sleep(wait if wait is not None else pause, deadline, "authorization")
             pause = min(pause * 2, 1.0)
 
     def _certificate(
@@ -367,7 +377,7 @@ class AcmeClient:
                 body = order.body
                 continue
             wait = net.retry_after
-            _sleep(wait if wait is not None else pause, deadline, "finalization")
+            self._sleep(wait if wait is not None else pause, deadline, "finalization")
             pause = min(pause * 2, 1.0)
             body = messages.Order.from_json(client._post_as_get(order.uri).json())
 
@@ -387,6 +397,12 @@ class AcmeClient:
 
         _failures(send, self._local)
 
+    def _sleep(self, seconds: float, deadline: float, what: str) -> None:
+        if time.monotonic() + seconds > deadline:
+            raise AcmeFailure(f"{what} not complete within the order timeout")
+        if self.dns.stopping.wait(seconds):
+            raise AcmeFailure("the service is stopping")
+
     def renewal_time(self, chain_pem: str) -> dt.datetime | None:
         """The CA's suggested renewal time (ARI, RFC 9773) when its directory offers
         renewal information; None otherwise or when it cannot be had now."""
@@ -403,12 +419,6 @@ class AcmeClient:
         if when is not None and when.tzinfo is None:
             when = when.replace(tzinfo=dt.UTC)
         return when
-
-
-def _sleep(seconds: float, deadline: float, what: str) -> None:
-    if time.monotonic() + seconds > deadline:
-        raise AcmeFailure(f"{what} not complete within the order timeout")
-    time.sleep(seconds)
 
 
 def _problem(error: messages.Error | None) -> str:

@@ -131,6 +131,7 @@ class AcmeWorker:
                 self._revoker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._revoker
+            self.client.close()
             for task in list(self._jobs):
                 task.cancel()
             if self._jobs:
@@ -330,6 +331,3 @@ class AcmeWorker:
                 until = self.clock.now() + timedelta(seconds=lease)
                 if not await self.queue.extend(job, until):
                     return
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -16,6 +16,7 @@ Decisions:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ def challenge_name(identifier: str) -> str:
 class DnsUpdater:
     def __init__(self, settings: DnsSettings) -> None:
         self.settings = settings
+        # Set when the service stops: a wait for propagation gives up at once.
+        self.stopping = threading.Event()
         self.zone = dns.name.from_text(settings.zone)
         self.keyring = dns.tsigkeyring.from_text({settings.key_name: settings.secret})
         self.key_name = dns.name.from_text(settings.key_name)
@@ -101,7 +104,8 @@ class DnsUpdater:
                         f"{name} TXT not served by {host}:{port} within "
                         f"{self.settings.propagation_timeout:g}s"
                     )
-                time.sleep(pause)
+                if self.stopping.wait(pause):
+                    raise DnsUpdateError("the service is stopping")
                 pause = min(pause * 2, 0.5)
 
     def _served(self, host: str, port: int, name: str) -> set[str]:

@@ -62,11 +62,12 @@ class AcmeServers:
             **extra,
         }
 
-    def restart_pebble(self) -> None:
-        """Pebble again on the same ports and TLS CA, now validating through Knot: it has
-        forgotten every account and order."""
+    def restart_pebble(self, **pebble_env: str) -> None:
+        """Pebble again on the same ports and TLS CA, validating through Knot, with
+        `pebble_env` as its only extra settings: it has forgotten every account and order."""
         self.pebble.stop()
         self.pebble.dns_port = self.knot.port
+        self.pebble.extra_env = dict(pebble_env)
         self.pebble.start()
 
 
@@ -200,6 +201,10 @@ async def test_provision_is_pending_then_active_with_a_chain_pebbles_root_verifi
         assert reply.certificate.HasField("pending_issuance")
         assert reply.private_key_pem.startswith("-----BEGIN PRIVATE KEY-----")
         fqdn = "acme-one.myl.zip"
+        looked_up = await stub.LookupCertificate(
+            cert_pb2.LookupCertificateRequest(uuid_subdomain=fqdn)
+        )
+        assert looked_up.certificate.status == PENDING
         challenge = f"_acme-challenge.{fqdn}"
 
         seen: set[str] = set()
@@ -387,6 +392,28 @@ async def test_validation_failures_are_shown_and_retried_and_a_lost_account_is_r
         assert failing.status == PENDING
         assert "urn:ietf:params:acme:error" in failing.pending_issuance.last_error
 
+        # Between two attempts, the failed one's challenge records are gone.
+        async def between_attempts() -> cert_pb2.Certificate:
+            reply = await stub.GetCertificate(
+                cert_pb2.GetCertificateRequest(device_id="acme-invalid-1")
+            )
+            return reply.certificate
+
+        deadline = time.monotonic() + 20
+        while True:
+            before, now = await between_attempts(), service.clock.now().timestamp()
+            records = txt_values(servers.knot, "_acme-challenge.acme-invalid.myl.zip")
+            after = await between_attempts()
+            # Both reads saw the same failure recorded, its next attempt still ahead.
+            due = after.pending_issuance.next_attempt_time
+            waiting = due.seconds + due.nanos / 1e9 > now + 0.1
+            same = before.pending_issuance == after.pending_issuance
+            if same and waiting:
+                assert records == set()
+                break
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+
         # A CA that lost its state (a new Pebble validating through Knot): the account is
         # registered again and the order placed anew.
         servers.restart_pebble()
@@ -553,3 +580,35 @@ async def test_the_lifecycle_follows_the_cas_renewal_window_when_it_gave_one(
     unchanged = await stub.GetCertificate(cert_pb2.GetCertificateRequest(device_id="acme-ari-late"))
     assert unchanged.certificate.serial_number == late.serial_number
     assert not unchanged.certificate.HasField("pending_issuance")
+
+
+async def test_stopping_gives_up_orders_in_progress_and_another_replica_resumes_them(
+    acme_servers: StartServers, start_cert_service: StartCertService
+) -> None:
+    # Pebble waits up to a minute before each validation: orders are in progress for long.
+    servers = acme_servers(PEBBLE_VA_NOSLEEP="0", PEBBLE_VA_SLEEPTIME="60")
+    env = servers.env(ACME_LEASE="3")
+    first = await start_cert_service(**env)
+    devices = [f"acme-stop-{i}" for i in range(3)]
+    async with grpc.aio.insecure_channel(first.address) as channel:
+        stub = cert_pb2_grpc.CertificateServiceStub(channel)
+        for device in devices:
+            await provision(stub, device, uuid_subdomain=device)
+        for device in devices:
+            await wait_for(stub, device, lambda c: c.pending_issuance.attempts >= 1)
+    stopping = time.monotonic()
+    await first.stop()
+    # Not held up by the orders' waits: they give up and their leases run out.
+    assert time.monotonic() - stopping < 10
+    await asyncio.sleep(1)  # a request the stopped replica had in flight is answered
+    before = orders_placed()
+
+    servers.restart_pebble(PEBBLE_VA_NOSLEEP="1")  # it forgets the accounts and orders too
+    second = await start_cert_service(**servers.env())
+    async with grpc.aio.insecure_channel(second.address) as channel:
+        stub = cert_pb2_grpc.CertificateServiceStub(channel)
+        for device in devices:
+            await wait_for(stub, device, is_active)
+    # Each order the stopped replica placed was looked up again; Pebble had forgotten them,
+    # so one new order per certificate, never two.
+    assert orders_placed() - before == len(devices)
