@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Final
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from google.api import httpbody_pb2  # type: ignore[attr-defined]
 
@@ -64,6 +65,17 @@ class PublicRepository:
     def issuer_certificate(self) -> tuple[httpbody_pb2.HttpBody, Headers]:
         headers = (("cache-control", f"public, max-age={_CA_MAX_AGE}"),)
         return httpbody_pb2.HttpBody(content_type=CERT_CONTENT_TYPE, data=self._ca_der), headers
+
+
+def issuer_key_id(chain_pem: str) -> bytes:
+    """The authority key identifier of a chain's leaf (an ACME CA's certificate: RFC 9773's
+    certificate id names the issuer by it); empty when it has none."""
+    try:
+        leaf = x509.load_pem_x509_certificates(chain_pem.encode("ascii"))[0]
+        aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except (ValueError, IndexError, x509.ExtensionNotFound):
+        return b""
+    return aki.key_identifier or b""
 
 
 def renewal_info(

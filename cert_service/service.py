@@ -15,11 +15,11 @@ from google.api import httpbody_pb2  # type: ignore[attr-defined]
 from cert_service import validation
 from cert_service.ari import RenewalPolicy
 from cert_service.certificates import DeviceCertificates, ProvisionRequest
-from cert_service.pki import PublicRepository, renewal_info
+from cert_service.pki import PublicRepository, issuer_key_id, renewal_info
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from shared import idempotency
 from shared.clock import Clock
-from shared.errors import not_found, permission_denied
+from shared.errors import failed_precondition, not_found, permission_denied
 from shared.identity import caller_from_metadata
 
 SERVICE_NAME = cert_pb2.DESCRIPTOR.services_by_name["CertificateService"].full_name
@@ -168,7 +168,17 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
         device_id = validation.device_id(request.device_id)
         caller_from_metadata(context.invocation_metadata()).require_device(device_id)
         certificate = await self.certificates.get(device_id)
-        key_id = b"" if self.repository is None else self.repository.ca.key_id
+        if not certificate.serial_number:  # PENDING, or revoked before it was issued
+            raise failed_precondition(
+                "no certificate was issued yet: there is no renewal window before one is",
+                "CERTIFICATE_PENDING",
+                device_id=device_id,
+            )
+        key_id = (
+            issuer_key_id(certificate.certificate_chain_pem)
+            if self.repository is None
+            else self.repository.ca.key_id
+        )
         return renewal_info(self.renewal, certificate, key_id, self.clock.now())
 
     async def GetCrl(

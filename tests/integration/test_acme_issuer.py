@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import REGISTRY
 
 from cert_service.acme_worker import AcmeWorker
+from cert_service.ari import ari_cert_id
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from shared.acmestack import KnotServer, PebbleServer, TsigKey, generate_account_key
 from shared.devstack import free_port
@@ -281,7 +282,16 @@ async def test_renewal_keeps_the_certificate_usable_until_the_new_one_replaces_i
 ) -> None:
     _, service, stub = acme_stub
     await provision(stub, "acme-renew-1", uuid_subdomain="acme-renew")
+    with pytest.raises(grpc.aio.AioRpcError) as pending:
+        await stub.GetRenewalInfo(cert_pb2.GetRenewalInfoRequest(device_id="acme-renew-1"))
+    assert pending.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(pending.value) == "CERTIFICATE_PENDING"
     first = await wait_for(stub, "acme-renew-1", is_active)
+    info = await stub.GetRenewalInfo(cert_pb2.GetRenewalInfoRequest(device_id="acme-renew-1"))
+    leaf = x509.load_pem_x509_certificates(first.certificate_chain_pem.encode())[0]
+    aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    assert info.cert_id == ari_cert_id(aki.key_identifier or b"", first.serial_number)
+    assert first.not_before.seconds < info.suggested_window.start.seconds < first.not_after.seconds
 
     renewed = await stub.RenewCertificate(
         cert_pb2.RenewCertificateRequest(device_id="acme-renew-1"), timeout=10
