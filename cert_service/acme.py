@@ -55,7 +55,7 @@ _T = TypeVar("_T")
 USER_AGENT: Final = "myl-cert-service"
 # Problem types no retry of the same request can fix: the device must send another CSR.
 _PERMANENT: Final = frozenset(
-    {"badCSR", "badPublicKey", "rejectedIdentifier", "unsupportedIdentifier", "malformed"}
+    {"badCSR", "badPublicKey", "rejectedIdentifier", "unsupportedIdentifier"}
 )
 _ACCOUNT_LOST: Final = frozenset({"accountDoesNotExist"})
 # Problems that say nothing about an order being looked up: the look-up is tried again.
@@ -173,26 +173,28 @@ class AcmeClient:
 
     # -- plumbing -----------------------------------------------------------------------------
 
+    def _new_network(self) -> _Network:
+        return _Network(
+            self.key,
+            alg=self.algorithm,
+            verify_ssl=self.settings.ca_bundle or True,  # type: ignore[arg-type]
+            user_agent=USER_AGENT,
+            timeout=int(max(1, self.settings.network_timeout)),
+        )
+
     def _network(self) -> _Network:
         net: _Network | None = getattr(self._local, "net", None)
         if net is None:
-            net = _Network(
-                self.key,
-                alg=self.algorithm,
-                verify_ssl=self.settings.ca_bundle or True,  # type: ignore[arg-type]
-                user_agent=USER_AGENT,
-                timeout=int(max(1, self.settings.network_timeout)),
-            )
+            net = self._new_network()
             self._local.net = net
-        net.account = (
-            messages.RegistrationResource(uri=self.account_url, body=messages.Registration())
-            if self.account_url
-            else None
-        )
+        url = self.account_url  # read once: another thread may replace it
+        if url is None:
+            raise AcmeFailure("no ACME account yet", retry_after=0)
+        net.account = messages.RegistrationResource(uri=url, body=messages.Registration())
         return net
 
-    def _client(self) -> tuple[ClientV2, _Network]:
-        net = self._network()
+    def _client(self, net: _Network | None = None) -> tuple[ClientV2, _Network]:
+        net = net or self._network()
         with self._lock:
             if self._directory is None:
                 self._directory = ClientV2.get_directory(self.settings.directory_url, net)
@@ -204,31 +206,30 @@ class AcmeClient:
         return _failures(self._register, self._local)
 
     def _register(self) -> str:
-        saved, self.account_url = self.account_url, None
-        try:
-            client, _ = self._client()
-            binding = None
-            if self.settings.eab_kid:
-                binding = messages.ExternalAccountBinding.from_data(
-                    account_public_key=self.key.public_key(),
-                    kid=self.settings.eab_kid,
-                    hmac_key=self.settings.eab_hmac_key,
-                    directory=client.directory,
-                )
-            registration = messages.NewRegistration.from_data(
-                email=self.settings.contact or None,
-                terms_of_service_agreed=True,
-                external_account_binding=binding,
+        # Its own network, without an account: the threads working on orders keep signing
+        # with the account URL they have until the new one replaces it.
+        net = self._new_network()
+        self._local.net = net
+        client, _ = self._client(net)
+        binding = None
+        if self.settings.eab_kid:
+            binding = messages.ExternalAccountBinding.from_data(
+                account_public_key=self.key.public_key(),
+                kid=self.settings.eab_kid,
+                hmac_key=self.settings.eab_hmac_key,
+                directory=client.directory,
             )
-            try:
-                account = client.new_account(registration)
-                url = str(account.uri)
-            except errors.ConflictError as existing:
-                url = str(existing.location)
-        except BaseException:
-            self.account_url = saved
-            raise
-        return url
+        registration = messages.NewRegistration.from_data(
+            email=self.settings.contact or None,
+            terms_of_service_agreed=True,
+            external_account_binding=binding,
+        )
+        try:
+            return str(client.new_account(registration).uri)
+        except errors.ConflictError as existing:
+            return str(existing.location)
+        finally:
+            del self._local.net  # this thread's next order gets a network with the account
 
     # -- one order ----------------------------------------------------------------------------
 

@@ -174,6 +174,10 @@ class AcmeWorker:
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(self._executor, self.client.revoke, pem, reason)
             except AcmeFailure as failure:
+                if failure.account_lost:
+                    with contextlib.suppress(Exception):
+                        async with self._account:
+                            self.client.account_url = await self._register()
                 if failure.permanent:
                     log.error(
                         "the ACME CA refuses the revocation", serial=serial, error=str(failure)
@@ -181,8 +185,6 @@ class AcmeWorker:
                     with contextlib.suppress(Exception):
                         await self.queue.revocation_sent(serial)
                     continue
-                if failure.account_lost:
-                    self.client.account_url = None
                 delay = failure.retry_after or min(
                     self.settings.retry_max, self.settings.retry_min * 2 ** max(0, attempts - 1)
                 )
@@ -297,7 +299,8 @@ class AcmeWorker:
 
     async def _failed(self, job: IssuanceJob, failure: AcmeFailure) -> None:
         if failure.account_lost:
-            self.client.account_url = None
+            # Registered again, and the URL replaced at once for every thread (never unset:
+            # orders of other threads in flight keep signing with a URL).
             with contextlib.suppress(Exception):
                 async with self._account:
                     self.client.account_url = await self._register()
