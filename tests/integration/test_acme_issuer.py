@@ -250,6 +250,11 @@ async def test_device_csr_must_name_exactly_the_certificates_names(
     acme_stub: tuple[AcmeServers, RunningCertService, Stub],
 ) -> None:
     _, _, stub = acme_stub
+    # The CA's chain comes with each certificate; there is no chain of ours to hand out.
+    with pytest.raises(grpc.aio.AioRpcError) as no_chain:
+        await stub.GetCaChain(cert_pb2.GetCaChainRequest())
+    assert no_chain.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(no_chain.value) == "CA_CHAIN_WITH_CERTIFICATE"
     key = ec.generate_private_key(ec.SECP384R1())
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await provision(
