@@ -533,8 +533,13 @@ class CertificateStore:
             params.append(now)
         elif query.status == "revoked":
             conditions.append(sql.SQL("status = 'revoked'"))
+        elif query.status == "pending":
+            conditions.append(sql.SQL("status = 'pending'"))
+        elif query.status is not None:
+            raise ValueError(f"unknown status filter {query.status!r}")
         if query.expire_before is not None:
-            conditions.append(sql.SQL("expires_at < %s"))
+            # A pending row has no certificate, hence no expiry yet.
+            conditions.append(sql.SQL("expires_at < %s AND status <> 'pending'"))
             params.append(query.expire_before)
         if query.after is not None:
             conditions.append(sql.SQL("(created_at, device_id) < (%s, %s)"))

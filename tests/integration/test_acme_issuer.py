@@ -31,6 +31,7 @@ from prometheus_client import REGISTRY
 
 from cert_service.acme_worker import AcmeWorker
 from cert_service.ari import ari_cert_id
+from cert_service.storage import timestamp
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from shared.acmestack import KnotServer, PebbleServer, TsigKey, generate_account_key
 from shared.devstack import free_port
@@ -627,3 +628,23 @@ async def test_stopping_gives_up_orders_in_progress_and_another_replica_resumes_
     # Each order the stopped replica placed was looked up again; Pebble had forgotten them,
     # so one new order per certificate, never two.
     assert orders_placed() - before == len(devices)
+
+
+async def test_listing_by_status_pending_shows_only_certificates_not_yet_issued(
+    acme_stub: tuple[AcmeServers, RunningCertService, Stub],
+) -> None:
+    servers, service, stub = acme_stub
+    await provision(stub, "acme-list-issued", uuid_subdomain="acme-list-issued")
+    await wait_for(stub, "acme-list-issued", is_active)
+    servers.knot.stop()  # nothing completes from now on
+    await provision(stub, "acme-list-waiting", uuid_subdomain="acme-list-waiting")
+
+    async def listed(**fields: Any) -> list[str]:
+        reply = await stub.ListCertificates(cert_pb2.ListCertificatesRequest(**fields))
+        return [c.device_id for c in reply.certificates]
+
+    assert await listed(status=PENDING) == ["acme-list-waiting"]
+    assert await listed(status=ACTIVE) == ["acme-list-issued"]
+    # A pending certificate has no expiry: no "expires before" filter matches it.
+    far = service.clock.now() + timedelta(days=36_500)
+    assert await listed(expire_before=timestamp(far)) == ["acme-list-issued"]
