@@ -88,7 +88,7 @@ class AcmeSettings:
     # GIL, so more than a few per core slows the process's own requests down).
     concurrency: int = 4
     # A claimed job's lease, renewed while it is worked on.
-    lease: float = 60.0
+    lease: float = 20.0
     retry_min: float = 2.0
     retry_max: float = 900.0
     # The order budget: `orders` per `order_period` seconds, all at once at most.

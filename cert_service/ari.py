@@ -6,6 +6,8 @@ One rule, used by both, so that a device that asks and the lifecycle worker neve
   lifetime and closes halfway between that point and expiry (at five sixths by default). The
   worker renews auto-renewing certificates as soon as the window opens; a device that renews
   itself picks a random moment inside it, as RFC 9773 asks, which spreads load.
+* A certificate from an ACME CA that offers renewal information: the moment it suggested
+  (chosen inside its window when the certificate was stored), which the worker renews at.
 * Urgent: a revoked certificate, or one issued before the operator's mass re-issue cut-off
   (`REISSUE_ISSUED_BEFORE`, e.g. after an issuance bug), is due now. The window then lies in
   the past (from an hour ago to half an hour ago, as Boulder answers), which RFC 9773 clients read
@@ -64,13 +66,23 @@ class RenewalPolicy:
         return cutoff is not None and issued_at < cutoff
 
     def window(
-        self, issued_at: datetime, expires_at: datetime, *, revoked: bool, now: datetime
+        self,
+        issued_at: datetime,
+        expires_at: datetime,
+        *,
+        revoked: bool,
+        now: datetime,
+        ca_suggested: datetime | None = None,
     ) -> RenewalWindow:
         if revoked or self.must_reissue(issued_at):
             base = now.astimezone(UTC).replace(microsecond=0)
             return RenewalWindow(
                 base - _URGENT_START, base - _URGENT_END, explanation_url=self.explanation_url
             )
+        if ca_suggested is not None:
+            # The ACME CA's renewal information (its moment, which the worker renews at).
+            start_s = _ceil_second(ca_suggested)
+            return RenewalWindow(start_s, start_s + timedelta(seconds=1))
         lifetime = expires_at - issued_at
         start = issued_at + lifetime * self.fraction
         end = start + (expires_at - start) / 2

@@ -209,6 +209,12 @@ class DeviceCertificates:
             [record.to_pb(now) for record in records], records[-1] if more else None
         )
 
+    async def ca_renewal_time(self, device_id: str, serial_number: str) -> datetime | None:
+        """The renewal moment the ACME CA suggested for this certificate (ARI), if any."""
+        if self.acme is None:
+            return None
+        return await self.acme.queue.renewal_time(device_id, serial_number)
+
     def ca_chain_pem(self) -> str:
         if self.acme is not None:
             raise failed_precondition(

@@ -169,7 +169,7 @@ def _acme_settings(env: EnvReader) -> AcmeSettings:
         network_timeout=env.number("ACME_NETWORK_TIMEOUT", 10.0, minimum=0.1),
         order_timeout=env.number("ACME_ORDER_TIMEOUT", 120.0, minimum=1.0),
         concurrency=env.integer("ACME_CONCURRENCY", 4, minimum=1, maximum=64),
-        lease=env.number("ACME_LEASE", 60.0, minimum=1.0),
+        lease=env.number("ACME_LEASE", 20.0, minimum=1.0),
         retry_min=retry_min,
         retry_max=env.number("ACME_RETRY_MAX", 900.0, minimum=retry_min),
         orders=env.integer("ACME_ORDERS", 300, minimum=1, maximum=10_000_000),

@@ -238,6 +238,17 @@ class IssuanceQueue:
                 (when, device_id, serial_number),
             )
 
+    async def renewal_time(self, device_id: str, serial_number: str) -> datetime | None:
+        """The CA's suggested renewal time recorded for this certificate, if any."""
+        async with self.store.connection() as conn:
+            cur = await conn.execute(
+                "SELECT (certificate_data->>'ari_renew_at')::timestamptz "
+                "FROM device_certificates WHERE device_id = %s AND serial_number = %s",
+                (device_id, serial_number),
+            )
+            row = await cur.fetchone()
+        return None if row is None else row[0]
+
     # -- revocations to send to the CA (acme_revocations, written by triggers) ----------------
 
     async def claim_revocations(

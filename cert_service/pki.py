@@ -83,6 +83,7 @@ def renewal_info(
     certificate: cert_pb2.Certificate,
     authority_key_id: bytes,
     now: datetime,
+    ca_suggested: datetime | None = None,
 ) -> cert_pb2.GetRenewalInfoResponse:
     """The device's current certificate's window (see `cert_service.ari`)."""
     window = policy.window(
@@ -90,6 +91,7 @@ def renewal_info(
         certificate.not_after.ToDatetime(UTC),
         revoked=certificate.status == cert_pb2.CERTIFICATE_STATUS_REVOKED,
         now=now,
+        ca_suggested=ca_suggested,
     )
     return cert_pb2.GetRenewalInfoResponse(
         suggested_window=cert_pb2.RenewalWindow(

@@ -179,7 +179,8 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
             if self.repository is None
             else self.repository.ca.key_id
         )
-        return renewal_info(self.renewal, certificate, key_id, self.clock.now())
+        suggested = await self.certificates.ca_renewal_time(device_id, certificate.serial_number)
+        return renewal_info(self.renewal, certificate, key_id, self.clock.now(), suggested)
 
     async def GetCrl(
         self, request: cert_pb2.GetCrlRequest, context: Context

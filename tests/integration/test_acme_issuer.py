@@ -585,6 +585,11 @@ async def test_the_lifecycle_follows_the_cas_renewal_window_when_it_gave_one(
     await worker.queue.set_renewal_time(
         "acme-ari-late", late.serial_number, now + timedelta(days=3650)
     )
+    # A device that asks is told the same moment the worker goes by.
+    info = await stub.GetRenewalInfo(cert_pb2.GetRenewalInfoRequest(device_id="acme-ari-late"))
+    suggested = (now + timedelta(days=3650)).timestamp()
+    assert suggested <= info.suggested_window.start.seconds < suggested + 1
+    assert info.suggested_window.end.seconds == info.suggested_window.start.seconds + 1
 
     # Long past two thirds of the lifetime: only the CA's window counts.
     service.clock.advance(seconds=(late.not_after.seconds - late.not_before.seconds) * 0.9)
