@@ -206,11 +206,6 @@ class AcmeWorker:
             sent += 1
         return sent
 
-    async def idle(self) -> None:
-        """Wait until no job of this worker is in flight (tests)."""
-        while self._jobs:
-            await asyncio.wait(list(self._jobs))
-
     async def _ensure_account(self) -> None:
         async with self._account:
             if self.client.account_url:

@@ -30,6 +30,7 @@ from cert_service.issuer import (
     PublicKeyError,
     generate_private_key,
     load_public_key,
+    spki_der,
 )
 from cert_service.limits import CertificateLimits
 from cert_service.names import certificate_names
@@ -658,11 +659,8 @@ def _pending_certificate(
     public_key: PublicKey, request: ProvisionRequest, csr_pem: str, now: datetime
 ) -> NewCertificate:
     """A PENDING row's certificate: no chain or serial yet, the key and the CSR recorded."""
-    spki = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
     data = {
-        "public_key_sha256": hashlib.sha256(spki).hexdigest(),
+        "public_key_sha256": hashlib.sha256(spki_der(public_key)).hexdigest(),
         "public_key_pem": public_key.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         ).decode("ascii"),

@@ -218,15 +218,6 @@ class IssuanceQueue:
         done = {device for device, _ in queued}
         return queued, [device for device in device_ids if device not in done]
 
-    async def pending(self) -> int:
-        """How many orders are wanted (the backlog gauge)."""
-        async with self.store.connection() as conn:
-            cur = await conn.execute(
-                "SELECT count(*) FROM device_certificates WHERE issuance_csr IS NOT NULL"
-            )
-            row = await cur.fetchone()
-        return int(row[0]) if row else 0
-
     async def set_renewal_time(self, device_id: str, serial_number: str, when: datetime) -> None:
         """Record the CA's suggested renewal time (ARI) for the device's current certificate;
         the lifecycle renews by it instead of RENEW_AT_FRACTION."""

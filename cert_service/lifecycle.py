@@ -22,8 +22,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Final
 
 from cert_service import certcache
 from cert_service.ari import RenewalPolicy
@@ -38,9 +36,6 @@ from shared.logging import get_logger
 from shared.metrics import CERTIFICATE_OPERATIONS
 
 log = get_logger(__name__)
-
-# Stands for a renewal queued at the ACME CA (no certificate yet) in a batch's results.
-_NO_CERTIFICATE: Final = NewCertificate("", "", datetime.min, datetime.min, {})
 
 
 @dataclass(frozen=True)
@@ -95,7 +90,7 @@ class LifecycleWorker:
             # Whole seconds: due exactly when GetRenewalInfo's window has opened.
             now = self.clock.now().replace(microsecond=0)
             renewals: list[tuple[str, NewCertificate]] = []
-            queued: list[tuple[str, NewCertificate]] = []
+            queued = 0  # renewals queued as ACME orders
             broken: list[str] = []
             async with self.store.renewal_batch(
                 now,
@@ -106,7 +101,7 @@ class LifecycleWorker:
                 if self.queue is not None:
                     ids = [source.device_id for source in sources]
                     done, broken = await self.queue.queue_renewals(conn, ids, now)
-                    queued = [(device, _NO_CERTIFICATE) for device, _ in done]
+                    queued = len(done)
                     for device in broken:
                         log.error(
                             "no CSR stored to renew with; auto-renewal switched off",
@@ -134,7 +129,6 @@ class LifecycleWorker:
                         continue
                     renewals.append((source.device_id, new))
                 await self.store.store_renewals(conn, renewals, broken, now)
-                renewals += queued
             keys = [
                 key
                 for source in sources
@@ -145,9 +139,9 @@ class LifecycleWorker:
             ]
             if keys:
                 await self.cache.invalidate(*keys)
-            if renewals and self.queued is not None:
+            if queued and self.queued is not None:
                 self.queued()
-            renewed += len(renewals)
+            renewed += len(renewals) + queued
             failed += len(broken)
             if len(sources) < self.batch_size:
                 return renewed, failed
