@@ -26,6 +26,7 @@ account is gone (registered again, e.g. after the CA lost its state).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import email.utils
 import threading
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import requests
-from acme import challenges, errors, messages
+from acme import challenges, crypto_util, errors, messages
 from acme.client import ClientNetwork, ClientV2
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -51,6 +52,8 @@ from shared.logging import get_logger
 log = get_logger(__name__)
 
 _T = TypeVar("_T")
+# How long a failed attempt keeps challenge records for validations in flight.
+SETTLE_SECONDS: Final = 10.0
 
 USER_AGENT: Final = "myl-cert-service"
 # Problem types no retry of the same request can fix: the device must send another CSR.
@@ -115,10 +118,26 @@ class AcmeFailure(Exception):
         self.account_lost = account_lost
 
 
+# Tries of one request answered badNonce (RFC 8555 section 6.5: retry with a fresh nonce). The
+# library tries twice; CAs reject good nonces at random (Pebble 5 % of them), so two misses in a
+# row are seen often enough over a fleet's orders to end attempts for no reason.
+NONCE_TRIES: Final = 6
+
+
 class _Network(ClientNetwork):
-    """The library's network, remembering the last response's `Retry-After`."""
+    """The library's network, remembering the last response's `Retry-After` and trying a
+    request answered badNonce up to `NONCE_TRIES` times."""
 
     retry_after: float | None = None
+
+    def post(self, *args: Any, **kwargs: Any) -> requests.Response:
+        for attempt in range(1, NONCE_TRIES + 1):
+            try:
+                return self._post_once(*args, **kwargs)
+            except messages.Error as error:
+                if error.code != "badNonce" or attempt == NONCE_TRIES:
+                    raise
+        raise AssertionError("unreachable")
 
     def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
         response = super()._send_request(method, url, *args, **kwargs)
@@ -246,8 +265,7 @@ class AcmeClient:
         if order is None:
             if self.dns.stopping.is_set():
                 raise AcmeFailure("the service is stopping")
-            order = client.new_order(csr)
-            on_order(str(order.uri))
+            order = self._new_order(client, csr, on_order)
         status = order.body.status
         if status == messages.STATUS_INVALID:
             raise AcmeFailure(
@@ -276,13 +294,24 @@ class AcmeClient:
         body = messages.Order.from_json(response.json())
         if body.status == messages.STATUS_INVALID:
             return None
-        authorizations = [
-            client._authzr_from_response(client._post_as_get(authz), uri=authz)
-            for authz in body.authorizations
-        ]
-        return messages.OrderResource(
-            body=body, uri=url, authorizations=authorizations, csr_pem=csr
+        return _order_resource(client, url, body, csr)
+
+    def _new_order(
+        self, client: ClientV2, csr: bytes, on_order: Callable[[str], None]
+    ) -> messages.OrderResource:
+        """The library's `new_order`, recording the order as soon as the CA has placed it
+        (before its authorizations are fetched), so no failure leaves an order unrecorded."""
+        request = x509.load_pem_x509_csr(csr)
+        names, _ = crypto_util.get_identifiers_from_x509(request.subject, request.extensions)
+        identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=n) for n in names]
+        response = client._post(
+            client.directory["newOrder"], messages.NewOrder(identifiers=identifiers)
         )
+        url = response.headers.get("Location")
+        if not url:
+            raise AcmeFailure("the CA placed an order without a Location")
+        on_order(url)
+        return _order_resource(client, url, messages.Order.from_json(response.json()), csr)
 
     def _authorize(self, client: ClientV2, order: messages.OrderResource, deadline: float) -> None:
         records: dict[str, list[str]] = {}
@@ -310,19 +339,38 @@ class AcmeClient:
         if not pending:
             return
         added: list[tuple[str, list[str]]] = []
+        # Challenges the CA may be validating: answered now, or by an earlier attempt.
+        in_flight = [a for a, c in pending if c.status != messages.STATUS_PENDING]
+        settled = False
         try:
             for name, values in records.items():
                 self.dns.add(name, values)
                 added.append((name, values))
             for name, values in records.items():
                 self.dns.wait_served(name, values)
-            for _, challenge in pending:
-                client.answer_challenge(challenge, challenge.chall.response(self.key))
+            for authz, challenge in pending:
+                if challenge.status == messages.STATUS_PENDING:
+                    client.answer_challenge(challenge, challenge.chall.response(self.key))
+                    in_flight.append(authz)
             for authz, _ in pending:
                 self._wait_authorization(client, authz, deadline)
+            settled = True
         finally:
+            if not settled and added:
+                self._settle(client, in_flight)
             for name, values in added:
                 self._remove(name, values)
+
+    def _settle(self, client: ClientV2, in_flight: list[messages.AuthorizationResource]) -> None:
+        """An attempt ending while the CA validates: the records stay until it has looked
+        (at most `SETTLE_SECONDS`), so the next attempt finds the authorizations valid
+        instead of failed against a removed record, which would cost a new order."""
+        deadline = time.monotonic() + SETTLE_SECONDS
+        for authz in in_flight:
+            with contextlib.suppress(
+                AcmeFailure, messages.Error, errors.Error, requests.RequestException
+            ):
+                self._wait_authorization(client, authz, deadline)
 
     def _remove(self, name: str, values: list[str]) -> None:
         """Delete challenge records, trying three times: a stale value proves nothing to
@@ -422,6 +470,16 @@ class AcmeClient:
         return when
 
 
+def _order_resource(
+    client: ClientV2, url: str, body: messages.Order, csr: bytes
+) -> messages.OrderResource:
+    authorizations = [
+        client._authzr_from_response(client._post_as_get(authz), uri=authz)
+        for authz in body.authorizations
+    ]
+    return messages.OrderResource(body=body, uri=url, authorizations=authorizations, csr_pem=csr)
+
+
 def _problem(error: messages.Error | None) -> str:
     if error is None:
         return "no reason given"
@@ -438,7 +496,7 @@ def _failures(work: Callable[[], _T], local: threading.local | None) -> _T:
         net = getattr(local, "net", None) if local is not None else None
         retry_after = getattr(net, "retry_after", None)
         if error.code == "badNonce":
-            retry_after = 0.0  # the library retried once already: another nonce, at once
+            retry_after = 0.0  # tried NONCE_TRIES times already: another attempt, at once
         raise AcmeFailure(
             _problem(error),
             retry_after=retry_after,

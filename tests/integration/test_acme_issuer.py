@@ -383,8 +383,14 @@ async def test_dns_server_down_leaves_it_pending_with_its_error_then_it_complete
 async def test_pebble_nonce_rejection_is_survived(
     acme_servers: StartServers, start_cert_service: StartCertService
 ) -> None:
-    servers = acme_servers(PEBBLE_WFE_NONCEREJECT="40")
+    # 40 % of good nonces refused: requests are tried again with fresh ones, and an attempt
+    # that still fails resumes its order (recorded as soon as the CA placed it, its records
+    # kept while the CA validates), so each certificate costs exactly one order.
+    servers = acme_servers(
+        PEBBLE_WFE_NONCEREJECT="40", PEBBLE_VA_NOSLEEP="0", PEBBLE_VA_SLEEPTIME="1"
+    )
     service = await start_cert_service(**servers.env())
+    before = orders_placed()
     async with grpc.aio.insecure_channel(service.address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         devices = [f"acme-nonce-{i}" for i in range(6)]
@@ -393,6 +399,8 @@ async def test_pebble_nonce_rejection_is_survived(
         for device in devices:
             active = await wait_for(stub, device, is_active)
             assert active.certificate_chain_pem
+            assert txt_values(servers.knot, f"_acme-challenge.{device}.myl.zip") == set()
+    assert orders_placed() - before == len(devices)
 
 
 async def test_validation_failures_are_shown_and_retried_and_a_lost_account_is_registered_again(
