@@ -308,25 +308,43 @@ class IssuanceQueue:
         self, directory_url: str, now: datetime, interval: timedelta, burst: int
     ) -> timedelta:
         """Spend one order from the budget (GCRA: one order every `interval`, `burst` at
-        once). Returns zero when admitted, else how long until an order would be."""
-        async with self.store.connection() as conn, conn.transaction():
+        once). Returns zero when admitted, else how long until an order would be.
+
+        Each statement is its own transaction (the store's connections autocommit): the
+        bucket's row is locked only while the server runs the UPDATE, never across a round
+        trip, so a replica that stalls between statements cannot hold up the others."""
+        async with self.store.connection() as conn:
             await conn.execute(
                 "INSERT INTO acme_order_budget (directory_url, tat) VALUES (%s, %s) "
                 "ON CONFLICT DO NOTHING",
                 (directory_url, now - interval * burst),
             )
+            # The outer SELECT sees the row as it was before the UPDATE (one snapshot).
             cur = await conn.execute(
-                "SELECT tat FROM acme_order_budget WHERE directory_url = %s FOR UPDATE",
-                (directory_url,),
+                """
+                WITH spent AS (
+                    UPDATE acme_order_budget
+                    SET tat = GREATEST(tat, %(now)s) + %(interval)s
+                    WHERE directory_url = %(url)s
+                      AND GREATEST(tat, %(now)s) + %(interval)s - %(window)s <= %(now)s
+                    RETURNING tat
+                )
+                SELECT EXISTS (SELECT 1 FROM spent), tat
+                FROM acme_order_budget WHERE directory_url = %(url)s
+                """,
+                {
+                    "url": directory_url,
+                    "now": now,
+                    "interval": interval,
+                    "window": interval * burst,
+                },
             )
             row = await cur.fetchone()
-            assert row is not None
-            tat: datetime = max(row[0], now) + interval
-            wait = tat - interval * burst - now
-            if wait > timedelta(0):
-                return wait
-            await conn.execute(
-                "UPDATE acme_order_budget SET tat = %s WHERE directory_url = %s",
-                (tat, directory_url),
-            )
-        return timedelta(0)
+        assert row is not None
+        if row[0]:
+            return timedelta(0)
+        tat: datetime = row[1]
+        wait = max(tat, now) + interval - interval * burst - now
+        # Not positive: another replica spent the last order between the snapshot and the
+        # UPDATE (which then saw its row); the next one is at most one interval away.
+        return wait if wait > timedelta(0) else interval

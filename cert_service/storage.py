@@ -391,7 +391,7 @@ class CertificateStore:
                 ON CONFLICT DO NOTHING
                 RETURNING device_id, serial_number
                 """,
-                (document, self.db.write_deadline()),
+                (document, self.db.write_deadline(conn)),
             )
             if len(rows) == 1:
                 return [rows[0].record() if cur.rowcount == 1 else None]

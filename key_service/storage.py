@@ -518,7 +518,7 @@ class KeyStore:
                     "now": now,
                     "request_id": request.request_id if request else None,
                     "request_hash": request.fingerprint if request else None,
-                    "deadline": self.db.write_deadline(),
+                    "deadline": self.db.write_deadline(conn),
                 },
             )
         except psycopg.errors.UniqueViolation as exc:

@@ -6,12 +6,16 @@ while PostgreSQL is unreachable (stopped, restarting, or hung):
 
 * **Fast, retryable failure.** Once the database is known to be down, `connection()` raises
   UNAVAILABLE (`DATABASE_UNAVAILABLE`, with a retry delay) at once, without touching the
-  network. It learns that from a connection error, from a connection that could not be had
-  within `operation_timeout`, or from a watchdog: a connection held for longer than
-  `operation_timeout` (a hung server never answers, and TCP never says so) has its socket
-  shut down, which makes psycopg raise at once in the waiting request instead of waiting for
-  its own cancellation round trips to a server that does not answer. Every such failure
-  reaches the client as UNAVAILABLE, never INTERNAL.
+  network. It learns that from a connection error, or from a fresh connection that fails
+  after a request could not get a pooled one within `operation_timeout` or was cut by the
+  watchdog. The watchdog cuts a connection held for longer than `operation_timeout` whose
+  statement is at the server with no answer yet (a hung server never answers, and TCP never
+  says so): its socket is shut down, which makes psycopg raise at once in the waiting
+  request instead of waiting for its own cancellation round trips to a server that does not
+  answer. A connection whose answer has arrived but not yet been read, or with nothing in
+  flight, is never cut: the delay is this process's (a busy CPU), not the server's. Every
+  such failure reaches the client as UNAVAILABLE, never INTERNAL; a statement that was only
+  slow (a lock wait) fails alone, because the confirming connection succeeds.
 * **Fast recovery.** While down, a prober connects every `probe_interval` seconds. As soon
   as one connection works, a new pool replaces the old one (whose connections are all dead,
   and whose own reconnect back-off can grow to many seconds), and requests flow again.
@@ -27,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -35,7 +40,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import psycopg
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, pq
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -144,6 +149,27 @@ def _shut_down_socket(conn: Connection) -> None:
             duplicate.close()
 
 
+def _awaits_server(conn: Connection) -> bool:
+    """`conn` has a statement at the server and nothing of its answer has arrived.
+
+    Only then is a connection held past its budget the server's fault. One whose answer is
+    waiting in the socket, or that has nothing in flight, is slow on our side (a busy
+    process: the event loop has not run its request yet); cutting it would fail a request
+    the database served in time, and declaring the database down for it would fail all."""
+    try:
+        if conn.pgconn.transaction_status != pq.TransactionStatus.ACTIVE:
+            return False
+        fd = conn.pgconn.socket
+    except psycopg.OperationalError:
+        return False  # closed: its request fails by itself
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    try:
+        return not poller.poll(0)
+    except OSError:
+        return False
+
+
 class Database:
     """The service's pool, behind fast failure and fast recovery (see the module docstring)."""
 
@@ -163,6 +189,7 @@ class Database:
         self.probe_interval = probe_interval
         self.down_since: float | None = None
         self._held: dict[int, tuple[Connection, float]] = {}
+        self._cut: set[int] = set()  # held connections the watchdog cut
         self._watchdog: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
         self._retired: set[asyncio.Task[None]] = set()
@@ -206,10 +233,15 @@ class Database:
         except _ERRORS as exc:
             if not is_connection_error(exc):
                 raise
-            self.suspect(exc)
+            if token in self._cut:
+                # Cut by the watchdog: the server is down only if it fails a fresh connection.
+                self._start_prober(confirm_first=True)
+            else:
+                self.suspect(exc)
             raise database_unavailable(self.service) from exc
         finally:
             self._held.pop(token, None)
+            self._cut.discard(token)
             if watched:  # request-path work; background batches would drown it
                 self._query_latency.observe(time.perf_counter() - started)
             await pool.putconn(conn)
@@ -226,11 +258,16 @@ class Database:
         if row is not None:
             self.clock_offset = row[0] - (before + (after - before) / 2)
 
-    def write_deadline(self) -> datetime:
-        """The latest moment, on the server's clock, at which a write sent now may still take
-        effect: when the watchdog would have released its caller. A statement guarded with
-        `clock_timestamp() < deadline` that a hung server runs only after it resumes changes
-        nothing, so a caller that was told UNAVAILABLE never finds its write done."""
+    def write_deadline(self, conn: Connection) -> datetime:
+        """The latest moment, on the server's clock, at which a write sent now on `conn` may
+        still take effect. A statement guarded with `clock_timestamp() < deadline` that a hung
+        server runs only after its caller was released changes nothing, so a caller that was
+        told UNAVAILABLE never finds its write done. The watchdog does not cut `conn` before
+        that moment (its watch is extended to it), so the release always comes after it."""
+        limit = time.monotonic() + self.operation_timeout
+        held = self._held.get(id(conn))
+        if held is not None and held[0] is conn and held[1] < limit:
+            self._held[id(conn)] = (conn, limit)
         return datetime.now(UTC) + self.clock_offset + timedelta(seconds=self.operation_timeout)
 
     # -- detection -------------------------------------------------------------------------
@@ -271,11 +308,18 @@ class Database:
                 return
             await asyncio.sleep(_WATCH_PERIOD)
             now = time.monotonic()
-            overdue = [conn for conn, deadline in self._held.values() if now > deadline]
+            overdue = [
+                (token, conn)
+                for token, (conn, deadline) in self._held.items()
+                if now > deadline and token not in self._cut and _awaits_server(conn)
+            ]
             if overdue:
-                for conn in overdue:
+                for token, conn in overdue:
+                    self._cut.add(token)
                     _shut_down_socket(conn)
-                self._mark_down(None)
+                # A server that answers a fresh connection is alive, and only that statement
+                # was slow (waiting on a lock, say): it is not a reason to fail every request.
+                self._start_prober(confirm_first=True)
 
     # -- recovery --------------------------------------------------------------------------
 

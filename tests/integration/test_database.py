@@ -1,0 +1,123 @@
+"""`shared.db.Database` against the real PostgreSQL: what is slow is not what is down.
+
+A statement kept waiting by the server for something else (a lock another transaction
+holds), or an answer that arrived while this process was busy, must not make the service
+answer UNAVAILABLE to everyone: only a server that does not answer a fresh connection is
+down. And the ACME order budget, which every replica spends, is exact under contention.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+from cert_service.issuance_queue import IssuanceQueue
+from cert_service.storage import CertificateStore
+from shared.config import DatabaseConfig
+from shared.db import Database, open_database
+from shared.devstack import PostgresServer
+from shared.errors import DomainError, ErrorKind
+
+OPERATION_TIMEOUT = 0.3
+
+
+@pytest.fixture
+async def db(pg_server: PostgresServer, database: str) -> AsyncIterator[Database]:
+    config = DatabaseConfig(
+        host=pg_server.host,
+        port=pg_server.port,
+        name=database,
+        user=pg_server.user,
+        sslmode="disable",
+        operation_timeout=OPERATION_TIMEOUT,
+    )
+    opened = await open_database(config, "test")
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def select_one(db: Database) -> int:
+    async with db.connection() as conn:
+        cur = await conn.execute("SELECT 1")
+        row = await cur.fetchone()
+        await conn.rollback()
+    assert row is not None
+    return int(row[0])
+
+
+async def settle(db: Database) -> None:
+    """Let a confirming probe, if one was started, finish."""
+    if db._prober is not None:
+        await asyncio.wait([db._prober], timeout=5)
+
+
+async def test_a_statement_waiting_on_a_lock_fails_alone_and_the_database_stays_up(
+    db: Database, pg_server: PostgresServer, database: str
+) -> None:
+    with psycopg.connect(pg_server.conninfo(database), autocommit=True) as holder:
+        holder.execute("CREATE TABLE locked_row (id int PRIMARY KEY)")
+        holder.execute("INSERT INTO locked_row VALUES (1)")
+        with holder.transaction():
+            holder.execute("SELECT id FROM locked_row WHERE id = 1 FOR UPDATE")
+            started = time.monotonic()
+            with pytest.raises(DomainError) as failed:
+                async with db.connection() as conn:
+                    await conn.execute("UPDATE locked_row SET id = 1 WHERE id = 1")
+            waited = time.monotonic() - started
+            # Meanwhile, other requests are served: the server is alive.
+            assert await select_one(db) == 1
+    assert failed.value.kind is ErrorKind.UNAVAILABLE
+    assert OPERATION_TIMEOUT <= waited < OPERATION_TIMEOUT + 1.0
+    await settle(db)
+    assert db.up
+    assert await select_one(db) == 1
+
+
+async def test_an_answer_that_arrived_while_the_process_was_busy_is_not_cut(
+    db: Database,
+) -> None:
+    async with db.connection() as conn:
+        # The statement is sent and answered, but nothing reads the answer for longer than
+        # the operation timeout: the event loop runs (the watchdog looks), this request not.
+        pgconn = conn.pgconn
+        pgconn.send_query(b"SELECT 42")
+        assert pgconn.flush() == 0  # a few bytes: all sent at once
+        await asyncio.sleep(OPERATION_TIMEOUT * 3)
+        pgconn.consume_input()
+        assert not pgconn.is_busy()
+        results = []
+        while (result := pgconn.get_result()) is not None:
+            results.append(result)
+        assert results[0].get_value(0, 0) == b"42"
+        cur = await conn.execute("SELECT 43")
+        assert await cur.fetchone() == (43,)
+        await conn.rollback()
+    assert db.up
+
+
+async def test_the_order_budget_admits_exactly_its_orders_under_contention(
+    db: Database, pg_server: PostgresServer, database: str
+) -> None:
+    queues = [IssuanceQueue(CertificateStore(db)) for _ in range(2)]
+    now = datetime.now(UTC)
+    interval = timedelta(minutes=12)  # 5 per hour
+    url = "https://acme.example/directory"
+
+    async def spend(index: int) -> timedelta:
+        return await queues[index % 2].spend_order(url, now, interval, 5)
+
+    waits = await asyncio.gather(*(spend(i) for i in range(20)))
+    admitted = [w for w in waits if w == timedelta(0)]
+    assert len(admitted) == 5
+    # Every refusal says when the next order will be: the budget refills one per interval.
+    assert all(timedelta(0) < w <= interval for w in waits if w != timedelta(0))
+    later = await queues[0].spend_order(url, now + interval, interval, 5)
+    assert later == timedelta(0)
+    assert await queues[1].spend_order(url, now + interval, interval, 5) > timedelta(0)
