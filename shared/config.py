@@ -113,8 +113,8 @@ class DatabaseConfig:
     pool_max: int = 20
     idle_timeout: float = 30.0
     connect_timeout: float = 2.0
-    # A request-path statement not answered within this is cut, and the database is
-    # treated as unreachable until a probe connects (shared/db.py).
+    # A request-path statement the server has not answered within this is cut; if a fresh
+    # connection fails too, the database is unreachable until a probe connects (shared/db.py).
     operation_timeout: float = 0.5
 
     @classmethod
