@@ -264,11 +264,12 @@ class Database:
         server runs only after its caller was released changes nothing, so a caller that was
         told UNAVAILABLE never finds its write done. The watchdog does not cut `conn` before
         that moment (its watch is extended to it), so the release always comes after it."""
-        limit = time.monotonic() + self.operation_timeout
+        deadline = datetime.now(UTC) + self.clock_offset + timedelta(seconds=self.operation_timeout)
+        limit = time.monotonic() + self.operation_timeout  # read after: never before `deadline`
         held = self._held.get(id(conn))
         if held is not None and held[0] is conn and held[1] < limit:
             self._held[id(conn)] = (conn, limit)
-        return datetime.now(UTC) + self.clock_offset + timedelta(seconds=self.operation_timeout)
+        return deadline
 
     # -- detection -------------------------------------------------------------------------
 
@@ -291,9 +292,12 @@ class Database:
                 service=self.service,
                 error=type(error).__name__ if error else "timeout",
             )
-            # Release every request still waiting on the old connections.
-            for conn, _ in list(self._held.values()):
-                _shut_down_socket(conn)
+            # Release every request still waiting on the old connections; one whose write
+            # may still take effect (`write_deadline`) is cut by the watchdog once it cannot.
+            now = time.monotonic()
+            for conn, deadline in list(self._held.values()):
+                if deadline == float("inf") or now > deadline:
+                    _shut_down_socket(conn)
         self._start_prober(confirm_first=False)
 
     def _ensure_watchdog(self) -> None:
