@@ -233,10 +233,7 @@ class Database:
         except _ERRORS as exc:
             if not is_connection_error(exc):
                 raise
-            if token in self._cut:
-                # Cut by the watchdog: the server is down only if it fails a fresh connection.
-                self._start_prober(confirm_first=True)
-            else:
+            if token not in self._cut:  # a cut one: the watchdog started the confirmation
                 self.suspect(exc)
             raise database_unavailable(self.service) from exc
         finally:
@@ -267,7 +264,7 @@ class Database:
         deadline = datetime.now(UTC) + self.clock_offset + timedelta(seconds=self.operation_timeout)
         limit = time.monotonic() + self.operation_timeout  # read after: never before `deadline`
         held = self._held.get(id(conn))
-        if held is not None and held[0] is conn and held[1] < limit:
+        if held is not None and held[1] < limit:
             self._held[id(conn)] = (conn, limit)
         return deadline
 
