@@ -33,6 +33,7 @@ from cert_service.issuer import (
     spki_der,
 )
 from cert_service.limits import CertificateLimits
+from cert_service.metrics import CERTIFICATE_OPERATIONS
 from cert_service.names import certificate_names
 from cert_service.outbox import OutboxRelay
 from cert_service.storage import (
@@ -58,7 +59,6 @@ from shared.errors import (
 from shared.idempotency import RequestKey, recent
 from shared.limits import Spend
 from shared.logging import get_logger
-from shared.metrics import CERTIFICATE_OPERATIONS
 
 log = get_logger(__name__)
 

@@ -17,11 +17,7 @@ from datetime import timedelta
 from cryptography import x509
 
 from cert_service.issuer import Issuer
-from cert_service.storage import CertificateStore
-from shared.clock import Clock
-from shared.errors import DomainError
-from shared.logging import get_logger
-from shared.metrics import (
+from cert_service.metrics import (
     CA_EXPIRY,
     EXPIRING_SOON,
     FLEET_SAMPLE_TIME,
@@ -31,6 +27,10 @@ from shared.metrics import (
     OUTBOX_PENDING,
     RENEWAL_BACKLOG,
 )
+from cert_service.storage import CertificateStore
+from shared.clock import Clock
+from shared.errors import DomainError
+from shared.logging import get_logger
 from shared.tasks import stop_if_cancelled
 
 log = get_logger(__name__)

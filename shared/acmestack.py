@@ -57,18 +57,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared.devstack import DevStackError, free_port, stop_process_group
+from shared.devstack import DevStackError, free_port, log_tail, stop_process_group
 
 # Records are meant to change quickly (a challenge's TXT lives for seconds): every TTL,
 # and the negative-caching TTL (SOA minimum), is one minute.
 ZONE_TTL = 60
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    with contextlib.suppress(OSError):
-        text = path.read_text(errors="replace").strip().splitlines()
-        return "\n".join(text[-lines:])
-    return ""
 
 
 def _binary(name: str, package: str, *fallbacks: str) -> str:
@@ -87,7 +80,7 @@ def _binary(name: str, package: str, *fallbacks: str) -> str:
 
 def _exited(process: subprocess.Popen[bytes], log: Path) -> DevStackError:
     return DevStackError(
-        f"{process.args!r} exited with {process.returncode}; end of {log}:\n{_tail(log)}"
+        f"{process.args!r} exited with {process.returncode}; end of {log}:\n{log_tail(log)}"
     )
 
 
@@ -254,7 +247,7 @@ zone:
             if time.monotonic() > deadline:
                 raise DevStackError(
                     f"Knot on {self.host}:{self.port} does not serve {self.zone} after "
-                    f"{timeout}s; end of {self.log_path}:\n{_tail(self.log_path)}"
+                    f"{timeout}s; end of {self.log_path}:\n{log_tail(self.log_path)}"
                 )
             time.sleep(0.02)
 
@@ -535,7 +528,7 @@ class PebbleServer:
             if time.monotonic() > deadline:
                 raise DevStackError(
                     f"Pebble does not answer {url} after {timeout}s; end of "
-                    f"{self.log_path}:\n{_tail(self.log_path)}"
+                    f"{self.log_path}:\n{log_tail(self.log_path)}"
                 )
             time.sleep(0.05)
 

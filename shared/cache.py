@@ -101,13 +101,16 @@ class CircuitBreaker:
         """The probe ended without an answer (its caller was cancelled): allow another."""
         self.probing = False
 
-    def trip(self) -> None:
-        """Open now, whatever the count."""
+    def trip(self, reason: str = "", *, warn: bool = True) -> None:
+        """Open now, whatever the count, saying why (`reason`, else the failure count). A
+        fresh process opens it before it has applied the invalidation log: nothing has
+        failed then, so `warn=False` logs it as information."""
         self.probing = False
         if self.opened_at is None:
             self.opened_at = self.clock()
             CIRCUIT_OPEN.set(1)
-            log.warning("redis circuit opened", failures=self.failures)
+            why = {"reason": reason} if reason else {"failures": self.failures}
+            (log.warning if warn else log.info)("redis circuit opened", **why)
             self.on_trip()
 
 

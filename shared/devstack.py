@@ -34,6 +34,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last `lines` lines of a log (empty when it cannot be read)."""
+    with contextlib.suppress(OSError):
+        text = path.read_text(errors="replace").strip().splitlines()
+        return "\n".join(text[-lines:])
+    return ""
+
+
 def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -68,6 +76,7 @@ class PostgresServer:
         self.durable = durable
         self.host = "127.0.0.1"
         self.user = "postgres"
+        self.log_path = directory / "postgres.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def _check_binaries(self) -> None:
@@ -119,7 +128,7 @@ class PostgresServer:
         if not self.durable:
             options += ["-c", "fsync=off", "-c", "synchronous_commit=off"]
             options += ["-c", "full_page_writes=off"]
-        log = open(self.directory / "postgres.log", "ab")  # noqa: SIM115
+        log = open(self.log_path, "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
             [*_as_postgres(), str(PG_BIN / "postgres"), "-D", str(self.data), *options],
             stdout=log,
@@ -181,6 +190,7 @@ class RedisServer:
         self.port = port
         self.host = "127.0.0.1"
         self.extra_args = extra_args
+        self.log_path = directory / "redis.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     @staticmethod
@@ -209,7 +219,7 @@ class RedisServer:
                 "--dir",
                 str(self.directory),
                 "--logfile",
-                str(self.directory / "redis.log"),
+                str(self.log_path),
                 *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
@@ -269,22 +279,32 @@ class RedisClusterServers:
         return ",".join(f"{node.host}:{node.port}" for node in self.nodes)
 
     def start(self, timeout: float = 30.0) -> None:
+        """Start every node and make them one new cluster. A node's `nodes.conf` from an
+        earlier start is removed first: with it the node would still belong to the old
+        cluster, and `--cluster create` refuses a node that is not empty."""
         for node in self.nodes:
+            with contextlib.suppress(FileNotFoundError):
+                (node.directory / "nodes.conf").unlink()
             node.start()
         cli = shutil.which("redis-cli")
         if cli is None:
             raise DevStackError("redis-cli not found: install redis-tools (apt-get install redis)")
-        subprocess.run(
+        created = subprocess.run(
             [
                 cli, "--cluster", "create",
                 *(f"{node.host}:{node.port}" for node in self.nodes),
                 "--cluster-replicas", str(self.replicas), "--cluster-yes",
             ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             timeout=timeout,
         )  # fmt: skip
+        if created.returncode != 0:
+            said = "\n".join(created.stdout.strip().splitlines()[-10:])
+            raise DevStackError(
+                f"redis-cli --cluster create exited with {created.returncode}:\n{said}"
+            )
         self.wait_ok(timeout)
 
     def wait_ok(self, timeout: float = 30.0) -> None:

@@ -83,7 +83,7 @@ class CacheGuard:
         cache.breaker.on_trip = self.poke
         if cache.client is not None:
             # Untrusted until the first drain: a fresh process does not know what it missed.
-            cache.breaker.trip()
+            cache.breaker.trip("not trusted before the invalidation log is applied", warn=False)
 
     async def sync(self) -> bool:
         """One drain; True when the log is applied and the cache trusted."""
@@ -98,7 +98,7 @@ class CacheGuard:
             replay = self.cache.breaker.is_open or servers != self._servers
             applied = await self.drain(replay)
         except CacheUnavailable as exc:
-            self.cache.breaker.trip()
+            self.cache.breaker.trip(f"invalidation log not applied: {exc}")
             log.debug("invalidation log not applied", error=str(exc))
             return False
         except DomainError:

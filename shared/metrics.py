@@ -1,4 +1,11 @@
-"""Prometheus metrics shared by both services (the seed's monitoring list)."""
+"""Prometheus metrics both services record (the seed's monitoring list).
+
+Only what both fill lives here: importing this module registers every metric in it, and a
+metric without labels is exported (as 0) by every process that imports it. A metric one
+service alone can fill lives in that service (`cert_service/metrics.py`), so the other
+never exports a constant 0 a rule would read as a fact. The gateway decisions are
+key_service's; with labels, they export no series where they are never recorded.
+"""
 
 from __future__ import annotations
 
@@ -47,38 +54,4 @@ LIMIT_DECISIONS = Counter(
 # rate_limited (429), not_found (404: no such route).
 GATEWAY_DECISIONS = Counter(
     "myl_gateway_decisions_total", "Gateway authorization decisions", ["result"]
-)
-# cert_service: operation (provision, renew, auto_renew) and outcome (ok, or the error reason).
-CERTIFICATE_OPERATIONS = Counter(
-    "myl_certificate_operations_total",
-    "Certificate issuance and renewal outcomes",
-    ["operation", "outcome"],
-)
-# Sampled by cert_service's fleet sampler (cert_service/monitoring.py).
-OUTBOX_PENDING = Gauge("myl_outbox_pending_events", "Device events not yet delivered")
-OUTBOX_LAG = Gauge(
-    "myl_outbox_lag_seconds", "Age of the oldest undelivered device event (0 when none)"
-)
-RENEWAL_BACKLOG = Gauge(
-    "myl_certificates_renewal_backlog",
-    "Active auto-renewing certificates past their renewal point",
-)
-ISSUANCE_PENDING = Gauge(
-    "myl_certificates_pending_issuance",
-    "Certificates with an ACME order wanted (first issuance or renewal)",
-)
-ISSUANCE_OLDEST = Gauge(
-    "myl_certificates_pending_issuance_oldest_seconds",
-    "Age of the oldest wanted ACME order (0 when none)",
-)
-EXPIRING_SOON = Gauge(
-    "myl_certificates_expiring_soon",
-    "Active certificates expiring within 7 days",
-    ["auto_renewal"],
-)
-CA_EXPIRY = Gauge(
-    "myl_ca_certificate_not_after_timestamp_seconds", "When the issuing CA certificate expires"
-)
-FLEET_SAMPLE_TIME = Gauge(
-    "myl_fleet_sample_timestamp_seconds", "When the fleet gauges were last sampled"
 )

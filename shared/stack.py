@@ -4,7 +4,12 @@ PostgreSQL and Redis run from the system's binaries under `.run/` unless
 `DB_HOST` / `REDIS_HOST` point at servers of your own. Then: migrations, a
 development CA, cert_service, key_service, the Envoy gateway, a bootstrap
 operator key in `.run/admin.key`. Ctrl-C (or SIGTERM) stops everything in
-reverse order, services first with a graceful drain, and leaves no process.
+reverse order, services first with a graceful drain, and leaves no process: a
+further signal while stopping does not interrupt that. `make run` watches every
+process it started; when one exits it prints the end of that one's log and stops
+the whole stack (a half stack answering 503 would only hide the cause). If
+`make run` itself is killed, the next one in the same run directory stops what it
+left running (`.run/stack.pids`) before it checks the ports.
 
 One stack per run directory: a second `make run` while one runs (it holds an
 exclusive lock on `.run/stack.lock`) refuses at once, names the running one's
@@ -31,6 +36,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import IO
@@ -51,12 +57,15 @@ from shared.devstack import (
     PostgresServer,
     RedisClusterServers,
     RedisServer,
+    log_tail,
     stop_process_group,
     wait_for_port,
 )
 from shared.gateway import GatewayPorts, envoy_command, render_envoy_config
 
 ROOT = Path(__file__).resolve().parent.parent
+# A Redis Cluster node also listens on its port + 10000, the cluster bus.
+CLUSTER_BUS_OFFSET = 10000
 RUN = Path(os.environ.get("MYL_RUN_DIR", ROOT / ".run"))
 OPERATOR_PERMISSIONS = "admin,api:access,ssl:read,ssl:write,device:read,device:write"
 
@@ -153,10 +162,88 @@ def require_free_ports(ports: dict[str, int], *, udp: Collection[str] = ()) -> N
                 probe.bind(("127.0.0.1", port))
             except OSError:
                 protocol = "UDP port" if kind == socket.SOCK_DGRAM else "port"
+                variable = name.split()[0]  # "REDIS_CLUSTER_PORT + 10000" is set by the first
                 raise DevStackError(
                     f"{protocol} {port} ({name}) is already in use on 127.0.0.1: stop what "
-                    f"listens there or set {name} to another port"
+                    f"listens there or set {variable} to another port"
                 ) from None
+
+
+PIDS_FILE = "stack.pids"
+
+
+@dataclass(frozen=True)
+class Child:
+    """A process `make run` started, leading its own process group, and watches."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    stop_signal: signal.Signals = signal.SIGTERM
+
+    def describe_exit(self) -> str:
+        code = self.process.returncode
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited ({code})"
+        tail = "\n".join(f"  {line}" for line in log_tail(self.log).splitlines())
+        return f"{self.name} (pid {self.process.pid}) {how}; the end of {self.log}:\n{tail}"
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid`: with the pid, it names one process for good."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def record_children(run: Path, children: list[Child]) -> None:
+    """`run/stack.pids`: what this stack runs, for the next one to stop if this one is
+    killed before it could (stop_leftovers)."""
+    lines = [
+        f"{c.process.pid} {_start_time(c.process.pid) or '-'} {c.stop_signal.name} {c.name}\n"
+        for c in children
+    ]
+    fresh = run / f"{PIDS_FILE}.new"
+    fresh.write_text("".join(lines))
+    fresh.replace(run / PIDS_FILE)
+
+
+def _stop_group(pgid: int, sig: signal.Signals, timeout: float) -> bool:
+    """Signal a process group we did not start and wait until it is gone; SIGKILL after
+    `timeout`. False when even that did not end it."""
+    for signum, wait in ((sig, timeout), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signum)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return True
+            time.sleep(0.1)
+    return False
+
+
+def stop_leftovers(run: Path, timeout: float = 15.0) -> None:
+    """Stop what an earlier `make run` of this run directory left running: it was killed
+    (SIGKILL, a crash) before it could stop its children, which hold their ports. Called
+    with the run lock held, so no live `make run` owns them; a pid the system has since
+    given to another process is left alone (its start time differs)."""
+    path = run / PIDS_FILE
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return
+    for line in reversed(lines):
+        pid_text, started, sig_name, name = line.split(" ", 3)
+        pid = int(pid_text)
+        if started == "-" or _start_time(pid) != started:
+            continue
+        say(f"stopping {name} (pid {pid}), left running by a `make run` that was killed")
+        if not _stop_group(pid, signal.Signals[sig_name], timeout):
+            raise DevStackError(f"{name} (pid {pid}) does not stop: kill it, then start again")
+    path.unlink()
 
 
 class Stack:
@@ -183,6 +270,21 @@ class Stack:
         self.pebble_management_port = reader.port("PEBBLE_MANAGEMENT_PORT", 15000)
         # Settings for cert_service processes only (start_acme fills it).
         self.cert_env: dict[str, str] = {}
+        # Local Redis Cluster nodes (REDIS_CLUSTER=1 without REDIS_CLUSTER_NODES).
+        self.cluster_ports: list[int] = []
+        if reader.flag("REDIS_CLUSTER", False) and not self.env.get("REDIS_CLUSTER_NODES"):
+            base = reader.port("REDIS_CLUSTER_PORT", 7000)
+            if base + 5 + CLUSTER_BUS_OFFSET > 65535:
+                highest = 65535 - 5 - CLUSTER_BUS_OFFSET
+                raise ConfigError(
+                    "REDIS_CLUSTER_PORT",
+                    str(base),
+                    f"a port up to {highest} (six nodes from it, each with its cluster bus "
+                    f"on its port + {CLUSTER_BUS_OFFSET})",
+                )
+            self.cluster_ports = [base + n for n in range(6)]
+        # What this stack started and watches (every one leads its own process group).
+        self.children: list[Child] = []
 
     def ports(self) -> dict[str, int]:
         """Every port this stack will listen on, by the variable that sets it."""
@@ -199,7 +301,13 @@ class Stack:
                     ports[f"{prefix}_METRICS_PORT{suffix}"] = metrics + 100 * index
         if not self.env.get("DB_HOST"):
             ports["DB_PORT"] = EnvReader("", self.env).port("DB_PORT", 5432)
-        if not self.env.get("REDIS_HOST"):
+        for index, port in enumerate(self.cluster_ports):
+            name = "REDIS_CLUSTER_PORT" + (f" + {index}" if index else "")
+            ports[name] = port
+        for index, port in enumerate(self.cluster_ports):
+            bus = f"REDIS_CLUSTER_PORT + {index + CLUSTER_BUS_OFFSET} (cluster bus)"
+            ports[bus] = port + CLUSTER_BUS_OFFSET
+        if not self.cluster_ports and not self.env.get("REDIS_HOST"):
             ports["REDIS_PORT"] = EnvReader("", self.env).port("REDIS_PORT", 6379)
         if self.local_acme:
             ports["KNOT_PORT"] = self.knot_port
@@ -211,31 +319,54 @@ class Stack:
         """The names in ports() that also listen on UDP."""
         return ["KNOT_PORT"] if self.local_acme else []
 
+    def watch(
+        self,
+        name: str,
+        process: subprocess.Popen[bytes] | None,
+        log: Path,
+        stop_signal: signal.Signals = signal.SIGTERM,
+    ) -> None:
+        """Watch a started process: main() reports it at once if it exits."""
+        if process is not None:
+            self.children.append(Child(name, process, log, stop_signal))
+            record_children(RUN, self.children)
+
+    def exited(self) -> Child | None:
+        """The first watched process that is no longer running."""
+        return next((c for c in self.children if c.process.poll() is not None), None)
+
     def start_databases(self) -> None:
         if not self.env.get("DB_HOST"):
             port = EnvReader("", self.env).port("DB_PORT", 5432)
             postgres = PostgresServer(RUN / "postgres", port, durable=True)
             say(f"PostgreSQL on 127.0.0.1:{port} (data in {postgres.directory})")
-            postgres.start()
             self.stops.append(postgres.stop)
+            postgres.start()
+            self.watch("PostgreSQL", postgres.process, postgres.log_path, signal.SIGINT)
             postgres.create_database(self.env.get("DB_NAME", "myl"))
             self.env.update(DB_HOST="127.0.0.1", DB_PORT=str(port), DB_USER="postgres")
             self.env.setdefault("DB_SSLMODE", "disable")
-        if EnvReader("", self.env).flag("REDIS_CLUSTER", False) and not self.env.get(
-            "REDIS_CLUSTER_NODES"
-        ):
-            base = EnvReader("", self.env).port("REDIS_CLUSTER_PORT", 7000)
-            cluster = RedisClusterServers(RUN / "redis-cluster", [base + n for n in range(6)])
-            say(f"Redis Cluster (3 masters, 3 replicas) on 127.0.0.1:{base}-{base + 5}")
+        if self.cluster_ports:
+            ports = self.cluster_ports
+            cluster = RedisClusterServers(RUN / "redis-cluster", ports)
+            say(
+                f"Redis Cluster (3 masters, 3 replicas) on 127.0.0.1:{ports[0]}-{ports[-1]}, "
+                f"cluster bus on {ports[0] + CLUSTER_BUS_OFFSET}-{ports[-1] + CLUSTER_BUS_OFFSET}"
+            )
             self.stops.append(cluster.stop)
-            cluster.start()
+            try:
+                cluster.start()
+            finally:
+                for node in cluster.nodes:
+                    self.watch(f"Redis Cluster node {node.port}", node.process, node.log_path)
             self.env["REDIS_CLUSTER_NODES"] = cluster.addresses
         elif not self.env.get("REDIS_HOST"):
             port = EnvReader("", self.env).port("REDIS_PORT", 6379)
             redis = RedisServer(RUN / "redis", port)
             say(f"Redis on 127.0.0.1:{port}")
-            redis.start()
             self.stops.append(redis.stop)
+            redis.start()
+            self.watch("Redis", redis.process, redis.log_path)
             self.env.update(REDIS_HOST="127.0.0.1", REDIS_PORT=str(port))
 
     def run_python(self, *args: str) -> str:
@@ -288,6 +419,7 @@ class Stack:
         say(f"Knot DNS on 127.0.0.1:{knot.port}, zone {knot.zone} (log {knot.log_path})")
         self.stops.append(knot.stop)
         knot.start()
+        self.watch("Knot DNS", knot.process, knot.log_path)
         pebble = PebbleServer(
             RUN / "pebble",
             self.pebble_port,
@@ -303,6 +435,7 @@ class Stack:
         )
         self.stops.append(pebble.stop)
         pebble.start()
+        self.watch("Pebble", pebble.process, pebble.log_path)
         acme = RUN / "acme"
         acme.mkdir(mode=0o700, exist_ok=True)
         account_key = generate_account_key(acme / "account.key")
@@ -327,6 +460,7 @@ class Stack:
         )
         log.close()
         self.stops.append(lambda: stop_process_group(process))
+        self.watch(name, process, log_path)
         say(f"{name} started (pid {process.pid}, log {log_path})")
         return process
 
@@ -401,20 +535,66 @@ class Stack:
             with contextlib.suppress(Exception):
                 stop()
         self.stops.clear()
+        if all(child.process.poll() is not None for child in self.children):
+            with contextlib.suppress(FileNotFoundError):
+                (RUN / PIDS_FILE).unlink()
 
 
 @contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
+def _stop_on_signals() -> Iterator[Callable[[], None]]:
+    """The first SIGINT, SIGTERM or SIGHUP raises KeyboardInterrupt, which stops the stack;
+    any later one (a second Ctrl-C, SIGTERM to the process group) is only acknowledged, so
+    the stop always finishes and leaves nothing running. Yields a function that marks the
+    stop as begun for any other reason (a child exited, an error)."""
+    stopping = False
+
     def handler(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if stopping:
+            with contextlib.suppress(OSError):
+                say(f"{signal.Signals(signum).name}: already stopping, finishing that first")
+            return
+        stopping = True
         raise KeyboardInterrupt
 
+    def begin() -> None:
+        nonlocal stopping
+        stopping = True
+
     # SIGINT too: a shell may start us with it ignored (a background job).
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
-        yield
+        yield begin
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _addresses(ports: list[int]) -> str:
+    return ", ".join(f"127.0.0.1:{port}" for port in ports)
+
+
+def say_ready(stack: Stack, key_path: Path) -> None:
+    """The banner: every address the stack serves on, replicas included."""
+    say("ready:")
+    say(f"  gateway (REST + gRPC)  http://127.0.0.1:{stack.gateway_port}")
+    say(f"  envoy admin            http://127.0.0.1:{stack.admin_port}")
+    say(f"  cert_service (gRPC)    {_addresses(stack.cert_ports)}")
+    say(f"  key_service (gRPC)     {_addresses(stack.key_ports)}")
+    metrics = [port for name, port in stack.ports().items() if "_METRICS_PORT" in name]
+    if metrics:
+        say(f"  metrics (/metrics)     {_addresses(metrics)}")
+    say(f"  operator key           {key_path}")
+    if stack.local_acme:
+        say(f"  Knot DNS (updates)     127.0.0.1:{stack.knot_port}")
+        say(f"  Pebble ACME directory  https://127.0.0.1:{stack.pebble_port}/dir")
+        say(f"  Pebble's root          {RUN / 'acme' / 'pebble-root.pem'}")
+    say("Ctrl-C stops everything; if a process of the stack exits, the whole stack stops")
+
+
+def error(message: str) -> None:
+    print(f"[stack] error: {message}", file=sys.stderr, flush=True)
 
 
 def main() -> int:
@@ -424,45 +604,42 @@ def main() -> int:
         RUN.mkdir(mode=0o700, parents=True, exist_ok=True)
         RUN.chmod(0o711 if os.geteuid() == 0 else 0o700)
         lock = take_run_lock(RUN)
+        stop_leftovers(RUN)
         stack = Stack()
         require_free_ports(stack.ports(), udp=stack.udp_ports())
     except (DevStackError, ConfigError, OSError) as exc:
-        print(f"[stack] error: {exc}", file=sys.stderr, flush=True)
+        error(str(exc))
         return 1
-    with lock, _signals_raise():
+    with lock, _stop_on_signals() as begin_stop:
         try:
             stack.start_databases()
             stack.migrate()
             stack.development_ca()
             stack.start_acme()
             stack.start_services()
-            gateway = stack.gateway_port
             stack.start_gateway()
-            key_path = stack.bootstrap_key()
-            say("ready:")
-            say(f"  gateway (REST + gRPC)  http://127.0.0.1:{gateway}")
-            say(f"  envoy admin            http://127.0.0.1:{stack.admin_port}")
-            say(f"  cert_service (gRPC)    127.0.0.1:{stack.cert_port}")
-            say(f"  key_service (gRPC)     127.0.0.1:{stack.key_port}")
-            say(f"  operator key           {key_path}")
-            if stack.local_acme:
-                say(f"  Knot DNS (updates)     127.0.0.1:{stack.knot_port}")
-                say(f"  Pebble ACME directory  https://127.0.0.1:{stack.pebble_port}/dir")
-                say(f"  Pebble's root          {RUN / 'acme' / 'pebble-root.pem'}")
-            say("Ctrl-C stops everything")
-            while True:
-                time.sleep(3600)
+            say_ready(stack, stack.bootstrap_key())
+            while (child := stack.exited()) is None:
+                time.sleep(0.25)
+            begin_stop()
+            error(child.describe_exit())
+            say("stopping everything")
+            return 1
         except KeyboardInterrupt:
             say("stopping")
-        except (DevStackError, ConfigError, OSError) as exc:
-            print(f"[stack] error: {exc}", file=sys.stderr, flush=True)
-            return 1
-        except subprocess.CalledProcessError as exc:
-            detail = exc.stderr.decode(errors="replace").strip() if exc.stderr else ""
-            print(f"[stack] error: {exc}\n{detail}", file=sys.stderr, flush=True)
+        except (DevStackError, ConfigError, OSError, subprocess.SubprocessError) as exc:
+            begin_stop()
+            detail = ""
+            if isinstance(exc, subprocess.CalledProcessError) and exc.stderr:
+                detail = "\n" + exc.stderr.decode(errors="replace").strip()
+            error(f"{exc}{detail}")
+            if (child := stack.exited()) is not None:
+                error(child.describe_exit())
             return 1
         finally:
+            begin_stop()
             stack.stop()
+            say("stopped")
     return 0
 
 
