@@ -1,15 +1,23 @@
 """Envoy external authorization (`envoy.service.auth.v3.Authorization/Check`).
 
-The gateway asks about every request after the gRPC-JSON transcoder, so the
-path is the gRPC method path (`/myl.cert.v1.CertificateService/GetCertificate`)
-for REST and native gRPC callers alike. Rules:
+The gateway asks about every request before the gRPC-JSON transcoder (so a call without a key
+is 401 whatever its body): native gRPC callers on their method path
+(`/myl.cert.v1.CertificateService/GetCertificate`), REST callers on their REST path and HTTP
+method, which the check maps to the method with the contracts' own `google.api.http` rules
+(`shared.httprules`). Rules:
 
+- a REST path that is not canonical (an empty or dot segment, such as a trailing slash, a
+  percent escape, `;`): 400 naming `path`, so no path reaches the transcoder that it could
+  read as another method than the check did;
 - a path with no `required_permission` in the contracts (unknown, internal
   like VerifyApiKey, Check itself, health, reflection): 404;
 - no `x-api-key`: 401; unknown, malformed, expired or revoked key: 401;
 - the key lacks the method's permission or `api:access` (a key holding
   `admin` passes every permission check): 403;
 - rate limited: 429 with `retry-after` (whole seconds, at least 1);
+- a REST body that is not strict JSON, has a field the method does not have, or a body or
+  query field that names another object than the path (`{"deviceId": "B"}` sent to
+  `/devices/A/...`): 400 naming the field;
 - too many failed verifications from the client's address (`FailedVerificationsPerAddress`,
   see `shared.limits`): 429 with `retry-after`, also for a request whose key is good, until
   the address may try again. Failures (401s for an unknown, expired or revoked key) spend from
@@ -23,9 +31,9 @@ forbidden, rate_limited, not_found (no such route or method), invalid_argument (
 fields)): the RPC itself answers OK whatever it decided.
 
 On success the upstream request gets the identity headers (overwriting any
-the client sent) and loses `x-api-key`. Device scoping (a device key acts
-only on its own device) is enforced by the services from those headers:
-Check does not parse request bodies.
+the client sent), among them the method authorized (`x-myl-method`), and loses `x-api-key`.
+The services refuse a call whose executed method is not the authorized one, and enforce
+device scoping (a device key acts only on its own device) from those headers.
 """
 
 from __future__ import annotations
@@ -60,8 +68,15 @@ from myl.envoy.type.v3 import http_status_pb2
 from myl.key.v1 import key_pb2
 from shared.clock import micros_source
 from shared.errors import ERROR_DOMAIN, DomainError
-from shared.httprules import HttpRoutes, unknown_json_fields
+from shared.httprules import (
+    HttpRoutes,
+    RequestProblem,
+    RouteMatch,
+    UnknownFields,
+    check_rest_request,
+)
 from shared.identity import (
+    AUTHORIZED_METHOD_HEADER,
     DEVICE_ID_HEADER,
     KEY_ID_HEADER,
     OPERATOR_HEADER,
@@ -201,6 +216,17 @@ def deny(
     return Denial(rest, grpc_denial)
 
 
+# Request headers (Envoy's own included) a checked request may carry: the identity headers
+# added on success must keep it within Envoy's limit of 100, which Envoy applies again after
+# the check (and answers with a bare 500 when a mutation crosses it).
+MAX_REQUEST_HEADERS: Final = 80
+TOO_MANY_HEADERS: Final = deny(
+    431,
+    code_pb2.INVALID_ARGUMENT,
+    "REQUEST_HEADERS_TOO_LARGE",
+    "request headers too large: at most 80 headers and 8 KiB with the request line",
+    metadata={"max_headers": str(MAX_REQUEST_HEADERS), "max_bytes": "8192"},
+)
 NO_ROUTE: Final = deny(404, code_pb2.NOT_FOUND, "METHOD_NOT_FOUND", "no such method")
 MISSING_KEY: Final = deny(
     401, code_pb2.UNAUTHENTICATED, "API_KEY_MISSING", "missing x-api-key header"
@@ -293,6 +319,31 @@ def unknown_fields(fields: list[str]) -> Denial:
     )
 
 
+def bad_request(problem: RequestProblem) -> Denial:
+    """400 INVALID_ARGUMENT naming the field (or `path`, `body`) that is wrong."""
+    return deny(
+        400,
+        code_pb2.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+        f"invalid {problem.field}: {problem.description}",
+        metadata={"field": problem.field},
+        violations={problem.field: problem.description},
+    )
+
+
+def non_canonical_path(problem: RequestProblem) -> Denial:
+    """400 for a REST path the check will not resolve (see `shared.httprules`)."""
+    return deny(
+        400,
+        code_pb2.INVALID_ARGUMENT,
+        "NON_CANONICAL_PATH",
+        f"invalid {problem.field} in the URL path: it {problem.description}; send the path"
+        " exactly as the API documents it",
+        metadata={"field": problem.field},
+        violations={problem.field: problem.description},
+    )
+
+
 def _input_type(method_path: str) -> Descriptor:
     service, _, method = method_path[1:].partition("/")
     found: Descriptor = (
@@ -307,9 +358,10 @@ def _is_grpc_path(path: str) -> bool:
     return bool(slash) and "." in service and bool(method) and "/" not in method
 
 
-def allow(record: KeyRecord) -> CheckResponse:
+def allow(record: KeyRecord, method_path: str) -> CheckResponse:
     headers = [
         _header(KEY_ID_HEADER, record.key_id),
+        _header(AUTHORIZED_METHOD_HEADER, method_path),
         _header(PERMISSIONS_HEADER, record.permissions_header),
         _header(OPERATOR_HEADER, "true" if record.operator else "false"),
     ]
@@ -332,7 +384,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         # Addresses refused by FailedVerificationsPerAddress: (until_us, denial), per replica.
         self._blocked: dict[str, tuple[int, Denial]] = {}
         self._policies: dict[str, tuple[str, ...] | None] = {}
-        self._allowed: dict[KeyRecord, CheckResponse] = {}
+        self._allowed: dict[tuple[KeyRecord, str], CheckResponse] = {}
         self.routes = HttpRoutes.build(PUBLIC_SERVICES)
         # One per set of missing permissions; the vocabulary is small.
         self._forbidden: dict[tuple[str, ...], Denial] = {}
@@ -351,6 +403,14 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             return path
         return self.routes.grpc_path(http_method, path)
 
+    def _route(self, path: str, http_method: str) -> tuple[str | None, RouteMatch | None]:
+        """(method path, the REST route when the call is REST); `RequestProblem` for a REST
+        path that is not canonical."""
+        if _is_grpc_path(path):
+            return path, None
+        found = self.routes.resolve(http_method, path)
+        return (None, None) if found is None else (found.grpc_path, found)
+
     def required_permissions(self, path: str) -> tuple[str, ...] | None:
         """What a key needs for the gRPC method `path`, or None when it has no public route."""
         cached = self._policies.get(path, ())
@@ -367,8 +427,15 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> CheckResponse:
         http = request.attributes.request.http
-        path = http.path.split("?", 1)[0]
-        method_path = self.method_path(path, http.method)
+        if len(http.headers) > MAX_REQUEST_HEADERS:
+            _INVALID_ARGUMENT.inc()
+            return TOO_MANY_HEADERS.respond(http)
+        path, _, query = http.path.partition("?")
+        try:
+            method_path, route = self._route(path, http.method)
+        except RequestProblem as problem:
+            _INVALID_ARGUMENT.inc()
+            return non_canonical_path(problem).respond(http)
         required = None if method_path is None else self.required_permissions(method_path)
         if method_path is None or required is None:
             _NOT_ROUTED.inc()
@@ -420,17 +487,21 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                     denial = self._forbidden[missing] = forbidden(missing)
                 return denial.respond(http)
             return _REFUSALS.get(verdict.result, UNKNOWN_KEY).respond(http)
-        if http.body and method_path != path:
-            unknown = unknown_json_fields(_input_type(method_path), http.body)
-            if unknown:
+        if route is not None and (http.body or query):
+            try:
+                check_rest_request(_input_type(method_path), route, query, http.body)
+            except UnknownFields as unknown:
                 _INVALID_ARGUMENT.inc()
-                return unknown_fields(unknown).respond(http)
-        response = self._allowed.get(record)
+                return unknown_fields(unknown.fields).respond(http)
+            except RequestProblem as problem:
+                _INVALID_ARGUMENT.inc()
+                return bad_request(problem).respond(http)
+        response = self._allowed.get((record, method_path))
         if response is None:
-            response = allow(record)
+            response = allow(record, method_path)
             if len(self._allowed) >= _POLICY_CACHE_LIMIT:
                 self._allowed.clear()
-            self._allowed[record] = response
+            self._allowed[(record, method_path)] = response
         _ALLOWED.inc()
         return response
 

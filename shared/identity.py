@@ -8,6 +8,10 @@ client-sent copy never reaches a service) and removes `x-api-key`:
 - `x-myl-device-id`: the key's device (empty for an operator key)
 - `x-myl-permissions`: the key's permissions, comma-separated
 - `x-myl-operator`: `true` for an operator key, else `false`
+- `x-myl-method`: the gRPC method the check authorized (`/package.Service/Method`). The
+  server refuses a gateway call whose executed method is another one (`shared.server`), so
+  the permission checked is always the one the method that runs requires, however the
+  transcoder and the check might read a REST path differently.
 
 A call without `x-myl-key-id` comes from inside the platform (a gRPC stub of
 another service, or an operator on the service port) and is trusted: the
@@ -31,7 +35,14 @@ KEY_ID_HEADER = "x-myl-key-id"
 DEVICE_ID_HEADER = "x-myl-device-id"
 PERMISSIONS_HEADER = "x-myl-permissions"
 OPERATOR_HEADER = "x-myl-operator"
-IDENTITY_HEADERS = (KEY_ID_HEADER, DEVICE_ID_HEADER, PERMISSIONS_HEADER, OPERATOR_HEADER)
+AUTHORIZED_METHOD_HEADER = "x-myl-method"
+IDENTITY_HEADERS = (
+    KEY_ID_HEADER,
+    DEVICE_ID_HEADER,
+    PERMISSIONS_HEADER,
+    OPERATOR_HEADER,
+    AUTHORIZED_METHOD_HEADER,
+)
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,12 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
 from shared.config import ServerConfig
-from shared.errors import DomainError, ErrorKind, internal_error
+from shared.errors import DomainError, ErrorKind, internal_error, permission_denied
+from shared.identity import AUTHORIZED_METHOD_HEADER, KEY_ID_HEADER
 from shared.logging import REQUEST_CONTEXT, get_logger
 from shared.metrics import RPC_LATENCY, RPC_RESULTS
 from shared.reflection import ReflectionServicer
-from shared.wire import Undecodable, tolerant_deserializer, undecodable_error
+from shared.wire import MAX_REQUEST_BYTES, Undecodable, tolerant_deserializer, undecodable_error
 
 log = get_logger(__name__)
 
@@ -36,6 +37,8 @@ ShutdownHook = Callable[[], Awaitable[None]]
 Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 REQUEST_ID_HEADER = "x-request-id"
+# The gateway's external authorization RPC (key_service).
+_CHECK_PREFIX = "/envoy.service.auth.v3.Authorization/"
 
 
 def _request_id(metadata: Any) -> str:
@@ -43,6 +46,30 @@ def _request_id(metadata: Any) -> str:
         if key == REQUEST_ID_HEADER and isinstance(value, str) and 0 < len(value) <= 128:
             return value
     return uuid.uuid4().hex
+
+
+def _call_facts(metadata: Any) -> tuple[str, bool, str | None]:
+    """The request id, whether the gateway authorized the call (a key id), and the method
+    it authorized, in one pass over the metadata."""
+    request_id: str | None = None
+    via_gateway = False
+    authorized: str | None = None
+    for key, value in metadata or ():
+        if key == REQUEST_ID_HEADER:
+            if request_id is None and isinstance(value, str) and 0 < len(value) <= 128:
+                request_id = value
+        elif key == KEY_ID_HEADER:
+            via_gateway = True
+        elif key == AUTHORIZED_METHOD_HEADER and isinstance(value, str):
+            authorized = value
+    return request_id or uuid.uuid4().hex, via_gateway, authorized
+
+
+def unauthorized_method() -> DomainError:
+    """The gateway authorized another method than the one about to run."""
+    return permission_denied(
+        "the gateway authorized another method for this request", "METHOD_NOT_AUTHORIZED"
+    )
 
 
 class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -86,15 +113,21 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if cached is not None:
             return cached
         wrapped = grpc.unary_unary_rpc_method_handler(
-            self._wrap(method.rsplit("/", 1)[-1], handler.unary_unary),  # type: ignore[arg-type]
-            # A request that does not parse reaches the handler wrapper as Undecodable.
-            request_deserializer=tolerant_deserializer(handler.request_deserializer),
+            self._wrap(method, handler.unary_unary),  # type: ignore[arg-type]
+            # A request that does not parse, or is larger than the public limit, reaches
+            # the handler wrapper as Undecodable. The gateway's own Check carries a whole
+            # REST body and its headers: only it may be larger.
+            request_deserializer=tolerant_deserializer(
+                handler.request_deserializer,
+                None if method.startswith(_CHECK_PREFIX) else MAX_REQUEST_BYTES,
+            ),
             response_serializer=handler.response_serializer,
         )
         self._wrapped[method] = wrapped
         return wrapped
 
-    def _wrap(self, name: str, behavior: Behavior) -> Behavior:
+    def _wrap(self, full_method: str, behavior: Behavior) -> Behavior:
+        name = full_method.rsplit("/", 1)[-1]
         observe = RPC_LATENCY.labels(self.service, name).observe
         results = RPC_RESULTS
         service = self.service
@@ -103,10 +136,13 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         perf_counter = time.perf_counter
 
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            request_id, via_gateway, authorized = _call_facts(context.invocation_metadata())
             # Each RPC runs in its own task, so the context var needs no reset.
-            set_context((_request_id(context.invocation_metadata()), name))
+            set_context((request_id, name))
             start = perf_counter()
             try:
+                if via_gateway and authorized != full_method:
+                    raise unauthorized_method()
                 if request.__class__ is Undecodable:
                     raise undecodable_error(request)
                 response = await behavior(request, context)
@@ -200,7 +236,9 @@ class GrpcServer:
         self.server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 0),
-                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                # Above the public limit (MAX_REQUEST_BYTES, checked per method), for the
+                # gateway's Checks that carry a whole REST body.
+                ("grpc.max_receive_message_length", 1024 * 1024),
                 # Well above what the gateway lets through (8 KiB of request headers plus
                 # its own), so a caller never sees RESOURCE_EXHAUSTED for a long URL.
                 ("grpc.max_metadata_size", 32 * 1024),

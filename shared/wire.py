@@ -8,6 +8,10 @@ request deserializer (`tolerant_deserializer`): a request that does not parse be
 `Undecodable` placeholder, and the handler wrapper answers it with INVALID_ARGUMENT naming the
 field (`undecodable_error`), found by walking the wire format. Only failed requests pay for
 the walk.
+
+A request message larger than `MAX_REQUEST_BYTES` is refused the same way, with
+RESOURCE_EXHAUSTED: the same limit as a REST body at the gateway, so native gRPC and REST
+callers meet one limit with one code.
 """
 
 from __future__ import annotations
@@ -21,38 +25,53 @@ from google.protobuf.message import DecodeError
 from shared.errors import DomainError, ErrorKind, invalid_argument
 
 _LENGTH_DELIMITED: Final = 2
+# Request messages on the public methods: the gateway's REST body limit.
+MAX_REQUEST_BYTES: Final = 64 * 1024
 
 
 class Undecodable:
     """Stands in for a request whose bytes did not parse as `descriptor`."""
 
-    __slots__ = ("data", "descriptor")
+    __slots__ = ("data", "descriptor", "too_large")
 
-    def __init__(self, descriptor: Descriptor | None, data: bytes) -> None:
+    def __init__(self, descriptor: Descriptor | None, data: bytes, too_large: bool = False) -> None:
         self.descriptor = descriptor
         self.data = data
+        self.too_large = too_large
 
 
 def tolerant_deserializer(
-    deserialize: Callable[[bytes], Any] | None,
+    deserialize: Callable[[bytes], Any] | None, max_bytes: int | None = None
 ) -> Callable[[bytes], Any] | None:
-    """`deserialize`, returning an `Undecodable` instead of raising DecodeError."""
+    """`deserialize`, returning an `Undecodable` instead of raising DecodeError, or for a
+    message larger than `max_bytes`."""
     if deserialize is None:
         return None
     message_class = getattr(deserialize, "__self__", None)
     descriptor = getattr(message_class, "DESCRIPTOR", None)
+    known = descriptor if isinstance(descriptor, Descriptor) else None
 
     def parse(data: bytes) -> Any:
+        if max_bytes is not None and len(data) > max_bytes:
+            return Undecodable(known, b"", too_large=True)
         try:
             return deserialize(data)
         except DecodeError:
-            return Undecodable(descriptor if isinstance(descriptor, Descriptor) else None, data)
+            return Undecodable(known, data)
 
     return parse
 
 
 def undecodable_error(request: Undecodable) -> DomainError:
-    """INVALID_ARGUMENT naming the field that is not valid UTF-8, or the whole request."""
+    """INVALID_ARGUMENT naming the field that is not valid UTF-8, or the whole request;
+    RESOURCE_EXHAUSTED for a request over the size limit."""
+    if request.too_large:
+        return DomainError(
+            ErrorKind.RESOURCE_EXHAUSTED,
+            f"request message larger than {MAX_REQUEST_BYTES // 1024} KiB",
+            "REQUEST_TOO_LARGE",
+            metadata={"limit_bytes": str(MAX_REQUEST_BYTES)},
+        )
     if request.descriptor is not None:
         field = _invalid_utf8_field(request.descriptor, request.data, "")
         if field is not None:

@@ -164,6 +164,7 @@ async def test_device_key_is_allowed_with_identity_headers(key_service: RunningK
         "x-myl-device-id": "dev-7",
         "x-myl-permissions": "ssl:read,device:read,api:access",
         "x-myl-operator": "false",
+        "x-myl-method": GET_CERTIFICATE,
     }
     assert all(h.append_action == OVERWRITE for h in ok.headers)
     assert list(ok.headers_to_remove) == ["x-api-key"]
@@ -178,6 +179,7 @@ async def test_operator_key_removes_any_device_header(key_service: RunningKeySer
         "x-myl-key-id": str(row.id),
         "x-myl-permissions": "admin",
         "x-myl-operator": "true",
+        "x-myl-method": LIST_CERTIFICATES,
     }
     assert sorted(ok.headers_to_remove) == ["x-api-key", "x-myl-device-id"]
 
