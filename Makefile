@@ -13,7 +13,7 @@ help:
 	@echo "make run               the whole stack in the foreground (Ctrl-C stops it)"
 	@echo "make test              lint, type checks, contract checks and the whole test suite"
 	@echo "make bench             benchmarks (prints numbers)"
-	@echo "make fuzz              schemathesis against the gateway, long run, random seed"
+	@echo "make fuzz [SEED=n]     schemathesis against the gateway, long run, random seed"
 	@echo "make proto             regenerate Python code and the gateway descriptor set"
 	@echo "make migrate | migrate-status | migrate-rollback"
 
@@ -57,11 +57,12 @@ bench: $(STAMP)
 	@deploy/system-deps.sh bench
 	$(PY) -m tests.bench
 
-# The schemathesis test of `make test`, longer: random seed, more examples, stateful phase.
+# The schemathesis test of `make test`, longer: more examples, the stateful phase, a random
+# seed (or SEED=n to repeat a run). Prints the seed, the cases run and where requests ended.
 fuzz: $(STAMP) system-deps
-	MYL_FUZZ_RANDOM=1 MYL_FUZZ_EXAMPLES=$${MYL_FUZZ_EXAMPLES:-200} \
+	MYL_FUZZ_RANDOM=1 MYL_FUZZ_SEED=$(SEED) MYL_FUZZ_EXAMPLES=$${MYL_FUZZ_EXAMPLES:-200} \
 	MYL_FUZZ_PHASES=examples,coverage,fuzzing,stateful \
-	$(BIN)/pytest -q -p no:cacheprovider tests/e2e/test_fuzz.py
+	$(BIN)/pytest -q -s -p no:cacheprovider tests/e2e/test_fuzz.py
 
 migrate: $(STAMP)
 	$(PY) -m cert_service migrate up
