@@ -268,6 +268,9 @@ class DeviceCertificates:
         if public_key is None:
             public_key, private_key_pem = generate_private_key()
         order_csr = self._order_csr(request, private_key_pem)
+        # Answered by then at the latest, however long its insert waits in a queue of others
+        # (`cert_service.batching`) or for a lock (`shared.db`).
+        deadline = time.monotonic() + self.store.db.operation_timeout
         for _ in range(_ATTEMPTS):
             now = self.clock.now()
             if order_csr is None:
@@ -295,6 +298,7 @@ class DeviceCertificates:
                     key.request_id if key else None,
                     key.fingerprint if key else None,
                     order_csr,
+                    deadline,
                 )
             )
             if record is not None:

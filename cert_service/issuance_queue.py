@@ -33,6 +33,7 @@ from cert_service.storage import (
     NewCertificate,
     _record,
 )
+from shared.db import WRITE_GUARD
 
 # A new request starts afresh: no attempts, error, lease or order of an earlier one.
 _REQUEST: Final = """issuance_attempts = 0, issuance_error = NULL, issuance_lease = NULL,
@@ -68,14 +69,23 @@ class IssuanceQueue:
                 f"""
                 WITH changed AS (
                     UPDATE device_certificates SET {_REQUEST},
-                        issuance_csr = %s, issuance_occasion = %s,
-                        issuance_requested_at = %s, issuance_due_at = %s, updated_at = %s
-                    WHERE device_id = %s AND serial_number = %s
+                        issuance_csr = %(csr)s, issuance_occasion = %(occasion)s,
+                        issuance_requested_at = %(now)s, issuance_due_at = %(now)s,
+                        updated_at = %(now)s
+                    WHERE device_id = %(device)s AND serial_number = %(serial)s
+                      AND {WRITE_GUARD}
                     RETURNING {_COLUMNS}
                 ), {_LOG_CHANGED}
                 SELECT changed.*, logged.id FROM changed, logged
                 """,
-                (csr_pem, occasion, now, now, now, device_id, serial_number, now),
+                {
+                    "csr": csr_pem,
+                    "occasion": occasion,
+                    "now": now,
+                    "device": device_id,
+                    "serial": serial_number,
+                    "deadline": self.store.db.write_deadline(conn),
+                },
                 binary=True,
             )
             row = await cur.fetchone()
@@ -163,30 +173,30 @@ class IssuanceQueue:
                 WITH changed AS (
                     UPDATE device_certificates SET
                         certificate_data = jsonb_build_object(
-                            'csr_pem', issuance_csr, 'acme_directory', %s::text) || %s,
-                        serial_number = %s, fingerprint_sha256 = %s,
-                        issued_at = %s, expires_at = %s, status = 'active',
-                        revoked_at = NULL, revocation_reason = NULL,
+                            'csr_pem', issuance_csr, 'acme_directory', %(directory)s::text)
+                            || %(data)s,
+                        serial_number = %(serial)s, fingerprint_sha256 = %(fingerprint)s,
+                        issued_at = %(not_before)s, expires_at = %(not_after)s,
+                        status = 'active', revoked_at = NULL, revocation_reason = NULL,
                         renewal_count = renewal_count
                             + CASE WHEN status = 'pending' THEN 0 ELSE 1 END,
-                        updated_at = %s, {CANCEL_ISSUANCE}
-                    WHERE device_id = %s AND issuance_lease = %s
+                        updated_at = %(now)s, {CANCEL_ISSUANCE}
+                    WHERE device_id = %(device)s AND issuance_lease = %(lease)s
                     RETURNING {_COLUMNS}
                 ), {_LOG_CHANGED}
                 SELECT changed.*, logged.id FROM changed, logged
                 """,
-                (
-                    directory_url,
-                    Jsonb(certificate.data),
-                    certificate.serial_number,
-                    certificate.fingerprint_sha256,
-                    certificate.not_before,
-                    certificate.not_after,
-                    now,
-                    job.device_id,
-                    job.lease,
-                    now,
-                ),
+                {
+                    "directory": directory_url,
+                    "data": Jsonb(certificate.data),
+                    "serial": certificate.serial_number,
+                    "fingerprint": certificate.fingerprint_sha256,
+                    "not_before": certificate.not_before,
+                    "not_after": certificate.not_after,
+                    "now": now,
+                    "device": job.device_id,
+                    "lease": job.lease,
+                },
                 binary=True,
             )
             row = await cur.fetchone()

@@ -29,7 +29,7 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
 from myl.cert.v1 import cert_pb2
-from shared.db import Database
+from shared.db import WRITE_GUARD, Database
 
 STATUS_TO_PB: Final = {
     "pending": cert_pb2.CERTIFICATE_STATUS_PENDING,
@@ -70,12 +70,12 @@ CANCEL_ISSUANCE: Final = """issuance_csr = NULL, issuance_occasion = NULL,
     issuance_error = NULL, issuance_lease = NULL, issuance_lease_until = NULL,
     acme_order_url = NULL"""
 
-# The CTE that logs a cache invalidation for the rows of a `changed` CTE (its last
-# parameter is the time); the statement then selects `changed.*, logged.id`.
+# The CTE that logs a cache invalidation for the rows of a `changed` CTE (at the time of the
+# `now` parameter); the statement then selects `changed.*, logged.id`.
 _LOG_CHANGED: Final = """logged AS (
                     INSERT INTO certificate_cache_invalidations
                         (device_id, uuid_subdomain, created_at)
-                    SELECT device_id, uuid_subdomain, %s FROM changed RETURNING id
+                    SELECT device_id, uuid_subdomain, %(now)s FROM changed RETURNING id
                 )"""
 
 
@@ -193,6 +193,9 @@ class NewRow:
     request_hash: bytes | None = None
     # Set: the row is inserted PENDING, and this CSR queued for the ACME CA.
     issuance_csr: str | None = None
+    # When the provision's caller is answered at the latest (`time.monotonic()`); None: the
+    # default budget from the moment the statement gets its connection.
+    deadline: float | None = None
 
     def record(self) -> CertificateRecord:
         """The row as stored, right after the insert."""
@@ -285,11 +288,12 @@ class CertificateStore:
 
     @asynccontextmanager
     async def connection(
-        self, *, watched: bool = True, budget: float | None = None
+        self, *, watched: bool = True, budget: float | None = None, deadline: float | None = None
     ) -> AsyncIterator[AsyncConnection[TupleRow]]:
         """An autocommit connection; UNAVAILABLE at once while the database is unreachable
-        (`shared.db.Database`). `watched=False` for background work that holds it long."""
-        async with self.db.connection(watched=watched, budget=budget) as conn:
+        (`shared.db.Database`). `watched=False` for background work that holds it long;
+        `deadline`: when its caller is answered at the latest."""
+        async with self.db.connection(watched=watched, budget=budget, deadline=deadline) as conn:
             if not conn.autocommit:
                 await conn.set_autocommit(True)
                 conn.prepare_threshold = 0
@@ -360,11 +364,13 @@ class CertificateStore:
                 for row in rows
             ]
         )
-        async with self.connection() as conn:
-            # `clock_timestamp() < deadline`: a server that runs the statement only after its
-            # caller was released (it hung) inserts nothing (`Database.write_deadline`).
+        deadlines = [row.deadline for row in rows if row.deadline is not None]
+        async with self.connection(deadline=min(deadlines, default=None)) as conn:
+            # `WRITE_GUARD`: a server that waits past the earliest caller's deadline (on a
+            # lock, another transaction's row with the same device, name or request id) or
+            # runs the statement only after it (it hung) inserts nothing, and says so.
             cur = await conn.execute(
-                """
+                f"""
                 INSERT INTO device_certificates (
                     device_id, uuid_subdomain, certificate_type, status, certificate_data,
                     serial_number, fingerprint_sha256, issued_at, expires_at, auto_renewal,
@@ -378,7 +384,7 @@ class CertificateStore:
                        CASE WHEN r.issuance_csr IS NULL THEN NULL ELSE 'provision' END,
                        CASE WHEN r.issuance_csr IS NULL THEN NULL ELSE r.created_at END,
                        CASE WHEN r.issuance_csr IS NULL THEN NULL ELSE r.created_at END
-                FROM jsonb_to_recordset(%s::jsonb) AS r(
+                FROM jsonb_to_recordset(%(rows)s::jsonb) AS r(
                     device_id text, uuid_subdomain text, certificate_type text,
                     certificate_data jsonb, serial_number text, fingerprint_sha256 text,
                     issued_at timestamptz, expires_at timestamptz, auto_renewal boolean,
@@ -386,12 +392,12 @@ class CertificateStore:
                     issuance_csr text)
                 WHERE NOT EXISTS (
                     SELECT 1 FROM device_events_outbox AS o WHERE o.device_id = r.device_id)
-                  AND clock_timestamp() < %s
+                  AND {WRITE_GUARD}
                 ORDER BY r.device_id
                 ON CONFLICT DO NOTHING
                 RETURNING device_id, serial_number
                 """,
-                (document, self.db.write_deadline(conn)),
+                {"rows": document, "deadline": self.db.write_deadline(conn)},
             )
             if len(rows) == 1:
                 return [rows[0].record() if cur.rowcount == 1 else None]
@@ -438,25 +444,26 @@ class CertificateStore:
                 f"""
                 WITH changed AS (
                     UPDATE device_certificates SET
-                        certificate_data = %s, serial_number = %s, fingerprint_sha256 = %s,
-                        issued_at = %s, expires_at = %s, updated_at = %s
-                    WHERE device_id = %s AND request_id = %s AND status = 'active'
-                      AND renewal_count = 0
+                        certificate_data = %(data)s, serial_number = %(serial)s,
+                        fingerprint_sha256 = %(fingerprint)s, issued_at = %(not_before)s,
+                        expires_at = %(not_after)s, updated_at = %(now)s
+                    WHERE device_id = %(device)s AND request_id = %(request_id)s
+                      AND status = 'active' AND renewal_count = 0 AND {WRITE_GUARD}
                     RETURNING {_COLUMNS}
                 ), {_LOG_CHANGED}
                 SELECT changed.*, logged.id FROM changed, logged
                 """,
-                (
-                    Jsonb(certificate.data),
-                    certificate.serial_number,
-                    certificate.fingerprint_sha256,
-                    certificate.not_before,
-                    certificate.not_after,
-                    now,
-                    device_id,
-                    request_id,
-                    now,
-                ),
+                {
+                    "data": Jsonb(certificate.data),
+                    "serial": certificate.serial_number,
+                    "fingerprint": certificate.fingerprint_sha256,
+                    "not_before": certificate.not_before,
+                    "not_after": certificate.not_after,
+                    "now": now,
+                    "device": device_id,
+                    "request_id": request_id,
+                    "deadline": self.db.write_deadline(conn),
+                },
                 binary=True,
             )
             row = await cur.fetchone()
@@ -482,8 +489,16 @@ class CertificateStore:
             await conn.execute(
                 "INSERT INTO certificate_requests "
                 "(request_id, method, request_hash, device_id, created_at) "
-                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                (request_id, method, request_hash, device_id, now),
+                "SELECT %(request_id)s, %(method)s, %(hash)s, %(device)s, %(now)s "
+                f"WHERE {WRITE_GUARD} ON CONFLICT DO NOTHING",
+                {
+                    "request_id": request_id,
+                    "method": method,
+                    "hash": request_hash,
+                    "device": device_id,
+                    "now": now,
+                    "deadline": self.db.write_deadline(conn),
+                },
             )
 
     async def forget_requests(self, before: datetime) -> int:
@@ -591,29 +606,30 @@ class CertificateStore:
                 f"""
                 WITH changed AS (
                     UPDATE device_certificates SET
-                        certificate_data =
-                            jsonb_build_object('csr_pem', certificate_data->'csr_pem') || %s,
-                        serial_number = %s, fingerprint_sha256 = %s,
-                        issued_at = %s, expires_at = %s, status = 'active',
-                        revoked_at = NULL, revocation_reason = NULL,
-                        renewal_count = renewal_count + 1, updated_at = %s
-                    WHERE device_id = %s AND serial_number = %s AND status = %s
+                        certificate_data = jsonb_build_object(
+                            'csr_pem', certificate_data->'csr_pem') || %(data)s,
+                        serial_number = %(serial)s, fingerprint_sha256 = %(fingerprint)s,
+                        issued_at = %(not_before)s, expires_at = %(not_after)s,
+                        status = 'active', revoked_at = NULL, revocation_reason = NULL,
+                        renewal_count = renewal_count + 1, updated_at = %(now)s
+                    WHERE device_id = %(device)s AND serial_number = %(old_serial)s
+                      AND status = %(status)s AND {WRITE_GUARD}
                     RETURNING {_COLUMNS}
                 ), {_LOG_CHANGED}
                 SELECT changed.*, logged.id FROM changed, logged
                 """,
-                (
-                    Jsonb(certificate.data),
-                    certificate.serial_number,
-                    certificate.fingerprint_sha256,
-                    certificate.not_before,
-                    certificate.not_after,
-                    now,
-                    source.device_id,
-                    source.serial_number,
-                    source.status,
-                    now,
-                ),
+                {
+                    "data": Jsonb(certificate.data),
+                    "serial": certificate.serial_number,
+                    "fingerprint": certificate.fingerprint_sha256,
+                    "not_before": certificate.not_before,
+                    "not_after": certificate.not_after,
+                    "now": now,
+                    "device": source.device_id,
+                    "old_serial": source.serial_number,
+                    "status": source.status,
+                    "deadline": self.db.write_deadline(conn),
+                },
                 binary=True,
             )
             row = await cur.fetchone()
@@ -629,14 +645,19 @@ class CertificateStore:
                 f"""
                 WITH changed AS (
                     UPDATE device_certificates
-                    SET status = 'revoked', revoked_at = %s, revocation_reason = %s,
-                        updated_at = %s, {CANCEL_ISSUANCE}
-                    WHERE device_id = %s AND status <> 'revoked'
+                    SET status = 'revoked', revoked_at = %(now)s,
+                        revocation_reason = %(reason)s, updated_at = %(now)s, {CANCEL_ISSUANCE}
+                    WHERE device_id = %(device)s AND status <> 'revoked' AND {WRITE_GUARD}
                     RETURNING {_COLUMNS}
                 ), {_LOG_CHANGED}
                 SELECT changed.*, logged.id FROM changed, logged
                 """,
-                (now, reason, now, device_id, now),
+                {
+                    "now": now,
+                    "reason": reason,
+                    "device": device_id,
+                    "deadline": self.db.write_deadline(conn),
+                },
                 binary=True,
             )
             row = await cur.fetchone()
@@ -666,39 +687,39 @@ class CertificateStore:
         """
         async with self.connection() as conn:
             cur = await conn.execute(
-                """
+                f"""
                 WITH deleted AS (
-                    DELETE FROM device_certificates WHERE device_id = %s
+                    DELETE FROM device_certificates
+                    WHERE device_id = %(device)s AND {WRITE_GUARD}
                     RETURNING device_id, uuid_subdomain
                 ), event AS (
                     INSERT INTO device_events_outbox
                         (device_id, event_type, created_at, attempts, next_attempt_at)
-                    SELECT device_id, 'device_deleted', %s, 1, %s FROM deleted
+                    SELECT device_id, 'device_deleted', %(now)s, 1, %(lease_until)s FROM deleted
                     RETURNING device_id, id, event_type, attempts
                 ), logged AS (
                     INSERT INTO certificate_cache_invalidations
                         (device_id, uuid_subdomain, created_at)
-                    SELECT device_id, uuid_subdomain, %s FROM deleted RETURNING id
+                    SELECT device_id, uuid_subdomain, %(now)s FROM deleted RETURNING id
                 ), requested AS (
                     INSERT INTO certificate_requests
                         (request_id, method, request_hash, device_id, created_at)
-                    SELECT %s::uuid, 'delete', %s::bytea, device_id, %s FROM deleted
-                    WHERE %s::uuid IS NOT NULL
+                    SELECT %(request_id)s::uuid, 'delete', %(request_hash)s::bytea, device_id,
+                           %(now)s
+                    FROM deleted WHERE %(request_id)s::uuid IS NOT NULL
                 )
                 SELECT deleted.uuid_subdomain, event.device_id, event.id, event.event_type,
                        event.attempts, logged.id
                 FROM deleted JOIN event USING (device_id), logged
                 """,
-                (
-                    device_id,
-                    now,
-                    lease_until,
-                    now,
-                    request[0] if request else None,
-                    request[1] if request else None,
-                    now,
-                    request[0] if request else None,
-                ),
+                {
+                    "device": device_id,
+                    "now": now,
+                    "lease_until": lease_until,
+                    "request_id": request[0] if request else None,
+                    "request_hash": request[1] if request else None,
+                    "deadline": self.db.write_deadline(conn),
+                },
             )
             row = await cur.fetchone()
         if row is None:

@@ -20,7 +20,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import TupleRow, class_row
 
 from myl.key.v1 import key_pb2
-from shared.db import Database
+from shared.db import WRITE_GUARD, Database
 from shared.errors import DomainError, ErrorKind
 from shared.idempotency import RequestKey
 
@@ -192,11 +192,16 @@ class KeyStore:
 
     @asynccontextmanager
     async def _transaction(
-        self, *, watched: bool = True, budget: float | None = None
+        self, *, watched: bool = True, budget: float | None = None, write: bool = False
     ) -> AsyncIterator[Connection]:
-        """One transaction; UNAVAILABLE (never INTERNAL) when the database is unreachable."""
+        """One transaction; UNAVAILABLE (never INTERNAL) when the database is unreachable.
+
+        `write`: committed only while its caller can still hear of it (`Database.check_commit`);
+        its statements carry the deadline themselves (`WRITE_GUARD`)."""
         async with self.db.connection(watched=watched, budget=budget) as conn, conn.transaction():
             yield conn
+            if write:
+                self.db.check_commit(conn)
 
     # -- reads ---------------------------------------------------------------
 
@@ -283,7 +288,7 @@ class KeyStore:
         `supersedes`: the key an earlier attempt of the same request created; in the same
         transaction it is revoked and gives up the request id. Returns the new key and the
         change to the superseded one (to publish)."""
-        async with self._transaction() as conn:
+        async with self._transaction(write=True) as conn:
             change = KeyChange([], [], changed=False)
             if supersedes is not None:
                 change = await self._supersede(conn, supersedes, request, now)
@@ -295,14 +300,17 @@ class KeyStore:
         self, conn: Connection, earlier: ApiKeyRow, request: RequestKey | None, now: datetime
     ) -> KeyChange:
         reason = f"superseded by a retry of request {request.request_id if request else ''}"
+        deadline = self.db.write_deadline(conn)
         await conn.execute(
-            "UPDATE device_api_keys SET request_id = NULL, request_hash = NULL WHERE id = %s",
-            (earlier.id,),
+            "UPDATE device_api_keys SET request_id = NULL, request_hash = NULL "
+            f"WHERE id = %(id)s AND {WRITE_GUARD}",
+            {"id": earlier.id, "deadline": deadline},
         )
         cur = conn.cursor(row_factory=class_row(ApiKeyRow))
         await cur.execute(
-            f"{_REVOKE} WHERE id = %(id)s AND {_NOT_YET_REVOKED} RETURNING {KEY_COLUMNS}",
-            {"id": earlier.id, "now": now, "reason": reason},
+            f"{_REVOKE} WHERE id = %(id)s AND {_NOT_YET_REVOKED} AND {WRITE_GUARD} "
+            f"RETURNING {KEY_COLUMNS}",
+            {"id": earlier.id, "now": now, "reason": reason, "deadline": deadline},
         )
         revoked = await cur.fetchall()
         await self._audit(conn, revoked, AuditEntry(ACTION_REVOKE, "key_service", reason), now)
@@ -321,11 +329,17 @@ class KeyStore:
     async def revoke(self, key_id: uuid.UUID, audit: AuditEntry, now: datetime) -> KeyChange:
         """Revoke one key now. `changed` is False if it was revoked already; `rows` is
         empty when there is no such key."""
-        async with self._transaction() as conn:
+        async with self._transaction(write=True) as conn:
             cur = conn.cursor(row_factory=class_row(ApiKeyRow))
             await cur.execute(
-                f"{_REVOKE} WHERE id = %(id)s AND {_NOT_YET_REVOKED} RETURNING {KEY_COLUMNS}",
-                {"id": key_id, "now": now, "reason": audit.reason},
+                f"{_REVOKE} WHERE id = %(id)s AND {_NOT_YET_REVOKED} AND {WRITE_GUARD} "
+                f"RETURNING {KEY_COLUMNS}",
+                {
+                    "id": key_id,
+                    "now": now,
+                    "reason": audit.reason,
+                    "deadline": self.db.write_deadline(conn),
+                },
             )
             row = await cur.fetchone()
             if row is not None:
@@ -338,14 +352,16 @@ class KeyStore:
     async def lock_for_rotation(self, conn: Connection, key_id: uuid.UUID) -> ApiKeyRow | None:
         cur = conn.cursor(row_factory=class_row(ApiKeyRow))
         await cur.execute(
-            f"SELECT {KEY_COLUMNS} FROM device_api_keys WHERE id = %s FOR UPDATE", (key_id,)
+            f"SELECT {KEY_COLUMNS} FROM device_api_keys WHERE id = %(id)s AND {WRITE_GUARD} "
+            "FOR UPDATE",
+            {"id": key_id, "deadline": self.db.write_deadline(conn)},
         )
         return await cur.fetchone()
 
     @asynccontextmanager
     async def rotation(self) -> AsyncIterator[Connection]:
         """A transaction for `lock_for_rotation` + `finish_rotation`."""
-        async with self._transaction() as conn:
+        async with self._transaction(write=True) as conn:
             yield conn
 
     async def finish_rotation(
@@ -366,8 +382,14 @@ class KeyStore:
             "UPDATE device_api_keys SET revoked_at = %(at)s, "
             "expires_at = LEAST(expires_at, %(at)s), revocation_reason = %(reason)s, "
             "is_active = false, updated_at = %(now)s "
-            f"WHERE id = %(id)s RETURNING {KEY_COLUMNS}",
-            {"id": old.id, "at": retire_at, "now": now, "reason": f"rotated to {new.id}"},
+            f"WHERE id = %(id)s AND {WRITE_GUARD} RETURNING {KEY_COLUMNS}",
+            {
+                "id": old.id,
+                "at": retire_at,
+                "now": now,
+                "reason": f"rotated to {new.id}",
+                "deadline": self.db.write_deadline(conn),
+            },
         )
         retired = await cur.fetchone()
         assert retired is not None  # locked by lock_for_rotation
@@ -386,12 +408,17 @@ class KeyStore:
 
     async def revoke_device(self, device_id: str, audit: AuditEntry, now: datetime) -> KeyChange:
         """Revoke every key of the device that is not revoked yet; returns them."""
-        async with self._transaction() as conn:
+        async with self._transaction(write=True) as conn:
             cur = conn.cursor(row_factory=class_row(ApiKeyRow))
             await cur.execute(
                 f"{_REVOKE} WHERE device_id = %(device)s AND {_NOT_YET_REVOKED} "
-                f"RETURNING {KEY_COLUMNS}",
-                {"device": device_id, "now": now, "reason": audit.reason},
+                f"AND {WRITE_GUARD} RETURNING {KEY_COLUMNS}",
+                {
+                    "device": device_id,
+                    "now": now,
+                    "reason": audit.reason,
+                    "deadline": self.db.write_deadline(conn),
+                },
             )
             rows = await cur.fetchall()
             await self._audit(conn, rows, audit, now)
@@ -490,9 +517,10 @@ class KeyStore:
     async def _insert(
         self, conn: Connection, key: NewKeyRow, now: datetime, request: RequestKey | None = None
     ) -> ApiKeyRow:
-        """Insert a key. `clock_timestamp() < deadline`: a server that runs the statement only
-        after its caller was released (it hung) inserts nothing (`Database.write_deadline`),
-        and the transaction is rolled back with UNAVAILABLE."""
+        """Insert a key, guarded by its caller's deadline (`WRITE_GUARD`): a server that waits
+        past it (on another transaction's row with the same request id) or runs the statement
+        only after it (it hung) inserts nothing, and the transaction is rolled back with
+        UNAVAILABLE."""
         cur = conn.cursor(row_factory=class_row(ApiKeyRow))
         try:
             await cur.execute(
@@ -502,7 +530,7 @@ class KeyStore:
                 "SELECT %(id)s, %(device)s, %(hash)s, %(prefix)s, %(name)s, %(initials)s, "
                 "%(subdomain)s, %(permissions)s, %(rate)s, %(expires)s, %(from)s, %(now)s, "
                 "%(now)s, %(request_id)s, %(request_hash)s "
-                f"WHERE clock_timestamp() < %(deadline)s RETURNING {KEY_COLUMNS}",
+                f"WHERE {WRITE_GUARD} RETURNING {KEY_COLUMNS}",
                 {
                     "id": key.id,
                     "device": key.device_id,
@@ -530,13 +558,7 @@ class KeyStore:
                 "REQUEST_IN_PROGRESS",
             ) from exc
         row = await cur.fetchone()
-        if row is None:
-            raise DomainError(
-                ErrorKind.UNAVAILABLE,
-                "the key could not be stored in time; retry",
-                "WRITE_NOT_COMPLETED",
-                retry_after=1.0,
-            )
+        assert row is not None  # the guard raises rather than skip the row
         return row
 
     async def _audit(

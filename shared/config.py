@@ -98,6 +98,7 @@ class EnvReader:
         return default if value is None or value == "" else Path(value)
 
 
+CLIENT_CHECK_INTERVAL_MS = 50
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
 
@@ -147,6 +148,9 @@ class DatabaseConfig:
             sslmode=self.sslmode,
             connect_timeout=max(1, round(self.connect_timeout)),
             application_name="myl",
+            # A server running a statement for a client that has gone (the watchdog in
+            # shared/db.py cut it) ends it within this many milliseconds, wherever it waits.
+            options=f"-c client_connection_check_interval={CLIENT_CHECK_INTERVAL_MS}",
         )
 
     def describe(self) -> str:

@@ -8,7 +8,7 @@ while PostgreSQL is unreachable (stopped, restarting, or hung):
   UNAVAILABLE (`DATABASE_UNAVAILABLE`, with a retry delay) at once, without touching the
   network. It learns that from a connection error, or from a fresh connection that fails
   after a request could not get a pooled one within `operation_timeout` or was cut by the
-  watchdog. The watchdog cuts a connection held for longer than `operation_timeout` whose
+  watchdog. The watchdog cuts a connection held past its request's deadline whose
   statement is at the server with no answer yet (a hung server never answers, and TCP never
   says so): its socket is shut down, which makes psycopg raise at once in the waiting
   request instead of waiting for its own cancellation round trips to a server that does not
@@ -17,13 +17,29 @@ while PostgreSQL is unreachable (stopped, restarting, or hung):
   such failure reaches the client as UNAVAILABLE, never INTERNAL; a statement that was only
   slow (a lock wait) fails alone, because the confirming connection succeeds.
 * **Fast recovery.** While down, a prober connects every `probe_interval` seconds. As soon
-  as one connection works, a new pool replaces the old one (whose connections are all dead,
-  and whose own reconnect back-off can grow to many seconds), and requests flow again.
-* **Nothing committed for a caller that has gone.** Writes carry their caller's deadline into
-  SQL (see the stores); this module only guarantees the request is released promptly.
+  as one connection works and a fresh pool opens, the new pool replaces the old one (whose
+  connections are all dead, and whose own reconnect back-off can grow to many seconds), and
+  requests flow again.
+* **The database enforces the caller's deadline.** A request's deadline is a moment
+  (`connection(deadline=...)`, by default `operation_timeout` after it got its connection);
+  the watchdog answers the caller then at the latest. Each write statement carries the same
+  moment on the server's clock, a margin earlier (`write_deadline`), in `WRITE_GUARD`: for
+  every row it is about to write, the server sets `lock_timeout` to the time left, so a wait
+  on a row lock or on a unique index entry (another transaction's uncommitted row) ends at
+  the deadline with an error, and it refuses to write at all once the deadline has passed.
+  (That is `SET LOCAL lock_timeout` from the remaining deadline, done per row inside the
+  statement: no extra round trip, and exact where a per-transaction setting would restart
+  with every statement.) A statement that wrote its rows in time has only its own work and
+  its commit left, which the margin covers. A lock the statement waits for before it runs
+  (a table lock) is not covered by that; such a statement refuses its rows once it runs,
+  and since the watchdog has cut its connection by then, the server ends it within
+  `client_connection_check_interval` (`DatabaseConfig.conninfo`) wherever it waits. Either
+  way the error is UNAVAILABLE with `WRITE_NOT_COMPLETED`: nothing was written. A
+  multi-statement transaction is committed only while the margin is left (`check_commit`);
+  a COMMIT in flight when the server stops answering has an outcome nobody can know.
 
 Background jobs that legitimately hold a connection for long (a lifecycle batch signing
-certificates, bulk loads) pass `timeout=None` and are not watched.
+certificates, bulk loads) pass `watched=False` and are not watched.
 """
 
 from __future__ import annotations
@@ -59,6 +75,20 @@ DEFAULT_PROBE_INTERVAL: Final = 0.2
 _WATCH_PERIOD: Final = 0.05
 _RETRY_AFTER: Final = 1.0
 _ERRORS: Final = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+# How long before its caller's deadline a write must have written its rows: the time its
+# statement's own work, its commit and the answer's way back may take.
+_ANSWER_MARGIN: Final = 0.05
+_PAST_DEADLINE: Final = "write deadline passed"
+
+# A condition for each row a write statement is about to write (see the module docstring):
+# the server's `lock_timeout` becomes the time left before `%(deadline)s` (from
+# `Database.write_deadline`), and past it the statement fails without writing anything (the
+# setting refuses the value, which names the reason).
+WRITE_GUARD: Final = f"""set_config('lock_timeout',
+    CASE WHEN clock_timestamp() < %(deadline)s::timestamptz
+         THEN greatest(1, ceil(1000 * extract(epoch FROM
+                  %(deadline)s::timestamptz - clock_timestamp())))::bigint || 'ms'
+         ELSE '{_PAST_DEADLINE}' END, true) IS NOT NULL"""
 
 
 def is_connection_error(exc: BaseException) -> bool:
@@ -76,6 +106,23 @@ def is_connection_error(exc: BaseException) -> bool:
 
 class DatabaseUnavailable(Exception):
     """The database could not be reached at start-up."""
+
+
+def is_deadline_error(exc: BaseException) -> bool:
+    """The server ended a statement for its caller's deadline (`WRITE_GUARD`): a lock wait
+    ran out, the deadline had passed, or the statement was cancelled. Nothing was written."""
+    if isinstance(exc, (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)):
+        return True
+    return isinstance(exc, psycopg.errors.InvalidParameterValue) and _PAST_DEADLINE in str(exc)
+
+
+def write_not_completed(service: str) -> DomainError:
+    return DomainError(
+        ErrorKind.UNAVAILABLE,
+        f"the {service} database could not complete the write in time; nothing was written; retry",
+        "WRITE_NOT_COMPLETED",
+        retry_after=_RETRY_AFTER,
+    )
 
 
 def database_unavailable(service: str) -> DomainError:
@@ -206,32 +253,50 @@ class Database:
 
     @asynccontextmanager
     async def connection(
-        self, *, watched: bool = True, budget: float | None = None
+        self,
+        *,
+        watched: bool = True,
+        budget: float | None = None,
+        deadline: float | None = None,
     ) -> AsyncIterator[Connection]:
         """A pooled connection; UNAVAILABLE at once while the database is down.
 
-        `watched`: the watchdog cuts the connection once it has been held for longer than
-        `budget` (default `operation_timeout`); background jobs that hold one for long pass
-        a larger budget, or False. Every held connection is cut when the database is found
-        unreachable."""
+        `deadline` (on `time.monotonic()`'s clock): when the request's caller is answered at
+        the latest; by default `budget` (default `operation_timeout`) after the connection is
+        handed out. The watchdog cuts the connection then if the server still owes an
+        answer, and writes may not take effect after it (`write_deadline`). Background jobs
+        that hold a connection for long pass `watched=False`. Every held connection is cut
+        when the database is found unreachable."""
         if self.down_since is not None or self._closed:
             raise database_unavailable(self.service)
         pool = self.pool
+        wait = self.operation_timeout
+        if deadline is not None:
+            wait = min(wait, deadline - time.monotonic())
+            if wait <= _ANSWER_MARGIN:
+                raise write_not_completed(self.service)
         try:
-            conn = await pool.getconn(timeout=self.operation_timeout)
+            conn = await pool.getconn(timeout=wait)
         except _ERRORS as exc:
             self.suspect(exc)
             raise database_unavailable(self.service) from exc
         token = id(conn)
-        limit = budget if budget is not None else self.operation_timeout
-        self._held[token] = (conn, time.monotonic() + limit if watched else float("inf"))
+        if not watched:
+            watch = float("inf")
+        elif deadline is not None:
+            watch = deadline
+        else:
+            watch = time.monotonic() + (budget if budget is not None else self.operation_timeout)
+        self._held[token] = (conn, watch)
         started = time.perf_counter()
         if watched:
             self._ensure_watchdog()
         try:
             yield conn
-        except _ERRORS as exc:
-            if not is_connection_error(exc):
+        except psycopg.Error as exc:
+            if is_deadline_error(exc):
+                raise write_not_completed(self.service) from exc
+            if not isinstance(exc, _ERRORS) or not is_connection_error(exc):
                 raise
             if token not in self._cut:  # a cut one: the watchdog started the confirmation
                 self.suspect(exc)
@@ -257,16 +322,27 @@ class Database:
 
     def write_deadline(self, conn: Connection) -> datetime:
         """The latest moment, on the server's clock, at which a write sent now on `conn` may
-        still take effect. A statement guarded with `clock_timestamp() < deadline` that a hung
-        server runs only after its caller was released changes nothing, so a caller that was
-        told UNAVAILABLE never finds its write done. The watchdog does not cut `conn` before
-        that moment (its watch is extended to it), so the release always comes after it."""
-        deadline = datetime.now(UTC) + self.clock_offset + timedelta(seconds=self.operation_timeout)
-        limit = time.monotonic() + self.operation_timeout  # read after: never before `deadline`
+        still write its rows (`WRITE_GUARD`): its caller's deadline, less the margin that its
+        commit and answer take. UNAVAILABLE (`WRITE_NOT_COMPLETED`) without sending anything
+        when that moment has passed already."""
+        left = self._time_left(conn)
+        if left <= 0:
+            raise write_not_completed(self.service)
+        return datetime.now(UTC) + self.clock_offset + timedelta(seconds=left)
+
+    def check_commit(self, conn: Connection) -> None:
+        """Before a COMMIT: UNAVAILABLE (`WRITE_NOT_COMPLETED`, and the transaction rolls back)
+        unless there is time for the COMMIT to be answered before its caller is. A COMMIT
+        sent later could take effect after the caller was told UNAVAILABLE."""
+        if self._time_left(conn) <= 0:
+            raise write_not_completed(self.service)
+
+    def _time_left(self, conn: Connection) -> float:
         held = self._held.get(id(conn))
-        if held is not None and held[1] < limit:
-            self._held[id(conn)] = (conn, limit)
-        return deadline
+        watch = held[1] if held is not None else time.monotonic() + self.operation_timeout
+        if watch == float("inf"):
+            return self.operation_timeout  # background work: nobody waits on an answer
+        return watch - _ANSWER_MARGIN - time.monotonic()
 
     # -- detection -------------------------------------------------------------------------
 
