@@ -19,7 +19,8 @@ while PostgreSQL is unreachable (stopped, restarting, or hung):
 * **Fast recovery.** While down, a prober connects every `probe_interval` seconds. As soon
   as one connection works and a fresh pool opens, the new pool replaces the old one (whose
   connections are all dead, and whose own reconnect back-off can grow to many seconds), and
-  requests flow again.
+  requests flow again. A probe that connects while the pool cannot open (the server is at
+  `max_connections`, say) keeps the database down and is tried again until the pool opens.
 * **The database enforces the caller's deadline.** A request's deadline is a moment
   (`connection(deadline=...)`, by default `operation_timeout` after it got its connection);
   the watchdog answers the caller then at the latest. Each write statement carries the same
@@ -412,8 +413,7 @@ class Database:
                 return
             self._mark_down(None)
         while self.down_since is not None and not self._closed:
-            if await self._reachable():
-                await self._replace_pool()
+            if await self._reachable() and await self._replace_pool():
                 return
             await asyncio.sleep(self.probe_interval)
 
@@ -432,12 +432,15 @@ class Database:
             return False
         return True
 
-    async def _replace_pool(self) -> None:
-        """The database answers again: serve from a fresh pool, retire the old one."""
+    async def _replace_pool(self) -> bool:
+        """The database answers again: serve from a fresh pool, retire the old one. False
+        when the pool cannot open although a probe connected (the server refuses more
+        connections, say): the database stays down, and the prober tries again."""
         try:
             pool = await open_pool(self.config, self.service)
         except DatabaseUnavailable:
-            return  # the prober's caller loops and tries again
+            log.warning("database answers but the pool cannot open", service=self.service)
+            return False
         old, self.pool = self.pool, pool
         down_for = time.monotonic() - (self.down_since or time.monotonic())
         self.down_since = None
@@ -448,6 +451,7 @@ class Database:
         task.add_done_callback(self._retired.discard)
         with contextlib.suppress(DomainError):
             await self.measure_clock()
+        return True
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
+from psycopg import sql
+from structlog.testing import capture_logs
 
 from cert_service.issuance_queue import IssuanceQueue
 from cert_service.storage import CertificateStore
@@ -121,3 +124,59 @@ async def test_the_order_budget_admits_exactly_its_orders_under_contention(
     later = await queues[0].spend_order(url, now + interval, interval, 5)
     assert later == timedelta(0)
     assert await queues[1].spend_order(url, now + interval, interval, 5) > timedelta(0)
+
+
+async def test_a_pool_that_cannot_reopen_after_an_outage_is_retried_until_it_does(
+    pg_server: PostgresServer, database: str, db_conn: psycopg.AsyncConnection[tuple[object, ...]]
+) -> None:
+    """The server answers a probe but refuses the pool's connections (it is at its connection
+    limit: here a role's, which refuses with the same SQLSTATE 53300 as `max_connections`
+    without a test opening hundreds of backends). The service stays down meanwhile, and
+    recovers by itself once connections are to be had: it does not wait for a restart."""
+    role = f"limited_{uuid.uuid4().hex[:12]}"
+    await db_conn.execute(
+        sql.SQL("CREATE ROLE {} LOGIN CONNECTION LIMIT 4").format(sql.Identifier(role))
+    )
+    config = DatabaseConfig(
+        host=pg_server.host,
+        port=pg_server.port,
+        name=database,
+        user=role,
+        sslmode="disable",
+        pool_min=2,
+        pool_max=2,
+        connect_timeout=0.5,
+        operation_timeout=OPERATION_TIMEOUT,
+    )
+    db = await open_database(config, "limited", probe_interval=0.05)
+    holder: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+    try:
+        # The old pool keeps its two connections; a third is taken elsewhere: one is left,
+        # enough for a probe, not for a fresh pool's two.
+        holder = await psycopg.AsyncConnection.connect(config.conninfo())
+        with capture_logs() as logs:
+            db.suspect(psycopg.OperationalError("the connection was lost"))
+            async with asyncio.timeout(10):
+                while True:  # the prober connected, the fresh pool did not open
+                    if any(e["event"] == "database answers but the pool cannot open" for e in logs):
+                        break
+                    await asyncio.sleep(0.05)
+            assert not db.up
+            with pytest.raises(DomainError) as refused:
+                await select_one(db)
+            assert refused.value.kind is ErrorKind.UNAVAILABLE
+            await holder.close()
+            holder = None
+            assert db._prober is not None
+            await asyncio.wait_for(db._prober, 10)  # it ends once a fresh pool serves
+        assert db.up
+        assert await select_one(db) == 1
+    finally:
+        if holder is not None:
+            await holder.close()
+        await db.close()
+        await db_conn.execute(
+            sql.SQL("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s"),
+            (role,),
+        )
+        await db_conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
