@@ -216,6 +216,10 @@ class RedisServer:
                 "",
                 "--appendonly",
                 "no",
+                # Limiter state lives only in Redis: it must never be evicted
+                # (shared/monitoring.py).
+                "--maxmemory-policy",
+                "noeviction",
                 "--dir",
                 str(self.directory),
                 "--logfile",

@@ -44,6 +44,13 @@ REDIS_MEMORY = Gauge("myl_redis_memory_used_bytes", "Redis used_memory (INFO mem
 REDIS_CLIENTS = Gauge(
     "myl_redis_connected_clients", "Redis connected_clients (INFO clients)", ["service"]
 )
+# 1 while Redis's maxmemory-policy lets it evict keys (anything but noeviction): unsupported,
+# since limiter state lives only in Redis (shared/monitoring.py).
+REDIS_EVICTING_POLICY = Gauge(
+    "myl_redis_evicting_policy",
+    "1 while Redis's maxmemory-policy may evict keys (unsupported; noeviction expected)",
+    ["service"],
+)
 # shared.limits: every check-and-spend, by limit and result (allowed, refused).
 LIMIT_DECISIONS = Counter(
     "myl_limit_decisions_total",

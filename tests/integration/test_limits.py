@@ -171,7 +171,8 @@ async def test_limits_run_unchanged_on_a_cluster(redis_cluster: RedisClusterServ
         assert len(limiter.local) == 0  # every decision came from the cluster
         # The resource sampler's INFO works on a cluster too (summed over its nodes).
         info = await cache.apply(redis_info)
-        assert info["used_memory"] > 0
-        assert info["connected_clients"] >= 3
+        assert info.used_memory > 0
+        assert info.connected_clients >= 3
+        assert info.policies == {"noeviction"}
     finally:
         await cache.close()
