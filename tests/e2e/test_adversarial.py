@@ -181,10 +181,11 @@ async def test_a_service_refuses_a_method_other_than_the_one_authorized(
             ],
         )
         assert listed is not None
-    keys = key_pb2_grpc.ApiKeyServiceStub(key_service.channel)
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await keys.ListAuditEvents(key_pb2.ListAuditEventsRequest(), metadata=gateway_identity)
-    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    async with grpc.aio.insecure_channel(key_service.address) as channel:
+        keys = key_pb2_grpc.ApiKeyServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await keys.ListAuditEvents(key_pb2.ListAuditEventsRequest(), metadata=gateway_identity)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_a_body_or_query_field_naming_another_object_than_the_path_is_400(

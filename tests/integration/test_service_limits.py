@@ -18,6 +18,7 @@ from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from myl.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from myl.key.v1 import key_pb2
 from shared.config import ServerConfig
+from tests.fixtures import gateway_identity
 from tests.fixtures.cert import (
     RunningCertService,
     StartCertService,
@@ -58,7 +59,7 @@ async def limited_cert(
 async def cert(
     limited_cert: RunningCertService,
 ) -> AsyncIterator[cert_pb2_grpc.CertificateServiceAsyncStub]:
-    async with grpc.aio.insecure_channel(limited_cert.address) as channel:
+    async with gateway_identity.channel(limited_cert.address) as channel:
         yield cert_pb2_grpc.CertificateServiceStub(channel)
 
 
