@@ -315,7 +315,58 @@ def check_rest_request(descriptor: Descriptor, route: RouteMatch, query: str, bo
         raise UnknownFields(found)
 
 
+_STRING_TYPES: Final = frozenset({FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES})
+_INTEGER_TYPES: Final = frozenset(
+    {
+        FieldDescriptor.TYPE_INT32,
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT32,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT32,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED32,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED32,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+# Well-known types written as JSON strings (RFC 3339 timestamps, "3600s" durations...).
+_STRING_WELL_KNOWN: Final = frozenset(
+    {"google.protobuf.Timestamp", "google.protobuf.Duration", "google.protobuf.FieldMask"}
+)
+
+
+def _wrong_shape(field: FieldDescriptor, value: object) -> str | None:
+    """What is wrong with `value` as one (non-repeated) value of `field`, if its JSON type
+    cannot be what the proto3 JSON mapping accepts. `null` is left to the transcoder."""
+    if value is None:
+        return None
+    message = field.message_type
+    if message is not None:
+        if message.full_name in _STRING_WELL_KNOWN:
+            return None if isinstance(value, str) else "must be a JSON string"
+        if _is_well_known(message):
+            return None
+        return None if isinstance(value, dict) else "must be a JSON object"
+    if field.enum_type is not None:
+        named = isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+        return None if named else "must be an enum value name (a JSON string)"
+    if field.type in _STRING_TYPES:
+        return None if isinstance(value, str) else "must be a JSON string"
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        return None if isinstance(value, bool) else "must be true or false"
+    if field.type in _INTEGER_TYPES:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            return "must be an integer"
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return "must be a number"
+    return None
+
+
 def _walk(descriptor: Descriptor, value: object, prefix: str, found: list[str]) -> None:
+    """Collect unknown fields into `found`; `RequestProblem` naming the first known field
+    whose JSON type cannot be right (a list for a string, an object for a timestamp)."""
     if not isinstance(value, dict):
         return
     for name, item in value.items():
@@ -323,13 +374,26 @@ def _walk(descriptor: Descriptor, value: object, prefix: str, found: list[str]) 
         if field is None:
             found.append(f"{prefix}{name}")
             continue
-        message = field.message_type
-        if message is None or _is_well_known(message) or message.GetOptions().map_entry:
+        repeated = field.is_repeated
+        map_entry = field.message_type is not None and field.message_type.GetOptions().map_entry
+        if repeated and not map_entry:
+            if item is not None and not isinstance(item, list):
+                raise RequestProblem(f"{prefix}{name}", "must be a JSON array")
+            elements = item or []
+        elif map_entry:
+            if item is not None and not isinstance(item, dict):
+                raise RequestProblem(f"{prefix}{name}", "must be a JSON object")
             continue
-        items = item if isinstance(item, list) else [item]
-        for index, element in enumerate(items):
-            where = f"{prefix}{name}[{index}]." if isinstance(item, list) else f"{prefix}{name}."
-            _walk(message, element, where, found)
+        else:
+            elements = [item]
+        for index, element in enumerate(elements):
+            where = f"{prefix}{name}[{index}]" if repeated else f"{prefix}{name}"
+            problem = _wrong_shape(field, element)
+            if problem is not None:
+                raise RequestProblem(where, problem)
+            message = field.message_type
+            if message is not None and not _is_well_known(message):
+                _walk(message, element, f"{where}.", found)
 
 
 def _field(descriptor: Descriptor, name: str) -> FieldDescriptor | None:

@@ -245,9 +245,14 @@ async def test_a_body_or_query_field_naming_another_object_than_the_path_is_400(
         ('{"deviceId": "dev-j", "deviceName": "x", "z": ' + "[" * 2500 + "]" * 2500 + "}", "body"),
         ('{"deviceId": "dev-j", "deviceName": "x", "z": ' + '{"a":' * 40 + "1" + "}" * 40 + "}",
          "body"),
+        ('{"deviceId": ["dev-j"], "deviceName": "x"}', "deviceId"),
+        ('{"deviceId": "dev-j", "deviceName": "x", "expireTime": {"seconds": 1}}', "expireTime"),
+        ('{"deviceId": "dev-j", "deviceName": "x", "permissions": "ssl:read"}', "permissions"),
+        ('{"deviceId": "dev-j", "deviceName": "x", "permissions": [1]}', "permissions[0]"),
     ],
     ids=["single-quotes", "trailing-comma", "nan", "duplicate", "comment", "misspelled",
-         "nested-2500", "nested-40"],
+         "nested-2500", "nested-40", "list-for-string", "object-for-timestamp",
+         "string-for-list", "number-in-list"],
 )  # fmt: skip
 async def test_lenient_or_deep_json_is_400_and_creates_nothing(
     gateway: Gateway, key_service: RunningKeyService, body: str, field: str
