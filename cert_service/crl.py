@@ -23,6 +23,53 @@ signs a shard that (a) has a revocation not yet in its CRL, (b) has no CRL yet, 
 half of its validity. So a revocation is listed within about one interval (plus one signature and
 two round trips), and every CRL is replaced long before its nextUpdate, even when replicas are
 down for a while. Several replicas may all run the publisher.
+
+Every committed revocation reaches its CRL
+------------------------------------------
+The trigger that writes a revocation into the log also queues a row of its own in `crl_pending`
+(migration 0008), in the revoking transaction. A queued row belongs to one revocation: it is
+never shared, never updated, and deleted only by a transaction that signs its shard. The
+invariant:
+
+    A queued row is deleted only in the commit that stores a CRL of its shard signed from a
+    read of the log that includes the row's revocation.
+
+So a committed revocation is always either in its shard's stored CRL or still queued, and a
+queued row makes its shard due. Why it holds under READ COMMITTED, where each statement sees
+what was committed when the statement began:
+
+1. A signing transaction deletes the shard's queued rows first (`take_entries`: a DELETE), then
+   reads the log (a SELECT, a later statement and so a later snapshot). The DELETE removes only
+   rows committed before it began; a row whose transaction is still open is invisible to it,
+   left alone, and not waited for. The revocation behind a deleted row committed with it, so
+   its log entry is visible to the SELECT that follows.
+2. The deletion, the read and the stored CRL are one transaction: a pass that fails after the
+   DELETE puts the rows back, and `save` raises rather than commit the DELETE without a stored
+   CRL (it cannot happen under the shard's lock, but the invariant must not rest on that).
+3. A later CRL never drops a revocation: every signature reads the log afresh, and the log keeps
+   an entry until its certificate has expired (after which leaving the CRL is intended).
+4. So a revoking transaction still open when a pass deletes, whether it wrote before the pass
+   began or during it, and whether it commits during the pass or after it, keeps its row. Once
+   it commits, the next pass finds the shard due: `shards_due` and the check under the lock
+   both read the queue.
+
+0005 had one mark per shard, inserted ON CONFLICT DO NOTHING: an open revocation found an
+earlier revocation's mark, the pass deleted that mark and read the log without the open one,
+and it committed with no mark left. A version on a per-shard mark would fix that too, but then
+each revocation updates the mark and waits for the previous one in its shard (and for a signing
+pass) to commit; a row per revocation keeps revocations independent of each other and of the
+publisher.
+
+Several publishers: a replica signs a shard only under the shard's transaction-level advisory
+lock, taken before the DELETE and released after its commit is visible, so the next holder sees
+that CRL number and those deletions; numbers only grow (`save` never stores a lower one). A
+replica that finds the lock held skips the shard for this pass; whatever the holder did not read
+keeps its row. Point 1 does not depend on the lock: two DELETEs at once would each remove only
+rows committed before it began, and a row the other removed is skipped, not counted.
+
+Bound: a revocation committed at t is in the CRL signed by the first pass that begins after t,
+or, if another replica is signing that shard at that moment, by the pass after. With one
+publisher: within the rest of the pass running at t, `CRL_INTERVAL`, and one pass.
 """
 
 from __future__ import annotations
@@ -131,7 +178,7 @@ def sign_crl(
 
 
 class CrlStore:
-    """SQL for revoked_certificates, crl_dirty and crls (migration 0005)."""
+    """SQL for revoked_certificates, crl_pending and crls (migrations 0005 and 0008)."""
 
     def __init__(self, store: CertificateStore) -> None:
         self._store = store
@@ -149,7 +196,7 @@ class CrlStore:
                 WHERE NOT EXISTS (SELECT 1 FROM crls c
                                   WHERE c.issuer_key_id = %(issuer)s AND c.crl_shard = s)
                 UNION
-                SELECT crl_shard FROM crl_dirty WHERE issuer_key_id = %(issuer)s
+                SELECT crl_shard FROM crl_pending WHERE issuer_key_id = %(issuer)s
                 UNION
                 SELECT crl_shard FROM crls
                 WHERE issuer_key_id = %(issuer)s AND next_update <= %(refresh)s
@@ -178,8 +225,8 @@ class CrlStore:
             cur = await conn.execute(
                 """
                 SELECT crl_number, this_update, next_update, entries,
-                       EXISTS (SELECT 1 FROM crl_dirty d
-                               WHERE d.issuer_key_id = %(issuer)s AND d.crl_shard = %(shard)s)
+                       EXISTS (SELECT 1 FROM crl_pending p
+                               WHERE p.issuer_key_id = %(issuer)s AND p.crl_shard = %(shard)s)
                 FROM crls WHERE issuer_key_id = %(issuer)s AND crl_shard = %(shard)s
                 """,
                 {"issuer": issuer_key_id, "shard": shard},
@@ -199,10 +246,14 @@ class CrlStore:
     async def take_entries(
         conn: AsyncConnection[TupleRow], issuer_key_id: str, shard: int, now: datetime
     ) -> list[RevokedEntry]:
-        """Clear the shard's dirty mark, then read what its CRL lists (same transaction: a
-        revocation committed after this read marks the shard dirty again)."""
+        """Take the shard's queued revocations off the queue, then read what its CRL lists.
+
+        In this order, as two statements of the caller's transaction (see the module
+        docstring): the DELETE removes only rows committed before it began, so the SELECT,
+        which begins later, reads every revocation it took. A revocation still open keeps its
+        row for the next pass."""
         await conn.execute(
-            "DELETE FROM crl_dirty WHERE issuer_key_id = %s AND crl_shard = %s",
+            "DELETE FROM crl_pending WHERE issuer_key_id = %s AND crl_shard = %s",
             (issuer_key_id, shard),
         )
         cur = await conn.execute(
@@ -218,7 +269,10 @@ class CrlStore:
 
     @staticmethod
     async def save(conn: AsyncConnection[TupleRow], issuer_key_id: str, crl: PublishedCrl) -> None:
-        await conn.execute(
+        """Store `crl` as its shard's current CRL; raises (so the caller's transaction, which
+        took revocations off the queue, rolls back) when a CRL with a number as high is
+        already stored."""
+        cur = await conn.execute(
             """
             INSERT INTO crls (issuer_key_id, crl_shard, crl_number, this_update, next_update,
                               entries, der)
@@ -239,6 +293,10 @@ class CrlStore:
                 crl.der,
             ),
         )
+        if cur.rowcount != 1:
+            raise RuntimeError(
+                f"shard {crl.shard}: a CRL numbered {crl.crl_number} or higher is stored already"
+            )
 
     async def forget_expired(self, issuer_key_id: str, before: datetime) -> int:
         async with self._store.connection() as conn:
