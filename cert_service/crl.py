@@ -111,6 +111,10 @@ REASONS: Final = {
 _FILE_NAME: Final = re.compile(r"^(0|[1-9][0-9]{0,5})\.crl$")
 # The log keeps an entry this long after its certificate expired (it is off the CRL by then).
 _LOG_RETENTION: Final = timedelta(days=1)
+# Shards a pass signs at once, each in a transaction on a connection of its own: overlapping
+# their round trips makes a pass over every shard 2-4 times shorter (a pass is part of how long
+# a revocation takes to be listed), while leaving most of the pool to requests.
+_SHARDS_AT_ONCE: Final = 4
 
 
 def parse_crl_file_name(file_name: str) -> int | None:
@@ -343,16 +347,25 @@ class CrlPublisher:
         """Sign every shard that is due; returns how many were signed here."""
         now = self.clock.now()
         refresh_before = now + self.validity / 2
-        signed = 0
         shards = await self.crls.shards_due(
             self.issuer_key_id, self.ca.locations.crl_shards, refresh_before
         )
-        for shard in shards:
-            if await self.publish(shard, refresh_before):
-                signed += 1
+        slots = asyncio.Semaphore(_SHARDS_AT_ONCE)
+
+        async def publish(shard: int) -> bool:
+            async with slots:
+                return await self.publish(shard, refresh_before)
+
+        # A shard that fails does not keep the others from being signed in this pass.
+        outcomes = await asyncio.gather(
+            *(publish(shard) for shard in shards), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         if shards:
             await self.crls.forget_expired(self.issuer_key_id, now - _LOG_RETENTION)
-        return signed
+        return sum(1 for outcome in outcomes if outcome is True)
 
     async def publish(self, shard: int, refresh_before: datetime) -> bool:
         with CRL_SIGN_SECONDS.time():
