@@ -2,13 +2,21 @@
 
 key_service never reads cert_service's tables: it asks
 `myl.cert.v1.CertificateService/GetCertificate` with a short deadline.
+
+`CERT_SERVICE_ADDRESS` may name several replicas (`ipv4:host:port,host:port`, or a DNS name
+with several addresses). The channel spreads calls over every replica that is up
+(`round_robin`; gRPC's default would send all of them to the first), and a call answered
+UNAVAILABLE (a replica that died under it, or is stopping) is tried again, on the next
+replica, within the same deadline. GetCertificate only reads, so a second attempt can never
+do anything twice; a write added here would have to carry the caller's request_id.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Final, Protocol
 
 import grpc
 import structlog
@@ -18,6 +26,32 @@ from shared.errors import failed_precondition, invalid_argument, not_found, unav
 from shared.logging import get_logger
 
 log = get_logger(__name__)
+
+_SERVICE_CONFIG: Final = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                "name": [{"service": "myl.cert.v1.CertificateService", "method": "GetCertificate"}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.02s",
+                    "maxBackoff": "0.2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
+_CHANNEL_OPTIONS: Final = [
+    ("grpc.service_config", _SERVICE_CONFIG),
+    ("grpc.enable_retries", 1),
+    # A replica that comes back is used again within a fraction of a second.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 @dataclass(frozen=True)
@@ -44,7 +78,7 @@ class CertServiceDirectory:
     def __init__(self, address: str, timeout: float) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address)
+        self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._stub = cert_pb2_grpc.CertificateServiceStub(self._channel)
 
     async def active_certificate(self, device_id: str, now: datetime) -> DeviceCertificate:

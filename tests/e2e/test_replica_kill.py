@@ -170,3 +170,46 @@ async def test_killing_one_replica_of_each_service_fails_no_request(
     print(f"\n[replica kill] {total} requests ({total - before} after the kill): {dict(outcomes)}")
     assert total - before > 100
     assert set(outcomes) == {"rest:200", "grpc:OK"}, (outcomes, failed)
+
+
+async def test_killing_a_cert_service_replica_fails_no_api_key_write(
+    replicated_stack: tuple[str, str, dict[str, subprocess.Popen[bytes]]],
+) -> None:
+    """Every GenerateApiKey makes key_service ask cert_service whether the device exists. When
+    the cert_service replica it asked dies under the call, key_service asks the other one:
+    a write that never reached the killed replica does not fail."""
+    url, operator_key, replicas = replicated_stack
+    headers = {"X-API-Key": operator_key}
+    devices = [f"writer-{index}" for index in range(24)]
+    outcomes: Counter[str] = Counter()
+    stop = asyncio.Event()
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=10) as client:
+        for device in devices:
+            provisioned = await client.post("/api/v1/ssl/provision", json={"deviceId": device})
+            assert provisioned.status_code == 200, provisioned.text
+
+        async def generate(worker: int) -> None:
+            sent = 0
+            while not stop.is_set():
+                device = devices[(worker + 4 * sent) % len(devices)]
+                sent += 1
+                reply = await client.post(
+                    "/api/v1/device/generate-key",
+                    json={"deviceId": device, "deviceName": "writer"},
+                )
+                outcomes[str(reply.status_code)] += 1
+                if reply.status_code != 200:
+                    outcomes[reply.text] += 1
+                await asyncio.sleep(0.02)
+
+        workers = [asyncio.create_task(generate(worker)) for worker in range(4)]
+        await asyncio.sleep(1.0)
+        before = sum(outcomes.values())
+        os.killpg(replicas["cert_service-0"].pid, signal.SIGKILL)
+        await asyncio.sleep(3)
+        stop.set()
+        await asyncio.gather(*workers)
+    total = outcomes["200"] + sum(v for k, v in outcomes.items() if k.isdigit() and k != "200")
+    print(f"\n[cert_service kill under writes] {total} GenerateApiKey: {dict(outcomes)}")
+    assert total - before > 20
+    assert set(outcomes) == {"200"}, outcomes
