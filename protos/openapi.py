@@ -81,6 +81,11 @@ _STATUS: Final = {
     },
     "required": ["code", "message"],
 }
+_HTTP_BODY: Final = ".google.api.HttpBody"
+_PUBLIC_CONTENT_TYPES: Final = {
+    "GetCrl": "application/pkix-crl",
+    "GetIssuerCertificate": "application/pkix-cert",
+}
 _ERRORS: Final = {
     "400": "Bad input: a field, the JSON body or the URL (BadRequest names it).",
     "401": "No API key, or an unknown, expired or revoked one.",
@@ -88,7 +93,7 @@ _ERRORS: Final = {
     "404": "No such resource, or no such route.",
     "413": "Request body larger than 64 KiB.",
     "429": "Rate limit of the key; see Retry-After.",
-    "431": "Request line and headers larger than 8 KiB.",
+    "431": "More than 80 request headers, or request line and headers over 8 KiB.",
 }
 
 
@@ -201,17 +206,63 @@ class _Builder:
             service, file_name, service_index = self.services[service_name]
             for index, method in enumerate(service.method):
                 permission = method.options.Extensions[auth_pb2.required_permission]
-                if not permission or not method.options.HasExtension(annotations_pb2.http):
+                if not method.options.HasExtension(annotations_pb2.http):
                     continue
                 rule = method.options.Extensions[annotations_pb2.http]
                 verb = rule.WhichOneof("pattern")
                 template = getattr(rule, verb)
                 comment = self.comments.get((file_name, "6", str(service_index), "2", str(index)))
+                if not permission:
+                    if method.output_type == _HTTP_BODY:
+                        yield verb, template, self.public_operation(service_name, method, comment)
+                    continue
                 yield (
                     verb,
                     template,
                     self.operation(service_name, method, rule.body, template, permission, comment),
                 )
+
+    def public_operation(
+        self, service_name: str, method: descriptor_pb2.MethodDescriptorProto, comment: str | None
+    ) -> dict[str, Any]:
+        """A route of the public repository (CRLs, the CA certificate): no key, raw bytes."""
+        content_type = _PUBLIC_CONTENT_TYPES[method.name]
+        status_ref = {"$ref": "#/components/schemas/google.rpc.Status"}
+        request, _ = self.messages[method.input_type]
+        operation: dict[str, Any] = {
+            "operationId": method.name,
+            "tags": ["PublicRepository"],
+            "summary": method.name,
+            "description": f"{comment + ' ' if comment else ''}No API key. GET only; "
+            "query parameters are refused (400).",
+            "security": [],
+            "x-grpc-method": f"/{service_name}/{method.name}",
+            "responses": {
+                "200": {
+                    "description": "OK",
+                    "content": {content_type: {"schema": {"type": "string", "format": "binary"}}},
+                },
+                "400": {
+                    "description": "A malformed file name or a query parameter.",
+                    "content": {"application/json": {"schema": status_ref}},
+                },
+                "404": {
+                    "description": "No such file.",
+                    "content": {"application/json": {"schema": status_ref}},
+                },
+                "default": {
+                    "description": "Any other error (503 when the service is unavailable).",
+                    "content": {"application/json": {"schema": status_ref}},
+                },
+            },
+        }
+        parameters = [
+            {"name": field.json_name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for field in request.field
+        ]
+        if parameters:
+            operation["parameters"] = parameters
+        return operation
 
     def operation(
         self,
@@ -309,8 +360,9 @@ def openapi_document(descriptor_set: bytes) -> dict[str, Any]:
             "title": "myl device identity",
             "version": "v1",
             "description": "Device certificates and API keys, REST over the gateway "
-            "(the same methods are native gRPC on the same port). Every route needs an "
-            "X-API-Key header; each names the permission it needs. Errors are "
+            "(the same methods are native gRPC on the same port). Every /api route needs "
+            "an X-API-Key header and names the permission it needs; the /pki routes (CRLs "
+            "and the issuing CA certificate, for relying parties) need no key. Errors are "
             "google.rpc.Status JSON.",
         },
         "servers": [{"url": "/"}],

@@ -480,7 +480,16 @@ async def test_openapi_document_is_served_without_a_key_and_covers_every_route(
         for m in s.methods
         if method_policy(f"/{s.full_name}/{m.name}") is not None
     }
-    assert set(operations) == set(public)
+    repository = {
+        "/myl.cert.v1.CertificateService/GetCrl": "/pki/crls/{fileName}",
+        "/myl.cert.v1.CertificateService/GetIssuerCertificate": "/pki/ca.cer",
+    }
+    assert set(operations) == set(public) | set(repository)
+    for grpc_path, path in repository.items():
+        verb, documented, operation = operations.pop(grpc_path)
+        assert (verb, documented) == ("GET", path)
+        assert operation["security"] == []  # no key
+        assert "application/pkix-" in next(iter(operation["responses"]["200"]["content"]))
     for grpc_path, (_, _, operation) in operations.items():
         policy = method_policy(grpc_path)
         assert policy is not None

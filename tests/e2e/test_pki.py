@@ -98,6 +98,10 @@ async def test_revoked_certificate_is_on_the_crl_in_its_distribution_point(
         issuer = await fetch_public(client, gateway, ca_issuers_url(kept))
         assert issuer.status_code == 200, issuer.text
         assert issuer.headers["content-type"] == "application/pkix-cert"
+        # Plain HTTP for relying parties: none of the gRPC plumbing shows.
+        for plumbing in ("grpc-status", "grpc-message", "grpc-accept-encoding"):
+            assert plumbing not in issuer.headers, issuer.headers
+        assert "x-envoy-upstream-service-time" not in issuer.headers
         assert "max-age=" in issuer.headers["cache-control"]
         ca = x509.load_der_x509_certificate(issuer.content)
         assert ca.subject == kept.issuer
