@@ -35,7 +35,7 @@ from prometheus_client import Counter, Histogram
 from cert_service.acme import AcmeClient, AcmeFailure, AcmeSettings
 from cert_service.issuance import CSR_UNCHANGED, new_certificate
 from cert_service.issuance_queue import IssuanceJob, IssuanceQueue
-from cert_service.issuer import IssuedCertificate, spki_der
+from cert_service.issuer import IssuedCertificate, serial_hex, spki_der
 from cert_service.storage import NewCertificate
 from shared.clock import Clock
 from shared.logging import get_logger
@@ -71,7 +71,7 @@ def certificate_from_chain(chain_pem: str, *, occasion: str) -> NewCertificate:
     issued = IssuedCertificate(
         chain_pem=chain_pem,
         leaf_pem=leaf.public_bytes(serialization.Encoding.PEM).decode("ascii"),
-        serial_hex=format(leaf.serial_number, "x"),
+        serial_hex=serial_hex(leaf.serial_number),
         fingerprint_sha256=leaf.fingerprint(hashes.SHA256()).hex(),
         public_key_sha256=hashlib.sha256(spki).hexdigest(),
         public_key_pem=public_key.public_bytes(

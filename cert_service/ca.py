@@ -40,7 +40,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
-from cert_service.issuer import MIN_RSA_BITS, IssuedCertificate, PublicKey, checked_key, spki_der
+from cert_service.issuer import (
+    MIN_RSA_BITS,
+    IssuedCertificate,
+    PublicKey,
+    checked_key,
+    serial_hex,
+    spki_der,
+)
 from cert_service.randomness import serial_number
 
 __all__ = [
@@ -382,7 +389,7 @@ class LocalCertificateAuthority:
         return IssuedCertificate(
             chain_pem=leaf_pem + self._ca_pem,
             leaf_pem=leaf_pem,
-            serial_hex=format(serial, "x"),
+            serial_hex=serial_hex(serial),
             fingerprint_sha256=certificate.fingerprint(hashes.SHA256()).hex(),
             public_key_sha256=hashlib.sha256(spki).hexdigest(),
             public_key_pem=public_key.public_bytes(

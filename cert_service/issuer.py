@@ -39,6 +39,7 @@ __all__ = [
     "generate_private_key",
     "load_csr",
     "load_public_key",
+    "serial_hex",
     "spki_der",
 ]
 
@@ -57,6 +58,14 @@ class CsrError(ValueError):
 
 class PublicKeyError(ValueError):
     """A public key (renewal path) is unparsable or of an unsupported type."""
+
+
+def serial_hex(serial: int) -> str:
+    """A certificate serial as the API shows it: lowercase hex, two digits per byte, the
+    digits openssl prints (`openssl x509 -serial`, the CRL's `Serial Number`, uppercase
+    there). Without the leading zero a user comparing the two would find no match."""
+    digits = format(serial, "x")
+    return digits.zfill(len(digits) + len(digits) % 2)
 
 
 @dataclass(frozen=True)

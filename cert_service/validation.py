@@ -89,7 +89,10 @@ def csr_text(value: str) -> str | None:
     if not value:
         return None
     if len(value) > MAX_PEM_LENGTH:
-        raise invalid_argument("csr_pem", f"is larger than {MAX_PEM_LENGTH} bytes")
+        raise invalid_argument(
+            "csr_pem",
+            f"the CSR is {len(value)} bytes long, more than the {MAX_PEM_LENGTH} accepted",
+        )
     if not _PEM_CHARACTERS.issuperset(value):
         raise invalid_argument("csr_pem", "must be PEM text (printable ASCII)")
     return value

@@ -119,7 +119,15 @@ def expire_time(
 ) -> datetime:
     moment = timestamp(value, field)
     if moment <= now:
-        raise invalid_argument(field, "must lie in the future")
+        shown = moment.isoformat().replace("+00:00", "Z")
+        if value.seconds == 0 and value.nanos == 0:
+            # What `{}` for a timestamp becomes: not a moment anyone meant.
+            raise invalid_argument(
+                field,
+                f"must lie in the future, got {shown} (the zero timestamp); write it as an "
+                'RFC 3339 string, e.g. "2030-01-01T00:00:00Z"',
+            )
+        raise invalid_argument(field, f"must lie in the future, got {shown}")
     if moment > now + maximum:
         raise invalid_argument(field, f"must lie at most {maximum.days} days ahead")
     return moment

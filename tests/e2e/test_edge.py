@@ -359,40 +359,6 @@ async def test_grpcurl_lists_describes_and_calls_every_public_method_through_the
             assert "Code: InvalidArgument" in answer, (target, answer)
 
 
-def readme_block(heading: str) -> str:
-    """The first ```sh block after `heading` in the README."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index(heading) :]
-    start = section.index("```sh\n") + len("```sh\n")
-    return section[start : section.index("```", start)]
-
-
-async def test_readme_walk_through_runs_and_leaves_no_key_in_a_file(
-    gateway: Gateway, key_service: RunningKeyService, tmp_path: Path
-) -> None:
-    admin = await operator_key(key_service)
-    script = (
-        readme_block("## Walk-through")
-        .replace("http://127.0.0.1:8080", gateway.url)
-        .replace("$(cat .run/admin.key)", admin)
-    )
-    workdir = tmp_path / "walk"
-    (workdir / ".run").mkdir(parents=True)
-    process = await asyncio.create_subprocess_exec(
-        "bash", "-euo", "pipefail", "-c", script + '\necho "DEVICE_KEY=$DEVICE_KEY"\n',
-        cwd=workdir, stdout=PIPE, stderr=STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, out.decode()
-    output = out.decode()
-    assert "API_KEY_STATUS_REVOKED" in output
-    assert "HTTP/1.1 401 Unauthorized" in output
-    device_key = output.rsplit("DEVICE_KEY=", 1)[1].strip()
-    assert device_key.startswith("myl_")
-    for path in workdir.rglob("*"):
-        assert not path.is_file() or device_key not in path.read_text(errors="replace"), path
-
-
 async def test_transcoder_errors_name_the_problem_and_unknown_fields_are_refused(
     gateway: Gateway, key_service: RunningKeyService
 ) -> None:
@@ -506,3 +472,32 @@ async def test_openapi_document_is_served_without_a_key_and_covers_every_route(
     assert body["additionalProperties"] is False
     key_schema = document["components"]["schemas"]["myl.key.v1.ApiKey"]
     assert "expireTime" in key_schema["properties"]
+
+
+async def test_refusals_say_what_was_sent(gateway: Gateway, key_service: RunningKeyService) -> None:
+    admin = await operator_key(key_service)
+    async with httpx.AsyncClient(base_url=gateway.url, headers={"X-API-Key": admin}) as client:
+        await provision(client, gateway, admin, "dev-msg")
+        # A timestamp written as a JSON object reaches the service as the zero timestamp.
+        as_object = await client.post(
+            "/api/v1/device/generate-key", json={"deviceId": "dev-msg", "expireTime": {}}
+        )
+        assert as_object.status_code == 400, as_object.text
+        message = as_object.json()["message"]
+        assert message.startswith("invalid expire_time: must lie in the future, got 1970-01-01")
+        assert 'RFC 3339 string, e.g. "2030-01-01T00:00:00Z"' in message
+        past = await client.post(
+            "/api/v1/device/generate-key",
+            json={"deviceId": "dev-msg", "expireTime": "2020-05-01T00:00:00Z"},
+        )
+        assert past.json()["message"] == (
+            "invalid expire_time: must lie in the future, got 2020-05-01T00:00:00Z"
+        )
+        oversized = await client.post(
+            "/api/v1/ssl/provision", json={"deviceId": "dev-big", "csrPem": "A" * 20000}
+        )
+        assert oversized.status_code == 400, oversized.text
+        assert oversized.json()["message"] == (
+            "invalid csr_pem: the CSR is 20000 bytes long, more than the 16384 accepted"
+        )
+        assert field_violations(oversized.json()) == ["csr_pem"]

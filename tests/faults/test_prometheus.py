@@ -11,78 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
 
 import httpx
 import pytest
-import yaml
 
-from shared.devstack import free_port
 from tests.faults.stack import FaultStack
+from tests.fixtures.prometheus import prometheus_config, running_prometheus
 
 pytestmark = pytest.mark.slow
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 SHORT_FOR = "2s"
 
 
-def prometheus_config(stack: FaultStack, directory: Path) -> Path:
-    config: dict[str, Any] = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
-    config["global"] = {
-        "scrape_interval": "1s",
-        "scrape_timeout": "900ms",
-        "evaluation_interval": "1s",
-    }
-    targets = {
-        "cert_service": f"127.0.0.1:{stack.metrics_ports['cert_service']}",
-        "key_service": f"127.0.0.1:{stack.metrics_ports['key_service']}",
-        "gateway": f"127.0.0.1:{stack.admin_port}",
-    }
-    for job in config["scrape_configs"]:
-        job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
-    rules: dict[str, Any] = yaml.safe_load((DEPLOY / "alerts.yml").read_text())
-    for group in rules["groups"]:
-        for rule in group["rules"]:
-            rule["for"] = SHORT_FOR
-    (directory / "alerts.yml").write_text(yaml.safe_dump(rules))
-    config["rule_files"] = [str(directory / "alerts.yml")]
-    path = directory / "prometheus.yml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 @pytest.fixture
-async def prometheus(stack: FaultStack) -> AsyncIterator[str]:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("prometheus is missing: install Debian's prometheus package (make system-deps)")
+def prometheus(stack: FaultStack) -> Iterator[str]:
     directory = stack.directory / f"prometheus-{time.monotonic_ns()}"
     directory.mkdir()
-    port = free_port()
-    log = (directory / "prometheus.log").open("wb")
-    process = await asyncio.create_subprocess_exec(
-        binary,
-        f"--config.file={prometheus_config(stack, directory)}",
-        f"--storage.tsdb.path={directory / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-        "--log.level=warn",
-        stdout=log,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), 10)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-        log.close()
+    targets = {
+        "cert_service": [f"127.0.0.1:{stack.metrics_ports['cert_service']}"],
+        "key_service": [f"127.0.0.1:{stack.metrics_ports['key_service']}"],
+        "gateway": [f"127.0.0.1:{stack.admin_port}"],
+    }
+    with running_prometheus(prometheus_config(directory, targets, rule_for=SHORT_FOR)) as url:
+        yield url
 
 
 async def until(check: Callable[[], Awaitable[bool]], limit: float, what: str) -> None:

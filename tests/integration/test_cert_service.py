@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from google.protobuf import timestamp_pb2
 
+from cert_service.issuer import serial_hex
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from tests.fixtures.cert import (
     RunningCertService,
@@ -63,7 +64,7 @@ async def test_seed_example_issues_a_wildcard_certificate_with_a_returned_key(
     issued = leaf(cert)
     san = issued.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == list(cert.dns_names)
-    assert format(issued.serial_number, "x") == cert.serial_number
+    assert serial_hex(issued.serial_number) == cert.serial_number
     assert cert.not_after.ToDatetime() - cert.not_before.ToDatetime() == timedelta(days=90)
 
     # The generated key is returned once and matches the certificate...

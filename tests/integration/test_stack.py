@@ -1,8 +1,10 @@
-"""`make run` (python -m shared.stack), the real command, run twice."""
+"""`make run` (python -m shared.stack), the real command, as a new user meets it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -11,12 +13,17 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from shared.devstack import free_port, stop_process_group
+from tests.fixtures.makerun import MakeRun, readme_blocks, stack_ports
+from tests.fixtures.prometheus import prometheus_config, running_prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -127,4 +134,257 @@ def test_a_port_in_use_is_named(tmp_path: Path, ports: dict[str, int]) -> None:
         )
     assert run.returncode == 1
     assert f"port {ports['GATEWAY_PORT']} (GATEWAY_PORT) is already in use" in run.stderr
+    assert not (tmp_path / "run" / "postgres").exists()
+
+
+# -- A new user's `make run`, in each documented shape: the README's walk-throughs pasted as
+#    written, a real Prometheus with the shipped rules, stopping, and starting again.
+
+README = ROOT / "README.md"
+
+
+@pytest.fixture
+def make_runs() -> Iterator[Callable[..., MakeRun]]:
+    started: list[MakeRun] = []
+
+    def make(ports: dict[str, int], **settings: str) -> MakeRun:
+        stack = MakeRun(ports, **settings)
+        started.append(stack)
+        return stack
+
+    yield make
+    for stack in started:
+        stack.close()
+
+
+def _until(check: Callable[[], bool], limit: float, what: str) -> None:
+    deadline = time.monotonic() + limit
+    while True:
+        # Prometheus not yet listening, or a query of data not yet ingested.
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError):
+            if check():
+                return
+        assert time.monotonic() < deadline, f"not within {limit}s: {what}"
+        time.sleep(0.25)
+
+
+def _replica_ports(port: int, replicas: int) -> list[str]:
+    return [f"127.0.0.1:{port + 100 * index}" for index in range(replicas)]
+
+
+def assert_no_alert(stack: MakeRun, replicas: int = 1) -> dict[str, set[str]]:
+    """Scrape the stack with a real Prometheus, the shipped configuration and the shipped
+    rules, until each target is up, every replica's sampled gauges are in and every rule
+    group has been evaluated since: then no alert is pending or firing. Returns the job
+    names that export each `myl_` metric."""
+    ports = stack.ports
+    targets = {
+        "cert_service": _replica_ports(ports["CERT_SERVICE_METRICS_PORT"], replicas),
+        "key_service": _replica_ports(ports["KEY_SERVICE_METRICS_PORT"], replicas),
+        "gateway": [f"127.0.0.1:{ports['ENVOY_ADMIN_PORT']}"],
+    }
+    directory = stack.home / "prometheus"
+    directory.mkdir()
+    with (
+        running_prometheus(prometheus_config(directory, targets)) as url,
+        httpx.Client(base_url=url, timeout=5) as http,
+    ):
+
+        def query(expr: str) -> list[dict[str, Any]]:
+            reply = http.get("/api/v1/query", params={"query": expr})
+            result: list[dict[str, Any]] = reply.json()["data"]["result"]
+            return result
+
+        def all_up() -> bool:
+            active = http.get("/api/v1/targets").json()["data"]["activeTargets"]
+            return len(active) == 2 * replicas + 1 and all(t["health"] == "up" for t in active)
+
+        _until(all_up, 60, "every target up")
+        # Every replica has sampled its gauges (Redis for both, the fleet for cert_service).
+        _until(lambda: len(query("myl_redis_up")) == 2 * replicas, 60, "myl_redis_up")
+        _until(
+            lambda: len(query("myl_fleet_sample_timestamp_seconds > 0")) == replicas,
+            60,
+            "the fleet gauges",
+        )
+        since = time.time()
+
+        def evaluated() -> bool:
+            groups = http.get("/api/v1/rules").json()["data"]["groups"]
+            return bool(groups) and all(
+                datetime.fromisoformat(g["lastEvaluation"]).timestamp() > since + 1 for g in groups
+            )
+
+        _until(evaluated, 30, "every rule group evaluated")
+        alerts = http.get("/api/v1/alerts").json()["data"]["alerts"]
+        assert alerts == [], alerts
+        exporters: dict[str, set[str]] = {}
+        for series in query('{__name__=~"myl_.+"}'):
+            exporters.setdefault(series["metric"]["__name__"], set()).add(series["metric"]["job"])
+        return exporters
+
+
+CERT_SERVICE_ONLY = (
+    "myl_outbox_",
+    "myl_certificates_",
+    "myl_ca_certificate_",
+    "myl_fleet_sample",
+    "myl_certificate_operations",
+)
+
+
+@pytest.mark.slow
+def test_readme_walk_throughs_run_as_written_and_no_alert_fires(
+    make_runs: Callable[..., MakeRun],
+) -> None:
+    stack = make_runs(stack_ports())
+    stack.start()
+    # A healthy start warns of nothing (a fresh process opening its Redis breaker until it
+    # applied the invalidation log is information).
+    for service in ("cert_service", "key_service"):
+        log = (stack.run_dir / f"{service}.log").read_text()
+        assert '"level": "warning"' not in log, log
+
+    rest = readme_blocks(README, "## Walk-through (REST with curl)")
+    grpc = readme_blocks(README, "## The same with grpcurl")
+    assert len(rest) == 2
+    assert len(grpc) == 1
+    keys_shown = 'echo "KEYS $DEVICE_KEY $GRPC_KEY"\n'
+    output, failed = stack.run_script("\n".join([*rest, *grpc, keys_shown]))
+    # Only what the README shows failing fails: the revoked certificate does not verify,
+    # and grpcurl's call with the revoked key exits non-zero.
+    assert [command.split()[:2] for command in failed] == [
+        ["openssl", "verify"],
+        ["$GRPCURL", "-plaintext"],
+    ], output
+    assert "Traceback" not in output, output
+    assert '"status":"API_KEY_STATUS_REVOKED"' in output, output  # step 4
+    assert "HTTP/1.1 401 Unauthorized" in output  # step 5
+    assert "error 23 at 0 depth lookup: certificate revoked" in output  # step 7
+    serial = re.search(r"serial=([0-9A-F]+)$", output, re.MULTILINE)
+    assert serial is not None, output
+    assert f'"serialNumber":"{serial[1].lower()}"' in output  # the same digits
+    assert f"Serial Number: {serial[1]}" in output
+    assert '"status": "API_KEY_STATUS_REVOKED"' in output  # grpcurl's revoke
+    assert "Code: Unauthenticated\n  Message: API key revoked" in output
+    assert '"content_type": "application/pkix-crl"' in output  # GetCrl
+    assert '"action": "AUDIT_ACTION_REVOKE"' in output  # straight to key_service
+    # The device key was shown once, and written nowhere.
+    keys = output.rsplit("KEYS ", 1)[1].split()
+    assert len(keys) == 2, output
+    assert all(key.startswith("myl_") for key in keys), output
+    for path in stack.home.rglob("*"):
+        if path.is_file() and not path.is_symlink() and "postgres" not in path.parts:
+            text = path.read_text(errors="replace")
+            assert not any(key in text for key in keys), path
+
+    exporters = assert_no_alert(stack)
+    assert "myl_ca_certificate_not_after_timestamp_seconds" in exporters
+    for name, jobs in exporters.items():
+        if name.startswith(CERT_SERVICE_ONLY):
+            assert jobs == {"cert_service"}, (name, jobs)
+
+
+@pytest.mark.slow
+def test_acme_walk_through_runs_as_written_and_no_alert_fires(
+    make_runs: Callable[..., MakeRun],
+) -> None:
+    stack = make_runs(stack_ports(), CERT_ISSUER="acme")
+    stack.start()
+    (block,) = readme_blocks(ROOT / "docs" / "acme.md", "## What a device sees")
+    output, failed = stack.run_script(block, timeout=90)
+    assert failed == [], output
+    assert "CERTIFICATE_STATUS_PENDING" in output, output
+    assert output.rstrip().endswith("}"), output
+    last = output.rstrip().rsplit("\n", 1)[-1]
+    assert "CERTIFICATE_STATUS_ACTIVE" in last, output
+    assert "Pebble" in last, output
+
+    exporters = assert_no_alert(stack)
+    # The CA is Pebble's, not ours to watch: no expiry exported, so none can alert.
+    assert "myl_ca_certificate_not_after_timestamp_seconds" not in exporters
+    assert exporters["myl_certificates_pending_issuance"] == {"cert_service"}
+
+
+@pytest.mark.slow
+def test_replicas_on_a_redis_cluster_alert_nothing_and_start_again_after_a_stop(
+    make_runs: Callable[..., MakeRun],
+) -> None:
+    ports = stack_ports(replicas=True, cluster=True)
+    stack = make_runs(ports, CERT_SERVICE_REPLICAS="2", KEY_SERVICE_REPLICAS="2", REDIS_CLUSTER="1")
+    banner = stack.start()
+    for name in ("CERT_SERVICE_PORT", "KEY_SERVICE_PORT"):
+        both = f"127.0.0.1:{ports[name]}, 127.0.0.1:{ports[name] + 100}"
+        assert both in banner, banner
+    assert_no_alert(stack, replicas=2)
+
+    recorded = stack.recorded()
+    stack.signal_group(signal.SIGINT)
+    assert stack.wait() == 0, stack.output()
+    assert stack.still_running(recorded) == []
+    # The cluster is made anew: its nodes' state from the first start is not in the way.
+    stack.start()
+    stack.signal_group(signal.SIGINT)
+    assert stack.wait() == 0, stack.output()
+
+
+@pytest.mark.slow
+def test_stopping_survives_more_signals_and_a_stack_starts_again_after_a_stop_or_a_kill(
+    make_runs: Callable[..., MakeRun],
+) -> None:
+    stack = make_runs(stack_ports())
+    stack.start()
+    recorded = stack.recorded()
+    assert set(recorded) == {"PostgreSQL", "Redis", "cert_service", "key_service", "envoy"}
+
+    # Ctrl-C, Ctrl-C again while it stops, then SIGTERM to the whole process group.
+    stack.signal_group(signal.SIGINT)
+    while "stopping" not in stack.current():
+        time.sleep(0.05)
+    stack.signal_group(signal.SIGINT)
+    stack.signal_group(signal.SIGTERM)
+    assert stack.wait() == 0, stack.output()
+    assert "already stopping" in stack.current()
+    assert "Traceback" not in stack.output()
+    assert stack.still_running(recorded) == []
+
+    # Started again after a stop; then `make run` itself killed: the next one stops what
+    # it left running and starts.
+    stack.start()
+    recorded = stack.recorded()
+    assert stack.process is not None
+    os.kill(stack.process.pid, signal.SIGKILL)
+    stack.wait()
+    output = stack.start()
+    for name in ("PostgreSQL", "Redis", "cert_service", "key_service"):
+        assert f"stopping {name} (pid {recorded[name][0]}), left running" in output, output
+    assert stack.still_running(recorded) == []
+
+    # A process of the stack dies: reported at once with the end of its log, and the stack
+    # stops rather than answering 503.
+    recorded = stack.recorded()
+    pid = recorded["key_service"][0]
+    os.kill(pid, signal.SIGKILL)
+    assert stack.wait() == 1, stack.output()
+    output = stack.current()
+    assert f"key_service (pid {pid}) was killed by SIGKILL; the end of" in output, output
+    assert '"event": "serving"' in output.split("was killed by SIGKILL", 1)[1], output
+    assert stack.still_running(recorded) == []
+
+
+def test_a_busy_redis_cluster_port_or_its_cluster_bus_is_named(tmp_path: Path) -> None:
+    ports = stack_ports(cluster=True)
+    bus = ports["REDIS_CLUSTER_PORT"] + 2 + 10000
+    env = {**stack_env(tmp_path / "run", ports), "REDIS_CLUSTER": "1"}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", bus))
+        taken.listen()
+        run = subprocess.run(
+            [sys.executable, "-m", "shared.stack"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert run.returncode == 1
+    expected = f"port {bus} (REDIS_CLUSTER_PORT + 10002 (cluster bus)) is already in use"
+    assert expected in run.stderr, run.stderr
+    assert "set REDIS_CLUSTER_PORT to another port" in run.stderr
     assert not (tmp_path / "run" / "postgres").exists()

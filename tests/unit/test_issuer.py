@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import stat
+import subprocess
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -31,6 +32,7 @@ from cert_service.issuer import (
     generate_private_key,
     load_csr,
     load_public_key,
+    serial_hex,
 )
 
 NAME = "test-device.myl.zip"
@@ -218,8 +220,9 @@ def test_issue_wildcard_certificate(
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     assert aki.key_identifier == ca_ski.digest
 
-    assert issued.serial_hex == format(cert.serial_number, "x")
+    assert int(issued.serial_hex, 16) == cert.serial_number
     assert issued.serial_hex == issued.serial_hex.lower()
+    assert len(issued.serial_hex) % 2 == 0
     assert 0 < cert.serial_number < 2**159
     der = cert.public_bytes(serialization.Encoding.DER)
     assert issued.fingerprint_sha256 == hashlib.sha256(der).hexdigest()
@@ -647,3 +650,29 @@ def test_csr_with_a_duplicated_extension_is_a_csr_error() -> None:
     pem = x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.PEM).decode()
     with pytest.raises(CsrError, match="malformed"):
         load_csr(pem, ["dup.myl.zip", "*.dup.myl.zip"])
+
+
+@pytest.mark.parametrize("serial", [0x0862ED3B1F, 0x862ED3B1F0, 0x80, 0x7F, 1])
+def test_serial_number_shows_the_digits_openssl_prints(serial: int, tmp_path: Path) -> None:
+    """The API's serialNumber is what `openssl x509 -serial` shows, leading zero included
+    (in lowercase), so a user finds the certificate in the CRL's text by its serial."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "serial")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    pem = tmp_path / "cert.pem"
+    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    shown = subprocess.run(
+        ["openssl", "x509", "-in", str(pem), "-noout", "-serial"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert shown == "serial=" + serial_hex(serial).upper()

@@ -130,7 +130,9 @@ class Certificate(_message.Message):
     certificate_chain_pem: _builtins.str
     """Leaf certificate followed by the issuing chain, PEM."""
     serial_number: _builtins.str
-    """Serial number, lowercase hex."""
+    """Serial number, lowercase hex, two digits per byte: the digits openssl
+    prints (`openssl x509 -serial`, a CRL's text), leading zero included.
+    """
     fingerprint_sha256: _builtins.str
     """SHA-256 of the DER certificate, lowercase hex."""
     public_key_sha256: _builtins.str
