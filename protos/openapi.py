@@ -233,8 +233,8 @@ class _Builder:
             "operationId": method.name,
             "tags": ["PublicRepository"],
             "summary": method.name,
-            "description": f"{comment + ' ' if comment else ''}No API key. GET only; "
-            "query parameters are refused (400).",
+            "description": f"{comment + ' ' if comment else ''}No API key. GET only (HEAD "
+            "is not served: 404); query parameters are refused (400).",
             "security": [],
             "x-grpc-method": f"/{service_name}/{method.name}",
             "responses": {

@@ -145,13 +145,15 @@ class HttpRoutes:
                 grpc_path = f"/{method.containing_service.full_name}/{method.name}"
                 for rule in _rules(options.Extensions[annotations_pb2.http]):
                     kind = rule.WhichOneof("pattern")
-                    if kind not in _VERBS:
+                    if kind in _VERBS:
+                        http_method, template = kind.upper(), getattr(rule, kind)
+                    else:
                         raise ValueError(f"{method.full_name}: unsupported HTTP rule {kind}")
-                    segments, verb, variables = _parse(getattr(rule, kind), method.full_name)
+                    segments, verb, variables = _parse(template, method.full_name)
                     for _, field in variables:
                         if field not in method.input_type.fields_by_name:
                             raise ValueError(f"{method.full_name}: no field {field!r}")
-                    routes.append(HttpRoute(kind.upper(), segments, verb, grpc_path, variables))
+                    routes.append(HttpRoute(http_method, segments, verb, grpc_path, variables))
         return cls(routes)
 
     @property
@@ -330,10 +332,12 @@ _INTEGER_TYPES: Final = frozenset(
         FieldDescriptor.TYPE_SFIXED64,
     }
 )
-# Well-known types written as JSON strings (RFC 3339 timestamps, "3600s" durations...).
-_STRING_WELL_KNOWN: Final = frozenset(
-    {"google.protobuf.Timestamp", "google.protobuf.Duration", "google.protobuf.FieldMask"}
-)
+# Well-known types written as JSON strings, and how.
+_STRING_WELL_KNOWN: Final = {
+    "google.protobuf.Timestamp": 'must be an RFC 3339 string, e.g. "2030-01-01T00:00:00Z"',
+    "google.protobuf.Duration": 'must be a duration string, e.g. "3600s"',
+    "google.protobuf.FieldMask": "must be a string of comma-separated field names",
+}
 
 
 def _wrong_shape(field: FieldDescriptor, value: object) -> str | None:
@@ -344,7 +348,7 @@ def _wrong_shape(field: FieldDescriptor, value: object) -> str | None:
     message = field.message_type
     if message is not None:
         if message.full_name in _STRING_WELL_KNOWN:
-            return None if isinstance(value, str) else "must be a JSON string"
+            return None if isinstance(value, str) else _STRING_WELL_KNOWN[message.full_name]
         if _is_well_known(message):
             return None
         return None if isinstance(value, dict) else "must be a JSON object"

@@ -102,6 +102,8 @@ async def test_revoked_certificate_is_on_the_crl_in_its_distribution_point(
         for plumbing in ("grpc-status", "grpc-message", "grpc-accept-encoding"):
             assert plumbing not in issuer.headers, issuer.headers
         assert "x-envoy-upstream-service-time" not in issuer.headers
+        queried = await client.get(f"{gateway.url}{urlsplit(ca_issuers_url(kept)).path}?x=1")
+        assert queried.status_code == 400  # documented: the repository takes no query
         assert "max-age=" in issuer.headers["cache-control"]
         ca = x509.load_der_x509_certificate(issuer.content)
         assert ca.subject == kept.issuer
