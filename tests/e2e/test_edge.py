@@ -16,10 +16,11 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_status import rpc_status
 
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
-from myl.key.v1 import key_pb2
+from myl.key.v1 import key_pb2, key_pb2_grpc
 from shared.identity import method_policy
 from tests.e2e.conftest import Gateway
 from tests.e2e.test_gateway import GRPCURL, device_key, operator_key, provision
@@ -491,6 +492,7 @@ async def test_refusals_say_what_was_sent(gateway: Gateway, key_service: Running
             "/api/v1/device/generate-key",
             json={"deviceId": "dev-msg", "expireTime": "2020-05-01T00:00:00Z"},
         )
+        assert past.status_code == 400, past.text
         assert past.json()["message"] == (
             "invalid expire_time: must lie in the future, got 2020-05-01T00:00:00Z"
         )
@@ -502,3 +504,16 @@ async def test_refusals_say_what_was_sent(gateway: Gateway, key_service: Running
             "invalid csr_pem: the CSR is 20000 bytes long, more than the 16384 accepted"
         )
         assert field_violations(oversized.json()) == ["csr_pem"]
+    # A gRPC caller that sets an empty Timestamp sends the zero moment: named as such.
+    address = gateway.url.removeprefix("http://")
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = key_pb2_grpc.ApiKeyServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GenerateApiKey(
+                key_pb2.GenerateApiKeyRequest(device_id="dev-msg", expire_time=Timestamp()),
+                metadata=(("x-api-key", admin),),
+            )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = caught.value.details() or ""
+    assert details.startswith("invalid expire_time: must lie in the future, got 1970-01-01")
+    assert 'RFC 3339 string, e.g. "2030-01-01T00:00:00Z"' in details
