@@ -39,10 +39,12 @@ from cert_service.outbox import OutboxRelay
 from cert_service.storage import (
     CertificateRecord,
     CertificateStore,
+    CompletedRequest,
     ListQuery,
     NewCertificate,
     NewRow,
     RenewalSource,
+    RequestTaken,
 )
 from cert_service.validation import csr_public_key
 from myl.cert.v1 import cert_pb2
@@ -56,7 +58,7 @@ from shared.errors import (
     invalid_argument,
     not_found,
 )
-from shared.idempotency import RequestKey, recent
+from shared.idempotency import RequestKey, in_progress, recent, superseded
 from shared.limits import Spend
 from shared.logging import get_logger
 
@@ -321,6 +323,14 @@ class DeviceCertificates:
                 )
                 return certificate, private_key_pem
             conflict = await self.store.conflict(request.device_id, request.fqdn)
+            if key is not None and await self._recorded(key, "provision", request.device_id):
+                # The insert skips a request id whose device was deleted since: a retry
+                # never provisions the device again.
+                raise superseded(
+                    key.request_id,
+                    "the device it provisioned was deleted",
+                    device_id=request.device_id,
+                )
             if conflict.device_exists:
                 replay = await self._replay_provision(request, public_key, private_key_pem)
                 if replay is not None:
@@ -377,9 +387,12 @@ class DeviceCertificates:
         """The outcome of an earlier attempt of this provision (same AIP-155 request id), or
         None when the device was provisioned by another request or too long ago.
 
-        With a CSR it is the stored certificate. Without one, the key generated then was never
-        stored and cannot be sent again: the retry's fresh key gets a certificate that
-        supersedes the earlier one (whose key reached nobody)."""
+        Only while the certificate is as that attempt left it (active or pending, never
+        renewed, not expired): else FAILED_PRECONDITION `REQUEST_SUPERSEDED`, and nothing is
+        issued (shared/idempotency.py). With a CSR it is the stored certificate. Without one,
+        the key generated then was never stored and cannot be sent again: the retry's fresh
+        key gets a certificate, valid no longer than the earlier one, that supersedes it
+        (its key reached nobody)."""
         key = request.request
         if key is None:
             return None
@@ -393,8 +406,13 @@ class DeviceCertificates:
             return None
         key.matches(bytes(earlier.request_hash))
         record = await self.store.get_by_device(request.device_id)
-        if record is None:
-            return None
+        if record is None or record.created_at != earlier.created_at:
+            raise superseded(
+                key.request_id, "the device it provisioned was deleted", device_id=request.device_id
+            )
+        moved_on = _moved_on(record, now)
+        if moved_on is not None:
+            raise superseded(key.request_id, moved_on, device_id=request.device_id)
         if not private_key_pem:
             return record.to_pb(now), ""
         if self.acme is not None:
@@ -421,13 +439,16 @@ class DeviceCertificates:
             now,
             request.csr_pem,
             occasion="provision",
+            not_after=record.expires_at,
         )
-        superseded = await self.store.supersede_provision(
-            request.device_id, key.request_id, new, now
+        replaced = await self.store.supersede_provision(
+            request.device_id, key.request_id, record.serial_number, new, now
         )
-        if superseded is None:
-            return None  # renewed or revoked since: the device has moved on
-        record, invalidation = superseded
+        if replaced is None:
+            # Another retry replaced it first, or it was renewed or revoked meanwhile: the
+            # retry of this one sees which.
+            raise in_progress(key.request_id)
+        record, invalidation = replaced
         await self.changed(record.device_id, record.uuid_subdomain, invalidation)
         log.info(
             "provision retried: certificate superseded",
@@ -457,11 +478,10 @@ class DeviceCertificates:
     async def _renew(
         self, device_id: str, csr_pem: str | None, request: RequestKey | None
     ) -> cert_pb2.Certificate:
-        if request is not None and await self._done_before(request, "renew", device_id):
-            record = await self.store.get_by_device(device_id)
-            if record is None:
-                raise _not_found(device_id=device_id)
-            return record.to_pb(self.clock.now())
+        if request is not None:
+            done = await self._recorded(request, "renew", device_id)
+            if done is not None:
+                return await self._renewal_outcome(request, done)
         spend: Spend | None = None
         try:
             for _ in range(_ATTEMPTS):
@@ -478,6 +498,15 @@ class DeviceCertificates:
                     renewed = await self._renew_from(source, public_key, csr_pem, request, now)
                 if renewed is not None:
                     return renewed
+        except RequestTaken:
+            # A concurrent attempt of this request renewed first: its outcome is this one's.
+            assert request is not None
+            if spend is not None:
+                await spend.refund()
+            done = await self._recorded(request, "renew", device_id)
+            if done is None:
+                raise in_progress(request.request_id) from None
+            return await self._renewal_outcome(request, done)
         except Exception:
             if spend is not None:
                 await spend.refund()
@@ -511,15 +540,37 @@ class DeviceCertificates:
             CSR_UNCHANGED if csr_pem is None else csr_pem,
             occasion="renew",
         )
-        replaced = await self.store.replace_certificate(source, new, now)
+        replaced = await self.store.replace_certificate(
+            source, new, now, (request.request_id, request.fingerprint) if request else None
+        )
         if replaced is None:
             return None
         record, invalidation = replaced
         await self.changed(record.device_id, record.uuid_subdomain, invalidation)
         log.info("certificate renewed", device_id=device_id, serial=new.serial_number)
-        if request is not None:
-            await self.store.record_request(
-                request.request_id, "renew", request.fingerprint, device_id, now
+        return record.to_pb(now)
+
+    async def _renewal_outcome(
+        self, request: RequestKey, done: CompletedRequest
+    ) -> cert_pb2.Certificate:
+        """A retry of a renewal that succeeded: the certificate it issued, while that is still
+        the device's current, usable one; else REQUEST_SUPERSEDED (nothing is renewed)."""
+        record = await self.store.get_by_device(done.device_id)
+        now = self.clock.now()
+        if record is None or record.created_at > done.created_at:
+            raise superseded(request.request_id, "the device was deleted", device_id=done.device_id)
+        if done.serial_number is not None and record.serial_number != done.serial_number:
+            raise superseded(
+                request.request_id,
+                "the certificate it issued was replaced by a later one",
+                device_id=done.device_id,
+            )
+        status = record.status_at(now)
+        if status in ("revoked", "expired"):
+            raise superseded(
+                request.request_id,
+                f"the certificate it issued was {status}",
+                device_id=done.device_id,
             )
         return record.to_pb(now)
 
@@ -583,15 +634,46 @@ class DeviceCertificates:
             log.error("stored public key unusable", device_id=source.device_id)
             raise internal_error() from None
 
-    async def revoke(self, device_id: str, reason: str) -> cert_pb2.Certificate:
-        """Revoke the current certificate; revoking a revoked one returns it unchanged."""
+    async def revoke(
+        self, device_id: str, reason: str, request: RequestKey | None = None
+    ) -> cert_pb2.Certificate:
+        """Revoke the current certificate; revoking a revoked one returns it unchanged.
+
+        A retry (same AIP-155 request id) returns the certificate the first attempt revoked
+        while it is still the device's current one; once the device has a newer certificate
+        (renewed with a new key, or deleted and provisioned again) it is REQUEST_SUPERSEDED
+        and revokes nothing: the first attempt never saw that certificate."""
         now = self.clock.now()
+        if request is not None:
+            done = await self._recorded(request, "revoke", device_id)
+            if done is not None:
+                current = await self.store.get_by_device(device_id)
+                if (
+                    current is None
+                    or current.created_at > done.created_at
+                    or current.serial_number != done.serial_number
+                ):
+                    raise superseded(
+                        request.request_id,
+                        "the device's certificate was replaced",
+                        device_id=device_id,
+                    )
+                return current.to_pb(now)
         record, invalidation = await self.store.revoke(device_id, reason, now)
         if record is None:
             raise _not_found(device_id=device_id)
         if invalidation is not None:
             await self.changed(record.device_id, record.uuid_subdomain, invalidation)
             log.info("certificate revoked", device_id=device_id, reason=reason)
+        if request is not None:
+            await self.store.record_request(
+                request.request_id,
+                "revoke",
+                request.fingerprint,
+                device_id,
+                now,
+                record.serial_number,
+            )
         return record.to_pb(now)
 
     async def delete(self, device_id: str, request: RequestKey | None = None) -> None:
@@ -599,7 +681,7 @@ class DeviceCertificates:
         that revocation at once (the relay retries it if key_service does not answer). A
         retry of a deletion that succeeded (same AIP-155 request id) succeeds again."""
         now = self.clock.now()
-        if request is not None and await self._done_before(request, "delete", device_id):
+        if request is not None and await self._recorded(request, "delete", device_id):
             return
         deleted = await self.store.delete_device(
             device_id,
@@ -608,22 +690,25 @@ class DeviceCertificates:
             (request.request_id, request.fingerprint) if request else None,
         )
         if deleted is None:
+            # A concurrent attempt of the same request may have deleted it first.
+            if request is not None and await self._recorded(request, "delete", device_id):
+                return
             raise _not_found(device_id=device_id)
         fqdn, event, invalidation = deleted
         await self.changed(device_id, fqdn, invalidation)
         log.info("device deleted", device_id=device_id, uuid_subdomain=fqdn)
         await self.outbox.try_deliver(event)
 
-    async def _done_before(self, request: RequestKey, method: str, device_id: str) -> bool:
-        """Whether `method` already succeeded for this request id (recently, on this device)."""
+    async def _recorded(
+        self, request: RequestKey, method: str, device_id: str
+    ) -> CompletedRequest | None:
+        """`method` done under this request id (recently, on this device), or None;
+        INVALID_ARGUMENT when the id was used for another request."""
         done = await self.store.completed_request(request.request_id, method)
-        if done is None:
-            return False
-        fingerprint, done_device, created_at = done
-        if not recent(created_at, self.clock.now()):
-            return False
-        request.matches(fingerprint)
-        return done_device == device_id
+        if done is None or not recent(done.created_at, self.clock.now()):
+            return None
+        request.matches(done.request_hash)
+        return done if done.device_id == device_id else None
 
     async def changed(self, device_id: str, fqdn: str, invalidation: int) -> None:
         """Fence the changed certificate's entries, then forget the logged invalidation."""
@@ -673,6 +758,17 @@ def _pending_certificate(
         "csr_pem": csr_pem,
     }
     return NewCertificate("", "", now, now, data)
+
+
+def _moved_on(record: CertificateRecord, now: datetime) -> str | None:
+    """How a provisioned certificate has changed since (a retry of its provision must not
+    hand it out again), or None: still as the provision left it."""
+    status = record.status_at(now)
+    if status in ("revoked", "expired"):
+        return f"the certificate it issued was {status}"
+    if record.renewal_count > 0:
+        return "the certificate it issued was renewed"
+    return None
 
 
 def _count(operation: str, error: BaseException | None) -> None:

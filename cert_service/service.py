@@ -143,9 +143,9 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
     ) -> cert_pb2.RevokeCertificateResponse:
         device_id = validation.device_id(request.device_id)
         reason = validation.revocation_reason(request.reason)
-        idempotency.parse_request_id(request.request_id)  # revoking again changes nothing
+        request_key = idempotency.request_key("revoke", request)
         caller_from_metadata(context.invocation_metadata()).require_device(device_id)
-        certificate = await self.certificates.revoke(device_id, reason)
+        certificate = await self.certificates.revoke(device_id, reason, request_key)
         return cert_pb2.RevokeCertificateResponse(certificate=certificate)
 
     async def DeleteDevice(

@@ -29,6 +29,7 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
 from myl.cert.v1 import cert_pb2
+from shared import idempotency
 from shared.db import WRITE_GUARD, Database
 
 STATUS_TO_PB: Final = {
@@ -256,6 +257,23 @@ class ProvisionedBy:
 
 
 @dataclass(frozen=True)
+class CompletedRequest:
+    """An AIP-155 request recorded in certificate_requests, and what it left current."""
+
+    request_hash: bytes
+    device_id: str
+    created_at: datetime
+    # The serial a renewal or revocation left current (None: a deletion, an ACME renewal,
+    # or a provision whose device was deleted).
+    serial_number: str | None
+
+
+class RequestTaken(Exception):
+    """Another attempt of the same AIP-155 request was recorded first (it committed while
+    this one ran); nothing of this attempt was stored."""
+
+
+@dataclass(frozen=True)
 class Conflict:
     """Why an insert did not happen."""
 
@@ -392,12 +410,20 @@ class CertificateStore:
                     issuance_csr text)
                 WHERE NOT EXISTS (
                     SELECT 1 FROM device_events_outbox AS o WHERE o.device_id = r.device_id)
+                  AND NOT EXISTS (
+                    SELECT 1 FROM certificate_requests AS q
+                    WHERE q.request_id = r.request_id AND q.method = 'provision'
+                      AND q.created_at > r.created_at - %(window)s::interval)
                   AND {WRITE_GUARD}
                 ORDER BY r.device_id
                 ON CONFLICT DO NOTHING
                 RETURNING device_id, serial_number
                 """,
-                {"rows": document, "deadline": self.db.write_deadline(conn)},
+                {
+                    "rows": document,
+                    "window": idempotency.WINDOW,
+                    "deadline": self.db.write_deadline(conn),
+                },
             )
             if len(rows) == 1:
                 return [rows[0].record() if cur.rowcount == 1 else None]
@@ -433,12 +459,18 @@ class CertificateStore:
         return None if row is None else ProvisionedBy(*row)
 
     async def supersede_provision(
-        self, device_id: str, request_id: uuid.UUID, certificate: NewCertificate, now: datetime
+        self,
+        device_id: str,
+        request_id: uuid.UUID,
+        serial_number: str,
+        certificate: NewCertificate,
+        now: datetime,
     ) -> tuple[CertificateRecord, int] | None:
         """Replace the certificate a provision issued with `certificate` (a retry of that
         provision, whose generated key never reached its caller). Only while the row is as
-        that provision left it: active and never renewed. Returns the record and the id of
-        the logged cache invalidation."""
+        that provision left it and as the caller read it: active, never renewed, still
+        `serial_number` (else None: another retry or a revocation came first). Returns the
+        record and the id of the logged cache invalidation."""
         async with self.connection() as conn:
             cur = await conn.execute(
                 f"""
@@ -448,7 +480,8 @@ class CertificateStore:
                         fingerprint_sha256 = %(fingerprint)s, issued_at = %(not_before)s,
                         expires_at = %(not_after)s, updated_at = %(now)s
                     WHERE device_id = %(device)s AND request_id = %(request_id)s
-                      AND status = 'active' AND renewal_count = 0 AND {WRITE_GUARD}
+                      AND status = 'active' AND renewal_count = 0
+                      AND serial_number = %(old_serial)s AND {WRITE_GUARD}
                     RETURNING {_COLUMNS}
                 ), {_LOG_CHANGED}
                 SELECT changed.*, logged.id FROM changed, logged
@@ -462,6 +495,7 @@ class CertificateStore:
                     "now": now,
                     "device": device_id,
                     "request_id": request_id,
+                    "old_serial": serial_number,
                     "deadline": self.db.write_deadline(conn),
                 },
                 binary=True,
@@ -471,25 +505,34 @@ class CertificateStore:
 
     async def completed_request(
         self, request_id: uuid.UUID, method: str
-    ) -> tuple[bytes, str, datetime] | None:
-        """(fingerprint, device, when) of a renewal or deletion done under `request_id`."""
+    ) -> CompletedRequest | None:
+        """The renewal, revocation or deletion done under `request_id` (or the provision of
+        a device deleted since)."""
         async with self.connection() as conn:
             cur = await conn.execute(
-                "SELECT request_hash, device_id, created_at FROM certificate_requests "
-                "WHERE request_id = %s AND method = %s",
+                "SELECT request_hash, device_id, created_at, serial_number "
+                "FROM certificate_requests WHERE request_id = %s AND method = %s",
                 (request_id, method),
             )
             row = await cur.fetchone()
-        return None if row is None else (bytes(row[0]), row[1], row[2])
+        return None if row is None else CompletedRequest(bytes(row[0]), row[1], row[2], row[3])
 
     async def record_request(
-        self, request_id: uuid.UUID, method: str, request_hash: bytes, device_id: str, now: datetime
+        self,
+        request_id: uuid.UUID,
+        method: str,
+        request_hash: bytes,
+        device_id: str,
+        now: datetime,
+        serial_number: str | None = None,
     ) -> None:
+        """Record a request done; a retry that did the same concurrently recorded it
+        already (DO NOTHING)."""
         async with self.connection() as conn:
             await conn.execute(
                 "INSERT INTO certificate_requests "
-                "(request_id, method, request_hash, device_id, created_at) "
-                "SELECT %(request_id)s, %(method)s, %(hash)s, %(device)s, %(now)s "
+                "(request_id, method, request_hash, device_id, created_at, serial_number) "
+                "SELECT %(request_id)s, %(method)s, %(hash)s, %(device)s, %(now)s, %(serial)s "
                 f"WHERE {WRITE_GUARD} ON CONFLICT DO NOTHING",
                 {
                     "request_id": request_id,
@@ -497,6 +540,7 @@ class CertificateStore:
                     "hash": request_hash,
                     "device": device_id,
                     "now": now,
+                    "serial": serial_number,
                     "deadline": self.db.write_deadline(conn),
                 },
             )
@@ -594,16 +638,41 @@ class CertificateStore:
         source: RenewalSource,
         certificate: NewCertificate,
         now: datetime,
+        request: tuple[uuid.UUID, bytes] | None = None,
     ) -> tuple[CertificateRecord, int] | None:
         """Store a renewed certificate, active again; None when the row changed since `source`
         was read (renewed, revoked, expired or deleted meanwhile). Returns the record and the
         id of the cache invalidation logged with it.
 
         The CSR recorded in certificate_data is kept unless `certificate.data` brings a new one.
+        `request` (AIP-155 id and fingerprint) is recorded with the new serial in the same
+        statement: if another attempt of it was recorded first, nothing is stored and
+        `RequestTaken` is raised, so concurrent attempts of one request renew once.
         """
+        request_id, request_hash = request if request is not None else (None, None)
         async with self.connection() as conn:
-            cur = await conn.execute(
-                f"""
+            try:
+                cur = await self._replace_certificate(
+                    conn, source, certificate, now, request_id, request_hash
+                )
+            except psycopg.errors.UniqueViolation as exc:
+                if exc.diag.constraint_name != "certificate_requests_pkey":
+                    raise
+                raise RequestTaken from exc
+            row = await cur.fetchone()
+        return None if row is None else (_record(row[:-1]), row[-1])
+
+    async def _replace_certificate(
+        self,
+        conn: AsyncConnection[TupleRow],
+        source: RenewalSource,
+        certificate: NewCertificate,
+        now: datetime,
+        request_id: uuid.UUID | None,
+        request_hash: bytes | None,
+    ) -> psycopg.AsyncCursor[TupleRow]:
+        return await conn.execute(
+            f"""
                 WITH changed AS (
                     UPDATE device_certificates SET
                         certificate_data = jsonb_build_object(
@@ -615,25 +684,31 @@ class CertificateStore:
                     WHERE device_id = %(device)s AND serial_number = %(old_serial)s
                       AND status = %(status)s AND {WRITE_GUARD}
                     RETURNING {_COLUMNS}
+                ), requested AS (
+                    INSERT INTO certificate_requests
+                        (request_id, method, request_hash, device_id, created_at, serial_number)
+                    SELECT %(request_id)s::uuid, 'renew', %(request_hash)s::bytea, device_id,
+                           %(now)s, serial_number
+                    FROM changed WHERE %(request_id)s::uuid IS NOT NULL
                 ), {_LOG_CHANGED}
                 SELECT changed.*, logged.id FROM changed, logged
                 """,
-                {
-                    "data": Jsonb(certificate.data),
-                    "serial": certificate.serial_number,
-                    "fingerprint": certificate.fingerprint_sha256,
-                    "not_before": certificate.not_before,
-                    "not_after": certificate.not_after,
-                    "now": now,
-                    "device": source.device_id,
-                    "old_serial": source.serial_number,
-                    "status": source.status,
-                    "deadline": self.db.write_deadline(conn),
-                },
-                binary=True,
-            )
-            row = await cur.fetchone()
-        return None if row is None else (_record(row[:-1]), row[-1])
+            {
+                "data": Jsonb(certificate.data),
+                "serial": certificate.serial_number,
+                "fingerprint": certificate.fingerprint_sha256,
+                "not_before": certificate.not_before,
+                "not_after": certificate.not_after,
+                "now": now,
+                "device": source.device_id,
+                "old_serial": source.serial_number,
+                "status": source.status,
+                "request_id": request_id,
+                "request_hash": request_hash,
+                "deadline": self.db.write_deadline(conn),
+            },
+            binary=True,
+        )
 
     async def revoke(
         self, device_id: str, reason: str, now: datetime
@@ -679,7 +754,8 @@ class CertificateStore:
         request: tuple[uuid.UUID, bytes] | None = None,
     ) -> tuple[str, OutboxEvent, int] | None:
         """Delete the device's row, queue its 'device_deleted' event and log the cache
-        invalidation, atomically.
+        invalidation, atomically; the request id the row was provisioned with (if any) moves
+        to certificate_requests, so that a retry of that provision stays recognised.
 
         Returns the freed subdomain, the event (already counted as attempt 1 and leased to the
         caller until `lease_until`) and the invalidation's id, or None when the device does
@@ -691,7 +767,13 @@ class CertificateStore:
                 WITH deleted AS (
                     DELETE FROM device_certificates
                     WHERE device_id = %(device)s AND {WRITE_GUARD}
-                    RETURNING device_id, uuid_subdomain
+                    RETURNING device_id, uuid_subdomain, request_id, request_hash, created_at
+                ), provisioned AS (
+                    INSERT INTO certificate_requests
+                        (request_id, method, request_hash, device_id, created_at)
+                    SELECT request_id, 'provision', request_hash, device_id, created_at
+                    FROM deleted WHERE request_id IS NOT NULL
+                    ON CONFLICT DO NOTHING
                 ), event AS (
                     INSERT INTO device_events_outbox
                         (device_id, event_type, created_at, attempts, next_attempt_at)

@@ -128,20 +128,29 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
             request.rate_limit, self.config.default_rate_limit, self.config.max_rate_limit
         )
         now = self.clock.now()
-        expires_at = (
-            validation.expire_time(request.expire_time, now=now, maximum=self.max_ttl)
-            if request.HasField("expire_time")
-            else now + self.default_ttl
-        )
         request_key = idempotency.request_key("generate", request)
         caller = caller_from_metadata(metadata)
         caller.require_device(device_id)
         _require_grantable(caller, permissions)
-        if not (caller.internal or ADMIN in caller.permissions):
-            rate_limit, expires_at = await self._within_callers_own_key(
-                caller, request, rate_limit, expires_at
+        # A retry whose key was revoked, rotated or expired since is refused before anything
+        # else (its expire_time, say, may lie in the past now); one whose key is live gets a
+        # replacement with that key's own attributes: defaults computed now (the expiry)
+        # would extend it.
+        earlier = await self._earlier_attempt(request_key, now)
+        if earlier is not None:
+            permissions = tuple(earlier.permissions)
+            rate_limit, expires_at = earlier.rate_limit, earlier.expires_at
+            device_name, initials = earlier.device_name, earlier.user_initials
+        else:
+            expires_at = (
+                validation.expire_time(request.expire_time, now=now, maximum=self.max_ttl)
+                if request.HasField("expire_time")
+                else now + self.default_ttl
             )
-
+            if not (caller.internal or ADMIN in caller.permissions):
+                rate_limit, expires_at = await self._within_callers_own_key(
+                    caller, request, rate_limit, expires_at
+                )
         certificate = await self.devices.active_certificate(device_id, now)
         if subdomain and subdomain not in (
             certificate.uuid_subdomain,
@@ -150,7 +159,6 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
             raise invalid_argument(
                 "uuid_subdomain", "does not match the device's certificate; leave it empty"
             )
-        earlier = await self._earlier_attempt(request_key, now)
         # NewApiKeysPerDevice: every caller, every new key but an AIP-155 retry's replacement.
         spend = (
             await self.limiter.spend(Bucket(LimitName.NEW_API_KEYS_PER_DEVICE, device_id))
@@ -164,7 +172,7 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
                 device_id,
                 device_name,
                 initials,
-                certificate.uuid_subdomain,
+                earlier.uuid_subdomain if earlier is not None else certificate.uuid_subdomain,
                 permissions,
                 rate_limit,
                 expires_at,
@@ -229,8 +237,12 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
         return key_pb2.GenerateApiKeyResponse(api_key=new_key.plaintext, key=row.to_pb(now))
 
     async def _earlier_attempt(self, key: RequestKey | None, now: datetime) -> ApiKeyRow | None:
-        """The key an earlier attempt of this AIP-155 request created (it is superseded: its
-        plaintext was shown once, maybe to nobody), or None."""
+        """The key an earlier attempt of this AIP-155 request created, still live (a retry
+        supersedes it: its plaintext was shown once, maybe to nobody), or None.
+
+        FAILED_PRECONDITION `REQUEST_SUPERSEDED` when that key was revoked, rotated or
+        expired since: a retry never brings back a key the current state refuses. The
+        store checks again, with the key locked, in the transaction that supersedes it."""
         if key is None:
             return None
         found = await self.store.find_by_request_id(key.request_id)
@@ -240,6 +252,9 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
         if not idempotency.recent(row.created_at, now):
             return None
         key.matches(fingerprint)
+        refusal = row.replay_refusal(now)
+        if refusal is not None:
+            raise idempotency.superseded(key.request_id, refusal, key_id=str(row.id))
         return row
 
     async def _within_callers_own_key(
@@ -349,7 +364,7 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
         # for another service.
         _require_rotatable(current, now)
         new_key = keyformat.generate()
-        async with self.store.rotation() as conn:
+        async with self.store.rotation(current.device_id, request_key, now) as conn:
             old = await self.store.lock_for_rotation(conn, key_id)
             assert old is not None  # keys are never deleted
             _require_rotatable(old, now)
@@ -389,8 +404,10 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
         metadata: Any,
         now: datetime,
     ) -> key_pb2.RotateApiKeyResponse:
-        """A retry of a rotation that succeeded: the new key it made is revoked and another
-        takes its place, with the same lifetime; the rotated key's grace stays as it was."""
+        """A retry of a rotation that succeeded, whose new key is still live: that key is
+        revoked and another takes its place, with the same attributes and expiry; the rotated
+        key's grace stays as it was. (Whether the rotated key itself is still usable does not
+        matter: the rotation retired it.)"""
         new_key = keyformat.generate()
         created, superseded = await self.store.create(
             NewKeyRow(
@@ -422,7 +439,8 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
         metadata = context.invocation_metadata()
         key_id = validation.key_id(request.key_id)
         reason = validation.text(request.reason, "reason", validation.MAX_REASON)
-        idempotency.parse_request_id(request.request_id)  # revoking again changes nothing
+        # Revoking again changes nothing: a retry returns the key, revoked by the first attempt.
+        idempotency.parse_request_id(request.request_id)
         caller = caller_from_metadata(metadata)
         await self._load(key_id, caller)
         now = self.clock.now()
@@ -439,7 +457,8 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
         metadata = context.invocation_metadata()
         device_id = validation.device_id(request.device_id)
         reason = validation.text(request.reason, "reason", validation.MAX_REASON)
-        idempotency.parse_request_id(request.request_id)  # revoking again changes nothing
+        # A retry returns the first attempt's count and revokes nothing created since.
+        request_key = idempotency.request_key("revoke_device", request)
         caller = caller_from_metadata(metadata)
         caller.require_device(device_id)
         actor = actor_of(caller, metadata)
@@ -447,11 +466,11 @@ class ApiKeyServicer(key_pb2_grpc.ApiKeyServiceServicer):
         if cascade and actor == "internal":
             actor = CASCADE_ACTOR
         action = ACTION_CASCADE_REVOKE if cascade else ACTION_REVOKE
-        change = await self.store.revoke_device(
-            device_id, AuditEntry(action, actor, reason), self.clock.now()
+        change, revoked = await self.store.revoke_device(
+            device_id, AuditEntry(action, actor, reason), self.clock.now(), request_key
         )
         await self.verifier.publish(change)
-        return key_pb2.RevokeDeviceApiKeysResponse(revoked_count=len(change.rows))
+        return key_pb2.RevokeDeviceApiKeysResponse(revoked_count=revoked)
 
     async def _rotation_cap(self, caller: Caller, target: ApiKeyRow) -> datetime:
         """What a caller may not grant it may not obtain by rotation either.

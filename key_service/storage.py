@@ -1,8 +1,15 @@
 """All SQL of key_service: raw parameterized statements and row models.
 
-Tables: `device_api_keys` (migration 0001) and the append-only
-`api_key_audit_events` (0002). Every change to a key writes its audit row in
-the same transaction. A database that cannot be reached becomes UNAVAILABLE,
+Tables: `device_api_keys` (migration 0001), the append-only
+`api_key_audit_events` (0002), the invalidation log (0003) and the request ids of
+device-wide revocations (0005). Every change to a key writes its audit row in
+the same transaction.
+
+A key is only ever inserted, under a device, while holding that device's advisory lock
+in shared mode; RevokeDeviceApiKeys takes it exclusively before it reads the device's
+keys. Without it, a key committed while the revocation's UPDATE ran (a rotation, a
+GenerateApiKey retry) would be missing from that statement's snapshot and survive the
+revocation. A database that cannot be reached becomes UNAVAILABLE,
 never INTERNAL (`shared.db.Database`).
 """
 
@@ -20,8 +27,8 @@ from psycopg import AsyncConnection
 from psycopg.rows import TupleRow, class_row
 
 from myl.key.v1 import key_pb2
+from shared import idempotency
 from shared.db import WRITE_GUARD, Database
-from shared.errors import DomainError, ErrorKind
 from shared.idempotency import RequestKey
 
 Connection = AsyncConnection[TupleRow]
@@ -77,6 +84,17 @@ class ApiKeyRow:
         if self.expires_at <= now:
             return key_pb2.API_KEY_STATUS_EXPIRED
         return key_pb2.API_KEY_STATUS_ACTIVE
+
+    def replay_refusal(self, now: datetime) -> str | None:
+        """Why a retry of the request that created this key may not hand out a replacement
+        (shared/idempotency.py): it was revoked, rotated or expired since. None: it is live."""
+        if self.revoked_at is not None:
+            if self.revoked_at <= now:
+                return "the key it created was revoked"
+            return "the key it created was rotated"
+        if self.expires_at <= now:
+            return "the key it created expired"
+        return None
 
     def usable_until(self) -> datetime:
         """When the key stops verifying: expiry or (scheduled) revocation."""
@@ -182,6 +200,8 @@ _REVOKE = (
     "is_active = false, updated_at = %(now)s"
 )
 _NOT_YET_REVOKED = "(revoked_at IS NULL OR revoked_at > %(now)s)"
+# Two-key advisory locks: (this namespace, hashtext(device_id)); see the module docstring.
+_DEVICE_LOCK: Final = "hashtext('myl.key.device'), hashtext(%(device)s)"
 
 
 class KeyStore:
@@ -285,13 +305,19 @@ class KeyStore:
     ) -> tuple[ApiKeyRow, KeyChange]:
         """Insert a key (with its AIP-155 request id, if any) and audit it.
 
-        `supersedes`: the key an earlier attempt of the same request created; in the same
-        transaction it is revoked and gives up the request id. Returns the new key and the
-        change to the superseded one (to publish)."""
+        With a request id, the transaction holds it (`_claim`): `supersedes` is the key an
+        earlier attempt of the same request created, as the caller read it (None: no
+        attempt had succeeded). In the same transaction that key is revoked and gives up the
+        request id, if it is still live. Returns the new key and the change to the
+        superseded one (to publish)."""
         async with self._transaction(write=True) as conn:
+            await self._lock_device(conn, key.device_id)
             change = KeyChange([], [], changed=False)
-            if supersedes is not None:
-                change = await self._supersede(conn, supersedes, request, now)
+            if request is not None:
+                expected = supersedes.id if supersedes is not None else None
+                holder = await self._claim(conn, request, expected, now)
+                if holder is not None:
+                    change = await self._supersede(conn, holder, request, now)
             row = await self._insert(conn, key, now, request)
             await self._audit(conn, [row], audit, now)
             return row, change
@@ -315,6 +341,58 @@ class KeyStore:
         revoked = await cur.fetchall()
         await self._audit(conn, revoked, AuditEntry(ACTION_REVOKE, "key_service", reason), now)
         return KeyChange(revoked, await self._log_invalidations(conn, revoked, now))
+
+    async def _claim(
+        self, conn: Connection, request: RequestKey, expected: uuid.UUID | None, now: datetime
+    ) -> ApiKeyRow | None:
+        """Hold `request`'s id for this transaction; return the key it names, locked.
+
+        ABORTED (`idempotency.in_progress`) without waiting when another attempt holds the
+        id, or when the key the id names is not `expected` (what the caller read before:
+        another attempt finished in between; its retry sees the outcome). A key that took
+        the id longer ago than the window gives it up. FAILED_PRECONDITION
+        `REQUEST_SUPERSEDED` when the key is no longer live: a retry never revives it."""
+        cur = await conn.execute(
+            "SELECT pg_try_advisory_xact_lock(%s)", (idempotency.claim_lock_id(request.request_id),)
+        )
+        locked = await cur.fetchone()
+        if not (locked and locked[0]):
+            raise idempotency.in_progress(request.request_id)
+        deadline = self.db.write_deadline(conn)
+        keys = conn.cursor(row_factory=class_row(ApiKeyRow))
+        await keys.execute(
+            f"SELECT {KEY_COLUMNS} FROM device_api_keys "
+            f"WHERE request_id = %(request_id)s AND {WRITE_GUARD} FOR UPDATE",
+            {"request_id": request.request_id, "deadline": deadline},
+        )
+        holder = await keys.fetchone()
+        if holder is not None and not idempotency.recent(holder.created_at, now):
+            await conn.execute(
+                "UPDATE device_api_keys SET request_id = NULL, request_hash = NULL "
+                f"WHERE id = %(id)s AND {WRITE_GUARD}",
+                {"id": holder.id, "deadline": deadline},
+            )
+            holder = None
+        if (holder.id if holder is not None else None) != expected:
+            raise idempotency.in_progress(request.request_id)
+        if holder is not None:
+            refusal = holder.replay_refusal(now)
+            if refusal is not None:
+                raise idempotency.superseded(request.request_id, refusal, key_id=str(holder.id))
+        return holder
+
+    async def _lock_device(
+        self, conn: Connection, device_id: str | None, *, shared: bool = True
+    ) -> None:
+        """The device's advisory lock for this transaction (see the module docstring); a wait
+        for it ends at the caller's deadline like a row lock's (`WRITE_GUARD`)."""
+        if device_id is None:
+            return  # an operator key: no device-wide revocation covers it
+        function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+        await conn.execute(
+            f"SELECT {function}({_DEVICE_LOCK}) WHERE {WRITE_GUARD}",
+            {"device": device_id, "deadline": self.db.write_deadline(conn)},
+        )
 
     async def find_by_request_id(self, request_id: uuid.UUID) -> tuple[ApiKeyRow, bytes] | None:
         """The key a GenerateApiKey or RotateApiKey request created, and its fingerprint."""
@@ -359,9 +437,15 @@ class KeyStore:
         return await cur.fetchone()
 
     @asynccontextmanager
-    async def rotation(self) -> AsyncIterator[Connection]:
-        """A transaction for `lock_for_rotation` + `finish_rotation`."""
+    async def rotation(
+        self, device_id: str | None, request: RequestKey | None, now: datetime
+    ) -> AsyncIterator[Connection]:
+        """A transaction for `lock_for_rotation` + `finish_rotation`, holding the device's
+        lock and the request id (`_claim`; no earlier attempt may have succeeded)."""
         async with self._transaction(write=True) as conn:
+            await self._lock_device(conn, device_id)
+            if request is not None:
+                await self._claim(conn, request, None, now)
             yield conn
 
     async def finish_rotation(
@@ -406,9 +490,26 @@ class KeyStore:
         )
         return retired, created, await self._log_invalidations(conn, [retired], now)
 
-    async def revoke_device(self, device_id: str, audit: AuditEntry, now: datetime) -> KeyChange:
-        """Revoke every key of the device that is not revoked yet; returns them."""
+    async def revoke_device(
+        self,
+        device_id: str,
+        audit: AuditEntry,
+        now: datetime,
+        request: RequestKey | None = None,
+    ) -> tuple[KeyChange, int]:
+        """Revoke every key of the device that is not revoked yet; returns them and how many
+        the request revoked.
+
+        With a request id, the first attempt records its count in the same transaction; a
+        retry within the window revokes nothing and returns that count (a concurrent one
+        waits for the first to commit). The same id used for another request is
+        INVALID_ARGUMENT."""
         async with self._transaction(write=True) as conn:
+            if request is not None:
+                recorded = await self._record_revoke_request(conn, request, device_id, now)
+                if recorded is not None:
+                    return KeyChange([], [], changed=False), recorded
+            await self._lock_device(conn, device_id, shared=False)
             cur = conn.cursor(row_factory=class_row(ApiKeyRow))
             await cur.execute(
                 f"{_REVOKE} WHERE device_id = %(device)s AND {_NOT_YET_REVOKED} "
@@ -422,7 +523,47 @@ class KeyStore:
             )
             rows = await cur.fetchall()
             await self._audit(conn, rows, audit, now)
-            return KeyChange(rows, await self._log_invalidations(conn, rows, now))
+            if request is not None:
+                await conn.execute(
+                    "UPDATE api_key_requests SET revoked_count = %s WHERE request_id = %s",
+                    (len(rows), request.request_id),
+                )
+            return KeyChange(rows, await self._log_invalidations(conn, rows, now)), len(rows)
+
+    async def _record_revoke_request(
+        self, conn: Connection, request: RequestKey, device_id: str, now: datetime
+    ) -> int | None:
+        """Take the request id for this transaction (None), or return the count an earlier
+        attempt recorded. The INSERT waits for a concurrent attempt's transaction (up to the
+        caller's deadline, `WRITE_GUARD`): if that one commits, this is its retry."""
+        cur = await conn.execute(
+            "INSERT INTO api_key_requests "
+            "(request_id, method, request_hash, device_id, revoked_count, created_at) "
+            "SELECT %(id)s, 'revoke_device', %(hash)s, %(device)s, 0, %(now)s "
+            f"WHERE {WRITE_GUARD} "
+            "ON CONFLICT (request_id) DO UPDATE SET method = EXCLUDED.method, "
+            "request_hash = EXCLUDED.request_hash, device_id = EXCLUDED.device_id, "
+            "revoked_count = 0, created_at = EXCLUDED.created_at "
+            "WHERE api_key_requests.created_at <= %(stale)s RETURNING 1",
+            {
+                "id": request.request_id,
+                "hash": request.fingerprint,
+                "device": device_id,
+                "now": now,
+                "stale": now - idempotency.WINDOW,
+                "deadline": self.db.write_deadline(conn),
+            },
+        )
+        if await cur.fetchone() is not None:
+            return None
+        cur = await conn.execute(
+            "SELECT request_hash, revoked_count FROM api_key_requests WHERE request_id = %s",
+            (request.request_id,),
+        )
+        row = await cur.fetchone()
+        assert row is not None  # the conflict was with this row
+        request.matches(bytes(row[0]))
+        return int(row[1])
 
     # -- the durable invalidation log (shared/invalidation.py) -----------------------------
 
@@ -552,11 +693,8 @@ class KeyStore:
         except psycopg.errors.UniqueViolation as exc:
             if exc.diag.constraint_name != "device_api_keys_request_id_key":
                 raise
-            raise DomainError(
-                ErrorKind.ABORTED,
-                "another attempt with this request_id is in progress; retry",
-                "REQUEST_IN_PROGRESS",
-            ) from exc
+            assert request is not None  # the constraint is on request_id
+            raise idempotency.in_progress(request.request_id) from exc
         row = await cur.fetchone()
         assert row is not None  # the guard raises rather than skip the row
         return row

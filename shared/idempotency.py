@@ -1,10 +1,36 @@
 """AIP-155 request ids: what a retry of a mutating request is recognised by.
 
 A client sends the same `request_id` (a UUID it chose) with every retry of one request. The
-services remember it, with a fingerprint of the request, for `WINDOW`; a retry within it gets
-the outcome of the first attempt (each method's contract comment says exactly what that is
-when the first answer carried a secret that is never stored), and the same id sent with a
-different request is refused, naming the field.
+services remember it, with a fingerprint of the request, for `WINDOW`; the same id sent with a
+different request is refused, naming the field (INVALID_ARGUMENT).
+
+The rule for a retry ("replay"): it returns the first attempt's recorded outcome, and it never
+creates, revives or extends a credential that the current state would refuse. A replay never
+runs the method a second time against state the first attempt did not see; it re-reads what
+that attempt created or changed, and answers from it:
+
+- Still as the first attempt left it (the key it created still live, the certificate it issued
+  still the device's current, active one): the first outcome. Where that outcome carried a
+  secret that is never stored (GenerateApiKey's and RotateApiKey's key, a provisioned
+  certificate's generated private key), the secret is issued again: the credential the first
+  attempt created is revoked and a replacement with the same attributes and the same or an
+  earlier expiry takes its place, in one transaction, so one request id names one working
+  credential. A replacement is never usable for longer than the credential it replaces.
+- Moved on since (revoked, expired, rotated, renewed, its device deleted, or the device
+  provisioned again by another request): FAILED_PRECONDITION with ErrorInfo reason
+  `REQUEST_SUPERSEDED` (`superseded`). The first attempt did succeed; nothing is done again.
+  Revocations and deletions are the exception that needs no refusal: their recorded outcome
+  (the key revoked, the count of keys revoked, OK for a deletion) stays true, so a replay
+  returns it, and revokes or deletes nothing that appeared after the first attempt.
+
+A duplicate that arrives while another attempt with the same id is still running does not
+wait for a lock or run in parallel: it gets ABORTED with reason `REQUEST_IN_PROGRESS` and a
+RetryInfo (`in_progress`; 409 over REST). Its retry with the same id then gets the outcome.
+Never INVALID_ARGUMENT (the request is not wrong) and never a second execution. Which attempt
+runs is decided by the database (a transaction-scoped advisory lock on the request id, or a
+unique key written in the transaction that does the work), so this holds across replicas.
+
+A failed attempt records nothing: its retry runs afresh.
 """
 
 from __future__ import annotations
@@ -17,7 +43,7 @@ from typing import Final
 
 from google.protobuf.message import Message
 
-from shared.errors import DomainError, invalid_argument
+from shared.errors import DomainError, ErrorKind, failed_precondition, invalid_argument
 
 WINDOW: Final = timedelta(hours=24)
 
@@ -69,6 +95,35 @@ def fingerprint(method: str, request: Message) -> bytes:
     digest.update(b"\0")
     digest.update(copy.SerializeToString(deterministic=True))
     return digest.digest()
+
+
+def claim_lock_id(request_id: uuid.UUID) -> int:
+    """The transaction-scoped advisory lock (PostgreSQL's one-bigint key space) that the
+    attempt running a request holds: the first 64 bits of its id."""
+    return int.from_bytes(request_id.bytes[:8], "big", signed=True)
+
+
+def in_progress(request_id: uuid.UUID) -> DomainError:
+    """A duplicate of an attempt that is still running: ABORTED, retry with the same id."""
+    return DomainError(
+        ErrorKind.ABORTED,
+        "a request with this request_id is in progress; retry with the same request_id",
+        "REQUEST_IN_PROGRESS",
+        metadata={"request_id": str(request_id)},
+        retry_after=1.0,
+    )
+
+
+def superseded(request_id: uuid.UUID, what: str, **metadata: str) -> DomainError:
+    """A replay whose first attempt succeeded, but whose result `what` (e.g. "the key it
+    created was revoked") is no longer current: nothing is done again."""
+    return failed_precondition(
+        f"this request_id was completed earlier, and {what} since; nothing was done again "
+        "(send a new request with a new request_id)",
+        "REQUEST_SUPERSEDED",
+        request_id=str(request_id),
+        **metadata,
+    )
 
 
 def reused_for_another_request() -> DomainError:

@@ -289,7 +289,9 @@ async def test_upgrading_requeues_every_shard_with_revocations(
             " ('issuer', 'aa', 3, 'device', now(), 'unspecified', now() + interval '1 day')"
         )
         await conn.execute("INSERT INTO crl_dirty VALUES ('issuer', 5)")
-        runner = MigrationRunner(conninfo, "cert_service", migrations)
+        runner = MigrationRunner(
+            conninfo, "cert_service", [m for m in migrations if m.version <= 8]
+        )
         assert [m.version for m in await runner.up()] == [8]
         cur = await conn.execute("SELECT issuer_key_id, crl_shard FROM crl_pending ORDER BY 2")
         assert await cur.fetchall() == [("issuer", 3), ("issuer", 5)]

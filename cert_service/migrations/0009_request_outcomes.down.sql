@@ -1,0 +1,1 @@
+ALTER TABLE certificate_requests DROP COLUMN IF EXISTS serial_number;
