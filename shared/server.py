@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
+from shared import idempotency
 from shared.config import ServerConfig
 from shared.errors import DomainError, ErrorKind, internal_error, permission_denied
 from shared.identity import AUTHORIZED_METHOD_HEADER, KEY_ID_HEADER
@@ -79,6 +80,12 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     details; any other exception is logged with its traceback and the client
     gets a bare INTERNAL.
 
+    A request with an AIP-155 `request_id` that this process is serving already
+    (same method, same id, until that answer is sent) is a duplicate in flight:
+    ABORTED at once (`idempotency.in_progress`), before it reads, spends a limit
+    or writes anything. Duplicates on other replicas are told apart by the
+    database (shared/idempotency.py).
+
     `GrpcServer` does not install this as a grpc.aio interceptor (that costs
     a coroutine chain per RPC): it wraps each unary handler once, when the
     service is registered (`wrap_handler`). `intercept_service` remains for
@@ -88,6 +95,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, service: str) -> None:
         self.service = service
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        self._running: set[tuple[str, uuid.UUID]] = set()
 
     async def intercept_service(
         self,
@@ -134,6 +142,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         ok = results.labels(service, name, "OK").inc
         set_context = REQUEST_CONTEXT.set
         perf_counter = time.perf_counter
+        running = self._running
+        # Whether this method's requests have a request_id field: known at the first call.
+        idempotent: list[bool] = []
 
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             request_id, via_gateway, authorized = _call_facts(context.invocation_metadata())
@@ -145,7 +156,20 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     raise unauthorized_method()
                 if request.__class__ is Undecodable:
                     raise undecodable_error(request)
-                response = await behavior(request, context)
+                if not idempotent:
+                    idempotent.append("request_id" in request.DESCRIPTOR.fields_by_name)
+                aip155_id = _aip155_id(request) if idempotent[0] else None
+                if aip155_id is None:
+                    response = await behavior(request, context)
+                else:
+                    claim = (name, aip155_id)
+                    if claim in running:
+                        raise idempotency.in_progress(aip155_id)
+                    running.add(claim)
+                    try:
+                        response = await behavior(request, context)
+                    finally:
+                        running.discard(claim)
             except DomainError as err:
                 results.labels(service, name, err.kind.grpc_code.name).inc()
                 observe(perf_counter() - start)
@@ -167,6 +191,14 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return response
 
         return handle
+
+
+def _aip155_id(request: Any) -> uuid.UUID | None:
+    """The request's AIP-155 id; None when it has none, or one the handler will refuse."""
+    try:
+        return idempotency.parse_request_id(request.request_id)
+    except DomainError:
+        return None
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], err: DomainError) -> NoReturn:
