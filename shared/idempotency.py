@@ -24,11 +24,14 @@ that attempt created or changed, and answers from it:
   returns it, and revokes or deletes nothing that appeared after the first attempt.
 
 A duplicate that arrives while another attempt with the same id is still running does not
-wait for a lock or run in parallel: it gets ABORTED with reason `REQUEST_IN_PROGRESS` and a
-RetryInfo (`in_progress`; 409 over REST). Its retry with the same id then gets the outcome.
-Never INVALID_ARGUMENT (the request is not wrong) and never a second execution. Which attempt
-runs is decided by the database (a transaction-scoped advisory lock on the request id, or a
-unique key written in the transaction that does the work), so this holds across replicas.
+run in parallel: it gets ABORTED with reason `REQUEST_IN_PROGRESS` and a RetryInfo
+(`in_progress`; 409 over REST), and its retry with the same id then gets the outcome; or,
+where the first attempt's outcome can be read back, it waits for that and returns it. Never
+INVALID_ARGUMENT (the request is not wrong) and never a second execution. Within a replica,
+the server turns a duplicate of a request it is serving away at once, until that answer is
+sent (`shared.server.RpcInterceptor`). Between replicas the database decides: a
+transaction-scoped advisory lock on the request id (`claim_lock_id`) taken without waiting,
+or a unique request key written in the statement or transaction that does the work.
 
 A failed attempt records nothing: its retry runs afresh.
 """

@@ -288,9 +288,12 @@ class ProvisionCertificateRequest(_message.Message):
     provision that succeeded returns OK, never ALREADY_EXISTS: with a CSR, the
     certificate the first attempt stored; without one (the private key was
     generated and is never stored, so it cannot be sent twice), a fresh key and
-    a certificate for it that supersede the earlier ones, which nobody can use
-    since their key was never delivered. The same id with a different request
-    is INVALID_ARGUMENT.
+    a certificate for it, valid no longer, that supersede the earlier ones,
+    which nobody can use since their key was never delivered. Once that
+    certificate was revoked, renewed or expired, or the device deleted, a retry
+    is FAILED_PRECONDITION `REQUEST_SUPERSEDED` and issues nothing. A retry
+    while another attempt runs may be ABORTED `REQUEST_IN_PROGRESS` (retry with
+    the same id). The same id with a different request is INVALID_ARGUMENT.
     """
     def __init__(
         self,
@@ -495,7 +498,8 @@ class RenewCertificateRequest(_message.Message):
     request_id: _builtins.str
     """Optional AIP-155 idempotency key (a UUID, recognised for 24 hours): a
     retry returns the certificate the first attempt issued instead of
-    renewing again.
+    renewing again; REQUEST_SUPERSEDED once that certificate was revoked,
+    expired or replaced, or the device deleted.
     """
     def __init__(
         self,
@@ -546,8 +550,10 @@ class RevokeCertificateRequest(_message.Message):
     device_id: _builtins.str
     reason: Global___RevocationReason.ValueType
     request_id: _builtins.str
-    """Optional AIP-155 idempotency key (a UUID). Revoking is idempotent by
-    nature: a retry returns the revoked certificate unchanged.
+    """Optional AIP-155 idempotency key (a UUID, recognised for 24 hours): a
+    retry returns the certificate the first attempt revoked, unchanged; once
+    the device has a newer certificate it is REQUEST_SUPERSEDED and revokes
+    nothing.
     """
     def __init__(
         self,
@@ -593,7 +599,8 @@ class DeleteDeviceRequest(_message.Message):
     device_id: _builtins.str
     request_id: _builtins.str
     """Optional AIP-155 idempotency key (a UUID, recognised for 24 hours): a
-    retry of a delete that succeeded returns OK instead of NOT_FOUND.
+    retry of a delete that succeeded returns OK instead of NOT_FOUND, and
+    deletes nothing (not a device provisioned again since).
     """
     def __init__(
         self,

@@ -198,9 +198,12 @@ class GenerateApiKeyRequest(_message.Message):
     every retry of one request and recognised for 24 hours. The plaintext key
     is never stored, so it cannot be sent twice: a retry of a request that
     succeeded revokes the key the earlier attempt created (its plaintext may
-    never have arrived) and returns a fresh one, so exactly one key from one
-    request_id ever works. The same id with a different request is
-    INVALID_ARGUMENT.
+    never have arrived) and returns a fresh one with the same attributes and
+    expiry, so exactly one key from one request_id ever works. Once that key
+    was revoked, rotated or expired (or its device deleted), a retry is
+    FAILED_PRECONDITION `REQUEST_SUPERSEDED` and creates nothing. A retry
+    while another attempt runs is ABORTED `REQUEST_IN_PROGRESS` (retry with
+    the same id). The same id with a different request is INVALID_ARGUMENT.
     """
     @_builtins.property
     def permissions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -444,7 +447,8 @@ class RotateApiKeyRequest(_message.Message):
     """Optional AIP-155 idempotency key (a UUID, recognised for 24 hours). As for
     GenerateApiKey: a retry of a rotation that succeeded revokes the new key
     the earlier attempt created and returns another new key, rotated from the
-    same key with the same grace period.
+    same key with the same grace period and expiry; once that new key was
+    revoked, rotated or expired, REQUEST_SUPERSEDED.
     """
     @_builtins.property
     def grace_period(self) -> _duration_pb2.Duration:
@@ -554,8 +558,9 @@ class RevokeDeviceApiKeysRequest(_message.Message):
     device_id: _builtins.str
     reason: _builtins.str
     request_id: _builtins.str
-    """Optional AIP-155 idempotency key (a UUID). Revoking is idempotent by
-    nature: a retry revokes what is left (usually nothing) and succeeds.
+    """Optional AIP-155 idempotency key (a UUID, recognised for 24 hours): a
+    retry returns the count the first attempt revoked and revokes nothing
+    created since.
     """
     def __init__(
         self,
