@@ -124,7 +124,8 @@ def message_with_request_id(message: M, request_id: str) -> M:
 
 
 async def retry_until_ok(call: Callable[[], Awaitable[R]], first: str) -> R:
-    """Retry while the answer is UNAVAILABLE (the retryable code), for at most 10 s."""
+    """Retry while the answer is retryable, for at most 10 s: UNAVAILABLE, or ABORTED while
+    the abandoned first attempt still holds its request_id (shared/idempotency.py)."""
     started = time.monotonic()
     while True:
         try:
@@ -132,7 +133,10 @@ async def retry_until_ok(call: Callable[[], Awaitable[R]], first: str) -> R:
         except grpc.aio.AioRpcError as err:
             refused = (err.code(), err.details())
         # ALREADY_EXISTS, say, is what the request_id is there to prevent.
-        assert refused[0] == grpc.StatusCode.UNAVAILABLE, (first, *refused)
+        assert refused[0] in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED), (
+            first,
+            *refused,
+        )
         assert time.monotonic() - started < 10, "retries kept failing"
         await asyncio.sleep(0.1)
 
