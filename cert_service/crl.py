@@ -92,6 +92,7 @@ from cert_service.ca import LocalCertificateAuthority
 from cert_service.storage import CertificateStore
 from shared.clock import Clock
 from shared.logging import get_logger
+from shared.tasks import run_periodically
 
 log = get_logger(__name__)
 
@@ -391,11 +392,4 @@ class CrlPublisher:
 
     async def run(self) -> None:
         """A pass every `interval` seconds until cancelled; a failed pass is logged."""
-        while True:
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.warning("crl pass failed", exc_info=True)
-            await asyncio.sleep(self.interval)
+        await run_periodically("crl publisher", self.run_once, self.interval)

@@ -19,7 +19,6 @@ or not a pass has run yet. Every changed row's cache entries are fenced after th
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ from cert_service.storage import CertificateStore, NewCertificate
 from shared import idempotency
 from shared.clock import Clock
 from shared.logging import get_logger
+from shared.tasks import run_periodically
 
 log = get_logger(__name__)
 
@@ -164,12 +164,10 @@ class LifecycleWorker:
 
     async def run(self, interval: float) -> None:
         """A pass every `interval` seconds until cancelled; a failed pass is logged."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                CERTIFICATE_OPERATIONS.labels("auto_renew", "PASS_FAILED").inc()
-                log.warning("lifecycle pass failed", exc_info=True)
+        await run_periodically(
+            "lifecycle",
+            self.run_once,
+            interval,
+            wait_first=True,
+            on_error=lambda _: CERTIFICATE_OPERATIONS.labels("auto_renew", "PASS_FAILED").inc(),
+        )

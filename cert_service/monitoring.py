@@ -31,7 +31,7 @@ from cert_service.storage import CertificateStore
 from shared.clock import Clock
 from shared.errors import DomainError
 from shared.logging import get_logger
-from shared.tasks import stop_if_cancelled
+from shared.tasks import run_periodically
 
 log = get_logger(__name__)
 
@@ -100,12 +100,7 @@ class FleetSampler:
         FLEET_SAMPLE_TIME.set(now.timestamp())
 
     async def run(self, interval: float) -> None:
-        while True:
-            try:
-                await self.sample()
-            except (DomainError, TimeoutError):  # the database is away: try next time
-                pass
-            except Exception:
-                log.exception("fleet sampling failed")
-            stop_if_cancelled()
-            await asyncio.sleep(interval)
+        # The database away: the next pass tries again, and its own alerts say so.
+        await run_periodically(
+            "fleet sampler", self.sample, interval, quiet=(DomainError, TimeoutError)
+        )

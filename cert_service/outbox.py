@@ -19,7 +19,6 @@ The key_service address is read when a call is made: `set_address` switches it a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
@@ -31,7 +30,7 @@ from cert_service.storage import CertificateStore, OutboxEvent
 from myl.key.v1 import key_pb2, key_pb2_grpc
 from shared.clock import Clock
 from shared.logging import get_logger
-from shared.tasks import stop_if_cancelled
+from shared.tasks import run_periodically
 
 log = get_logger(__name__)
 
@@ -187,20 +186,7 @@ class OutboxRelay:
     async def run(self) -> None:
         """Poll every `interval` seconds (or when woken) until cancelled; nothing else ends
         it (a pass that fails in any way is logged and the next one follows)."""
-        while True:
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise
-                log.warning("outbox relay pass cancelled from within; going on")
-            except Exception:
-                log.warning("outbox relay pass failed", exc_info=True)
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
-            stop_if_cancelled()
+        await run_periodically("outbox relay", self.run_once, self.interval, wake=self._wake)
 
     async def try_deliver(self, event: OutboxEvent) -> bool:
         """`deliver`, for callers that must not fail: an error leaves the event to the relay,

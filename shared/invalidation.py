@@ -36,7 +36,6 @@ partition between them, not an outage): it trusts Redis until its next drain, at
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
@@ -45,7 +44,7 @@ from redis.asyncio.cluster import RedisCluster
 from shared.cache import Cache, CacheUnavailable
 from shared.errors import DomainError
 from shared.logging import get_logger
-from shared.tasks import stop_if_cancelled
+from shared.tasks import BackgroundTask, run_periodically
 
 log = get_logger(__name__)
 
@@ -77,7 +76,8 @@ class CacheGuard:
         self.interval = interval
         self.retry_interval = retry_interval
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._trusted = False
+        self._task = BackgroundTask("cache guard", self._run)
         self._servers: frozenset[str] | None = None
         cache.guarded = True
         cache.breaker.on_trip = self.poke
@@ -114,25 +114,18 @@ class CacheGuard:
         self._wake.set()
 
     def start(self) -> None:
-        if self._task is None and self.cache.client is not None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="cache guard")
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                trusted = await self.sync()
-            except Exception:
-                log.exception("cache guard pass failed")
-                trusted = False
-            self._wake.clear()
-            delay = self.interval if trusted else self.retry_interval
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
-            stop_if_cancelled()
+        if self.cache.client is not None:
+            self._task.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._task.stop()
+
+    async def _run(self) -> None:
+        await run_periodically("cache guard", self._pass, self._delay, wake=self._wake)
+
+    async def _pass(self) -> None:
+        self._trusted = False  # until this pass says otherwise, also when it raises
+        self._trusted = await self.sync()
+
+    def _delay(self) -> float:
+        return self.interval if self._trusted else self.retry_interval

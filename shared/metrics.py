@@ -62,3 +62,8 @@ LIMIT_DECISIONS = Counter(
 GATEWAY_DECISIONS = Counter(
     "myl_gateway_decisions_total", "Gateway authorization decisions", ["result"]
 )
+# shared.tasks: a pass of a background loop (sampler, flusher, relay, lifecycle, CRL, cache
+# guard) that raised; the loop goes on, so a failure shows here and in the log, not as a stop.
+BACKGROUND_FAILURES = Counter(
+    "myl_background_failures_total", "Background passes that failed, by task", ["task"]
+)

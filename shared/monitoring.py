@@ -16,7 +16,6 @@ bucket forgets what was spent. An evicting policy is logged (once per change) an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +26,7 @@ from shared.cache import Cache, CacheUnavailable
 from shared.db import Database
 from shared.logging import get_logger
 from shared.metrics import REDIS_CLIENTS, REDIS_EVICTING_POLICY, REDIS_MEMORY, REDIS_UP
-from shared.tasks import stop_if_cancelled
+from shared.tasks import BackgroundTask, run_periodically
 
 log = get_logger(__name__)
 
@@ -80,7 +79,7 @@ class ResourceSampler:
         self.db = db
         self.cache = cache
         self.interval = interval
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask(f"{service} resource sampler", self.run)
         self._redis_up = REDIS_UP.labels(service)
         self._memory = REDIS_MEMORY.labels(service)
         self._clients = REDIS_CLIENTS.labels(service)
@@ -115,23 +114,10 @@ class ResourceSampler:
                 )
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.sample()
-            except Exception:
-                log.exception("sampling failed")
-            stop_if_cancelled()
-            await asyncio.sleep(self.interval)
+        await run_periodically("resource sampler", self.sample, self.interval)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self.run(), name=f"{self.service} resource sampler"
-            )
+        self._task.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._task.stop()
