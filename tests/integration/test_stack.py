@@ -305,6 +305,11 @@ def test_acme_walk_through_runs_as_written_and_no_alert_fires(
     assert "myl_ca_certificate_not_after_timestamp_seconds" not in exporters
     assert exporters["myl_certificates_pending_issuance"] == {"cert_service"}
 
+    # Knot and Pebble start again after a stop, on the same ports.
+    stack.signal_group(signal.SIGINT)
+    assert stack.wait() == 0, stack.output()
+    stack.start()
+
 
 @pytest.mark.slow
 def test_replicas_on_a_redis_cluster_alert_nothing_and_start_again_after_a_stop(
