@@ -8,7 +8,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
-from cert_service.access import AccessRecorder
+from cert_service.access import access_recorder
 from cert_service.acme import AcmeClient, AcmeIssuer, load_account_key
 from cert_service.acme_worker import AcmeWorker
 from cert_service.ari import RenewalPolicy
@@ -58,7 +58,7 @@ class CertApp:
         self.cache = cache
         self.store = CertificateStore(db)
         certificate_cache = CertificateCache(cache, config.cache_ttl, config.negative_cache_ttl)
-        self.access = AccessRecorder(self.store, clock)
+        self.access = access_recorder(self.store, config.access_flush_interval)
         self.outbox = OutboxRelay(
             self.store,
             clock,
@@ -170,11 +170,9 @@ class CertApp:
         self._started = True
         self._spawn(self.outbox.run, "outbox relay")
         self.guard.start()
+        self.access.start()
         # Each worker gets its own interval bound now (a closure over one shared local
         # would see only the last value assigned to it).
-        access_interval = self.config.access_flush_interval
-        if access_interval > 0:
-            self._spawn(lambda: self.access.run(access_interval), "access flush")
         lifecycle_interval = self.config.lifecycle_interval
         if lifecycle_interval > 0:
             self._spawn(lambda: self.lifecycle.run(lifecycle_interval), "lifecycle")
@@ -216,7 +214,7 @@ class CertApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.guard.stop()
-        await self.access.flush()
+        await self.access.stop()
         await self.outbox.close()
         await self.db.close()
         await self.cache.close()

@@ -154,7 +154,7 @@ class DeviceCertificates:
             started = time.monotonic()
             record = await self.store.get_by_device(device_id)
             certificate = await self._from_database(key, record, started, device_id=device_id)
-        self.access.record(device_id)
+        self.access.record(device_id, self.clock.now())
         return certificate
 
     async def lookup(
@@ -178,7 +178,7 @@ class DeviceCertificates:
         if via_wildcard and certificate.certificate_type != cert_pb2.CERTIFICATE_TYPE_WILDCARD:
             raise _not_found(uuid_subdomain=fqdn)
         authorize(certificate.device_id)
-        self.access.record(certificate.device_id)
+        self.access.record(certificate.device_id, self.clock.now())
         return certificate
 
     async def _from_database(

@@ -12,7 +12,7 @@ from key_service.ratelimit import LocalLimiter
 from key_service.scriptclient import script_client
 from key_service.service import ApiKeyServicer
 from key_service.storage import KeyStore
-from key_service.usage import UsageBuffer
+from key_service.usage import UsageBuffer, usage_buffer
 from key_service.verify import Verifier
 from myl.envoy.service.auth.v3 import external_auth_pb2_grpc
 from myl.key.v1 import key_pb2_grpc
@@ -86,7 +86,7 @@ async def create_app(config: KeyServiceConfig, *, clock: Clock | None = None) ->
     cache = Cache.from_config(config.server.redis)
     scripts = script_client(config.server.redis)
     store = KeyStore(db)
-    usage = UsageBuffer(store, config.usage_flush_interval)
+    usage = usage_buffer(store, config.usage_flush_interval)
     devices = CertServiceDirectory(config.cert_service_address, config.cert_service_timeout)
     verifier = Verifier(
         store=store,

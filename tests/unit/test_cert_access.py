@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from cert_service.access import AccessRecorder
+from cert_service.access import access_recorder
 from cert_service.storage import CertificateStore
 
 
@@ -26,19 +26,14 @@ class SlowStore:
         return len(device_ids)
 
 
-class FixedClock:
-    def now(self) -> datetime:
-        return datetime(2026, 1, 1, tzinfo=UTC)
-
-
 async def test_stop_during_a_timed_flush_loses_no_count() -> None:
     store = SlowStore()
-    recorder = AccessRecorder(cast(CertificateStore, cast(Any, store)), FixedClock())
+    recorder = access_recorder(cast(CertificateStore, cast(Any, store)), 0.01)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
     for _ in range(5):
-        recorder.record("device-1")
-    timer = asyncio.create_task(recorder.run(0.01))
+        recorder.record("device-1", now)
+    recorder.start()
     await asyncio.sleep(0.05)  # the timed flush has taken the batch and is writing it
-    timer.cancel()
-    recorder.record("device-1")
-    await recorder.flush()  # what a graceful stop does after cancelling the timer
+    recorder.record("device-1", now)
+    await recorder.stop()  # cancels the timer, then flushes
     assert store.written == {"device-1": 6}

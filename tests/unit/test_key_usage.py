@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from key_service.storage import KeyStore, UsageDelta
-from key_service.usage import UsageBuffer
+from key_service.usage import usage_buffer
 
 
 class SlowStore:
@@ -25,7 +25,7 @@ class SlowStore:
 
 async def test_stop_during_a_timed_flush_loses_no_use() -> None:
     store = SlowStore()
-    usage = UsageBuffer(cast(KeyStore, cast(Any, store)), interval=0.01)
+    usage = usage_buffer(cast(KeyStore, cast(Any, store)), interval=0.01)
     key_id = uuid.uuid4()
     for _ in range(5):
         usage.record(str(key_id), 1_700_000_000_000_000)
