@@ -19,9 +19,10 @@ that attempt created or changed, and answers from it:
 - Moved on since (revoked, expired, rotated, renewed, its device deleted, or the device
   provisioned again by another request): FAILED_PRECONDITION with ErrorInfo reason
   `REQUEST_SUPERSEDED` (`superseded`). The first attempt did succeed; nothing is done again.
-  Revocations and deletions are the exception that needs no refusal: their recorded outcome
-  (the key revoked, the count of keys revoked, OK for a deletion) stays true, so a replay
-  returns it, and revokes or deletes nothing that appeared after the first attempt.
+- Revocations and deletions: their recorded outcome stays true (the key revoked, the count of
+  a device's keys revoked, OK for a deletion), so a replay returns it, and revokes or deletes
+  nothing that appeared after the first attempt. A certificate revocation's outcome is the
+  certificate it revoked: once the device has a newer one, REQUEST_SUPERSEDED.
 
 A duplicate that arrives while another attempt with the same id is still running does not
 run in parallel: it gets ABORTED with reason `REQUEST_IN_PROGRESS` and a RetryInfo
@@ -33,7 +34,9 @@ sent (`shared.server.RpcInterceptor`). Between replicas the database decides: a
 transaction-scoped advisory lock on the request id (`claim_lock_id`) taken without waiting,
 or a unique request key written in the statement or transaction that does the work.
 
-A failed attempt records nothing: its retry runs afresh.
+A failed attempt records nothing, so its retry runs afresh; except a GenerateApiKey whose
+device was deleted while its key was stored: that key is revoked at once and keeps the id, so
+the retry is REQUEST_SUPERSEDED, as a fresh request would be refused (the device is gone).
 """
 
 from __future__ import annotations
