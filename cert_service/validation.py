@@ -6,10 +6,6 @@ so a BadRequest violation points at exactly what the client sent.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import json
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
@@ -27,11 +23,10 @@ from cert_service.names import (
 )
 from cert_service.storage import REASON_FROM_PB, STATUS_FROM_PB
 from myl.cert.v1 import cert_pb2
+from shared import pagination
+from shared.clock import from_micros, to_micros
 from shared.errors import invalid_argument
 
-DEFAULT_PAGE_SIZE: Final = 100
-MAX_PAGE_SIZE: Final = 1000
-_MAX_TOKEN_LENGTH: Final = 1024
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 # google.protobuf.Timestamp's valid range: 0001-01-01 to 9999-12-31.
 _MIN_SECONDS: Final = -62_135_596_800
@@ -116,15 +111,6 @@ def validity_days(value: int, default: int) -> int:
     return value
 
 
-def page_size(value: int) -> int:
-    """0 means 100; above 1000 is read as 1000 (AIP-158); negative is refused."""
-    if value < 0:
-        raise invalid_argument("page_size", "must not be negative")
-    if value == 0:
-        return DEFAULT_PAGE_SIZE
-    return min(value, MAX_PAGE_SIZE)
-
-
 def status_filter(value: int) -> str | None:
     if value == cert_pb2.CERTIFICATE_STATUS_UNSPECIFIED:
         return None
@@ -152,44 +138,23 @@ def revocation_reason(value: int) -> str:
 
 def query_fingerprint(status: str | None, expire_before: datetime | None) -> str:
     """Ties a page token to the filters it was issued for."""
-    text = f"{status or ''}|{expire_before.isoformat() if expire_before else ''}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return pagination.fingerprint(status or "", expire_before.isoformat() if expire_before else "")
 
 
 def encode_page_token(created_at: datetime, device: str, fingerprint: str) -> str:
-    delta = created_at - _EPOCH
-    micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-    payload = json.dumps({"t": micros, "d": device, "q": fingerprint}, separators=(",", ":"))
-    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+    return pagination.encode_page_token("c1", fingerprint, str(to_micros(created_at)), device)
 
 
 def decode_page_token(token: str, fingerprint: str) -> tuple[datetime, str] | None:
     """The keyset position after which the next page starts; None for the first page."""
-    if not token:
+    position = pagination.decode_page_token(token, "c1", 2, fingerprint)
+    if position is None:
         return None
-    if len(token) > _MAX_TOKEN_LENGTH or not token.isascii():
-        raise invalid_argument("page_token", "is not a page token from this service")
+    text, device = position
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        payload = json.loads(raw)
-    except (binascii.Error, ValueError):
-        raise invalid_argument("page_token", "is not a page token from this service") from None
-    if (
-        not isinstance(payload, dict)
-        or not isinstance(payload.get("t"), int)
-        or not isinstance(payload.get("d"), str)
-        or not isinstance(payload.get("q"), str)
-    ):
-        raise invalid_argument("page_token", "is not a page token from this service")
-    if payload["q"] != fingerprint:
-        raise invalid_argument(
-            "page_token", "was issued for different filters; repeat the first request"
-        )
-    micros: int = payload["t"]
-    if not _MIN_SECONDS * 1_000_000 <= micros <= _MAX_SECONDS * 1_000_000:
-        raise invalid_argument("page_token", "is not a page token from this service")
-    try:
-        device = validate_device_id(payload["d"])
+        micros = int(text)
+        if not _MIN_SECONDS * 1_000_000 <= micros <= _MAX_SECONDS * 1_000_000:
+            raise ValueError(micros)
+        return from_micros(micros), validate_device_id(device)
     except ValueError:
-        raise invalid_argument("page_token", "is not a page token from this service") from None
-    return _EPOCH + timedelta(microseconds=micros), device
+        raise pagination.bad_page_token() from None

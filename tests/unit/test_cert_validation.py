@@ -12,6 +12,7 @@ from cert_service import validation
 from cert_service.certcache import device_key, name_key
 from cert_service.names import SubdomainError, normalize_lookup_name
 from cert_service.storage import timestamp
+from shared import pagination
 from shared.errors import DomainError
 
 
@@ -63,7 +64,7 @@ def test_provision_subdomain_defaults_to_a_uuid_and_names_the_field() -> None:
         (lambda: validation.validity_days(-5, 90), "validity_days"),
         (lambda: validation.csr_text("x" * 20_000), "csr_pem"),
         (lambda: validation.csr_text("PEM\x00"), "csr_pem"),
-        (lambda: validation.page_size(-1), "page_size"),
+        (lambda: pagination.page_size(-1), "page_size"),
         (lambda: validation.status_filter(99), "status"),
         (lambda: validation.revocation_reason(5), "reason"),
         (
@@ -83,8 +84,8 @@ def test_defaults_and_limits() -> None:
     assert validation.validity_days(825, 90) == 825
     assert validation.certificate_type(0) == "wildcard"
     assert validation.certificate_type(2) == "single"
-    assert validation.page_size(0) == 100
-    assert validation.page_size(5000) == 1000
+    assert pagination.page_size(0) == 100
+    assert pagination.page_size(5000) == 1000
     assert validation.status_filter(0) is None
     assert validation.revocation_reason(0) == "unspecified"
     assert validation.csr_text("") is None
