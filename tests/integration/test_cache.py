@@ -11,7 +11,9 @@ from shared.config import RedisConfig
 from shared.devstack import RedisServer
 
 
-class FakeClock:
+class FakeMonotonic:
+    """The circuit breaker's seconds counter (not a wall clock), set by the test."""
+
     def __init__(self) -> None:
         self.now = 1000.0
 
@@ -24,10 +26,10 @@ def _short_circuits() -> float:
     return value or 0.0
 
 
-def _cache(server: RedisServer, clock: FakeClock | None = None) -> Cache:
+def _cache(server: RedisServer, clock: FakeMonotonic | None = None) -> Cache:
     config = RedisConfig(host=server.host, port=server.port, socket_timeout=0.25)
     cache = Cache.from_config(config)
-    cache.breaker = CircuitBreaker(3, 5.0, clock or FakeClock())
+    cache.breaker = CircuitBreaker(3, 5.0, clock or FakeMonotonic())
     return cache
 
 
@@ -69,7 +71,7 @@ async def test_protobuf_values_and_pipelines(clean_redis: RedisServer) -> None:
 
 
 async def test_redis_down_answers_misses_fast_and_recovers(clean_redis: RedisServer) -> None:
-    clock = FakeClock()
+    clock = FakeMonotonic()
     cache = _cache(clean_redis, clock)
     await cache.set("myl:test:{x}", b"1", ttl=60)
     assert await cache.get("myl:test:{x}") == b"1"
@@ -111,7 +113,7 @@ async def test_disabled_cache_is_a_permanent_miss() -> None:
 
 @pytest.mark.parametrize("threshold", [1, 3])
 def test_breaker_opens_after_threshold_and_half_opens(threshold: int) -> None:
-    clock = FakeClock()
+    clock = FakeMonotonic()
     breaker = CircuitBreaker(threshold, 2.0, clock)
     for _ in range(threshold):
         assert breaker.allow()
@@ -129,7 +131,7 @@ def test_breaker_opens_after_threshold_and_half_opens(threshold: int) -> None:
 
 
 def test_half_open_lets_exactly_one_probe_through_and_the_gauge_follows() -> None:
-    clock = FakeClock()
+    clock = FakeMonotonic()
     breaker = CircuitBreaker(1, 2.0, clock)
     gauge = "myl_redis_circuit_open"
     breaker.failure()

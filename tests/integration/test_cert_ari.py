@@ -13,12 +13,12 @@ from cryptography import x509
 
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from tests.fixtures.cert import (
-    FakeClock,
     RunningCertService,
     StartCertService,
     make_csr,
     violated_fields,
 )
+from tests.fixtures.clock import FakeClock
 
 Stub: TypeAlias = "cert_pb2_grpc.CertificateServiceAsyncStub"
 
@@ -37,7 +37,7 @@ def window(info: cert_pb2.GetRenewalInfoResponse) -> tuple[datetime, datetime]:
 async def test_window_is_two_thirds_into_the_lifetime_and_the_worker_agrees(
     start_cert_service: StartCertService,
 ) -> None:
-    clock = FakeClock(frozen=True)
+    clock = FakeClock(datetime.now(UTC), frozen=True)
     service = await start_cert_service(clock)
     async with grpc.aio.insecure_channel(service.address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)

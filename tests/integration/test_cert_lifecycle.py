@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TypeAlias
 
 import grpc
@@ -11,7 +11,8 @@ import psycopg
 
 from cert_service.lifecycle import LifecycleResult
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
-from tests.fixtures.cert import FakeClock, RunningCertService, StartCertService
+from tests.fixtures.cert import RunningCertService, StartCertService
+from tests.fixtures.clock import FakeClock
 
 Stub: TypeAlias = "cert_pb2_grpc.CertificateServiceAsyncStub"
 Conn = psycopg.AsyncConnection[tuple[object, ...]]
@@ -118,7 +119,7 @@ async def test_a_key_that_cannot_be_re_signed_switches_auto_renewal_off(
 async def test_replicas_share_the_work_without_renewing_twice(
     start_cert_service: StartCertService, db_conn: Conn
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(datetime.now(UTC), frozen=False)
     replicas = [await start_cert_service(clock=clock, LIFECYCLE_BATCH_SIZE="4") for _ in range(3)]
     async with grpc.aio.insecure_channel(replicas[0].address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)

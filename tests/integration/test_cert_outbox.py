@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 import grpc
@@ -18,7 +19,8 @@ import pytest
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from myl.key.v1 import key_pb2
 from shared.devstack import free_port
-from tests.fixtures.cert import FakeClock, RunningCertService, StartCertService, error_reason
+from tests.fixtures.cert import RunningCertService, StartCertService, error_reason
+from tests.fixtures.clock import FakeClock
 
 Stub: TypeAlias = "cert_pb2_grpc.CertificateServiceAsyncStub"
 Conn = psycopg.AsyncConnection[tuple[object, ...]]
@@ -154,7 +156,7 @@ async def test_key_service_address_can_be_changed_at_run_time(
 async def test_replicas_deliver_each_event_once(
     start_cert_service: StartCertService, key_standin: KeyServiceStandIn, db_conn: Conn
 ) -> None:
-    clock = FakeClock(frozen=True)  # no retry comes due unless the test says so
+    clock = FakeClock(datetime.now(UTC), frozen=True)  # no retry comes due unless the test says so
     replicas = [await start_cert_service(clock=clock) for _ in range(3)]
     async with grpc.aio.insecure_channel(replicas[0].address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)

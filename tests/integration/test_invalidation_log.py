@@ -16,7 +16,8 @@ from key_service.verify import record_key
 from myl.key.v1 import key_pb2
 from shared.config import ServerConfig
 from shared.devstack import RedisServer
-from tests.fixtures.key import FakeClock, RunningKeyService, start_key_service
+from tests.fixtures.clock import FakeClock
+from tests.fixtures.key import RunningKeyService, start_key_service
 
 R = key_pb2.VerifyApiKeyRequest
 VALID = key_pb2.VERIFY_RESULT_VALID

@@ -14,7 +14,8 @@ from key_service import keyformat
 from myl.envoy.config.core.v3 import base_pb2
 from myl.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from myl.key.v1 import key_pb2
-from tests.fixtures.key import FakeClock, RunningKeyService
+from tests.fixtures.clock import FakeClock
+from tests.fixtures.key import RunningKeyService
 
 GET_CERTIFICATE = "/myl.cert.v1.CertificateService/GetCertificate"
 PROVISION = "/myl.cert.v1.CertificateService/ProvisionCertificate"

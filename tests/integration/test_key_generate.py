@@ -16,7 +16,8 @@ from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from myl.key.v1 import key_pb2
 from shared.config import ServerConfig
 from tests.fixtures.cert import RunningCertService, error_reason, violated_fields
-from tests.fixtures.key import FakeClock, RunningKeyService, start_key_service
+from tests.fixtures.clock import FakeClock
+from tests.fixtures.key import RunningKeyService, start_key_service
 
 G = key_pb2.GenerateApiKeyRequest
 

@@ -19,7 +19,8 @@ from key_service.storage import ApiKeyRow
 from myl.key.v1 import key_pb2
 from shared.devstack import PostgresServer
 from tests.conftest import ROOT
-from tests.fixtures.key import FakeClock, RunningKeyService
+from tests.fixtures.clock import FakeClock
+from tests.fixtures.key import RunningKeyService
 
 Metadata = tuple[tuple[str, str], ...]
 

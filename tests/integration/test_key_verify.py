@@ -17,7 +17,8 @@ from myl.key.v1 import key_pb2
 from shared.config import ServerConfig
 from shared.devstack import RedisServer
 from tests.conftest import all_keys, standalone_only
-from tests.fixtures.key import FakeClock, RunningKeyService, start_key_service
+from tests.fixtures.clock import FakeClock
+from tests.fixtures.key import RunningKeyService, start_key_service
 
 R = key_pb2.VerifyApiKeyRequest
 

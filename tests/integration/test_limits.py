@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from redis.crc import key_slot
@@ -24,7 +24,7 @@ from shared.limits import (
     gcra,
 )
 from shared.monitoring import redis_info
-from tests.fixtures.cert import FakeClock
+from tests.fixtures.clock import FakeClock
 
 NAME = LimitName.CERTIFICATES_PER_DEVICE_NAME
 KEYS = LimitName.NEW_API_KEYS_PER_DEVICE
@@ -49,7 +49,7 @@ async def caches(clean_redis: RedisServer) -> AsyncIterator[tuple[Cache, Cache]]
 
 
 async def test_a_bucket_is_shared_by_every_replica(caches: tuple[Cache, Cache]) -> None:
-    clock = FakeClock(frozen=True)
+    clock = FakeClock(datetime.now(UTC), frozen=True)
     limits = _limits(CERTIFICATES_PER_DEVICE_NAME=Limit(5, 5, 7 * 24 * 3600 * SECOND_US))
     one, two = (Limiter(cache, limits, clock) for cache in caches)
     bucket = Bucket(NAME, "shared.myl.zip")
@@ -67,7 +67,7 @@ async def test_a_bucket_is_shared_by_every_replica(caches: tuple[Cache, Cache]) 
 
 
 async def test_a_refund_gives_the_request_back(caches: tuple[Cache, Cache]) -> None:
-    clock = FakeClock(frozen=True)
+    clock = FakeClock(datetime.now(UTC), frozen=True)
     limiter = Limiter(
         caches[0], _limits(NEW_API_KEYS_PER_DEVICE=Limit(2, 2, 3600 * SECOND_US)), clock
     )
@@ -82,7 +82,7 @@ async def test_a_refund_gives_the_request_back(caches: tuple[Cache, Cache]) -> N
 
 
 async def test_one_refusal_refunds_the_other_buckets(caches: tuple[Cache, Cache]) -> None:
-    clock = FakeClock(frozen=True)
+    clock = FakeClock(datetime.now(UTC), frozen=True)
     limits = _limits(
         NEW_DEVICES_PER_OPERATOR_KEY=Limit(3, 3, 3600 * SECOND_US),
         CERTIFICATES_PER_DEVICE_NAME=Limit(1, 1, 3600 * SECOND_US),
@@ -101,7 +101,7 @@ async def test_one_refusal_refunds_the_other_buckets(caches: tuple[Cache, Cache]
 
 
 async def test_redis_and_python_agree_on_every_decision(caches: tuple[Cache, Cache]) -> None:
-    clock = FakeClock(frozen=True)
+    clock = FakeClock(datetime.now(UTC), frozen=True)
     limit = Limit(4, 7, 70 * SECOND_US)
     limiter = Limiter(caches[0], _limits(NEW_API_KEYS_PER_DEVICE=limit), clock)
     bucket = Bucket(KEYS, "agree")
@@ -127,7 +127,7 @@ async def test_redis_and_python_agree_on_every_decision(caches: tuple[Cache, Cac
 async def test_with_redis_away_each_replica_limits_conservatively(
     caches: tuple[Cache, Cache], clean_redis: RedisServer
 ) -> None:
-    clock = FakeClock(frozen=True)
+    clock = FakeClock(datetime.now(UTC), frozen=True)
     limits = _limits(NEW_API_KEYS_PER_DEVICE=Limit(20, 20, 24 * 3600 * SECOND_US))
     limiter = Limiter(caches[0], limits, clock, LocalBuckets())
     bucket = Bucket(KEYS, "offline-device")
@@ -149,7 +149,7 @@ async def test_limits_run_unchanged_on_a_cluster(redis_cluster: RedisClusterServ
     nodes = tuple((node.host, node.port) for node in redis_cluster.nodes)
     cache = Cache.from_config(RedisConfig(cluster_nodes=nodes, socket_timeout=0.5))
     try:
-        clock = FakeClock(frozen=True)
+        clock = FakeClock(datetime.now(UTC), frozen=True)
         limits = _limits(
             NEW_DEVICES_PER_OPERATOR_KEY=Limit(3, 3, 3600 * SECOND_US),
             CERTIFICATES_PER_DEVICE_NAME=Limit(1, 1, 3600 * SECOND_US),

@@ -24,7 +24,8 @@ from myl.key.v1 import key_pb2
 from shared.cache import Cache, cache_key
 from shared.config import RedisConfig, ServerConfig
 from shared.devstack import RedisClusterServers, RedisServer
-from tests.fixtures.key import FakeClock, start_key_service
+from tests.fixtures.clock import FakeClock
+from tests.fixtures.key import start_key_service
 
 R = key_pb2.VerifyApiKeyRequest
 VERIFY = Script(VERIFY_SCRIPT)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -15,8 +16,8 @@ import psycopg
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from myl.key.v1 import key_pb2
 from shared.config import ServerConfig
-from tests.fixtures.cert import FakeClock, RunningCertService, StartCertService
-from tests.fixtures.key import FakeClock as KeyClock
+from tests.fixtures.cert import RunningCertService, StartCertService
+from tests.fixtures.clock import FakeClock
 from tests.fixtures.key import RunningKeyService, start_key_service
 
 Conn = psycopg.AsyncConnection[tuple[object, ...]]
@@ -30,7 +31,7 @@ def cert_stub(service: RunningCertService) -> tuple[grpc.aio.Channel, Any]:
 async def test_two_lifecycle_workers_renew_each_certificate_once(
     start_cert_service: StartCertService, db_conn: Conn
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(datetime.now(UTC), frozen=False)
     first = await start_cert_service(clock)
     second = await start_cert_service(clock)
     channel, stub = cert_stub(first)
@@ -57,7 +58,7 @@ async def test_two_outbox_relays_deliver_each_cascade_once(
     second = await start_cert_service()
     keys = await start_key_service(
         make_config("key_service", PORT=str(first.key_service_port)),
-        KeyClock(),
+        FakeClock(datetime.now(UTC).replace(microsecond=0), frozen=True),
         cert_address=first.address,
     )
     try:
@@ -80,7 +81,7 @@ async def test_two_outbox_relays_deliver_each_cascade_once(
 
         keys = await start_key_service(
             make_config("key_service", PORT=str(first.key_service_port)),
-            KeyClock(),
+            FakeClock(datetime.now(UTC).replace(microsecond=0), frozen=True),
             cert_address=first.address,
         )
         second.app.set_key_service_address(keys.address)
@@ -121,7 +122,7 @@ async def test_counters_of_two_replicas_add_up(
     )
     assert await cur.fetchone() == (50,)
 
-    key_clock = KeyClock()
+    key_clock = FakeClock(datetime.now(UTC).replace(microsecond=0), frozen=True)
     key_replicas = [
         await start_key_service(make_config("key_service"), key_clock),
         await start_key_service(make_config("key_service"), key_clock),
@@ -146,7 +147,7 @@ async def test_a_revocation_on_one_replica_holds_on_the_other_and_a_retry_lands_
     make_config: Callable[..., ServerConfig],
     db_conn: Conn,
 ) -> None:
-    clock = KeyClock()
+    clock = FakeClock(datetime.now(UTC).replace(microsecond=0), frozen=True)
     config = make_config("key_service", PORT="0")
     replicas: list[RunningKeyService] = [
         await start_key_service(config, clock, cert_address=cert_service.address),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import grpc
@@ -29,7 +29,8 @@ from tests.fixtures.cert import (
     make_csr,
     rpc_status,
 )
-from tests.fixtures.key import FakeClock, RunningKeyService, start_key_service
+from tests.fixtures.clock import FakeClock
+from tests.fixtures.key import RunningKeyService, start_key_service
 
 P = cert_pb2.ProvisionCertificateRequest
 VALID = key_pb2.VERIFY_RESULT_VALID
@@ -519,7 +520,7 @@ async def test_duplicates_spread_over_replicas_still_execute_once(
     # the database decides (an advisory lock on the request id, a unique request key).
     certs = [await start_cert_service(), await start_cert_service()]
     config = make_config("key_service", PORT=str(certs[0].key_service_port))
-    clock = FakeClock()
+    clock = FakeClock(datetime.now(UTC).replace(microsecond=0), frozen=True)
     keys = [
         await start_key_service(config, clock, cert_address=certs[0].address),
         await start_key_service(

@@ -7,6 +7,7 @@ LIMITS_FILE with small overrides for the ids these tests use.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from tests.fixtures.cert import (
     error_reason,
     rpc_status,
 )
-from tests.fixtures.key import FakeClock, RunningKeyService, start_key_service
+from tests.fixtures.clock import FakeClock
+from tests.fixtures.key import RunningKeyService, start_key_service
 
 LIMITS = """
 overrides:
@@ -71,7 +73,7 @@ async def limited_keys(
 ) -> AsyncIterator[RunningKeyService]:
     running = await start_key_service(
         make_config("key_service", PORT=str(limited_cert.key_service_port)),
-        FakeClock(),
+        FakeClock(datetime.now(UTC).replace(microsecond=0), frozen=True),
         cert_address=limited_cert.address,
         LIMITS_FILE=str(limits_file),
     )
