@@ -36,8 +36,15 @@ while PostgreSQL is unreachable (stopped, restarting, or hung):
   and since the watchdog has cut its connection by then, the server ends it within
   `client_connection_check_interval` (`DatabaseConfig.conninfo`) wherever it waits. Either
   way the error is UNAVAILABLE with `WRITE_NOT_COMPLETED`: nothing was written. A
-  multi-statement transaction is committed only while the margin is left (`check_commit`);
-  a COMMIT in flight when the server stops answering has an outcome nobody can know.
+  multi-statement transaction is committed only while the margin is left (`check_commit`).
+* **An unknown outcome is said, and resolved.** A write whose commit was in flight when the
+  connection was cut or broke (the server froze mid-COMMIT, say) may or may not take effect
+  when the server runs again. Its caller gets UNAVAILABLE with `OUTCOME_UNKNOWN` (retry
+  with the same request_id), never `WRITE_NOT_COMPLETED`; and whatever the store registered
+  for it (`on_unknown_outcome`: undo it unless a retry claimed it) runs as soon as the
+  database answers again, once the server process that ran the write is gone (it is
+  terminated first), so that the write is settled, applied or not, before it is undone.
+  This is kept in memory: a replica that dies meanwhile leaves the write as it settled.
 
 Background jobs that legitimately hold a connection for long (a lifecycle batch signing
 certificates, bulk loads) pass `watched=False` and are not watched.
@@ -51,7 +58,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Final
@@ -115,6 +122,20 @@ def is_deadline_error(exc: BaseException) -> bool:
     if isinstance(exc, (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled)):
         return True
     return isinstance(exc, psycopg.errors.InvalidParameterValue) and _PAST_DEADLINE in str(exc)
+
+
+Resolver = Callable[[], Awaitable[None]]
+
+
+def outcome_unknown(service: str) -> DomainError:
+    return DomainError(
+        ErrorKind.UNAVAILABLE,
+        f"the {service} database stopped answering while the write was being committed: it "
+        "may or may not have been applied; retry with the same request_id to learn which "
+        "(an applied write nobody was told of is undone within seconds)",
+        "OUTCOME_UNKNOWN",
+        retry_after=_RETRY_AFTER,
+    )
 
 
 def write_not_completed(service: str) -> DomainError:
@@ -238,6 +259,12 @@ class Database:
         self.down_since: float | None = None
         self._held: dict[int, tuple[Connection, float]] = {}
         self._cut: set[int] = set()  # held connections the watchdog cut
+        # Held connections whose write may be taking effect now, with the server process
+        # running it, and what to do should its outcome become unknown.
+        self._committing: dict[int, int] = {}
+        self._on_unknown: dict[int, list[Resolver]] = {}
+        self._unresolved: list[tuple[int, Resolver]] = []
+        self._resolver: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
         self._retired: set[asyncio.Task[None]] = set()
@@ -301,10 +328,20 @@ class Database:
                 raise
             if token not in self._cut:  # a cut one: the watchdog started the confirmation
                 self.suspect(exc)
+            if token in self._committing:
+                self._unknown_outcome(token)
+                raise outcome_unknown(self.service) from exc
             raise database_unavailable(self.service) from exc
+        except asyncio.CancelledError:
+            # The caller went away (its deadline passed) with a commit in flight.
+            if token in self._committing:
+                self._unknown_outcome(token)
+            raise
         finally:
             self._held.pop(token, None)
             self._cut.discard(token)
+            self._committing.pop(token, None)
+            self._on_unknown.pop(token, None)
             if watched:  # request-path work; background batches would drown it
                 self._query_latency.observe(time.perf_counter() - started)
             await pool.putconn(conn)
@@ -329,6 +366,8 @@ class Database:
         left = self._time_left(conn)
         if left <= 0:
             raise write_not_completed(self.service)
+        if conn.autocommit:
+            self._mark_committing(conn)  # the statement is its own commit
         return datetime.now(UTC) + self.clock_offset + timedelta(seconds=left)
 
     def check_commit(self, conn: Connection) -> None:
@@ -337,6 +376,61 @@ class Database:
         sent later could take effect after the caller was told UNAVAILABLE."""
         if self._time_left(conn) <= 0:
             raise write_not_completed(self.service)
+        self._mark_committing(conn)
+
+    def on_unknown_outcome(self, conn: Connection, resolve: Resolver) -> None:
+        """Should the write on `conn` end with an unknown outcome (`OUTCOME_UNKNOWN`), run
+        `resolve` once the database answers again and the write has settled. It must be
+        right whether the write was applied or not, and leave alone what a retry of the
+        same request has claimed meanwhile."""
+        self._on_unknown.setdefault(id(conn), []).append(resolve)
+
+    def _mark_committing(self, conn: Connection) -> None:
+        if id(conn) in self._held and id(conn) not in self._committing:
+            with contextlib.suppress(psycopg.Error):
+                self._committing[id(conn)] = conn.pgconn.backend_pid
+
+    def _unknown_outcome(self, token: int) -> None:
+        pid = self._committing.pop(token)
+        resolvers = self._on_unknown.pop(token, [])
+        log.warning(
+            "write outcome unknown", service=self.service, backend=pid, resolvers=len(resolvers)
+        )
+        self._unresolved.extend((pid, resolve) for resolve in resolvers)
+        if self._unresolved and (self._resolver is None or self._resolver.done()):
+            self._resolver = asyncio.get_running_loop().create_task(
+                self._resolve(), name=f"{self.service} unknown outcomes"
+            )
+
+    async def _resolve(self) -> None:
+        """Settle, then resolve, every unknown outcome; again every `probe_interval` while
+        the database cannot be asked."""
+        while self._unresolved and not self._closed:
+            if self.down_since is None:
+                pending, self._unresolved = self._unresolved, []
+                for pid, resolve in pending:
+                    try:
+                        if await self._settled(pid):
+                            await resolve()
+                            log.info("unknown outcome resolved", service=self.service)
+                            continue
+                    except (DomainError, psycopg.Error) as exc:
+                        log.info("unknown outcome not resolved yet", error=str(exc))
+                    self._unresolved.append((pid, resolve))
+            if self._unresolved:
+                await asyncio.sleep(self.probe_interval)
+
+    async def _settled(self, pid: int) -> bool:
+        """The server process that ran a write is gone (told to go if it is not): whatever
+        it was committing has been committed, or never will be."""
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s", (pid,)
+            )
+            alive = await cur.fetchall()
+            if not conn.autocommit:
+                await conn.rollback()
+        return not alive
 
     def _time_left(self, conn: Connection) -> float:
         held = self._held.get(id(conn))
@@ -463,7 +557,7 @@ class Database:
 
     async def close(self) -> None:
         self._closed = True
-        for task in (self._watchdog, self._prober):
+        for task in (self._watchdog, self._prober, self._resolver):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -9,6 +9,8 @@ down. And the ACME order budget, which every replica spends, is exact under cont
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,7 +24,7 @@ from structlog.testing import capture_logs
 from cert_service.issuance_queue import IssuanceQueue
 from cert_service.storage import CertificateStore
 from shared.config import DatabaseConfig
-from shared.db import Database, open_database
+from shared.db import WRITE_GUARD, Database, open_database
 from shared.devstack import PostgresServer
 from shared.errors import DomainError, ErrorKind
 
@@ -180,3 +182,46 @@ async def test_a_pool_that_cannot_reopen_after_an_outage_is_retried_until_it_doe
             (role,),
         )
         await db_conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+async def test_a_commit_cut_in_flight_is_answered_outcome_unknown_and_resolved_once_settled(
+    db: Database, db_conn: psycopg.AsyncConnection[tuple[object, ...]]
+) -> None:
+    """The server process running a write stops (SIGSTOP) with the COMMIT sent: its caller is
+    told the outcome is unknown, not that nothing was written; the store's resolver runs once
+    that process is gone, when the write can no longer change, and not before."""
+    await db_conn.execute("CREATE TABLE written (id int PRIMARY KEY)")
+    resolved = asyncio.Event()
+    seen_at_resolution: list[int] = []
+    stopped: list[int] = []
+
+    async def resolve() -> None:
+        cur = await db_conn.execute("SELECT count(*) FROM written")
+        row = await cur.fetchone()
+        assert row is not None
+        seen_at_resolution.append(int(str(row[0])))
+        resolved.set()
+
+    async def write_and_stop_before_commit() -> None:
+        async with db.connection() as conn, conn.transaction():
+            await conn.execute(
+                f"INSERT INTO written SELECT 1 WHERE {WRITE_GUARD}",
+                {"deadline": db.write_deadline(conn)},
+            )
+            db.on_unknown_outcome(conn, resolve)
+            stopped.append(conn.pgconn.backend_pid)
+            os.kill(stopped[0], signal.SIGSTOP)
+            db.check_commit(conn)  # then the COMMIT goes to the stopped process
+
+    try:
+        with pytest.raises(DomainError) as caught:
+            await write_and_stop_before_commit()
+        assert caught.value.kind is ErrorKind.UNAVAILABLE
+        assert caught.value.reason == "OUTCOME_UNKNOWN"
+        assert not resolved.is_set()  # the process may still commit: nothing is settled
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    await asyncio.wait_for(resolved.wait(), 5)
+    cur = await db_conn.execute("SELECT count(*) FROM written")
+    assert await cur.fetchone() == (seen_at_resolution[0],)
