@@ -384,6 +384,7 @@ class CertificateStore:
         )
         deadlines = [row.deadline for row in rows if row.deadline is not None]
         async with self.connection(deadline=min(deadlines, default=None)) as conn:
+            self.db.on_unknown_outcome(conn, lambda: self.undo_unknown_inserts(rows))
             # `WRITE_GUARD`: a server that waits past the earliest caller's deadline (on a
             # lock, another transaction's row with the same device, name or request id) or
             # runs the statement only after it (it hung) inserts nothing, and says so.
@@ -432,6 +433,34 @@ class CertificateStore:
             row.record() if (row.device_id, row.certificate.serial_number) in inserted else None
             for row in rows
         ]
+
+    async def undo_unknown_inserts(self, rows: Sequence[NewRow]) -> None:
+        """Provisions answered OUTCOME_UNKNOWN (shared/db.py): a row one of them stored would
+        refuse the caller's plain retry (ALREADY_EXISTS), and a generated key went to nobody.
+        Delete each row that is still as its provision left it, with its cache invalidation;
+        a retry that replaced its certificate, or any change since, leaves it alone."""
+        document = json.dumps(
+            [{"device_id": r.device_id, "serial": r.certificate.serial_number} for r in rows]
+        )
+        async with self.connection() as conn:
+            await conn.execute(
+                f"""
+                WITH changed AS (
+                    DELETE FROM device_certificates AS d
+                    USING jsonb_to_recordset(%(rows)s::jsonb) AS r(device_id text, serial text)
+                    WHERE d.device_id = r.device_id AND d.serial_number = r.serial
+                      AND d.renewal_count = 0 AND d.updated_at = d.created_at
+                      AND {WRITE_GUARD}
+                    RETURNING d.device_id, d.uuid_subdomain
+                ), {_LOG_CHANGED}
+                SELECT count(*) FROM logged
+                """,
+                {
+                    "rows": document,
+                    "now": rows[0].now,
+                    "deadline": self.db.write_deadline(conn),
+                },
+            )
 
     async def conflict(self, device_id: str, uuid_subdomain: str) -> Conflict:
         async with self.connection() as conn:

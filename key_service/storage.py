@@ -320,6 +320,7 @@ class KeyStore:
                     change = await self._supersede(conn, holder, request, now)
             row = await self._insert(conn, key, now, request)
             await self._audit(conn, [row], audit, now)
+            self.db.on_unknown_outcome(conn, lambda: self.undo_unknown_create(row, request, now))
             return row, change
 
     async def _supersede(
@@ -478,6 +479,9 @@ class KeyStore:
         retired = await cur.fetchone()
         assert retired is not None  # locked by lock_for_rotation
         created = await self._insert(conn, new, now, request)
+        self.db.on_unknown_outcome(
+            conn, lambda: self.undo_unknown_rotation(old, retired, created, request, now)
+        )
         grace = (retire_at - now).total_seconds()
         await self._audit(
             conn,
@@ -564,6 +568,82 @@ class KeyStore:
         assert row is not None  # the conflict was with this row
         request.matches(bytes(row[0]))
         return int(row[1])
+
+    # -- writes whose callers were told the outcome is unknown (shared/db.py) ---------------
+
+    async def undo_unknown_create(
+        self, created: ApiKeyRow, request: RequestKey | None, now: datetime
+    ) -> None:
+        """A key whose creation was answered OUTCOME_UNKNOWN: its plaintext reached nobody.
+        If it was stored, revoke it and release its request id, so that the caller's retry
+        with that id creates a key it receives. A retry that got there first has claimed the
+        id (the key no longer holds it) and decided for itself."""
+        async with self._transaction(write=True) as conn:
+            await self._revoke_unheld(conn, created, request, now)
+
+    async def undo_unknown_rotation(
+        self,
+        old: ApiKeyRow,
+        retired: ApiKeyRow,
+        successor: ApiKeyRow,
+        request: RequestKey | None,
+        now: datetime,
+    ) -> None:
+        """A rotation answered OUTCOME_UNKNOWN: if it was stored, its successor reached nobody
+        and the device would lose the key it has. Revoke the successor (releasing its request
+        id) and give the rotated key back the validity it had, unless a retry claimed the
+        successor first or the rotated key changed since."""
+        async with self._transaction(write=True) as conn:
+            if not await self._revoke_unheld(conn, successor, request, now):
+                return
+            cur = conn.cursor(row_factory=class_row(ApiKeyRow))
+            await cur.execute(
+                "UPDATE device_api_keys SET revoked_at = %(revoked_at)s, "
+                "expires_at = %(expires_at)s, revocation_reason = %(reason)s, "
+                "is_active = %(revoked_at)s::timestamptz IS NULL, updated_at = %(now)s "
+                "WHERE id = %(id)s AND revoked_at IS NOT DISTINCT FROM %(retired_at)s "
+                f"AND revocation_reason IS NOT DISTINCT FROM %(retired_reason)s "
+                f"AND {WRITE_GUARD} RETURNING {KEY_COLUMNS}",
+                {
+                    "id": old.id,
+                    "revoked_at": old.revoked_at,
+                    "expires_at": old.expires_at,
+                    "reason": old.revocation_reason,
+                    "now": now,
+                    "retired_at": retired.revoked_at,
+                    "retired_reason": retired.revocation_reason,
+                    "deadline": self.db.write_deadline(conn),
+                },
+            )
+            restored = await cur.fetchall()
+            reason = f"rotation to {successor.id} undone: its caller never received the new key"
+            await self._audit(conn, restored, AuditEntry(ACTION_ROTATE, "key_service", reason), now)
+            await self._log_invalidations(conn, restored, now)
+
+    async def _revoke_unheld(
+        self, conn: Connection, key: ApiKeyRow, request: RequestKey | None, now: datetime
+    ) -> bool:
+        """Revoke `key`, whose plaintext reached nobody, and release its request id; False
+        when it is not there as it was created (never stored, revoked, or claimed)."""
+        reason = "its creation was answered OUTCOME_UNKNOWN; nobody received it"
+        cur = conn.cursor(row_factory=class_row(ApiKeyRow))
+        await cur.execute(
+            f"{_REVOKE}, request_id = NULL, request_hash = NULL "
+            f"WHERE id = %(id)s AND {_NOT_YET_REVOKED} "
+            "AND request_id IS NOT DISTINCT FROM %(request_id)s::uuid "
+            f"AND {WRITE_GUARD} RETURNING {KEY_COLUMNS}",
+            {
+                "id": key.id,
+                "now": now,
+                "reason": reason,
+                "request_id": request.request_id if request else None,
+                "deadline": self.db.write_deadline(conn),
+            },
+        )
+        revoked = await cur.fetchall()
+        await self._audit(conn, revoked, AuditEntry(ACTION_REVOKE, "key_service", reason), now)
+        await self._log_invalidations(conn, revoked, now)
+        return bool(revoked)
 
     # -- the durable invalidation log (shared/invalidation.py) -----------------------------
 

@@ -220,6 +220,11 @@ async def test_random_freezes_under_write_load_leave_no_write_nobody_knows_of(
         "AND revoked_at IS NOT NULL",
         [o.key_id for o in failed if o.kind == "rotate"],
     )
+    undone_keys = await stack.count(
+        "SELECT count(*) FROM api_key_audit_events WHERE device_id LIKE %s "
+        "AND action = 'revoke' AND reason LIKE '%%OUTCOME_UNKNOWN%%'",
+        f"{prefix}%",
+    )
     codes = Counter(
         f"{o.kind}:{o.code}{':' + o.reason if o.reason else ''}" for o in record.outcomes
     )
@@ -227,7 +232,7 @@ async def test_random_freezes_under_write_load_leave_no_write_nobody_knows_of(
         f"\n[freezes] {len(record.freezes)} freezes, {len(record.outcomes)} writes, "
         f"{len(hit)} in flight at a freeze, {len(failed)} not OK: {dict(sorted(codes.items()))}"
         f"\n[freezes] ghost provisions {ghosts}, keys nobody holds {unheld}, "
-        f"locked-out rotations {locked_out}"
+        f"locked-out rotations {locked_out}; keys undone by the platform {undone_keys}"
     )
     assert len(record.freezes) >= 10
     assert [o for o in hit if not o.ok], "the freezes hit no request in flight"
