@@ -1,6 +1,7 @@
 """PostgreSQL frozen at random moments under write load: no answer lies about its write.
 
-Provisions, GenerateApiKey and RotateApiKey run open-loop (each with a request_id) while
+Provisions, GenerateApiKey, RotateApiKey and RevokeCertificate run open-loop (each with a
+request_id) while
 PostgreSQL (the postmaster and every backend) is frozen with SIGSTOP for 1.0-1.2 s at random
 moments, `CYCLES` times. Statements and COMMITs in flight at a freeze complete when it ends,
 after their callers were answered. Once PostgreSQL answers again and the platform has had
@@ -9,7 +10,9 @@ after their callers were answered. Once PostgreSQL answers again and the platfor
 - ghost provisions: the device has a certificate (a plain retry would be refused);
 - keys nobody holds: a key the failed call created is live;
 - locked-out rotations: the rotated key stopped (or will stop) working, and its successor
-  reached nobody.
+  reached nobody;
+- revocations applied although the answer said nothing was (a revocation answered
+  OUTCOME_UNKNOWN may be applied: it is never undone, and a retry says so),
 
 and checks that the freezes did hit requests in flight.
 """
@@ -39,7 +42,7 @@ pytestmark = pytest.mark.slow
 CYCLES = 12
 FREEZE = (1.0, 1.2)  # seconds each freeze lasts
 BETWEEN = (0.4, 1.2)  # seconds of normal service between freezes
-RATE = 25  # calls per second of each kind (75 writes/s)
+RATE = 20  # calls per second of each kind (80 writes/s)
 IN_FLIGHT = 60  # per kind, at most
 CALLER_DEADLINE = 5.0
 RESOLUTION = 5.0  # seconds the platform has to resolve what it could not know
@@ -120,7 +123,8 @@ async def test_random_freezes_under_write_load_leave_no_write_nobody_knows_of(
     for device in current:
         idle.put_nowait(device)
     key_devices = [f"{prefix}-key{index}" for index in range(40)]
-    for device in key_devices:
+    revoked_devices = [f"{prefix}-rev{index}" for index in range(RATE * 30)]
+    for device in key_devices + revoked_devices:
         await stack.provision(device)
 
     async def provision(n: int) -> None:
@@ -178,6 +182,19 @@ async def test_random_freezes_under_write_load_leave_no_write_nobody_knows_of(
             idle.put_nowait(device)
         # A failed rotation's device is left out: its key's state is counted at the end.
 
+    async def revoke(n: int) -> None:
+        request_id = str(uuid.uuid4())
+        device = revoked_devices[n % len(revoked_devices)]
+        outcome = Outcome("revoke", time.monotonic(), request_id=request_id, device_id=device)
+        await run(
+            outcome,
+            stack.cert.RevokeCertificate(
+                cert_pb2.RevokeCertificateRequest(device_id=device, request_id=request_id),
+                timeout=CALLER_DEADLINE,
+            ),
+            record,
+        )
+
     async def freezes() -> None:
         rng = random.Random()
         for _ in range(CYCLES):
@@ -196,6 +213,7 @@ async def test_random_freezes_under_write_load_leave_no_write_nobody_knows_of(
         open_loop(RATE, stop, provision),
         open_loop(RATE, stop, generate),
         open_loop(RATE, stop, rotate),
+        open_loop(RATE, stop, revoke),
         freezes(),
     )
     await asyncio.sleep(RESOLUTION)
@@ -220,6 +238,11 @@ async def test_random_freezes_under_write_load_leave_no_write_nobody_knows_of(
         "AND revoked_at IS NOT NULL",
         [o.key_id for o in failed if o.kind == "rotate"],
     )
+    # Only an answer that said the outcome was unknown may leave a revocation applied.
+    false_revocations = await stack.count(
+        "SELECT count(*) FROM device_certificates WHERE device_id = ANY(%s) AND status = 'revoked'",
+        [o.device_id for o in failed if o.kind == "revoke" and o.reason != "OUTCOME_UNKNOWN"],
+    )
     undone_keys = await stack.count(
         "SELECT count(*) FROM api_key_audit_events WHERE device_id LIKE %s "
         "AND action = 'revoke' AND reason LIKE '%%OUTCOME_UNKNOWN%%'",
@@ -232,8 +255,9 @@ async def test_random_freezes_under_write_load_leave_no_write_nobody_knows_of(
         f"\n[freezes] {len(record.freezes)} freezes, {len(record.outcomes)} writes, "
         f"{len(hit)} in flight at a freeze, {len(failed)} not OK: {dict(sorted(codes.items()))}"
         f"\n[freezes] ghost provisions {ghosts}, keys nobody holds {unheld}, "
-        f"locked-out rotations {locked_out}; keys undone by the platform {undone_keys}"
+        f"locked-out rotations {locked_out}, revocations said not applied but applied "
+        f"{false_revocations}; keys undone by the platform {undone_keys}"
     )
     assert len(record.freezes) >= 10
     assert [o for o in hit if not o.ok], "the freezes hit no request in flight"
-    assert (ghosts, unheld, locked_out) == (0, 0, 0)
+    assert (ghosts, unheld, locked_out, false_revocations) == (0, 0, 0, 0)
