@@ -49,6 +49,7 @@ from cert_service.storage import (
 from cert_service.validation import csr_public_key
 from myl.cert.v1 import cert_pb2
 from shared.clock import Clock
+from shared.db import OUTCOME_UNKNOWN
 from shared.errors import (
     DomainError,
     ErrorKind,
@@ -233,8 +234,9 @@ class DeviceCertificates:
         """Issue and store the device's first certificate; returns it and, when the service
         generated the key, the private key PEM (returned once, never stored or logged).
 
-        Spends from the provisioning limits first (`cert_service.limits`); a failed provision,
-        or the retry of an earlier one, gives the spend back."""
+        Spends from the provisioning limits once stored (`cert_service.limits`), and when
+        the outcome is unknown (`OUTCOME_UNKNOWN`): a failed provision, or the retry of an
+        earlier one, spends nothing."""
         replayed: set[str] = set()
         try:
             if self.limits is not None:
@@ -243,6 +245,15 @@ class DeviceCertificates:
             if self.limits is not None and not replayed:
                 await self.limits.spend_provision(request.fqdn, request.operator_key_id)
         except Exception as exc:
+            if (
+                self.limits is not None
+                and not replayed
+                and isinstance(exc, DomainError)
+                and exc.reason == OUTCOME_UNKNOWN
+            ):
+                # The certificate may be stored, and a retry that finds it replays it without
+                # counting: count it now, as if it were (an undone one is counted all the same).
+                await self.limits.spend_provision(request.fqdn, request.operator_key_id)
             _count("provision", exc)
             raise
         _count("provision", None)

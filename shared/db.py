@@ -87,6 +87,8 @@ _ERRORS: Final = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 # statement's own work, its commit and the answer's way back may take.
 _ANSWER_MARGIN: Final = 0.05
 _PAST_DEADLINE: Final = "write deadline passed"
+# The ErrorInfo reason of a write that may or may not have taken effect.
+OUTCOME_UNKNOWN: Final = "OUTCOME_UNKNOWN"
 
 # A condition for each row a write statement is about to write (see the module docstring):
 # the server's `lock_timeout` becomes the time left before `%(deadline)s` (from
@@ -133,7 +135,7 @@ def outcome_unknown(service: str) -> DomainError:
         f"the {service} database stopped answering while the write was being committed: it "
         "may or may not have been applied; retry with the same request_id to learn which "
         "(an applied write nobody was told of is undone within seconds)",
-        "OUTCOME_UNKNOWN",
+        OUTCOME_UNKNOWN,
         retry_after=_RETRY_AFTER,
     )
 

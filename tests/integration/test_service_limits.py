@@ -6,12 +6,15 @@ LIMITS_FILE with small overrides for the ids these tests use.
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 from google.rpc import code_pb2, error_details_pb2  # type: ignore[attr-defined]
 
@@ -245,3 +248,40 @@ async def test_failed_verifications_per_address(
     allowed = await check_from(limited_keys, "198.51.100.1", good)
     assert allowed.status.code == code_pb2.OK
     assert allowed.WhichOneof("http_response") == "ok_response"
+
+
+async def test_a_provision_whose_outcome_is_unknown_is_counted(
+    cert: cert_pb2_grpc.CertificateServiceAsyncStub,
+    db_conn: psycopg.AsyncConnection[tuple[object, ...]],
+    database: str,
+) -> None:
+    """The server processes of cert_service's connections stop (SIGSTOP) while it provisions:
+    the answer is OUTCOME_UNKNOWN, and the provision counts against the operator key as if it
+    were stored (a retry that found it stored would replay it without counting)."""
+    cur = await db_conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name = 'myl'",
+        (database,),
+    )
+    backends = [int(str(pid)) for (pid,) in await cur.fetchall()]
+    assert backends
+    for pid in backends:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await cert.ProvisionCertificate(
+                cert_pb2.ProvisionCertificateRequest(device_id="fleet-unknown"),
+                metadata=OPERATOR,
+            )
+    finally:
+        for pid in backends:
+            os.kill(pid, signal.SIGCONT)
+    assert unknown.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_reason(unknown.value) == "OUTCOME_UNKNOWN"
+    await cert.ProvisionCertificate(
+        cert_pb2.ProvisionCertificateRequest(device_id="fleet-known"), metadata=OPERATOR
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await cert.ProvisionCertificate(
+            cert_pb2.ProvisionCertificateRequest(device_id="fleet-more"), metadata=OPERATOR
+        )
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
