@@ -670,13 +670,17 @@ class DeviceCertificates:
                         device_id=device_id,
                     )
                 return current.to_pb(now)
-        record, invalidation = await self.store.revoke(device_id, reason, now)
+        record, invalidation = await self.store.revoke(
+            device_id, reason, now, (request.request_id, request.fingerprint) if request else None
+        )
         if record is None:
             raise _not_found(device_id=device_id)
         if invalidation is not None:
+            # Revoked, with the request recorded in the same statement: nothing from here on
+            # may fail the call (the caller must not hear that nothing was done).
             await self.changed(record.device_id, record.uuid_subdomain, invalidation)
             log.info("certificate revoked", device_id=device_id, reason=reason)
-        if request is not None:
+        elif request is not None:
             await self.store.record_request(
                 request.request_id,
                 "revoke",

@@ -740,10 +740,18 @@ class CertificateStore:
         )
 
     async def revoke(
-        self, device_id: str, reason: str, now: datetime
+        self,
+        device_id: str,
+        reason: str,
+        now: datetime,
+        request: tuple[uuid.UUID, bytes] | None = None,
     ) -> tuple[CertificateRecord | None, int | None]:
         """Revoke; returns the row and, when this call revoked it, the id of the cache
-        invalidation logged with it. (None, None): no row."""
+        invalidation logged with it. (None, None): no row.
+
+        The request id (if any) is recorded in the same statement as the revocation: a
+        revocation whose record failed afterwards would be applied while its caller heard
+        that nothing was, and its retry could revoke a later certificate."""
         async with self.connection() as conn:
             cur = await conn.execute(
                 f"""
@@ -753,6 +761,13 @@ class CertificateStore:
                         revocation_reason = %(reason)s, updated_at = %(now)s, {CANCEL_ISSUANCE}
                     WHERE device_id = %(device)s AND status <> 'revoked' AND {WRITE_GUARD}
                     RETURNING {_COLUMNS}
+                ), requested AS (
+                    INSERT INTO certificate_requests
+                        (request_id, method, request_hash, device_id, created_at, serial_number)
+                    SELECT %(request_id)s::uuid, 'revoke', %(request_hash)s::bytea, device_id,
+                           %(now)s, serial_number
+                    FROM changed WHERE %(request_id)s::uuid IS NOT NULL
+                    ON CONFLICT DO NOTHING
                 ), {_LOG_CHANGED}
                 SELECT changed.*, logged.id FROM changed, logged
                 """,
@@ -760,6 +775,8 @@ class CertificateStore:
                     "now": now,
                     "reason": reason,
                     "device": device_id,
+                    "request_id": request[0] if request else None,
+                    "request_hash": request[1] if request else None,
                     "deadline": self.db.write_deadline(conn),
                 },
                 binary=True,

@@ -107,7 +107,7 @@ async def test_a_rotation_nobody_heard_of_gives_the_device_its_key_back(
     now = datetime.now(UTC)
     original, _ = await store.create(new_key("rotated", now), AUDIT, now)
     request = RequestKey(uuid.uuid4(), b"fingerprint")
-    async with store.rotation() as conn:
+    async with store.rotation("rotated", request, now) as conn:
         old = await store.lock_for_rotation(conn, original.id)
         assert old is not None
         retired, successor, _ = await store.finish_rotation(
