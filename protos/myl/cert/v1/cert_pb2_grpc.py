@@ -29,6 +29,15 @@ if _version_not_supported:
 class CertificateServiceStub:
     """Device certificates: one DNS name under the platform zone per device, and
     the TLS certificate for it.
+
+    A write answered UNAVAILABLE was not applied, and will not be, with one
+    exception: ErrorInfo reason `OUTCOME_UNKNOWN`, when the database stopped
+    answering while the write was being committed. It may have taken effect:
+    retry with the same request_id to learn which. Meanwhile the service deletes,
+    within seconds of the database answering again, a provisioned certificate
+    nobody was told of (so a plain retry is not refused), unless the retry
+    claimed it first; such a provision counts against the provisioning limits.
+    A revocation is never undone: retry it.
     """
 
     def __init__(self, channel):
@@ -97,6 +106,15 @@ class CertificateServiceStub:
 class CertificateServiceServicer:
     """Device certificates: one DNS name under the platform zone per device, and
     the TLS certificate for it.
+
+    A write answered UNAVAILABLE was not applied, and will not be, with one
+    exception: ErrorInfo reason `OUTCOME_UNKNOWN`, when the database stopped
+    answering while the write was being committed. It may have taken effect:
+    retry with the same request_id to learn which. Meanwhile the service deletes,
+    within seconds of the database answering again, a provisioned certificate
+    nobody was told of (so a plain retry is not refused), unless the retry
+    claimed it first; such a provision counts against the provisioning limits.
+    A revocation is never undone: retry it.
     """
 
     def ProvisionCertificate(self, request, context):
@@ -257,6 +275,15 @@ def add_CertificateServiceServicer_to_server(servicer, server):
 class CertificateService:
     """Device certificates: one DNS name under the platform zone per device, and
     the TLS certificate for it.
+
+    A write answered UNAVAILABLE was not applied, and will not be, with one
+    exception: ErrorInfo reason `OUTCOME_UNKNOWN`, when the database stopped
+    answering while the write was being committed. It may have taken effect:
+    retry with the same request_id to learn which. Meanwhile the service deletes,
+    within seconds of the database answering again, a provisioned certificate
+    nobody was told of (so a plain retry is not refused), unless the retry
+    claimed it first; such a provision counts against the provisioning limits.
+    A revocation is never undone: retry it.
     """
 
     @staticmethod

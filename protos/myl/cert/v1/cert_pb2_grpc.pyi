@@ -30,6 +30,15 @@ GRPC_VERSION: str
 class CertificateServiceStub:
     """Device certificates: one DNS name under the platform zone per device, and
     the TLS certificate for it.
+
+    A write answered UNAVAILABLE was not applied, and will not be, with one
+    exception: ErrorInfo reason `OUTCOME_UNKNOWN`, when the database stopped
+    answering while the write was being committed. It may have taken effect:
+    retry with the same request_id to learn which. Meanwhile the service deletes,
+    within seconds of the database answering again, a provisioned certificate
+    nobody was told of (so a plain retry is not refused), unless the retry
+    claimed it first; such a provision counts against the provisioning limits.
+    A revocation is never undone: retry it.
     """
 
     @_typing.overload
@@ -82,6 +91,15 @@ class CertificateServiceStub:
 class CertificateServiceAsyncStub(CertificateServiceStub):
     """Device certificates: one DNS name under the platform zone per device, and
     the TLS certificate for it.
+
+    A write answered UNAVAILABLE was not applied, and will not be, with one
+    exception: ErrorInfo reason `OUTCOME_UNKNOWN`, when the database stopped
+    answering while the write was being committed. It may have taken effect:
+    retry with the same request_id to learn which. Meanwhile the service deletes,
+    within seconds of the database answering again, a provisioned certificate
+    nobody was told of (so a plain retry is not refused), unless the retry
+    claimed it first; such a provision counts against the provisioning limits.
+    A revocation is never undone: retry it.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -130,6 +148,15 @@ class CertificateServiceAsyncStub(CertificateServiceStub):
 class CertificateServiceServicer(metaclass=_abc_1.ABCMeta):
     """Device certificates: one DNS name under the platform zone per device, and
     the TLS certificate for it.
+
+    A write answered UNAVAILABLE was not applied, and will not be, with one
+    exception: ErrorInfo reason `OUTCOME_UNKNOWN`, when the database stopped
+    answering while the write was being committed. It may have taken effect:
+    retry with the same request_id to learn which. Meanwhile the service deletes,
+    within seconds of the database answering again, a provisioned certificate
+    nobody was told of (so a plain retry is not refused), unless the retry
+    claimed it first; such a provision counts against the provisioning limits.
+    A revocation is never undone: retry it.
     """
 
     @_abc_1.abstractmethod

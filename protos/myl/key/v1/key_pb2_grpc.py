@@ -28,6 +28,15 @@ if _version_not_supported:
 class ApiKeyServiceStub:
     """Per-device API keys: issued once, stored only as a SHA-256 hash, verified on
     every public request.
+
+    A write answered UNAVAILABLE was not applied, and will not be, with one
+    exception: ErrorInfo reason `OUTCOME_UNKNOWN`, when the database stopped
+    answering while the write was being committed. It may have taken effect:
+    retry with the same request_id to learn which. Meanwhile the service undoes,
+    within seconds of the database answering again, what such a write left that
+    nobody was told of (a key nobody received is revoked; a rotation is undone:
+    the rotated key works again and its successor is revoked), unless the retry
+    claimed it first. A revocation is never undone.
     """
 
     def __init__(self, channel):
@@ -81,6 +90,15 @@ class ApiKeyServiceStub:
 class ApiKeyServiceServicer:
     """Per-device API keys: issued once, stored only as a SHA-256 hash, verified on
     every public request.
+
+    A write answered UNAVAILABLE was not applied, and will not be, with one
+    exception: ErrorInfo reason `OUTCOME_UNKNOWN`, when the database stopped
+    answering while the write was being committed. It may have taken effect:
+    retry with the same request_id to learn which. Meanwhile the service undoes,
+    within seconds of the database answering again, what such a write left that
+    nobody was told of (a key nobody received is revoked; a rotation is undone:
+    the rotated key works again and its successor is revoked), unless the retry
+    claimed it first. A revocation is never undone.
     """
 
     def GenerateApiKey(self, request, context):
@@ -197,6 +215,15 @@ def add_ApiKeyServiceServicer_to_server(servicer, server):
 class ApiKeyService:
     """Per-device API keys: issued once, stored only as a SHA-256 hash, verified on
     every public request.
+
+    A write answered UNAVAILABLE was not applied, and will not be, with one
+    exception: ErrorInfo reason `OUTCOME_UNKNOWN`, when the database stopped
+    answering while the write was being committed. It may have taken effect:
+    retry with the same request_id to learn which. Meanwhile the service undoes,
+    within seconds of the database answering again, what such a write left that
+    nobody was told of (a key nobody received is revoked; a rotation is undone:
+    the rotated key works again and its successor is revoked), unless the retry
+    claimed it first. A revocation is never undone.
     """
 
     @staticmethod

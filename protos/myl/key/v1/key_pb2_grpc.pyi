@@ -29,6 +29,15 @@ GRPC_VERSION: str
 class ApiKeyServiceStub:
     """Per-device API keys: issued once, stored only as a SHA-256 hash, verified on
     every public request.
+
+    A write answered UNAVAILABLE was not applied, and will not be, with one
+    exception: ErrorInfo reason `OUTCOME_UNKNOWN`, when the database stopped
+    answering while the write was being committed. It may have taken effect:
+    retry with the same request_id to learn which. Meanwhile the service undoes,
+    within seconds of the database answering again, what such a write left that
+    nobody was told of (a key nobody received is revoked; a rotation is undone:
+    the rotated key works again and its successor is revoked), unless the retry
+    claimed it first. A revocation is never undone.
     """
 
     @_typing.overload
@@ -64,6 +73,15 @@ class ApiKeyServiceStub:
 class ApiKeyServiceAsyncStub(ApiKeyServiceStub):
     """Per-device API keys: issued once, stored only as a SHA-256 hash, verified on
     every public request.
+
+    A write answered UNAVAILABLE was not applied, and will not be, with one
+    exception: ErrorInfo reason `OUTCOME_UNKNOWN`, when the database stopped
+    answering while the write was being committed. It may have taken effect:
+    retry with the same request_id to learn which. Meanwhile the service undoes,
+    within seconds of the database answering again, what such a write left that
+    nobody was told of (a key nobody received is revoked; a rotation is undone:
+    the rotated key works again and its successor is revoked), unless the retry
+    claimed it first. A revocation is never undone.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -95,6 +113,15 @@ class ApiKeyServiceAsyncStub(ApiKeyServiceStub):
 class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
     """Per-device API keys: issued once, stored only as a SHA-256 hash, verified on
     every public request.
+
+    A write answered UNAVAILABLE was not applied, and will not be, with one
+    exception: ErrorInfo reason `OUTCOME_UNKNOWN`, when the database stopped
+    answering while the write was being committed. It may have taken effect:
+    retry with the same request_id to learn which. Meanwhile the service undoes,
+    within seconds of the database answering again, what such a write left that
+    nobody was told of (a key nobody received is revoked; a rotation is undone:
+    the rotated key works again and its successor is revoked), unless the retry
+    claimed it first. A revocation is never undone.
     """
 
     @_abc_1.abstractmethod
