@@ -40,14 +40,14 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-import json
+import math
 from dataclasses import dataclass
 from typing import Any, Final
 
 import grpc
-from google.protobuf import any_pb2, descriptor_pool, duration_pb2
+from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import Descriptor
-from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[attr-defined]
+from google.rpc import code_pb2, status_pb2  # type: ignore[attr-defined]
 
 from key_service.permissions import API_ACCESS, grants
 from key_service.verify import (
@@ -67,7 +67,13 @@ from myl.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from myl.envoy.type.v3 import http_status_pb2
 from myl.key.v1 import key_pb2
 from shared.clock import micros_source
-from shared.errors import ERROR_DOMAIN, DomainError
+from shared.errors import (
+    DomainError,
+    ErrorKind,
+    FieldViolation,
+    invalid_argument,
+    permission_denied,
+)
 from shared.httprules import (
     HttpRoutes,
     RequestProblem,
@@ -133,71 +139,22 @@ class Denial:
         return self.grpc
 
 
-def deny(
-    http_status: int,
-    code: int,
-    reason: str,
-    message: str,
-    retry_after: int | None = None,
-    metadata: dict[str, str] | None = None,
-    violations: dict[str, str] | None = None,
-    headers: dict[str, str] | None = None,
-) -> Denial:
-    """A refusal with its HTTP status, gRPC code, ErrorInfo reason and metadata, and
-    BadRequest field violations (field -> description) and RetryInfo when given."""
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
-    packed = any_pb2.Any()
-    packed.Pack(info)
-    details = [packed]
-    json_details: list[dict[str, Any]] = []
-    if violations:
-        bad = any_pb2.Any()
-        bad.Pack(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                    for f, d in violations.items()
-                ]
-            )
-        )
-        details.append(bad)
-        json_details.append(
-            {
-                "@type": bad.type_url,
-                "fieldViolations": [{"field": f, "description": d} for f, d in violations.items()],
-            }
-        )
-    if retry_after is not None:
-        retry = any_pb2.Any()
-        retry.Pack(
-            error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=retry_after))
-        )
-        details.append(retry)
-        json_details.append({"@type": retry.type_url, "retryDelay": f"{retry_after}s"})
-    status = status_pb2.Status(code=code, message=message, details=details)
-    extra = [] if retry_after is None else [_header("retry-after", str(retry_after))]
-    extra += [_header(name, value) for name, value in (headers or {}).items()]
-    body = json.dumps(
-        {
-            "code": code,
-            "message": message,
-            "details": [
-                {
-                    "@type": packed.type_url,
-                    "reason": reason,
-                    "domain": ERROR_DOMAIN,
-                    **({"metadata": metadata} if metadata else {}),
-                },
-                *json_details,
-            ],
-        }
+def deny(http_status: int, error: DomainError, headers: dict[str, str] | None = None) -> Denial:
+    """`error` refused with `http_status`: its Status (`shared.errors`) as the JSON body or
+    the gRPC status details, and a RetryInfo delay also as `retry-after`."""
+    status = error.to_status()
+    extra = (
+        []
+        if error.retry_after is None
+        else [_header("retry-after", str(math.ceil(error.retry_after)))]
     )
+    extra += [_header(name, value) for name, value in (headers or {}).items()]
     rest = CheckResponse(
         status=status,
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=http_status),  # type: ignore[arg-type]
             headers=[_header("content-type", "application/json"), *extra],
-            body=body,
+            body=error.to_json(),
         ),
     )
     status_bin = base64.b64encode(status.SerializeToString()).decode()
@@ -206,11 +163,11 @@ def deny(
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=http_status),  # type: ignore[arg-type]
             headers=[
-                _header("grpc-status", str(code)),
+                _header("grpc-status", str(error.code)),
                 _header("grpc-status-details-bin", status_bin),
                 *extra,
             ],
-            body=message,
+            body=error.message,
         ),
     )
     return Denial(rest, grpc_denial)
@@ -222,18 +179,24 @@ def deny(
 MAX_REQUEST_HEADERS: Final = 80
 TOO_MANY_HEADERS: Final = deny(
     431,
-    code_pb2.INVALID_ARGUMENT,
-    "REQUEST_HEADERS_TOO_LARGE",
-    "request headers too large: at most 80 headers and 8 KiB with the request line",
-    metadata={"max_headers": str(MAX_REQUEST_HEADERS), "max_bytes": "8192"},
+    DomainError(
+        ErrorKind.INVALID_ARGUMENT,
+        "request headers too large: at most 80 headers and 8 KiB with the request line",
+        "REQUEST_HEADERS_TOO_LARGE",
+        metadata={"max_headers": str(MAX_REQUEST_HEADERS), "max_bytes": "8192"},
+    ),
 )
-NO_ROUTE: Final = deny(404, code_pb2.NOT_FOUND, "METHOD_NOT_FOUND", "no such method")
-MISSING_KEY: Final = deny(
-    401, code_pb2.UNAUTHENTICATED, "API_KEY_MISSING", "missing x-api-key header"
-)
-UNKNOWN_KEY: Final = deny(401, code_pb2.UNAUTHENTICATED, "API_KEY_INVALID", "invalid API key")
-EXPIRED_KEY: Final = deny(401, code_pb2.UNAUTHENTICATED, "API_KEY_EXPIRED", "API key expired")
-REVOKED_KEY: Final = deny(401, code_pb2.UNAUTHENTICATED, "API_KEY_REVOKED", "API key revoked")
+NO_ROUTE: Final = deny(404, DomainError(ErrorKind.NOT_FOUND, "no such method", "METHOD_NOT_FOUND"))
+
+
+def _unauthenticated(message: str, reason: str) -> Denial:
+    return deny(401, DomainError(ErrorKind.UNAUTHENTICATED, message, reason))
+
+
+MISSING_KEY: Final = _unauthenticated("missing x-api-key header", "API_KEY_MISSING")
+UNKNOWN_KEY: Final = _unauthenticated("invalid API key", "API_KEY_INVALID")
+EXPIRED_KEY: Final = _unauthenticated("API key expired", "API_KEY_EXPIRED")
+REVOKED_KEY: Final = _unauthenticated("API key revoked", "API_KEY_REVOKED")
 _REFUSALS: Final[dict[int, Denial]] = {
     NOT_FOUND: UNKNOWN_KEY,
     EXPIRED: EXPIRED_KEY,
@@ -274,11 +237,13 @@ def _limit_denial(refusal: DomainError) -> Denial:
     seconds = max(1, int(refusal.retry_after or 1))
     return deny(
         429,
-        code_pb2.RESOURCE_EXHAUSTED,
-        refusal.reason,
-        refusal.message,
-        retry_after=seconds,
-        metadata=dict(refusal.metadata),
+        DomainError(
+            ErrorKind.RESOURCE_EXHAUSTED,
+            refusal.message,
+            refusal.reason,
+            metadata=refusal.metadata,
+            retry_after=seconds,
+        ),
     )
 
 
@@ -288,10 +253,11 @@ def forbidden(missing: tuple[str, ...]) -> Denial:
     noun = "permission" if len(missing) == 1 else "permissions"
     return deny(
         403,
-        code_pb2.PERMISSION_DENIED,
-        "PERMISSION_MISSING",
-        f"API key lacks the {noun} this method needs: {names}",
-        metadata={"permissions": ",".join(missing)},
+        permission_denied(
+            f"API key lacks the {noun} this method needs: {names}",
+            "PERMISSION_MISSING",
+            permissions=",".join(missing),
+        ),
     )
 
 
@@ -300,9 +266,7 @@ def method_not_allowed(allowed: tuple[str, ...]) -> Denial:
     names = ", ".join(allowed)
     return deny(
         405,
-        code_pb2.UNIMPLEMENTED,
-        "METHOD_NOT_ALLOWED",
-        f"this path takes {names}",
+        DomainError(ErrorKind.UNIMPLEMENTED, f"this path takes {names}", "METHOD_NOT_ALLOWED"),
         headers={"allow": names},
     )
 
@@ -312,35 +276,32 @@ def unknown_fields(fields: list[str]) -> Denial:
     silently drop them, and the caller would believe it had set them)."""
     return deny(
         400,
-        code_pb2.INVALID_ARGUMENT,
-        "UNKNOWN_FIELD",
-        "unknown field(s) in the request body: " + ", ".join(fields),
-        violations={f: "unknown field" for f in fields},
+        DomainError(
+            ErrorKind.INVALID_ARGUMENT,
+            "unknown field(s) in the request body: " + ", ".join(fields),
+            "UNKNOWN_FIELD",
+            violations=[FieldViolation(f, "unknown field") for f in fields],
+        ),
     )
 
 
 def bad_request(problem: RequestProblem) -> Denial:
     """400 INVALID_ARGUMENT naming the field (or `path`, `body`) that is wrong."""
-    return deny(
-        400,
-        code_pb2.INVALID_ARGUMENT,
-        "INVALID_ARGUMENT",
-        f"invalid {problem.field}: {problem.description}",
-        metadata={"field": problem.field},
-        violations={problem.field: problem.description},
-    )
+    return deny(400, invalid_argument(problem.field, problem.description))
 
 
 def non_canonical_path(problem: RequestProblem) -> Denial:
     """400 for a REST path the check will not resolve (see `shared.httprules`)."""
     return deny(
         400,
-        code_pb2.INVALID_ARGUMENT,
-        "NON_CANONICAL_PATH",
-        f"invalid {problem.field} in the URL path: it {problem.description}; send the path"
-        " exactly as the API documents it",
-        metadata={"field": problem.field},
-        violations={problem.field: problem.description},
+        DomainError(
+            ErrorKind.INVALID_ARGUMENT,
+            f"invalid {problem.field} in the URL path: it {problem.description}; send the path"
+            " exactly as the API documents it",
+            "NON_CANONICAL_PATH",
+            violations=[FieldViolation(problem.field, problem.description)],
+            metadata={"field": problem.field},
+        ),
     )
 
 
@@ -475,10 +436,12 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                 seconds = max(1, -(-verdict.decision.retry_after_us // 1_000_000))
                 return deny(
                     429,
-                    code_pb2.RESOURCE_EXHAUSTED,
-                    "RATE_LIMITED",
-                    "rate limit exceeded",
-                    retry_after=seconds,
+                    DomainError(
+                        ErrorKind.RESOURCE_EXHAUSTED,
+                        "rate limit exceeded",
+                        "RATE_LIMITED",
+                        retry_after=seconds,
+                    ),
                 ).respond(http)
             if verdict.result == INSUFFICIENT_PERMISSIONS and record is not None:
                 missing = tuple(p for p in required if not grants(record.permissions, (p,)))

@@ -9,8 +9,10 @@ status carrying `google.rpc.ErrorInfo` (AIP-193) and, for bad input,
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -27,6 +29,7 @@ class ErrorKind(enum.Enum):
     PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
     UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
     RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+    UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED
     ABORTED = grpc.StatusCode.ABORTED
     UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
     INTERNAL = grpc.StatusCode.INTERNAL
@@ -64,29 +67,55 @@ class DomainError(Exception):
         return self.message
 
     def to_status(self) -> status_pb2.Status:
-        info = error_details_pb2.ErrorInfo(
-            reason=self.reason, domain=ERROR_DOMAIN, metadata=dict(self.metadata)
+        """The `google.rpc.Status` a gRPC caller gets (in `grpc-status-details-bin`)."""
+        details = [packed for packed, _ in self._details()]
+        return status_pb2.Status(code=self.code, message=self.message, details=details)
+
+    def to_json(self) -> str:
+        """The same Status as the JSON body the gateway gives a REST caller (proto3 JSON
+        names: `fieldViolations`, `retryDelay`)."""
+        details = [rendered for _, rendered in self._details()]
+        return json.dumps({"code": self.code, "message": self.message, "details": details})
+
+    @property
+    def code(self) -> int:
+        """The `google.rpc.Code` of the kind."""
+        return int(code_pb2.Code.Value(self.kind.grpc_code.name))
+
+    def _details(self) -> list[tuple[any_pb2.Any, dict[str, Any]]]:
+        """AIP-193 ErrorInfo, then BadRequest for field violations and RetryInfo for a
+        retry delay: each packed, and in its JSON form."""
+        info = _pack(
+            error_details_pb2.ErrorInfo(
+                reason=self.reason, domain=ERROR_DOMAIN, metadata=dict(self.metadata)
+            )
         )
-        details = [_pack(info)]
+        metadata = {"metadata": dict(self.metadata)} if self.metadata else {}
+        details: list[tuple[any_pb2.Any, dict[str, Any]]] = [
+            (
+                info,
+                {"@type": info.type_url, "reason": self.reason, "domain": ERROR_DOMAIN, **metadata},
+            )
+        ]
         if self.violations:
-            details.append(
-                _pack(
-                    error_details_pb2.BadRequest(
-                        field_violations=[
-                            error_details_pb2.BadRequest.FieldViolation(
-                                field=v.field, description=v.description
-                            )
-                            for v in self.violations
-                        ]
-                    )
+            bad = _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=v.field, description=v.description
+                        )
+                        for v in self.violations
+                    ]
                 )
             )
+            violations = [{"field": v.field, "description": v.description} for v in self.violations]
+            details.append((bad, {"@type": bad.type_url, "fieldViolations": violations}))
         if self.retry_after is not None:
             delay = duration_pb2.Duration()
             delay.FromNanoseconds(int(self.retry_after * 1e9))
-            details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-        code = code_pb2.Code.Value(self.kind.grpc_code.name)
-        return status_pb2.Status(code=code, message=self.message, details=details)
+            retry = _pack(error_details_pb2.RetryInfo(retry_delay=delay))
+            details.append((retry, {"@type": retry.type_url, "retryDelay": delay.ToJsonString()}))
+        return details
 
 
 def _pack(message: object) -> any_pb2.Any:
