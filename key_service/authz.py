@@ -49,6 +49,7 @@ from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import Descriptor
 from google.rpc import code_pb2, status_pb2  # type: ignore[attr-defined]
 
+from key_service.metrics import GATEWAY_DECISIONS
 from key_service.permissions import API_ACCESS, grants
 from key_service.verify import (
     EXPIRED,
@@ -90,7 +91,6 @@ from shared.identity import (
     method_policy,
 )
 from shared.limits import Bucket, Limiter, LimitName
-from shared.metrics import GATEWAY_DECISIONS
 
 API_KEY_HEADER: Final = "x-api-key"
 # Set by the transcoder on REST calls only (Envoy strips a client-sent one).

@@ -2,9 +2,9 @@
 
 Only what both fill lives here: importing this module registers every metric in it, and a
 metric without labels is exported (as 0) by every process that imports it. A metric one
-service alone can fill lives in that service (`cert_service/metrics.py`), so the other
-never exports a constant 0 a rule would read as a fact. The gateway decisions are
-key_service's; with labels, they export no series where they are never recorded.
+service alone can fill lives in that service (`cert_service/metrics.py`,
+`key_service/metrics.py`), so the other never exports a constant 0 a rule would read as a
+fact.
 """
 
 from __future__ import annotations
@@ -56,11 +56,6 @@ LIMIT_DECISIONS = Counter(
     "myl_limit_decisions_total",
     "Provisioning and registration limit decisions",
     ["limit", "result"],
-)
-# key_service's gateway Check: allowed, unauthenticated (401), forbidden (403),
-# rate_limited (429), not_found (404: no such route).
-GATEWAY_DECISIONS = Counter(
-    "myl_gateway_decisions_total", "Gateway authorization decisions", ["result"]
 )
 # shared.tasks: a pass of a background loop (sampler, flusher, relay, lifecycle, CRL, cache
 # guard) that raised; the loop goes on, so a failure shows here and in the log, not as a stop.
