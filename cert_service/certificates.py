@@ -425,6 +425,16 @@ class DeviceCertificates:
         if moved_on is not None:
             raise superseded(key.request_id, moved_on, device_id=request.device_id)
         if not private_key_pem:
+            if record.updated_at == record.created_at:
+                # Untouched since its provision, which may be one whose caller heard
+                # OUTCOME_UNKNOWN and that the service deletes unless a retry claims it
+                # (shared/db.py): claim it, or learn that it is gone.
+                claimed = await self.store.claim_provision(
+                    request.device_id, key.request_id, record.serial_number, now
+                )
+                if claimed is None:
+                    raise in_progress(key.request_id)
+                record = claimed
             return record.to_pb(now), ""
         if self.acme is not None:
             names = certificate_names(record.uuid_subdomain, request.certificate_type == "wildcard")

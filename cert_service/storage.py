@@ -434,6 +434,32 @@ class CertificateStore:
             for row in rows
         ]
 
+    async def claim_provision(
+        self, device_id: str, request_id: uuid.UUID, serial_number: str, now: datetime
+    ) -> CertificateRecord | None:
+        """A retry of a provision takes its row as it is (`updated_at` moves, so that
+        `undo_unknown_inserts` leaves it alone); None when it is no longer there as read."""
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                f"""
+                UPDATE device_certificates SET updated_at = greatest(%(now)s, created_at
+                    + interval '1 microsecond')
+                WHERE device_id = %(device)s AND request_id = %(request_id)s
+                  AND serial_number = %(serial)s AND {WRITE_GUARD}
+                RETURNING {_COLUMNS}
+                """,
+                {
+                    "now": now,
+                    "device": device_id,
+                    "request_id": request_id,
+                    "serial": serial_number,
+                    "deadline": self.db.write_deadline(conn),
+                },
+                binary=True,
+            )
+            row = await cur.fetchone()
+        return None if row is None else _record(row)
+
     async def undo_unknown_inserts(self, rows: Sequence[NewRow]) -> None:
         """Provisions answered OUTCOME_UNKNOWN (shared/db.py): a row one of them stored would
         refuse the caller's plain retry (ALREADY_EXISTS), and a generated key went to nobody.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -17,10 +18,12 @@ import pytest
 
 from cert_service.storage import CertificateStore, NewCertificate, NewRow
 from key_service.storage import ACTION_CREATE, AuditEntry, KeyStore, NewKeyRow
+from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from shared.config import DatabaseConfig
 from shared.db import Database, open_database
 from shared.devstack import PostgresServer
 from shared.idempotency import RequestKey
+from tests.fixtures.cert import RunningCertService, make_csr
 
 AUDIT = AuditEntry(ACTION_CREATE, "test", "")
 
@@ -162,3 +165,36 @@ async def test_a_provision_nobody_heard_of_is_deleted_unless_it_changed_since(
         "SELECT count(*) FROM certificate_cache_invalidations WHERE device_id = 'unheard'"
     )
     assert await cur.fetchone() == (1,)
+
+
+async def test_a_provision_its_retry_returned_is_not_deleted_afterwards(
+    cert_service: RunningCertService,
+    cert_stub: cert_pb2_grpc.CertificateServiceAsyncStub,
+    db_conn: psycopg.AsyncConnection[tuple[object, ...]],
+) -> None:
+    """The caller of a provision with a CSR heard OUTCOME_UNKNOWN and retried at once: the
+    retry returned the stored certificate, so the resolver, running after it, keeps it."""
+    name = "claimed-csr.myl.zip"
+    request = cert_pb2.ProvisionCertificateRequest(
+        device_id="claimed-csr",
+        uuid_subdomain=name,
+        csr_pem=make_csr([name, f"*.{name}"]),
+        request_id=str(uuid.uuid4()),
+    )
+    first = await cert_stub.ProvisionCertificate(request)
+    retried = await cert_stub.ProvisionCertificate(request)
+    assert retried.certificate.serial_number == first.certificate.serial_number
+    row = new_row("claimed-csr", datetime.now(UTC))
+    stored = NewRow(
+        row.device_id,
+        name,
+        row.certificate_type,
+        row.auto_renewal,
+        replace(row.certificate, serial_number=first.certificate.serial_number),
+        row.now,
+    )
+    await cert_service.app.store.undo_unknown_inserts([stored])
+    cur = await db_conn.execute(
+        "SELECT serial_number FROM device_certificates WHERE device_id = 'claimed-csr'"
+    )
+    assert await cur.fetchone() == (first.certificate.serial_number,)
