@@ -738,7 +738,7 @@ class DeviceCertificates:
     async def changed(self, device_id: str, fqdn: str, invalidation: int) -> None:
         """Fence the changed certificate's entries, then forget the logged invalidation."""
         if await self.cache.invalidate(certcache.device_key(device_id), certcache.name_key(fqdn)):
-            # Fenced already: should the delete fail, a guard's pass deletes the row.
+            # Fenced already: should marking the row applied fail, a guard's pass marks it.
             with contextlib.suppress(DomainError):
                 await self.store.acknowledge_invalidations([invalidation], self.clock.now())
 

@@ -1,7 +1,8 @@
 """What an issuer is, and the checks on what devices send: CSRs and public keys.
 
-The built-in CA that signs is `cert_service.ca`; anything implementing :class:`Issuer` (an ACME
-client later) can take its place.
+Two issuers implement :class:`Issuer`, one chosen at start-up (`CERT_ISSUER`): the built-in CA
+that signs in the request (`cert_service.ca`), and `cert_service.acme.AcmeIssuer`, under which
+certificates are ordered from an ACME CA in the background (`cert_service.acme_worker`).
 
 Decisions:
 

@@ -1,6 +1,9 @@
-"""Every SQL statement of cert_service, and the row model with its protobuf converter.
+"""cert_service's SQL for certificates, names, the outbox, access counters and the cache
+invalidation log, and the row model with its protobuf converter.
 
-Only this module touches PostgreSQL. Statements are literal and parameterized; the one that is
+The rest of its SQL runs on this store's connections from three modules of its own: the CRL
+tables' in `crl.py` (`CrlStore`), the ACME order queue's in `issuance_queue.py` and the fleet
+gauges' one query in `monitoring.py`. Statements are literal and parameterized; the one that is
 composed (the list filters) is assembled from fixed fragments with `psycopg.sql`.
 
 Connections are switched to autocommit once, when first used here: a single statement is then

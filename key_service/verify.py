@@ -301,7 +301,7 @@ class Verifier:
             self.cache.breaker.trip()
             self.invalidation_failed()
             return
-        # Applied already: should the delete fail, the guard deletes the rows on a later pass.
+        # Applied already: should marking the rows applied fail, a guard's pass marks them.
         with contextlib.suppress(DomainError):
             await self.store.acknowledge_invalidations(change.invalidations, self.clock.now())
 

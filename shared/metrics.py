@@ -39,7 +39,7 @@ DB_QUERY_LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 # Sampled every few seconds by `shared.monitoring.ResourceSampler`.
-REDIS_UP = Gauge("myl_redis_up", "1 while Redis answers PING, 0 otherwise", ["service"])
+REDIS_UP = Gauge("myl_redis_up", "1 while Redis answers INFO, 0 otherwise", ["service"])
 REDIS_MEMORY = Gauge("myl_redis_memory_used_bytes", "Redis used_memory (INFO memory)", ["service"])
 REDIS_CLIENTS = Gauge(
     "myl_redis_connected_clients", "Redis connected_clients (INFO clients)", ["service"]
