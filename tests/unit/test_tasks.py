@@ -1,0 +1,56 @@
+"""The background loop: a failed pass is counted and the next one follows; only a
+cancellation of its own task stops it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client import REGISTRY
+
+from shared.tasks import BackgroundTask, run_periodically
+
+
+def _failures(task: str) -> float:
+    return REGISTRY.get_sample_value("myl_background_failures_total", {"task": task}) or 0.0
+
+
+async def test_a_failed_pass_is_counted_and_the_loop_goes_on_until_stopped() -> None:
+    passes = 0
+    third = asyncio.Event()
+
+    async def step() -> None:
+        nonlocal passes
+        passes += 1
+        if passes == 1:
+            raise RuntimeError("the database is away")
+        if passes == 2:
+            raise asyncio.CancelledError  # a call cancelled under the pass, not a stop
+        third.set()
+
+    before = _failures("flaky pass")
+    loop = BackgroundTask("flaky", lambda: run_periodically("flaky pass", step, 0))
+    loop.start()
+    await third.wait()
+    await loop.stop()
+    assert _failures("flaky pass") == before + 1
+
+
+async def test_a_poke_ends_the_wait_and_a_poke_during_the_pass_does_not() -> None:
+    wake = asyncio.Event()
+    passes: list[int] = []
+    first, second = asyncio.Event(), asyncio.Event()
+
+    async def step() -> None:
+        passes.append(len(passes))
+        wake.set()  # what a pass's own failure does (the cache guard's breaker pokes it)
+        (first if len(passes) == 1 else second).set()
+
+    task = asyncio.create_task(run_periodically("poked", step, 3600, wake=wake))
+    await first.wait()
+    assert not wake.is_set()  # the hour's wait is not cut short by the pass's own poke
+    wake.set()
+    await second.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
