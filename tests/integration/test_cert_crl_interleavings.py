@@ -16,6 +16,7 @@ Passes are `run_once()` calls (CRL_INTERVAL=0 here), and the CRLs are read back 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,6 +31,7 @@ from cryptography import x509
 from cert_service.crl import CrlPublisher
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from shared.devstack import PostgresServer
+from shared.errors import DomainError
 from shared.migrations import MigrationRunner, load_migrations
 from tests.conftest import MIGRATIONS
 from tests.fixtures.cert import RunningCertService, StartCertService
@@ -290,8 +292,11 @@ async def test_a_thousand_concurrent_revocations_are_all_listed(
     async def keep_publishing(replica: CrlPublisher) -> None:
         nonlocal passes
         while not revoking.done():
-            await replica.run_once()
-            passes += 1
+            # A pass that finds the pool taken by the burst fails, as the service's own
+            # loop's would, and the next one goes on.
+            with contextlib.suppress(DomainError):
+                await replica.run_once()
+                passes += 1
 
     await asyncio.gather(revoking, keep_publishing(first), keep_publishing(second))
     revoked = time.perf_counter()
