@@ -30,8 +30,11 @@ system-deps:
 run: $(STAMP) system-deps
 	$(PY) -m shared.stack
 
+# Workers in parallel, each with its own PostgreSQL, Redis and services (tests/conftest.py);
+# TEST_WORKERS=1 runs the suite in one process.
+TEST_WORKERS ?= 4
 test: $(STAMP) system-deps check
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal
 
 check: lint typecheck buf
 
@@ -62,7 +65,7 @@ bench: $(STAMP)
 fuzz: $(STAMP) system-deps
 	MYL_FUZZ_RANDOM=1 MYL_FUZZ_SEED=$(SEED) MYL_FUZZ_EXAMPLES=$${MYL_FUZZ_EXAMPLES:-200} \
 	MYL_FUZZ_PHASES=examples,coverage,fuzzing,stateful \
-	$(BIN)/pytest -q -s -p no:cacheprovider tests/e2e/test_fuzz.py
+	$(BIN)/pytest -q -s -p no:cacheprovider --timeout=0 tests/e2e/test_fuzz.py
 
 migrate: $(STAMP)
 	$(PY) -m cert_service migrate up
