@@ -28,7 +28,7 @@ system-deps:
 	@deploy/system-deps.sh
 
 run: $(STAMP) system-deps
-	$(PY) -m shared.stack
+	$(PY) -m deploy.devstack.stack
 
 # Workers in parallel, each with its own PostgreSQL, Redis and services (tests/conftest.py);
 # TEST_WORKERS=1 runs the suite in one process.

@@ -21,14 +21,14 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from shared.config import ServerConfig
-from shared.devstack import (
+from deploy.devstack.servers import (
     PostgresServer,
     RedisClusterServers,
     RedisServer,
     free_cluster_ports,
     free_port,
 )
+from shared.config import ServerConfig
 from shared.migrations import MigrationRunner, load_migrations
 
 pytest_plugins = ["tests.fixtures.cert", "tests.fixtures.key"]

@@ -63,9 +63,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--single", type=int, default=20, help="provisions one at a time")
     args = parser.parse_args(argv)
 
-    from shared.acmestack import KnotServer, PebbleServer, TsigKey, generate_account_key
-    from shared.devstack import free_port
-    from shared.stack import wait_healthy
+    from deploy.devstack.acme import KnotServer, PebbleServer, TsigKey, generate_account_key
+    from deploy.devstack.servers import free_port
+    from deploy.devstack.stack import wait_healthy
 
     with (
         throwaway_databases("myl-bench-acme-", durable=True, migrate=["cert_service"]) as dbs,

@@ -295,8 +295,8 @@ def run(devices: int, quick: bool) -> None:
     import redis
 
     from cert_service.ca import create_development_ca
-    from shared.devstack import free_port
-    from shared.stack import wait_healthy
+    from deploy.devstack.servers import free_port
+    from deploy.devstack.stack import wait_healthy
     from tests.fixtures.cert import make_csr
 
     scale = 0.2 if quick else 1.0

@@ -214,8 +214,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from cert_service.ca import create_development_ca
-    from shared.devstack import free_port
-    from shared.stack import wait_healthy
+    from deploy.devstack.servers import free_port
+    from deploy.devstack.stack import wait_healthy
 
     per_shard, size = crl_size(args.shards)
     print(

@@ -28,10 +28,10 @@ from pathlib import Path
 import grpc
 
 from cert_service.ca import create_development_ca
+from deploy.devstack.gateway import GatewayPorts, envoy_command, render_envoy_config
+from deploy.devstack.servers import free_port
+from deploy.devstack.stack import OPERATOR_PERMISSIONS, wait_gateway_healthy, wait_healthy
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
-from shared.devstack import free_port
-from shared.gateway import GatewayPorts, envoy_command, render_envoy_config
-from shared.stack import OPERATOR_PERMISSIONS, wait_gateway_healthy, wait_healthy
 from tests.bench.harness import (
     GRPC_HEADERS,
     ROOT,

@@ -25,9 +25,9 @@ from typing import Any
 import grpc
 
 from cert_service.ca import create_development_ca
+from deploy.devstack.servers import free_port
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from myl.key.v1 import key_pb2, key_pb2_grpc
-from shared.devstack import free_port
 from tests.bench.bench_verify import VERIFY_PATH, grpc_body, h2load
 from tests.bench.harness import start_process, stop_process, throwaway_databases
 

@@ -60,10 +60,7 @@ import grpc
 import psycopg
 import redis
 
-from key_service import keyformat
-from myl.cert.v1 import cert_pb2, cert_pb2_grpc
-from myl.key.v1 import key_pb2, key_pb2_grpc
-from shared.devstack import (
+from deploy.devstack.servers import (
     PG_BIN,
     PostgresServer,
     RedisServer,
@@ -71,6 +68,9 @@ from shared.devstack import (
     free_port,
     wait_for_port,
 )
+from key_service import keyformat
+from myl.cert.v1 import cert_pb2, cert_pb2_grpc
+from myl.key.v1 import key_pb2, key_pb2_grpc
 from shared.migrations import MigrationRunner, load_migrations
 from tests.bench.harness import ROOT, percentile, start_process, stop_process
 

@@ -3,7 +3,7 @@
 Run with `python -m tests.bench.bench_verify` (what `make bench` runs). It
 prints numbers and asserts nothing about time.
 
-Setup: a throwaway PostgreSQL and Redis (shared.devstack), key_service's
+Setup: a throwaway PostgreSQL and Redis (deploy.devstack.servers), key_service's
 migrations, 100,000 keys loaded with COPY, and two separate server processes:
 `python -m key_service` and a no-op grpc.aio server whose VerifyApiKey returns
 a constant (the ceiling one Python process can reach).
@@ -46,10 +46,10 @@ from typing import Any
 import grpc
 import psycopg
 
+from deploy.devstack.servers import free_port
 from key_service import keyformat
 from myl.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from myl.key.v1 import key_pb2, key_pb2_grpc
-from shared.devstack import free_port
 from tests.bench.harness import (
     GRPC_HEADERS,
     ROOT,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared.devstack import (
+from deploy.devstack.servers import (
     PostgresServer,
     RedisServer,
     free_port,

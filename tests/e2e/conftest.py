@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.devstack import free_port
-from shared.gateway import GatewayPorts, envoy_command, render_envoy_config
+from deploy.devstack.gateway import GatewayPorts, envoy_command, render_envoy_config
+from deploy.devstack.servers import free_port
 from tests.fixtures.key import RunningKeyService
 
 

@@ -17,8 +17,8 @@ import grpc
 import httpx
 import pytest
 
+from deploy.devstack.gateway import envoy_command
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
-from shared.gateway import envoy_command
 from tests.e2e.conftest import Gateway
 from tests.fixtures.key import RunningKeyService
 

@@ -23,10 +23,10 @@ import grpc
 import httpx
 import pytest
 
+from deploy.devstack.gateway import GatewayPorts, envoy_command, render_envoy_config
+from deploy.devstack.servers import PostgresServer, RedisServer, free_port, wait_for_port
+from deploy.devstack.stack import OPERATOR_PERMISSIONS, wait_healthy
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
-from shared.devstack import PostgresServer, RedisServer, free_port, wait_for_port
-from shared.gateway import GatewayPorts, envoy_command, render_envoy_config
-from shared.stack import OPERATOR_PERMISSIONS, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 

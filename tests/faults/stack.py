@@ -1,8 +1,9 @@
 """The fault suite's stack: every part a real process the suite may stop, hang or kill.
 
-PostgreSQL and Redis (`shared.devstack`), both services as `python -m <service> serve` and
-Envoy (`shared.gateway`), each started in a session of its own, on free loopback ports, with
-an operator key made by `python -m key_service admin create-key` as `make run` makes it.
+PostgreSQL and Redis (`deploy.devstack.servers`), both services as `python -m <service> serve`
+and Envoy (`deploy.devstack.gateway`), each started in a session of its own, on free loopback
+ports, with an operator key made by `python -m key_service admin create-key` as `make run`
+makes it.
 
 Faults are signals sent by process id to a process the suite started and to its descendants,
 never to a process found by name. Descendants, not the process group: every PostgreSQL backend
@@ -35,12 +36,12 @@ import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cert_service.ca import create_development_ca
+from deploy.devstack.gateway import GatewayPorts, envoy_command, render_envoy_config
+from deploy.devstack.servers import PostgresServer, RedisServer, free_port
+from deploy.devstack.stack import OPERATOR_PERMISSIONS
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from myl.key.v1 import key_pb2, key_pb2_grpc
-from shared.devstack import PostgresServer, RedisServer, free_port
-from shared.gateway import GatewayPorts, envoy_command, render_envoy_config
 from shared.migrations import MigrationRunner, load_migrations
-from shared.stack import OPERATOR_PERMISSIONS
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 DATABASE: Final = "myl"

@@ -1,4 +1,4 @@
-"""The local ACME world of `make run` (shared.acmestack): the real knotd and pebble.
+"""The local ACME world of `make run` (deploy.devstack.acme): the real knotd and pebble.
 
 Each test starts its own servers on free loopback ports under tmp_path. Pebble is told
 never to reject a good nonce, so no test depends on the acme library's badNonce retry.
@@ -29,15 +29,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from josepy import jwa, jwk
 
-from shared import stack
-from shared.acmestack import (
+from deploy.devstack import stack
+from deploy.devstack.acme import (
     KnotServer,
     PebbleServer,
     TsigKey,
     generate_account_key,
     generate_eab,
 )
-from shared.devstack import DevStackError, free_port
+from deploy.devstack.servers import DevStackError, free_port
 
 ZONE = "myl.zip"
 VALIDITY = dt.timedelta(days=90)

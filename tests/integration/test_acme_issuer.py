@@ -32,9 +32,9 @@ from prometheus_client import REGISTRY
 from cert_service.acme_worker import AcmeWorker
 from cert_service.ari import ari_cert_id
 from cert_service.storage import timestamp
+from deploy.devstack.acme import KnotServer, PebbleServer, TsigKey, generate_account_key
+from deploy.devstack.servers import free_port
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
-from shared.acmestack import KnotServer, PebbleServer, TsigKey, generate_account_key
-from shared.devstack import free_port
 from tests.fixtures.cert import RunningCertService, StartCertService, error_reason, make_csr
 
 Stub: TypeAlias = "cert_pb2_grpc.CertificateServiceAsyncStub"

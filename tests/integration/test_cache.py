@@ -6,9 +6,9 @@ from google.protobuf import timestamp_pb2
 from prometheus_client import REGISTRY
 from redis.asyncio.client import Pipeline
 
+from deploy.devstack.servers import RedisServer
 from shared.cache import Cache, CircuitBreaker, cache_key
 from shared.config import RedisConfig
-from shared.devstack import RedisServer
 
 
 class FakeMonotonic:

@@ -13,8 +13,8 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from cert_service import certcache
+from deploy.devstack.servers import RedisServer
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
-from shared.devstack import RedisServer
 from tests.conftest import standalone_only
 from tests.fixtures.cert import RunningCertService, StartCertService, make_csr
 

@@ -29,8 +29,8 @@ import pytest
 from cryptography import x509
 
 from cert_service.crl import CrlPublisher
+from deploy.devstack.servers import PostgresServer
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
-from shared.devstack import PostgresServer
 from shared.errors import DomainError
 from shared.migrations import MigrationRunner, load_migrations
 from tests.conftest import MIGRATIONS

@@ -16,9 +16,9 @@ import grpc
 import psycopg
 import pytest
 
+from deploy.devstack.servers import free_port
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from myl.key.v1 import key_pb2
-from shared.devstack import free_port
 from tests.fixtures.cert import RunningCertService, StartCertService, error_reason
 from tests.fixtures.clock import FakeClock
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from deploy.devstack.servers import PostgresServer, RedisServer, free_port
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
-from shared.devstack import PostgresServer, RedisServer, free_port
 from tests.fixtures.cert import RunningCertService
 
 ROOT = Path(__file__).resolve().parents[2]

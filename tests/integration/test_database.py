@@ -23,9 +23,9 @@ from structlog.testing import capture_logs
 
 from cert_service.issuance_queue import IssuanceQueue
 from cert_service.storage import CertificateStore
+from deploy.devstack.servers import PostgresServer
 from shared.config import DatabaseConfig
 from shared.db import WRITE_GUARD, Database, open_database
-from shared.devstack import PostgresServer
 from shared.errors import DomainError, ErrorKind
 
 OPERATION_TIMEOUT = 0.3

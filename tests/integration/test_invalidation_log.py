@@ -11,11 +11,11 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
+from deploy.devstack.servers import RedisServer
 from key_service import keyformat
 from key_service.verify import record_key
 from myl.key.v1 import key_pb2
 from shared.config import ServerConfig
-from shared.devstack import RedisServer
 from tests.fixtures.clock import FakeClock
 from tests.fixtures.key import RunningKeyService, start_key_service
 

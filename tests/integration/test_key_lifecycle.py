@@ -15,9 +15,9 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
+from deploy.devstack.servers import PostgresServer
 from key_service.storage import ApiKeyRow
 from myl.key.v1 import key_pb2
-from shared.devstack import PostgresServer
 from tests.conftest import ROOT
 from tests.fixtures.clock import FakeClock
 from tests.fixtures.key import RunningKeyService

@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from deploy.devstack.servers import RedisServer
 from key_service import keyformat
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from myl.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from myl.key.v1 import key_pb2
-from shared.devstack import RedisServer
 from tests.fixtures.cert import RunningCertService
 from tests.fixtures.key import RunningKeyService
 

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from deploy.devstack.servers import RedisServer
 from key_service import keyformat
 from key_service.ratelimit import POPULATE_SCRIPT, VERIFY_SCRIPT, gcra
 from key_service.verify import VERIFY, rate_key, record_key
 from myl.key.v1 import key_pb2
 from shared.config import ServerConfig
-from shared.devstack import RedisServer
 from tests.conftest import all_keys, standalone_only
 from tests.fixtures.clock import FakeClock
 from tests.fixtures.key import RunningKeyService, start_key_service

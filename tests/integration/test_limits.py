@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from redis.crc import key_slot
 
+from deploy.devstack.servers import RedisClusterServers, RedisServer
 from shared.cache import Cache
 from shared.config import RedisConfig
-from shared.devstack import RedisClusterServers, RedisServer
 from shared.errors import DomainError, ErrorKind
 from shared.limits import (
     SECOND_US,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psycopg
 
-from shared.devstack import PostgresServer, free_port
+from deploy.devstack.servers import PostgresServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from shared.devstack import PostgresServer
+from deploy.devstack.servers import PostgresServer
 from shared.migrations import MigrationError, MigrationRunner, load_migrations
 from tests.conftest import MIGRATIONS, ROOT
 

@@ -16,6 +16,7 @@ import redis
 from redis.asyncio.client import Pipeline
 from redis.crc import key_slot
 
+from deploy.devstack.servers import RedisClusterServers, RedisServer
 from key_service import keyformat
 from key_service.ratelimit import VERIFY_SCRIPT
 from key_service.scriptclient import ClusterScriptClient, Script
@@ -23,7 +24,6 @@ from key_service.verify import record_key
 from myl.key.v1 import key_pb2
 from shared.cache import Cache, cache_key
 from shared.config import RedisConfig, ServerConfig
-from shared.devstack import RedisClusterServers, RedisServer
 from tests.fixtures.clock import FakeClock
 from tests.fixtures.key import start_key_service
 

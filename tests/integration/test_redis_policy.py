@@ -17,10 +17,10 @@ import pytest
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
+from deploy.devstack.servers import PostgresServer, RedisServer, free_port
 from shared.cache import Cache
 from shared.config import DatabaseConfig, RedisConfig
 from shared.db import Database, open_database
-from shared.devstack import PostgresServer, RedisServer, free_port
 from shared.monitoring import ResourceSampler
 
 SERVICE = "policy_test"

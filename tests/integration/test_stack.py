@@ -1,4 +1,4 @@
-"""`make run` (python -m shared.stack), the real command, as a new user meets it."""
+"""`make run` (python -m deploy.devstack.stack), the real command, as a new user meets it."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from shared.devstack import free_port, stop_process_group
+from deploy.devstack.servers import free_port, stop_process_group
 from tests.fixtures.makerun import MakeRun, readme_blocks, stack_ports
 from tests.fixtures.prometheus import prometheus_config, running_prometheus
 
@@ -54,7 +54,7 @@ def running_stack(tmp_path: Path, ports: dict[str, int]) -> Iterator[Path]:
     log_path = tmp_path / "first.log"
     with open(log_path, "wb") as log:
         first = subprocess.Popen(
-            [sys.executable, "-m", "shared.stack"],
+            [sys.executable, "-m", "deploy.devstack.stack"],
             cwd=ROOT,
             env=stack_env(run_dir, ports),
             stdout=log,
@@ -84,7 +84,7 @@ def test_a_second_make_run_refuses_and_leaves_the_first_intact(
     before = (envoy_yaml.read_bytes(), envoy_yaml.stat().st_mtime_ns)
     started = time.monotonic()
     second = subprocess.run(
-        [sys.executable, "-m", "shared.stack"],
+        [sys.executable, "-m", "deploy.devstack.stack"],
         cwd=ROOT,
         env=stack_env(running_stack, ports),
         capture_output=True,
@@ -103,7 +103,7 @@ def test_a_second_make_run_refuses_and_leaves_the_first_intact(
     # Another run directory, the same ports: refused before anything starts.
     elsewhere = tmp_path / "elsewhere"
     third = subprocess.run(
-        [sys.executable, "-m", "shared.stack"],
+        [sys.executable, "-m", "deploy.devstack.stack"],
         cwd=ROOT,
         env=stack_env(elsewhere, ports),
         capture_output=True,
@@ -125,7 +125,7 @@ def test_a_port_in_use_is_named(tmp_path: Path, ports: dict[str, int]) -> None:
         taken.bind(("127.0.0.1", ports["GATEWAY_PORT"]))
         taken.listen()
         run = subprocess.run(
-            [sys.executable, "-m", "shared.stack"],
+            [sys.executable, "-m", "deploy.devstack.stack"],
             cwd=ROOT,
             env=stack_env(tmp_path / "run", ports),
             capture_output=True,
@@ -385,7 +385,7 @@ def test_a_busy_redis_cluster_port_or_its_cluster_bus_is_named(tmp_path: Path) -
         taken.bind(("127.0.0.1", bus))
         taken.listen()
         run = subprocess.run(
-            [sys.executable, "-m", "shared.stack"],
+            [sys.executable, "-m", "deploy.devstack.stack"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
         )  # fmt: skip
     assert run.returncode == 1

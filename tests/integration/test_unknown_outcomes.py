@@ -17,11 +17,11 @@ import psycopg
 import pytest
 
 from cert_service.storage import CertificateStore, NewCertificate, NewRow
+from deploy.devstack.servers import PostgresServer
 from key_service.storage import ACTION_CREATE, AuditEntry, KeyStore, NewKeyRow
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from shared.config import DatabaseConfig
 from shared.db import Database, open_database
-from shared.devstack import PostgresServer
 from shared.idempotency import RequestKey
 from tests.fixtures.cert import RunningCertService, make_csr
 

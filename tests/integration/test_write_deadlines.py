@@ -20,11 +20,11 @@ import grpc
 import psycopg
 import pytest
 
+from deploy.devstack.servers import PostgresServer
 from key_service.storage import ACTION_CREATE, AuditEntry, KeyStore, NewKeyRow
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from shared.config import DatabaseConfig
 from shared.db import open_database
-from shared.devstack import PostgresServer
 from shared.errors import DomainError, ErrorKind
 from shared.idempotency import RequestKey
 from tests.fixtures.cert import RunningCertService, error_reason

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-ENVOY_DIR = Path(__file__).resolve().parent.parent / "deploy" / "envoy"
+ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 TEMPLATE_PATH = ENVOY_DIR / "envoy.yaml.tmpl"
 DESCRIPTOR_PATH = ENVOY_DIR / "myl.pb"
 OPENAPI_PATH = ENVOY_DIR / "openapi.json"

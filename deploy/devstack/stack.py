@@ -19,7 +19,7 @@ free, and names the one that is not. `.run/` cannot be listed by others, and the
 development CA key and the bootstrap operator key in it are mode 0600.
 
 With `CERT_ISSUER=acme` and no `ACME_DIRECTORY_URL` of its own, cert_service gets a
-local ACME world (`shared.acmestack`): Knot DNS, authoritative for the device zone and
+local ACME world (`deploy.devstack.acme`): Knot DNS, authoritative for the device zone and
 taking TSIG-signed updates, and Pebble, Let's Encrypt's test CA, validating DNS-01 against
 that Knot. Their settings go to cert_service only (the TSIG secret and the EAB key are
 nobody else's business). Default `make run` starts neither.
@@ -44,15 +44,15 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.acmestack import (
+from deploy.devstack.acme import (
     KnotServer,
     PebbleServer,
     TsigKey,
     generate_account_key,
     generate_eab,
 )
-from shared.config import ConfigError, EnvReader
-from shared.devstack import (
+from deploy.devstack.gateway import GatewayPorts, envoy_command, render_envoy_config
+from deploy.devstack.servers import (
     DevStackError,
     PostgresServer,
     RedisClusterServers,
@@ -61,9 +61,9 @@ from shared.devstack import (
     stop_process_group,
     wait_for_port,
 )
-from shared.gateway import GatewayPorts, envoy_command, render_envoy_config
+from shared.config import ConfigError, EnvReader
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # A Redis Cluster node also listens on its port + 10000, the cluster bus.
 CLUSTER_BUS_OFFSET = 10000
 RUN = Path(os.environ.get("MYL_RUN_DIR", ROOT / ".run"))

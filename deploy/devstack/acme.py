@@ -1,7 +1,7 @@
 """A local ACME world from the system's binaries: Knot DNS and Pebble.
 
 Used by `make run` with `CERT_ISSUER=acme` (under `.run/`) and by the tests (under a
-temporary directory), the way `shared.devstack` runs PostgreSQL and Redis.
+temporary directory), the way `deploy.devstack.servers` runs PostgreSQL and Redis.
 
 - `KnotServer`: an authoritative server for the device zone (myl.zip) on loopback. Its one
   ACL lets RFC 2136 updates in only when signed with the TSIG key; an unsigned update, or
@@ -57,7 +57,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from shared.devstack import DevStackError, free_port, log_tail, stop_process_group
+from deploy.devstack.servers import DevStackError, free_port, log_tail, stop_process_group
 
 # Records are meant to change quickly (a challenge's TXT lives for seconds): every TTL,
 # and the negative-caching TTL (SOA minimum), is one minute.
@@ -151,7 +151,7 @@ class KnotServer:
         tsig = self.tsig.fqdn
         # One worker of each kind: a development server on a two-core machine.
         return f"""\
-# Written by shared.acmestack.KnotServer at every start; edits are lost.
+# Written by deploy.devstack.acme.KnotServer at every start; edits are lost.
 server:
     rundir: "{run}"
     pidfile: "{run}/knot.pid"
