@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
 help:
 	@echo "make run               the whole stack in the foreground (Ctrl-C stops it)"
-	@echo "make test              lint, type checks, contract checks and the whole test suite"
+	@echo "make test              lint, import layers, type checks, contract checks and the whole test suite"
 	@echo "make bench             benchmarks (prints numbers)"
 	@echo "make fuzz [SEED=n]     schemathesis against the gateway, long run, random seed"
 	@echo "make proto             regenerate Python code and the gateway descriptor set"
@@ -41,6 +41,7 @@ check: lint typecheck buf
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -81,4 +82,4 @@ migrate-rollback: $(STAMP)
 	$(PY) -m cert_service migrate down $(ARGS)
 
 clean:
-	rm -rf .run .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf .run .mypy_cache .ruff_cache .pytest_cache .hypothesis .import_linter_cache
