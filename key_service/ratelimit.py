@@ -7,6 +7,9 @@ interval `T = 60 s / limit` (whole microseconds) and a burst of `limit`
 `max(TAT, now) + T - limit * T <= now`; admitting it moves TAT to
 `max(TAT, now) + T`. All arithmetic is in integer microseconds, so exactly
 `limit` requests are admitted from a fresh state, however they interleave.
+This is the named limits' GCRA (`shared.limits`) with burst = count = `limit` per minute:
+the step itself is `shared.limits.gcra_step` here and its Lua twin `LUA_GCRA_STEP` in the
+scripts, so there is one arithmetic for every limit.
 
 In Redis one Lua script GETs the cached key record and applies GCRA to the
 key's TAT in the same round trip; both keys carry the key hash as their hash
@@ -29,6 +32,8 @@ requests a second is not refused the moment Redis goes away.
 from __future__ import annotations
 
 from typing import Final
+
+from shared.limits import LUA_GCRA_STEP, gcra_step
 
 MINUTE_US: Final = 60_000_000
 
@@ -56,24 +61,27 @@ def emission_interval_us(limit: int) -> int:
 
 
 def gcra(tat_us: int | None, now_us: int, limit: int, apply: bool) -> tuple[int | None, Decision]:
-    """One GCRA step. Returns the TAT to store (None: leave it) and the decision.
+    """One GCRA step (`shared.limits.gcra_step`, cost 1). Returns the TAT to store (None:
+    leave it) and the decision.
 
-    `apply=False` is a dry run: it reports what a request would get and
-    changes nothing.
+    `apply=False` is a dry run: it reports what a request would get and changes nothing;
+    its `remaining` and `reset_us` are those of the state as it is (the request not
+    counted), one request more and one interval less than an applied request's.
     """
     interval = emission_interval_us(limit)
-    tolerance = interval * limit
-    tat = now_us if tat_us is None or tat_us < now_us else tat_us
-    allow_at = tat + interval - tolerance
-    if now_us < allow_at:
-        return None, Decision(False, 0, tat - now_us, allow_at - now_us)
-    new_tat = tat + interval if apply else tat
-    remaining = (tolerance - (new_tat - now_us)) // interval
-    return (new_tat if apply else None), Decision(True, remaining, new_tat - now_us, 0)
+    step = gcra_step(tat_us, now_us, interval, interval * limit, 1)
+    if not step.allowed:
+        return None, Decision(False, 0, step.tat_us - now_us, step.retry_after_us)
+    if apply:
+        return step.new_tat_us, Decision(True, step.remaining, step.new_tat_us - now_us, 0)
+    return None, Decision(True, step.remaining + 1, step.tat_us - now_us, 0)
 
 
-# Mirrors `gcra` above; the integration tests run both on the same inputs.
-_LUA_GCRA: Final = """
+# Mirrors `gcra` above; the integration tests run both on the same inputs. The limit is the
+# record's; the step is shared.limits' LUA_GCRA_STEP, over KEYS[2] (the key's TAT).
+_LUA_GCRA: Final = (
+    LUA_GCRA_STEP
+    + """
 local function gcra(record, now, apply)
   local h1 = string.find(record, '|', 1, true)
   if h1 == nil then return {record} end
@@ -82,22 +90,14 @@ local function gcra(record, now, apply)
   local limit = tonumber(string.sub(record, h1 + 1, h2 - 1))
   if now >= usable_until then return {record} end
   local interval = math.max(1, math.floor(60000000 / limit))
-  local tolerance = interval * limit
-  local tat = tonumber(redis.call('GET', KEYS[2])) or now
-  if tat < now then tat = now end
-  local allow_at = tat + interval - tolerance
-  if now < allow_at then
-    return {record, 0, 0, tat - now, allow_at - now}
-  end
-  local new_tat = tat
-  if apply == 1 then
-    new_tat = tat + interval
-    redis.call('SET', KEYS[2], string.format('%.0f', new_tat),
-               'PX', string.format('%.0f', math.ceil((new_tat - now) / 1000)))
-  end
-  return {record, 1, math.floor((tolerance - (new_tat - now)) / interval), new_tat - now, 0}
+  local allowed, tat, remaining, retry_after =
+    gcra_step(KEYS[2], now, interval, interval * limit, 1, apply == 1)
+  if allowed == 0 then return {record, 0, 0, tat - now, retry_after} end
+  if apply == 1 then return {record, 1, remaining, tat + interval - now, 0} end
+  return {record, 1, remaining + 1, tat - now, 0}
 end
 """
+)
 
 # KEYS[1]: the cached key record, KEYS[2]: the key's TAT.
 # ARGV[1]: now (us), ARGV[2]: 1 to count the request, 0 for a dry run.

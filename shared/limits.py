@@ -6,7 +6,9 @@ per `period`). Each bucket (one limit for one id: an operator key, a device name
 a client address) keeps one number in Redis, its theoretical arrival time (TAT). With the
 emission interval `T = period / count`, a request costing `c` is admitted at `now` when
 `max(TAT, now) + c*T - burst*T <= now`, and admitting it moves the TAT to `max(TAT, now) + c*T`.
-All arithmetic is in integer microseconds from the injected clock.
+All arithmetic is in integer microseconds from the injected clock. The step is `gcra_step`
+(and its Lua twin `LUA_GCRA_STEP`); key_service's per-key rate limit
+(`key_service.ratelimit`) runs the same step, so there is one GCRA arithmetic.
 
 - **Check-and-spend is one round trip**: one Lua script per bucket, all of a request's
   buckets pipelined together. Keys are `myl:limit:{<limit>:<id>}`: the hash tag is the whole
@@ -46,7 +48,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import redis.asyncio as aioredis
 import yaml
@@ -251,18 +253,37 @@ class Decision:
     retry_after_us: int
 
 
+class Step(NamedTuple):
+    """One GCRA step, before anything is stored."""
+
+    allowed: bool
+    tat_us: int  # the TAT the step started from, never before `now`
+    new_tat_us: int  # the TAT once the request is admitted
+    remaining: int  # requests admitted right after this one (0 when refused)
+    retry_after_us: int  # until the request would be admitted (0 when it is)
+
+
+def gcra_step(
+    tat_us: int | None, now_us: int, interval_us: int, tolerance_us: int, cost: int
+) -> Step:
+    """The one GCRA arithmetic, for every limit (the named limits here, key_service's
+    per-key limit): `_LUA_GCRA_STEP` is the same in Redis, and the in-process fallback
+    (`LocalBuckets`) calls this."""
+    tat = now_us if tat_us is None or tat_us < now_us else tat_us
+    new_tat = tat + cost * interval_us
+    allow_at = new_tat - tolerance_us
+    if now_us < allow_at:
+        return Step(False, tat, new_tat, 0, allow_at - now_us)
+    return Step(True, tat, new_tat, (tolerance_us - (new_tat - now_us)) // interval_us, 0)
+
+
 def gcra(
     tat_us: int | None, now_us: int, limit: Limit, cost: int, spend: bool
 ) -> tuple[int | None, Decision]:
     """One GCRA step: the TAT to store (None: leave it) and the decision. Mirrors the Lua."""
-    interval = limit.interval_us
-    tat = now_us if tat_us is None or tat_us < now_us else tat_us
-    new_tat = tat + cost * interval
-    allow_at = new_tat - limit.tolerance_us
-    if now_us < allow_at:
-        return None, Decision(False, 0, allow_at - now_us)
-    remaining = (limit.tolerance_us - (new_tat - now_us)) // interval
-    return (new_tat if spend else None), Decision(True, remaining, 0)
+    step = gcra_step(tat_us, now_us, limit.interval_us, limit.tolerance_us, cost)
+    decision = Decision(step.allowed, step.remaining, step.retry_after_us)
+    return (step.new_tat_us if step.allowed and spend else None), decision
 
 
 def refunded(tat_us: int | None, now_us: int, limit: Limit, cost: int) -> int | None:
@@ -273,36 +294,51 @@ def refunded(tat_us: int | None, now_us: int, limit: Limit, cost: int) -> int | 
     return new_tat if new_tat > now_us else None
 
 
+# The Lua twin of `gcra_step`, for every script that limits (this module's and
+# key_service.ratelimit's): one step over the TAT stored at `key`, storing the new TAT (with
+# a TTL that ends when the bucket is full again) when `spend` and admitted. Returns allowed
+# (1 or 0), the TAT it started from, remaining and retry_after_us, as `Step` does.
+LUA_GCRA_STEP: Final = """
+local function store_tat(key, tat, now)
+  redis.call('SET', key, string.format('%.0f', tat),
+             'PX', string.format('%.0f', math.ceil((tat - now) / 1000)))
+end
+local function gcra_step(key, now, interval, tolerance, cost, spend)
+  local tat = tonumber(redis.call('GET', key))
+  if tat == nil or tat < now then tat = now end
+  local new_tat = tat + cost * interval
+  local allow_at = new_tat - tolerance
+  if now < allow_at then return 0, tat, 0, allow_at - now end
+  if spend then store_tat(key, new_tat, now) end
+  return 1, tat, math.floor((tolerance - (new_tat - now)) / interval), 0
+end
+"""
+
 # KEYS[1]: the bucket. ARGV: now_us, interval_us, tolerance_us, cost, mode (spend | check |
 # refund). Returns {allowed, remaining, retry_after_us}. The key expires when the bucket is full.
-GCRA_SCRIPT: Final = """
+GCRA_SCRIPT: Final = (
+    LUA_GCRA_STEP
+    + """
 local now = tonumber(ARGV[1])
 local interval = tonumber(ARGV[2])
-local tolerance = tonumber(ARGV[3])
 local cost = tonumber(ARGV[4])
 local mode = ARGV[5]
-local tat = tonumber(redis.call('GET', KEYS[1]))
 if mode == 'refund' then
+  local tat = tonumber(redis.call('GET', KEYS[1]))
   if tat == nil then return {1, 0, 0} end
   local back = tat - cost * interval
   if back > now then
-    redis.call('SET', KEYS[1], string.format('%.0f', back),
-               'PX', string.format('%.0f', math.ceil((back - now) / 1000)))
+    store_tat(KEYS[1], back, now)
   else
     redis.call('DEL', KEYS[1])
   end
   return {1, 0, 0}
 end
-if tat == nil or tat < now then tat = now end
-local new_tat = tat + cost * interval
-local allow_at = new_tat - tolerance
-if now < allow_at then return {0, 0, allow_at - now} end
-if mode == 'spend' then
-  redis.call('SET', KEYS[1], string.format('%.0f', new_tat),
-             'PX', string.format('%.0f', math.ceil((new_tat - now) / 1000)))
-end
-return {1, math.floor((tolerance - (new_tat - now)) / interval), 0}
+local allowed, _, remaining, retry_after =
+  gcra_step(KEYS[1], now, interval, tonumber(ARGV[3]), cost, mode == 'spend')
+return {allowed, remaining, retry_after}
 """
+)
 
 
 class LocalBuckets:
