@@ -18,22 +18,24 @@ small header `usable_until_us|limit|...` so the script knows the limit and
 does not count requests with an expired or revoked key.
 
 When Redis cannot be reached, each replica limits with `LocalLimiter`, the
-same algorithm in process memory (so the effective limit is per replica until
-Redis returns). It seeds a key it has not seen *conservatively*, as if the
-key had just used its burst but for one second's worth of its rate (at least
-one request): Redis may have lost the key's state (a restart) or may only be
-out of reach (a hang, with the burst already spent there), and the replica
-cannot tell which. With this seeding a Redis restart hands a key at most one
-extra burst (the fresh state Redis starts from) and one second of its rate,
-never a second burst from the fallback; and a key allowed thousands of
-requests a second is not refused the moment Redis goes away.
+named limits' in-process fallback (`shared.limits.LocalBuckets`) keyed by key
+hash, so the effective limit is per replica until Redis returns. It seeds a key
+it has not seen by the one rule of `shared.limits.fallback_seed`: as if the key
+had just used its burst but for one second's worth of its rate (at least one
+request). Redis may have lost the key's state (a restart) or may only be out of
+reach (a hang, with the burst already spent there), and the replica cannot tell
+which. With this seeding a Redis restart hands a key at most one extra burst
+(the fresh state Redis starts from) and one second of its rate, never a second
+burst from the fallback; and a key allowed thousands of requests a second is
+not refused the moment Redis goes away.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Final
 
-from shared.limits import LUA_GCRA_STEP, gcra_step
+from shared.limits import LUA_GCRA_STEP, Limit, LocalBuckets, Step, gcra_step
 
 MINUTE_US: Final = 60_000_000
 
@@ -70,11 +72,22 @@ def gcra(tat_us: int | None, now_us: int, limit: int, apply: bool) -> tuple[int 
     """
     interval = emission_interval_us(limit)
     step = gcra_step(tat_us, now_us, interval, interval * limit, 1)
+    return (step.new_tat_us if step.allowed and apply else None), _decision(step, now_us, apply)
+
+
+@functools.lru_cache(maxsize=4096)
+def per_minute(limit: int) -> Limit:
+    """A key's limit as a `shared.limits.Limit`: `limit` per minute, burst `limit`, the
+    emission interval `emission_interval_us(limit)` (at least one microsecond)."""
+    return Limit(limit, min(limit, MINUTE_US), MINUTE_US)
+
+
+def _decision(step: Step, now_us: int, apply: bool) -> Decision:
     if not step.allowed:
-        return None, Decision(False, 0, step.tat_us - now_us, step.retry_after_us)
+        return Decision(False, 0, step.tat_us - now_us, step.retry_after_us)
     if apply:
-        return step.new_tat_us, Decision(True, step.remaining, step.new_tat_us - now_us, 0)
-    return None, Decision(True, step.remaining + 1, step.tat_us - now_us, 0)
+        return Decision(True, step.remaining, step.new_tat_us - now_us, 0)
+    return Decision(True, step.remaining + 1, step.tat_us - now_us, 0)
 
 
 # Mirrors `gcra` above; the integration tests run both on the same inputs. The limit is the
@@ -128,33 +141,11 @@ return gcra(record, tonumber(ARGV[1]), tonumber(ARGV[2]))
 )
 
 
-class LocalLimiter:
-    """GCRA in process memory, for when Redis is away. Bounded in size."""
+class LocalLimiter(LocalBuckets):
+    """The in-process fallback (`shared.limits.LocalBuckets`), keyed by key hash."""
 
     def __init__(self, max_keys: int = 100_000) -> None:
-        self.max_keys = max_keys
-        self._tats: dict[bytes, int] = {}
+        super().__init__(max_keys)
 
     def check(self, key: bytes, limit: int, now_us: int, apply: bool) -> Decision:
-        tats = self._tats
-        tat = tats.get(key)
-        if tat is None:
-            # Burst spent but for one second of the rate (see the module docstring).
-            allowance = max(1, limit // 60)
-            tat = now_us + (limit - allowance) * emission_interval_us(limit)
-        new_tat, decision = gcra(tat, now_us, limit, apply)
-        if new_tat is not None:
-            if len(tats) >= self.max_keys and key not in tats:
-                self._evict(now_us)
-            tats[key] = new_tat
-        return decision
-
-    def _evict(self, now_us: int) -> None:
-        """Drop states that have fully recovered (they equal a fresh state)."""
-        for key in [k for k, tat in self._tats.items() if tat <= now_us]:
-            del self._tats[key]
-        if len(self._tats) >= self.max_keys:
-            self._tats.clear()
-
-    def __len__(self) -> int:
-        return len(self._tats)
+        return _decision(self.step(key, per_minute(limit), now_us, 1, apply), now_us, apply)

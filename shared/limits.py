@@ -29,10 +29,13 @@ All arithmetic is in integer microseconds from the injected clock. The step is `
 
   Periods are Go-style durations (`90s`, `10m`, `1h`, `168h`, `1h30m`).
 - **Redis away** (the shared breaker returns our default): each replica limits with the same
-  algorithm in process memory, seeding a bucket it has not seen *conservatively*, as if all of
-  its burst but one request had been spent (as key verification does): the replica cannot tell
-  whether Redis lost the bucket or only cannot be reached with it spent, and this way a Redis
-  outage hands an id at most one extra request per replica, never a fresh burst.
+  algorithm in process memory (`LocalBuckets`, also key_service's per-key fallback). One
+  seeding rule for every limit (`fallback_seed`): a bucket it has not seen starts with its
+  burst spent but for *one second of its steady rate*, at least one request (for every
+  default limit here that is one request). The replica cannot tell whether Redis lost the
+  bucket (a restart, which hands out at most one fresh burst from Redis itself) or only cannot
+  be reached with the burst spent there (a hang), so the fallback never hands out a second
+  burst; and a limit of thousands of requests a second is not refused the moment Redis goes.
 - Every refusal is RESOURCE_EXHAUSTED with RetryInfo (the time until the request would be
   admitted), ErrorInfo reason `<LIMIT>_EXCEEDED` and metadata naming the limit and the id; the
   servers add a `retry-after` header from it (the gateway passes it on as `Retry-After`).
@@ -341,24 +344,38 @@ return {allowed, remaining, retry_after}
 )
 
 
+def fallback_seed(limit: Limit, now_us: int) -> int:
+    """The TAT an unseen bucket starts from in process (Redis away): its burst spent but for
+    one second of its steady rate, at least one request (see the module docstring)."""
+    allowance = max(1, min(limit.burst, limit.count * SECOND_US // limit.period_us))
+    return now_us + limit.tolerance_us - allowance * limit.interval_us
+
+
 class LocalBuckets:
-    """GCRA in process memory, for when Redis is away. Bounded in size."""
+    """GCRA in process memory, for when Redis is away: the one fallback of every limit (the
+    named limits' buckets here, key_service's per-key limit keyed by key hash). Bounded in
+    size; an unseen bucket starts from `fallback_seed`."""
 
     def __init__(self, max_buckets: int = 100_000) -> None:
         self.max_buckets = max_buckets
-        self._tats: dict[str, int] = {}
+        self._tats: dict[str | bytes, int] = {}
+
+    def step(self, key: str | bytes, limit: Limit, now_us: int, cost: int, spend: bool) -> Step:
+        """One `gcra_step` on the bucket `key`, stored when `spend` and admitted."""
+        tats = self._tats
+        tat = tats.get(key)
+        if tat is None:
+            tat = fallback_seed(limit, now_us)
+        step = gcra_step(tat, now_us, limit.interval_us, limit.tolerance_us, cost)
+        if spend and step.allowed:
+            if len(tats) >= self.max_buckets and key not in tats:
+                self._evict(now_us)
+            tats[key] = step.new_tat_us
+        return step
 
     def spend(self, bucket: Bucket, limit: Limit, now_us: int, spend: bool = True) -> Decision:
-        tat = self._tats.get(bucket.key)
-        if tat is None:
-            # All of the burst spent but one request (see the module docstring).
-            tat = now_us + limit.tolerance_us - limit.interval_us
-        new_tat, decision = gcra(tat, now_us, limit, bucket.cost, spend)
-        if new_tat is not None:
-            if len(self._tats) >= self.max_buckets and bucket.key not in self._tats:
-                self._evict(now_us)
-            self._tats[bucket.key] = new_tat
-        return decision
+        step = self.step(bucket.key, limit, now_us, bucket.cost, spend)
+        return Decision(step.allowed, step.remaining, step.retry_after_us)
 
     def refund(self, bucket: Bucket, limit: Limit, now_us: int) -> None:
         back = refunded(self._tats.get(bucket.key), now_us, limit, bucket.cost)
@@ -369,6 +386,7 @@ class LocalBuckets:
             self._tats[bucket.key] = back
 
     def _evict(self, now_us: int) -> None:
+        """Drop states that have fully recovered (they equal a fresh state)."""
         for key in [k for k, tat in self._tats.items() if tat <= now_us]:
             del self._tats[key]
         if len(self._tats) >= self.max_buckets:
