@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 help:
 	@echo "make run               the whole stack in the foreground (Ctrl-C stops it)"
 	@echo "make test              lint, import layers, type checks, contract checks and the whole test suite"
-	@echo "make bench             benchmarks (prints numbers)"
+	@echo "make bench             benchmarks (prints numbers); AGAINST=<commit> compares hot paths"
 	@echo "make fuzz [SEED=n]     schemathesis against the gateway, long run, random seed"
 	@echo "make proto             regenerate Python code and the gateway descriptor set"
 	@echo "make migrate | migrate-status | migrate-rollback"
@@ -57,9 +57,12 @@ buf: $(STAMP)
 proto: $(STAMP)
 	$(PY) protos/generate.py
 
+# AGAINST=<commit>: the gateway and verify benchmarks for this tree and that commit, side by
+# side in one run, with their ratios (tests/bench/compare.py).
 bench: $(STAMP)
 	@deploy/system-deps.sh bench
-	$(PY) -m tests.bench
+	@if [ -n "$(AGAINST)" ]; then $(PY) -m tests.bench.compare --against "$(AGAINST)"; \
+	else $(PY) -m tests.bench; fi
 
 # The schemathesis test of `make test`, longer: more examples, the stateful phase, a random
 # seed (or SEED=n to repeat a run). Prints the seed, the cases run and where requests ended.
