@@ -30,12 +30,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 _GATEWAY_ROW = re.compile(
-    r"^(direct gRPC to cert_service|gRPC through Envoy|REST through Envoy \(HTTP/1\.1\))\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)",
+    r"^(direct gRPC to cert_service|gRPC through Envoy|REST through Envoy \(HTTP/1\.1\))"
+    r"\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)",
     re.M,
-)  # noqa: E501
+)
 _CEILING = re.compile(
     r"^(verify|Check) cache hit / echo ceiling: (\d+)% \(req/s\), (\d+)% \(CPU/call\)", re.M
-)  # noqa: E501
+)
 
 
 @contextlib.contextmanager
