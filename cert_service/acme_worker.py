@@ -1,4 +1,4 @@
-"""The ACME worker: completes queued orders (`cert_service.issuance_queue`) in the background.
+"""The ACME worker: completes queued orders (`cert_service.storage.queue`) in the background.
 
 Every replica runs one. A round claims as many due jobs as it has free slots
 (`ACME_CONCURRENCY`), and each job runs its order in a thread (`cert_service.acme`) while an
@@ -34,9 +34,8 @@ from prometheus_client import Counter, Histogram
 
 from cert_service.acme import AcmeClient, AcmeFailure, AcmeSettings
 from cert_service.issuance import CSR_UNCHANGED, new_certificate
-from cert_service.issuance_queue import IssuanceJob, IssuanceQueue
 from cert_service.issuer import IssuedCertificate, serial_hex, spki_der
-from cert_service.storage import NewCertificate
+from cert_service.storage import IssuanceJob, IssuanceQueue, NewCertificate
 from shared.clock import Clock
 from shared.logging import get_logger
 from shared.tasks import stop_if_cancelled

@@ -16,9 +16,8 @@ from cert_service.ca import CertificateAuthorityError, LocalCertificateAuthority
 from cert_service.certcache import CertificateCache
 from cert_service.certificates import AsyncIssuance, DeviceCertificates
 from cert_service.config import SERVICE, CertServiceConfig
-from cert_service.crl import CrlPublisher, CrlStore
+from cert_service.crl import CrlPublisher
 from cert_service.dns01 import DnsUpdater
-from cert_service.issuance_queue import IssuanceQueue
 from cert_service.issuer import Issuer
 from cert_service.lifecycle import LifecycleWorker
 from cert_service.limits import CertificateLimits
@@ -26,7 +25,7 @@ from cert_service.monitoring import FleetSampler
 from cert_service.outbox import OutboxRelay
 from cert_service.pki import PublicRepository
 from cert_service.service import SERVICE_NAME, CertificateServicer
-from cert_service.storage import CertificateStore
+from cert_service.storage import CertificateStore, CrlStore, IssuanceQueue
 from myl.cert.v1 import cert_pb2_grpc
 from shared.cache import Cache
 from shared.clock import Clock, SystemClock
@@ -75,7 +74,7 @@ class CertApp:
         repository: PublicRepository | None = None
         if isinstance(issuer, LocalCertificateAuthority):
             self.crl_publisher = CrlPublisher(
-                CrlStore(self.store),
+                CrlStore(db),
                 issuer,
                 clock,
                 validity=timedelta(seconds=config.crl_validity),
@@ -86,7 +85,7 @@ class CertApp:
         acme: AsyncIssuance | None = None
         queue: IssuanceQueue | None = None
         if config.acme is not None and config.dns is not None:
-            queue = IssuanceQueue(self.store)
+            queue = IssuanceQueue(db)
             acme = AsyncIssuance(queue)
         self.lifecycle = LifecycleWorker(
             self.store,

@@ -23,7 +23,6 @@ from cert_service.acme import csr_names_problem, device_csr
 from cert_service.batching import Coalescer
 from cert_service.certcache import NOT_FOUND, CertificateCache
 from cert_service.issuance import CSR_UNCHANGED, issue_device_certificate
-from cert_service.issuance_queue import IssuanceQueue
 from cert_service.issuer import (
     Issuer,
     PublicKey,
@@ -40,6 +39,7 @@ from cert_service.storage import (
     CertificateRecord,
     CertificateStore,
     CompletedRequest,
+    IssuanceQueue,
     ListQuery,
     NewCertificate,
     NewRow,

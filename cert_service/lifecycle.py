@@ -26,10 +26,9 @@ from cert_service import certcache
 from cert_service.ari import RenewalPolicy
 from cert_service.certcache import CertificateCache
 from cert_service.issuance import CSR_UNCHANGED, issue_device_certificate
-from cert_service.issuance_queue import IssuanceQueue
 from cert_service.issuer import Issuer, PublicKeyError, load_public_key
 from cert_service.metrics import CERTIFICATE_OPERATIONS
-from cert_service.storage import CertificateStore, NewCertificate
+from cert_service.storage import CertificateStore, IssuanceQueue, NewCertificate
 from shared import idempotency
 from shared.clock import Clock
 from shared.logging import get_logger

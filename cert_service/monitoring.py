@@ -5,8 +5,7 @@ alerts take `max` over replicas): the delete cascade's outbox (pending events, t
 oldest one), the lifecycle backlog (active auto-renewing certificates past their renewal point,
 which the worker should have renewed), active certificates expiring within 7 days (by
 auto_renewal), the ACME orders wanted and the age of the oldest, and when the CA certificate
-expires. The read-only statements live here beside
-the gauges they feed, not in `storage.py`: no request path uses them.
+expires. Their one read is the store's (`cert_service.storage.fleet`).
 """
 
 from __future__ import annotations
@@ -38,23 +37,6 @@ log = get_logger(__name__)
 EXPIRING_WINDOW = timedelta(days=7)
 _SAMPLE_TIMEOUT = 30.0
 
-_FLEET_SQL = """
-SELECT
-  (SELECT count(*) FROM device_events_outbox),
-  (SELECT min(created_at) FROM device_events_outbox),
-  (SELECT count(*) FROM device_certificates
-     WHERE status = 'active' AND auto_renewal
-       AND issued_at + (expires_at - issued_at) * %(fraction)s <= %(now)s),
-  (SELECT count(*) FROM device_certificates
-     WHERE status = 'active' AND auto_renewal
-       AND expires_at > %(now)s AND expires_at <= %(soon)s),
-  (SELECT count(*) FROM device_certificates
-     WHERE status = 'active' AND NOT auto_renewal
-       AND expires_at > %(now)s AND expires_at <= %(soon)s),
-  (SELECT count(*) FROM device_certificates WHERE issuance_csr IS NOT NULL),
-  (SELECT min(issuance_requested_at) FROM device_certificates WHERE issuance_csr IS NOT NULL)
-"""
-
 
 class FleetSampler:
     def __init__(
@@ -79,21 +61,17 @@ class FleetSampler:
     async def sample(self) -> None:
         self.sample_ca()
         now = self.clock.now()
-        params = {"fraction": self.renew_at_fraction, "now": now, "soon": now + EXPIRING_WINDOW}
-        # Not watched: on a large table the counts may take longer than a request may hold a
-        # connection, and that must not read as the database hanging. Bounded instead.
-        async with asyncio.timeout(_SAMPLE_TIMEOUT), self.store.connection(watched=False) as conn:
-            cur = await conn.execute(_FLEET_SQL, params)
-            row = await cur.fetchone()
-        if row is None:
+        async with asyncio.timeout(_SAMPLE_TIMEOUT):
+            counts = await self.store.fleet_counts(now, self.renew_at_fraction, EXPIRING_WINDOW)
+        if counts is None:
             return
-        pending, oldest, backlog, expiring_auto, expiring_manual, orders, oldest_order = row
-        OUTBOX_PENDING.set(pending)
+        oldest, oldest_order = counts.outbox_oldest, counts.oldest_order
+        OUTBOX_PENDING.set(counts.outbox_pending)
         OUTBOX_LAG.set(max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0)
-        RENEWAL_BACKLOG.set(backlog)
-        EXPIRING_SOON.labels("true").set(expiring_auto)
-        EXPIRING_SOON.labels("false").set(expiring_manual)
-        ISSUANCE_PENDING.set(orders)
+        RENEWAL_BACKLOG.set(counts.renewal_backlog)
+        EXPIRING_SOON.labels("true").set(counts.expiring_auto)
+        EXPIRING_SOON.labels("false").set(counts.expiring_manual)
+        ISSUANCE_PENDING.set(counts.orders)
         ISSUANCE_OLDEST.set(
             max(0.0, (now - oldest_order).total_seconds()) if oldest_order is not None else 0.0
         )

@@ -44,8 +44,9 @@ REVOKED_FRACTION = 0.01
 def crl_size(shards: int) -> tuple[int, int]:
     """(entries per shard, DER bytes of that shard's CRL)."""
     from cert_service.ca import LocalCertificateAuthority, PkiLocations, create_development_ca
-    from cert_service.crl import RevokedEntry, sign_crl
+    from cert_service.crl import sign_crl
     from cert_service.randomness import serial_number
+    from cert_service.storage import RevokedEntry
 
     with tempfile.TemporaryDirectory() as temporary:
         directory = Path(temporary)

@@ -21,8 +21,7 @@ import pytest
 from psycopg import sql
 from structlog.testing import capture_logs
 
-from cert_service.issuance_queue import IssuanceQueue
-from cert_service.storage import CertificateStore
+from cert_service.storage import IssuanceQueue
 from deploy.devstack.servers import PostgresServer
 from shared.config import DatabaseConfig
 from shared.db import WRITE_GUARD, Database, open_database
@@ -110,7 +109,7 @@ async def test_an_answer_that_arrived_while_the_process_was_busy_is_not_cut(
 async def test_the_order_budget_admits_exactly_its_orders_under_contention(
     db: Database, pg_server: PostgresServer, database: str
 ) -> None:
-    queues = [IssuanceQueue(CertificateStore(db)) for _ in range(2)]
+    queues = [IssuanceQueue(db) for _ in range(2)]
     now = datetime.now(UTC)
     interval = timedelta(minutes=12)  # 5 per hour
     url = "https://acme.example/directory"

@@ -26,7 +26,11 @@ def _sections() -> dict[str, str]:
 
 def _modules(directory: Path) -> set[str]:
     names = {path.name for path in directory.glob("*.py") if path.name != "__init__.py"}
-    return names | {f"{path.name}/" for path in directory.iterdir() if path.name == "migrations"}
+    return names | {
+        f"{path.name}/"
+        for path in directory.iterdir()
+        if path.name == "migrations" or (path / "__init__.py").is_file()
+    }
 
 
 @pytest.mark.parametrize("package", sorted(PACKAGES))

@@ -24,14 +24,14 @@ from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
-from cert_service.storage import (
-    _COLUMNS,
-    _LOG_CHANGED,
+from cert_service.storage.base import (
     CANCEL_ISSUANCE,
+    COLUMNS,
+    LOG_CHANGED,
     CertificateRecord,
-    CertificateStore,
     NewCertificate,
-    _record,
+    StoreBase,
+    to_record,
 )
 from shared.db import WRITE_GUARD
 
@@ -54,9 +54,9 @@ class IssuanceJob:
     requested_at: datetime
 
 
-class IssuanceQueue:
-    def __init__(self, store: CertificateStore) -> None:
-        self.store = store
+class IssuanceQueue(StoreBase):
+    """SQL for the issuance columns of device_certificates, acme_revocations, acme_accounts
+    and acme_order_budget."""
 
     async def request(
         self, device_id: str, csr_pem: str, occasion: str, now: datetime, serial_number: str
@@ -64,7 +64,7 @@ class IssuanceQueue:
         """Queue an order for `csr_pem` (a renewal, or a provision's retry with a fresh key),
         replacing any earlier one; None when the row changed since `serial_number` was read.
         Returns the record and the logged cache invalidation's id."""
-        async with self.store.connection() as conn:
+        async with self.connection() as conn:
             cur = await conn.execute(
                 f"""
                 WITH changed AS (
@@ -74,8 +74,8 @@ class IssuanceQueue:
                         updated_at = %(now)s
                     WHERE device_id = %(device)s AND serial_number = %(serial)s
                       AND {WRITE_GUARD}
-                    RETURNING {_COLUMNS}
-                ), {_LOG_CHANGED}
+                    RETURNING {COLUMNS}
+                ), {LOG_CHANGED}
                 SELECT changed.*, logged.id FROM changed, logged
                 """,
                 {
@@ -84,16 +84,16 @@ class IssuanceQueue:
                     "now": now,
                     "device": device_id,
                     "serial": serial_number,
-                    "deadline": self.store.db.write_deadline(conn),
+                    "deadline": self.db.write_deadline(conn),
                 },
                 binary=True,
             )
             row = await cur.fetchone()
-        return None if row is None else (_record(row[:-1]), row[-1])
+        return None if row is None else (to_record(row[:-1]), row[-1])
 
     async def claim(self, now: datetime, limit: int, lease: timedelta) -> list[IssuanceJob]:
         """Lease up to `limit` due orders, oldest due first; each claim counts an attempt."""
-        async with self.store.connection() as conn:
+        async with self.connection() as conn:
             cur = await conn.execute(
                 """
                 UPDATE device_certificates SET
@@ -118,7 +118,7 @@ class IssuanceQueue:
 
     async def extend(self, job: IssuanceJob, until: datetime) -> bool:
         """Keep the lease; False when it is no longer ours (the worker should stop)."""
-        async with self.store.connection() as conn:
+        async with self.connection() as conn:
             cur = await conn.execute(
                 "UPDATE device_certificates SET issuance_lease_until = %s "
                 "WHERE device_id = %s AND issuance_lease = %s",
@@ -128,7 +128,7 @@ class IssuanceQueue:
 
     async def record_order(self, job: IssuanceJob, order_url: str) -> bool:
         """Remember the placed order, so a takeover resumes it instead of placing another."""
-        async with self.store.connection() as conn:
+        async with self.connection() as conn:
             cur = await conn.execute(
                 "UPDATE device_certificates SET acme_order_url = %s "
                 "WHERE device_id = %s AND issuance_lease = %s",
@@ -148,7 +148,7 @@ class IssuanceQueue:
         """Give the job back with its error, due again at `due_at` (None: only a new request
         helps). `keep_order=False` forgets the order (it is invalid: the next attempt places
         another); `count_attempt=False` for a job that was not tried (the budget deferred it)."""
-        async with self.store.connection() as conn:
+        async with self.connection() as conn:
             cur = await conn.execute(
                 """
                 UPDATE device_certificates SET
@@ -167,7 +167,7 @@ class IssuanceQueue:
     ) -> tuple[CertificateRecord, int] | None:
         """Store the CA's certificate, ACTIVE, and end the job; None when the lease is no
         longer ours (the request was cancelled or replaced: the certificate is not used)."""
-        async with self.store.connection() as conn:
+        async with self.connection() as conn:
             cur = await conn.execute(
                 f"""
                 WITH changed AS (
@@ -182,8 +182,8 @@ class IssuanceQueue:
                             + CASE WHEN status = 'pending' THEN 0 ELSE 1 END,
                         updated_at = %(now)s, {CANCEL_ISSUANCE}
                     WHERE device_id = %(device)s AND issuance_lease = %(lease)s
-                    RETURNING {_COLUMNS}
-                ), {_LOG_CHANGED}
+                    RETURNING {COLUMNS}
+                ), {LOG_CHANGED}
                 SELECT changed.*, logged.id FROM changed, logged
                 """,
                 {
@@ -200,7 +200,7 @@ class IssuanceQueue:
                 binary=True,
             )
             row = await cur.fetchone()
-        return None if row is None else (_record(row[:-1]), row[-1])
+        return None if row is None else (to_record(row[:-1]), row[-1])
 
     @staticmethod
     async def queue_renewals(
@@ -231,7 +231,7 @@ class IssuanceQueue:
     async def set_renewal_time(self, device_id: str, serial_number: str, when: datetime) -> None:
         """Record the CA's suggested renewal time (ARI) for the device's current certificate;
         the lifecycle renews by it instead of RENEW_AT_FRACTION."""
-        async with self.store.connection() as conn:
+        async with self.connection() as conn:
             await conn.execute(
                 "UPDATE device_certificates SET certificate_data = certificate_data "
                 "|| jsonb_build_object('ari_renew_at', %s::timestamptz) "
@@ -241,7 +241,7 @@ class IssuanceQueue:
 
     async def renewal_time(self, device_id: str, serial_number: str) -> datetime | None:
         """The CA's suggested renewal time recorded for this certificate, if any."""
-        async with self.store.connection() as conn:
+        async with self.connection() as conn:
             cur = await conn.execute(
                 "SELECT (certificate_data->>'ari_renew_at')::timestamptz "
                 "FROM device_certificates WHERE device_id = %s AND serial_number = %s",
@@ -257,7 +257,7 @@ class IssuanceQueue:
     ) -> list[tuple[str, str, str, int]]:
         """Due revocations as (serial, certificate PEM, reason, attempts), each pushed back by
         `lease` so no other replica sends it meanwhile."""
-        async with self.store.connection() as conn:
+        async with self.connection() as conn:
             cur = await conn.execute(
                 """
                 UPDATE acme_revocations SET due_at = %s, attempts = attempts + 1
@@ -271,13 +271,13 @@ class IssuanceQueue:
             return [(str(a), str(b), str(c), int(d)) for a, b, c, d in await cur.fetchall()]
 
     async def revocation_sent(self, serial_number: str) -> None:
-        async with self.store.connection() as conn:
+        async with self.connection() as conn:
             await conn.execute(
                 "DELETE FROM acme_revocations WHERE serial_number = %s", (serial_number,)
             )
 
     async def revocation_failed(self, serial_number: str, error: str, due_at: datetime) -> None:
-        async with self.store.connection() as conn:
+        async with self.connection() as conn:
             await conn.execute(
                 "UPDATE acme_revocations SET last_error = %s, due_at = %s WHERE serial_number = %s",
                 (error[:2000], due_at, serial_number),
@@ -286,7 +286,7 @@ class IssuanceQueue:
     # -- the account and the order budget ------------------------------------------------------
 
     async def account_url(self, directory_url: str, thumbprint: str) -> str | None:
-        async with self.store.connection() as conn:
+        async with self.connection() as conn:
             cur = await conn.execute(
                 "SELECT account_url FROM acme_accounts "
                 "WHERE directory_url = %s AND key_thumbprint = %s",
@@ -300,7 +300,7 @@ class IssuanceQueue:
     ) -> str:
         """Record the account (the first replica's wins, or a re-registration replaces a
         lost one); returns the account URL every replica uses from now on."""
-        async with self.store.connection() as conn:
+        async with self.connection() as conn:
             cur = await conn.execute(
                 """
                 INSERT INTO acme_accounts (directory_url, key_thumbprint, account_url, created_at)
@@ -323,7 +323,7 @@ class IssuanceQueue:
         Each statement is its own transaction (the store's connections autocommit): the
         bucket's row is locked only while the server runs the UPDATE, never across a round
         trip, so a replica that stalls between statements cannot hold up the others."""
-        async with self.store.connection() as conn:
+        async with self.connection() as conn:
             await conn.execute(
                 "INSERT INTO acme_order_budget (directory_url, tat) VALUES (%s, %s) "
                 "ON CONFLICT DO NOTHING",
