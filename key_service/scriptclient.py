@@ -19,15 +19,16 @@ so `shared.cache.Cache.run` (its circuit breaker and default) treats them like
 any other Redis failure. Everything else (writes, invalidation) goes through
 the shared `Cache`.
 
-Why it is hand-written at all: measured side by side on this machine (one
-process, 200 concurrent calls of the verify script), redis-py's asyncio client
-ran about 1,200 calls/s and this one about 8,700 (`make bench` prints the
-comparison). On Redis Cluster, `ClusterScriptClient` routes each call by the
-hash slot of its first key (every key of one call shares a hash tag), one
-pipelined connection per node, follows `MOVED` (and refreshes the slot map
-from `CLUSTER SLOTS`) and `ASK` (with `ASKING`), and refreshes the map after a
-node stops answering, so a failover is followed once the cluster has promoted
-a replica.
+Why it is hand-written at all: `make bench` (tests/bench/bench_redis_clients.py)
+runs the verify script through this client, redis-py's asyncio client (hiredis)
+and valkey-glide, on standalone Redis and on a cluster. With 200 concurrent
+callers in one process this client made 5 to 10 times redis-py's calls per
+second on both (figures in docs/key_service.md). On Redis Cluster,
+`ClusterScriptClient` routes each call by the hash slot of its first key (every
+key of one call shares a hash tag), one pipelined connection per node, follows
+`MOVED` (and refreshes the slot map from `CLUSTER SLOTS`) and `ASK` (with
+`ASKING`), and refreshes the map after a node stops answering, so a failover is
+followed once the cluster has promoted a replica.
 """
 
 from __future__ import annotations
