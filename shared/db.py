@@ -48,6 +48,13 @@ while PostgreSQL is unreachable (stopped, restarting, or hung):
 
 Background jobs that legitimately hold a connection for long (a lifecycle batch signing
 certificates, bulk loads) pass `watched=False` and are not watched.
+
+Everything known of a handed-out connection is one record (`_Held`: its deadline, its timer,
+whether it was cut, the write it may be committing and that write's resolvers), kept from
+`connection()`'s entry to its exit, so no two collections can disagree about it. The watchdog
+is that record's timer: it fires at the deadline, cuts the connection if the server owes an
+answer, and otherwise looks again every `_WATCH_PERIOD` until the connection is released
+(its answer may be read by then, or its next statement sent to a server that hangs).
 """
 
 from __future__ import annotations
@@ -60,7 +67,9 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Final
 
 import psycopg
@@ -241,6 +250,41 @@ def _awaits_server(conn: Connection) -> bool:
         return False
 
 
+Probe = Callable[[], Awaitable[None]]
+Reopen = Callable[[], Awaitable[Pool]]
+
+
+async def _connect_fresh(config: DatabaseConfig) -> None:
+    """One new connection that answers a statement, outside the pool; raises if none."""
+    conn = await psycopg.AsyncConnection.connect(config.conninfo(), autocommit=True)
+    try:
+        await conn.execute("SELECT 1")
+    finally:
+        await conn.close()
+
+
+@dataclass(eq=False)
+class _Held:
+    """A connection handed out by `Database.connection()`, and all the watch knows of it."""
+
+    conn: Connection
+    # When its caller is answered at the latest, on `time.monotonic()`'s clock; infinite for
+    # background work, which is not watched.
+    deadline: float
+    # The watchdog's next look at it (`Database._check`); none before it is armed or once
+    # it is cut.
+    timer: asyncio.TimerHandle | None = None
+    cut: bool = False  # the watchdog shut its socket down
+    # The server process running its write while that write may be taking effect, and what
+    # to do should the write's outcome become unknown (`Database.on_unknown_outcome`).
+    committing: int | None = None
+    resolvers: list[Resolver] = field(default_factory=list)
+
+    @property
+    def watched(self) -> bool:
+        return self.deadline != float("inf")
+
+
 class Database:
     """The service's pool, behind fast failure and fast recovery (see the module docstring)."""
 
@@ -252,22 +296,26 @@ class Database:
         *,
         operation_timeout: float = DEFAULT_OPERATION_TIMEOUT,
         probe_interval: float = DEFAULT_PROBE_INTERVAL,
+        probe: Probe | None = None,
+        reopen: Reopen | None = None,
     ) -> None:
+        """`probe` makes one fresh connection outside the pool (raising if it cannot) and
+        `reopen` opens a fresh pool (raising `DatabaseUnavailable`); by default both reach
+        the server `config` names."""
         self.pool = pool
         self.config = config
         self.service = service
         self.operation_timeout = operation_timeout
         self.probe_interval = probe_interval
         self.down_since: float | None = None
-        self._held: dict[int, tuple[Connection, float]] = {}
-        self._cut: set[int] = set()  # held connections the watchdog cut
-        # Held connections whose write may be taking effect now, with the server process
-        # running it, and what to do should its outcome become unknown.
-        self._committing: dict[int, int] = {}
-        self._on_unknown: dict[int, list[Resolver]] = {}
+        self._probe_once: Probe = probe or partial(_connect_fresh, config)
+        self._reopen: Reopen = reopen or partial(open_pool, config, service)
+        # Every handed-out connection, by `id()`: one record each.
+        self._held: dict[int, _Held] = {}
+        # Writes whose outcome became unknown, by the server process that ran them, with
+        # what resolves each once it has settled.
         self._unresolved: list[tuple[int, Resolver]] = []
         self._resolver: asyncio.Task[None] | None = None
-        self._watchdog: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
         self._retired: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -317,10 +365,10 @@ class Database:
             watch = deadline
         else:
             watch = time.monotonic() + (budget if budget is not None else self.operation_timeout)
-        self._held[token] = (conn, watch)
+        held = self._held[token] = _Held(conn, watch)
         started = time.perf_counter()
         if watched:
-            self._ensure_watchdog()
+            self._arm(held, watch)
         try:
             yield conn
         except psycopg.Error as exc:
@@ -328,22 +376,21 @@ class Database:
                 raise write_not_completed(self.service) from exc
             if not isinstance(exc, _ERRORS) or not is_connection_error(exc):
                 raise
-            if token not in self._cut:  # a cut one: the watchdog started the confirmation
+            if not held.cut:  # a cut one: the watchdog started the confirmation
                 self.suspect(exc)
-            if token in self._committing:
-                self._unknown_outcome(token)
+            if held.committing is not None:
+                self._unknown_outcome(held)
                 raise outcome_unknown(self.service) from exc
             raise database_unavailable(self.service) from exc
         except asyncio.CancelledError:
             # The caller went away (its deadline passed) with a commit in flight.
-            if token in self._committing:
-                self._unknown_outcome(token)
+            if held.committing is not None:
+                self._unknown_outcome(held)
             raise
         finally:
-            self._held.pop(token, None)
-            self._cut.discard(token)
-            self._committing.pop(token, None)
-            self._on_unknown.pop(token, None)
+            del self._held[token]
+            if held.timer is not None:
+                held.timer.cancel()
             if watched:  # request-path work; background batches would drown it
                 self._query_latency.observe(time.perf_counter() - started)
             await pool.putconn(conn)
@@ -385,16 +432,20 @@ class Database:
         `resolve` once the database answers again and the write has settled. It must be
         right whether the write was applied or not, and leave alone what a retry of the
         same request has claimed meanwhile."""
-        self._on_unknown.setdefault(id(conn), []).append(resolve)
+        held = self._held.get(id(conn))
+        if held is not None:
+            held.resolvers.append(resolve)
 
     def _mark_committing(self, conn: Connection) -> None:
-        if id(conn) in self._held and id(conn) not in self._committing:
+        held = self._held.get(id(conn))
+        if held is not None and held.committing is None:
             with contextlib.suppress(psycopg.Error):
-                self._committing[id(conn)] = conn.pgconn.backend_pid
+                held.committing = conn.pgconn.backend_pid
 
-    def _unknown_outcome(self, token: int) -> None:
-        pid = self._committing.pop(token)
-        resolvers = self._on_unknown.pop(token, [])
+    def _unknown_outcome(self, held: _Held) -> None:
+        pid, resolvers = held.committing, held.resolvers
+        assert pid is not None
+        held.committing, held.resolvers = None, []
         log.warning(
             "write outcome unknown", service=self.service, backend=pid, resolvers=len(resolvers)
         )
@@ -436,7 +487,7 @@ class Database:
 
     def _time_left(self, conn: Connection) -> float:
         held = self._held.get(id(conn))
-        watch = held[1] if held is not None else time.monotonic() + self.operation_timeout
+        watch = held.deadline if held is not None else time.monotonic() + self.operation_timeout
         if watch == float("inf"):
             return self.operation_timeout  # background work: nobody waits on an answer
         return watch - _ANSWER_MARGIN - time.monotonic()
@@ -465,35 +516,30 @@ class Database:
             # Release every request still waiting on the old connections; one whose write
             # may still take effect (`write_deadline`) is cut by the watchdog once it cannot.
             now = time.monotonic()
-            for conn, deadline in list(self._held.values()):
-                if deadline == float("inf") or now > deadline:
-                    _shut_down_socket(conn)
+            for held in self._held.values():
+                if not held.watched or now > held.deadline:
+                    _shut_down_socket(held.conn)
         self._start_prober(confirm_first=False)
 
-    def _ensure_watchdog(self) -> None:
-        if self._watchdog is None or self._watchdog.done():
-            self._watchdog = asyncio.get_running_loop().create_task(
-                self._watch(), name=f"{self.service} db watchdog"
-            )
+    def _arm(self, held: _Held, at: float) -> None:
+        """Have the watchdog look at `held` at `at` (on `time.monotonic()`'s clock)."""
+        delay = max(0.0, at - time.monotonic())
+        held.timer = asyncio.get_running_loop().call_later(delay, self._check, held)
 
-    async def _watch(self) -> None:
-        while any(deadline != float("inf") for _, deadline in self._held.values()):
-            if self._closed:
-                return
-            await asyncio.sleep(_WATCH_PERIOD)
-            now = time.monotonic()
-            overdue = [
-                (token, conn)
-                for token, (conn, deadline) in self._held.items()
-                if now > deadline and token not in self._cut and _awaits_server(conn)
-            ]
-            if overdue:
-                for token, conn in overdue:
-                    self._cut.add(token)
-                    _shut_down_socket(conn)
-                # A server that answers a fresh connection is alive, and only that statement
-                # was slow (waiting on a lock, say): it is not a reason to fail every request.
-                self._start_prober(confirm_first=True)
+    def _check(self, held: _Held) -> None:
+        """`held` is past its deadline: cut it if the server owes an answer, else look again
+        shortly, for as long as it is held (see the module docstring)."""
+        held.timer = None
+        if self._closed or self._held.get(id(held.conn)) is not held:
+            return
+        if not _awaits_server(held.conn):
+            self._arm(held, time.monotonic() + _WATCH_PERIOD)
+            return
+        held.cut = True
+        _shut_down_socket(held.conn)
+        # A server that answers a fresh connection is alive, and only that statement was
+        # slow (waiting on a lock, say): it is not a reason to fail every request.
+        self._start_prober(confirm_first=True)
 
     # -- recovery --------------------------------------------------------------------------
 
@@ -517,13 +563,7 @@ class Database:
         budget = max(1.0, self.config.connect_timeout)
         try:
             async with asyncio.timeout(budget):
-                conn = await psycopg.AsyncConnection.connect(
-                    self.config.conninfo(), autocommit=True
-                )
-                try:
-                    await conn.execute("SELECT 1")
-                finally:
-                    await conn.close()
+                await self._probe_once()
         except (TimeoutError, psycopg.Error, OSError):
             return False
         return True
@@ -533,7 +573,7 @@ class Database:
         when the pool cannot open although a probe connected (the server refuses more
         connections, say): the database stays down, and the prober tries again."""
         try:
-            pool = await open_pool(self.config, self.service)
+            pool = await self._reopen()
         except DatabaseUnavailable:
             log.warning("database answers but the pool cannot open", service=self.service)
             return False
@@ -559,7 +599,10 @@ class Database:
 
     async def close(self) -> None:
         self._closed = True
-        for task in (self._watchdog, self._prober, self._resolver):
+        for held in self._held.values():
+            if held.timer is not None:
+                held.timer.cancel()
+        for task in (self._prober, self._resolver):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
