@@ -31,7 +31,7 @@ from shared.cache import Cache
 from shared.clock import Clock, SystemClock
 from shared.config import ConfigError
 from shared.db import Database, DatabaseUnavailable, open_database
-from shared.invalidation import CacheGuard
+from shared.invalidation import CacheGuard, CacheTrust
 from shared.limits import Limiter
 from shared.logging import configure_logging, get_logger
 from shared.monitoring import ResourceSampler
@@ -49,6 +49,7 @@ class CertApp:
         clock: Clock,
         db: Database,
         cache: Cache,
+        trust: CacheTrust,
         issuer: Issuer,
     ) -> None:
         self.config = config
@@ -56,7 +57,9 @@ class CertApp:
         self.db = db
         self.cache = cache
         self.store = CertificateStore(db)
-        certificate_cache = CertificateCache(cache, config.cache_ttl, config.negative_cache_ttl)
+        certificate_cache = CertificateCache(
+            cache, trust, config.cache_ttl, config.negative_cache_ttl
+        )
         self.access = access_recorder(self.store, config.access_flush_interval)
         self.outbox = OutboxRelay(
             self.store,
@@ -129,12 +132,12 @@ class CertApp:
         self.fleet = FleetSampler(self.store, issuer, clock, config.renew_at_fraction)
         redis_config = config.server.redis
         self.guard = CacheGuard(
+            trust,
             cache,
             self.certificates.drain_invalidations,
             interval=redis_config.invalidation_interval,
             retry_interval=redis_config.breaker_reset,
         )
-        certificate_cache.invalidation_failed = self.guard.poke
         servicer = CertificateServicer(
             self.certificates,
             config.dns_zone,
@@ -234,8 +237,9 @@ async def create_app(config: CertServiceConfig, *, clock: Clock | None = None) -
             config.ca_cert_file, config.ca_key_file, locations=config.pki
         )
     db = await open_database(config.server.database, SERVICE)
-    cache = Cache.from_config(config.server.redis)
-    return CertApp(config, clock or SystemClock(), db, cache, issuer)
+    trust = CacheTrust(config.server.redis)
+    cache = Cache.from_config(config.server.redis, trust.breaker)
+    return CertApp(config, clock or SystemClock(), db, cache, trust, issuer)
 
 
 async def _serve(config: CertServiceConfig) -> int:

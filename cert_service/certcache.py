@@ -35,6 +35,7 @@ from redis.asyncio.client import Pipeline
 from cert_service.batching import Coalescer
 from myl.cert.v1 import cert_pb2
 from shared.cache import Cache, cache_key
+from shared.invalidation import CacheTrust
 from shared.metrics import CACHE_RESULTS
 
 NAMESPACE: Final = "cert"
@@ -75,13 +76,12 @@ def name_key(fqdn: str) -> str:
 
 
 class CertificateCache:
-    def __init__(self, cache: Cache, ttl: float, negative_ttl: float) -> None:
+    def __init__(self, cache: Cache, trust: CacheTrust, ttl: float, negative_ttl: float) -> None:
         self.cache = cache
+        self.trust = trust  # told when a change could not be fenced
         self.ttl_ms = max(1, int(ttl * 1000))
         self.negative_ttl_ms = int(negative_ttl * 1000)
         self.fence_ms = int(FENCE_TTL * 1000)
-        # Called when a change could not be fenced (the guard then drains the log).
-        self.invalidation_failed: Callable[[], None] = lambda: None
         self._publisher: Coalescer[tuple[bytes, Sequence[str]], None] = Coalescer(
             self._publish_batch, max_in_flight=_PUBLISH_IN_FLIGHT, max_batch=_PUBLISH_BATCH
         )
@@ -157,8 +157,7 @@ class CertificateCache:
         is applied by the guard when Redis answers (`shared.invalidation`)."""
         if await self.cache.pipeline(self._fences(keys), default=()):
             return True
-        self.cache.breaker.trip()
-        self.invalidation_failed()
+        self.trust.distrust()
         return False
 
     async def fence_now(self, keys: Sequence[str]) -> None:

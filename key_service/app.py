@@ -20,7 +20,7 @@ from shared.cache import Cache
 from shared.clock import Clock, SystemClock
 from shared.config import ConfigError
 from shared.db import Database, DatabaseUnavailable, open_database
-from shared.invalidation import CacheGuard
+from shared.invalidation import CacheGuard, CacheTrust
 from shared.limits import Limiter
 from shared.logging import configure_logging, get_logger
 from shared.monitoring import ResourceSampler
@@ -83,7 +83,8 @@ class KeyApp:
 async def create_app(config: KeyServiceConfig, *, clock: Clock | None = None) -> KeyApp:
     clock = clock or SystemClock()
     db = await open_database(config.server.database, SERVICE)
-    cache = Cache.from_config(config.server.redis)
+    trust = CacheTrust(config.server.redis)
+    cache = Cache.from_config(config.server.redis, trust.breaker)
     scripts = script_client(config.server.redis)
     store = KeyStore(db)
     usage = usage_buffer(store, config.usage_flush_interval)
@@ -91,6 +92,7 @@ async def create_app(config: KeyServiceConfig, *, clock: Clock | None = None) ->
     verifier = Verifier(
         store=store,
         cache=cache,
+        trust=trust,
         usage=usage,
         clock=clock,
         cache_ttl=config.cache_ttl,
@@ -111,12 +113,12 @@ async def create_app(config: KeyServiceConfig, *, clock: Clock | None = None) ->
     resources = ResourceSampler(SERVICE, db, cache, config.metrics_interval)
     redis_config = config.server.redis
     guard = CacheGuard(
+        trust,
         cache,
         verifier.drain_invalidations,
         interval=redis_config.invalidation_interval,
         retry_interval=redis_config.breaker_reset,
     )
-    verifier.invalidation_failed = guard.poke
 
     server = GrpcServer(config.server)
     server.add_service(

@@ -42,6 +42,7 @@ from myl.key.v1 import key_pb2
 from shared.cache import Cache
 from shared.clock import Clock, micros_source, to_micros
 from shared.errors import DomainError
+from shared.invalidation import CacheTrust
 from shared.metrics import CACHE_RESULTS
 
 VALID: Final = key_pb2.VERIFY_RESULT_VALID
@@ -165,6 +166,7 @@ class Verifier:
         *,
         store: KeyStore,
         cache: Cache,
+        trust: CacheTrust,
         usage: UsageBuffer,
         clock: Clock,
         cache_ttl: float,
@@ -174,6 +176,7 @@ class Verifier:
     ) -> None:
         self.store = store
         self.cache = cache
+        self.trust = trust  # told when a change could not be written to Redis
         self.usage = usage
         self.clock = clock
         self._now_us = micros_source(clock)
@@ -182,8 +185,6 @@ class Verifier:
         self.local_limiter = local_limiter
         self.scripts = scripts
         self._memo: dict[bytes, KeyRecord | None] = {}
-        # Called when a change could not be written to Redis (the guard then drains the log).
-        self.invalidation_failed: Callable[[], None] = lambda: None
         self._hits = CACHE_RESULTS.labels("api_key", "hit")
         self._misses = CACHE_RESULTS.labels("api_key", "miss")
         self._negative_hits = CACHE_RESULTS.labels("api_key", "negative_hit")
@@ -298,8 +299,7 @@ class Verifier:
             return
         done = await self.cache.pipeline(self._queue_records(change.rows), default=())
         if not done:
-            self.cache.breaker.trip()
-            self.invalidation_failed()
+            self.trust.distrust()
             return
         # Applied already: should marking the rows applied fail, a guard's pass marks them.
         with contextlib.suppress(DomainError):

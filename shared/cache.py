@@ -8,8 +8,9 @@ Redis thus costs microseconds per call instead of a timeout.
 
 Invalidations that security depends on are not kept here but in PostgreSQL,
 in the same transaction as the change (`shared.invalidation`): a guarded cache
-is trusted only while that log has been applied, and its circuit is closed by
-the guard, never by a request. Other failed deletes are remembered in memory
+is built with its guard's breaker (`CacheTrust.breaker`), which no request
+probes: the cache is trusted only while that log has been applied, and its
+circuit is closed by the guard, never by a request. Other failed deletes are remembered in memory
 and replayed when Redis answers again; every entry has a TTL.
 
 Keys are `myl:<namespace>:{<tag>}<suffix>`: the hash tag keeps all keys of one
@@ -54,23 +55,35 @@ class CircuitBreaker:
     and only one, is let through as a probe (half-open): its success closes the circuit, its
     failure re-opens it for another `reset_after`. The `myl_redis_circuit_open` gauge follows
     the state exactly.
+
+    A guarded breaker (`half_open=False`, built by `shared.invalidation.CacheTrust`) lets no
+    call probe: only its guard closes it (`success`), once the invalidation log is applied.
+    `on_trip` is told whenever the circuit opens (the guard drains the log then).
     """
 
     def __init__(
-        self, threshold: int, reset_after: float, clock: Callable[[], float] = time.monotonic
+        self,
+        threshold: int,
+        reset_after: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        half_open: bool = True,
+        on_trip: Callable[[], None] = lambda: None,
     ) -> None:
         self.threshold = threshold
         self.reset_after = reset_after
         self.clock = clock
+        self.half_open = half_open
+        self.on_trip = on_trip
         self.failures = 0
         self.opened_at: float | None = None
         self.probing = False
-        # Told when the circuit opens (the invalidation guard starts probing then).
-        self.on_trip: Callable[[], None] = lambda: None
 
     def allow(self) -> bool:
         if self.opened_at is None:
             return True
+        if not self.half_open:
+            return False
         if self.probing or self.clock() - self.opened_at < self.reset_after:
             return False
         self.probing = True
@@ -137,13 +150,13 @@ class Cache:
         self.client = client
         self.breaker = breaker
         self._pending_deletes: set[str] = set()
-        # Set by `shared.invalidation.CacheGuard`: the circuit is then closed only by the
-        # guard, once the durable invalidation log has been applied, never by a request.
-        self.guarded = False
 
     @classmethod
-    def from_config(cls, config: RedisConfig) -> Cache:
-        breaker = CircuitBreaker(config.breaker_threshold, config.breaker_reset)
+    def from_config(cls, config: RedisConfig, breaker: CircuitBreaker | None = None) -> Cache:
+        """A cache behind `breaker`: a guard's (`shared.invalidation.CacheTrust`) for a
+        guarded cache, by default one of its own from `config`."""
+        if breaker is None:
+            breaker = CircuitBreaker(config.breaker_threshold, config.breaker_reset)
         if not config.enabled:
             return cls(None, breaker)
         if config.cluster_nodes:
@@ -188,7 +201,7 @@ class Cache:
         breaker = self.breaker
         if client is None:
             return default
-        if breaker.opened_at is not None and (self.guarded or not breaker.allow()):
+        if breaker.opened_at is not None and not breaker.allow():
             REDIS_ERRORS.labels("short_circuit").inc()
             return default
         started = time.perf_counter()

@@ -41,7 +41,8 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from shared.cache import Cache, CacheUnavailable
+from shared.cache import Cache, CacheUnavailable, CircuitBreaker
+from shared.config import RedisConfig
 from shared.errors import DomainError
 from shared.logging import get_logger
 from shared.tasks import BackgroundTask, run_periodically
@@ -65,25 +66,58 @@ async def _run_ids(client: aioredis.Redis) -> frozenset[str]:
     return frozenset(str(node.get("run_id", "")) for node in nodes if isinstance(node, dict))
 
 
+class CacheTrust:
+    """Whether a guarded cache may be read: its circuit breaker, and the signal to drain.
+
+    The breaker lets no request probe Redis (`half_open=False`): only the guard closes it,
+    after a drain. Any opening, and any change that Redis did not take (`distrust`), wakes
+    the guard at once. The trust is built before what needs it, so that no one is wired
+    after construction: the cache is built with its breaker, whatever applies changes to
+    Redis (the key verifier, the certificate cache) with the trust, and the `CacheGuard`,
+    last, with the trust, the cache and the drain those provide.
+    """
+
+    def __init__(self, config: RedisConfig) -> None:
+        self.wake = asyncio.Event()
+        self.breaker = CircuitBreaker(
+            config.breaker_threshold,
+            config.breaker_reset,
+            half_open=False,
+            on_trip=self.wake.set,
+        )
+        if config.enabled:
+            # Untrusted until the first drain: a fresh process does not know what it missed.
+            self.breaker.trip("not trusted before the invalidation log is applied", warn=False)
+
+    def distrust(self) -> None:
+        """A change could not be applied to Redis: no reads from it until the guard has
+        applied the log, which it starts now."""
+        self.breaker.trip()
+        self.wake.set()
+
+
 class CacheGuard:
     """Keeps a cache closed to reads until the durable invalidation log has been applied."""
 
     def __init__(
-        self, cache: Cache, drain: Drain, *, interval: float, retry_interval: float
+        self,
+        trust: CacheTrust,
+        cache: Cache,
+        drain: Drain,
+        *,
+        interval: float,
+        retry_interval: float,
     ) -> None:
+        if cache.breaker is not trust.breaker:
+            raise ValueError("a guarded cache is built with its trust's breaker")
+        self.trust = trust
         self.cache = cache
         self.drain = drain
         self.interval = interval
         self.retry_interval = retry_interval
-        self._wake = asyncio.Event()
         self._trusted = False
         self._task = BackgroundTask("cache guard", self._run)
         self._servers: frozenset[str] | None = None
-        cache.guarded = True
-        cache.breaker.on_trip = self.poke
-        if cache.client is not None:
-            # Untrusted until the first drain: a fresh process does not know what it missed.
-            cache.breaker.trip("not trusted before the invalidation log is applied", warn=False)
 
     async def sync(self) -> bool:
         """One drain; True when the log is applied and the cache trusted."""
@@ -95,10 +129,10 @@ class CacheGuard:
             # After a failure, or with a new server process, Redis may have lost writes it
             # acknowledged (a restart from an older snapshot, a failover to a replica that had
             # not received them): re-apply what any live entry could predate.
-            replay = self.cache.breaker.is_open or servers != self._servers
+            replay = self.trust.breaker.is_open or servers != self._servers
             applied = await self.drain(replay)
         except CacheUnavailable as exc:
-            self.cache.breaker.trip(f"invalidation log not applied: {exc}")
+            self.trust.breaker.trip(f"invalidation log not applied: {exc}")
             log.debug("invalidation log not applied", error=str(exc))
             return False
         except DomainError:
@@ -106,12 +140,8 @@ class CacheGuard:
         if applied:
             log.info("cache invalidations applied from the log", count=applied, replay=replay)
         self._servers = servers
-        self.cache.breaker.success()
+        self.trust.breaker.success()
         return True
-
-    def poke(self) -> None:
-        """Drain now (the circuit opened, or a change could not be applied to Redis)."""
-        self._wake.set()
 
     def start(self) -> None:
         if self.cache.client is not None:
@@ -121,7 +151,7 @@ class CacheGuard:
         await self._task.stop()
 
     async def _run(self) -> None:
-        await run_periodically("cache guard", self._pass, self._delay, wake=self._wake)
+        await run_periodically("cache guard", self._pass, self._delay, wake=self.trust.wake)
 
     async def _pass(self) -> None:
         self._trusted = False  # until this pass says otherwise, also when it raises

@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import redis.asyncio as aioredis
 from google.protobuf import timestamp_pb2
@@ -9,6 +15,7 @@ from redis.asyncio.client import Pipeline
 from deploy.devstack.servers import RedisServer
 from shared.cache import Cache, CircuitBreaker, cache_key
 from shared.config import RedisConfig
+from shared.invalidation import CacheGuard, CacheTrust
 
 
 class FakeMonotonic:
@@ -28,9 +35,7 @@ def _short_circuits() -> float:
 
 def _cache(server: RedisServer, clock: FakeMonotonic | None = None) -> Cache:
     config = RedisConfig(host=server.host, port=server.port, socket_timeout=0.25)
-    cache = Cache.from_config(config)
-    cache.breaker = CircuitBreaker(3, 5.0, clock or FakeMonotonic())
-    return cache
+    return Cache.from_config(config, CircuitBreaker(3, 5.0, clock or FakeMonotonic()))
 
 
 async def test_get_set_delete_with_ttl(clean_redis: RedisServer) -> None:
@@ -102,6 +107,96 @@ async def test_redis_down_answers_misses_fast_and_recovers(clean_redis: RedisSer
     assert await stale_writer.get("myl:test:{stale}") is None  # replayed invalidation
     await stale_writer.aclose()
     await cache.close()
+
+
+@contextmanager
+def hung(server: RedisServer) -> Iterator[None]:
+    """Redis stops answering (its process is stopped) but keeps its connections open."""
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+
+
+async def test_a_hung_redis_gets_one_probe_per_reset_period_and_the_one_after_it_closes(
+    clean_redis: RedisServer,
+) -> None:
+    clock = FakeMonotonic()
+    cache = _cache(clean_redis, clock)
+    key = "myl:test:{probe}"
+    assert await cache.set(key, b"1", ttl=60)
+    with hung(clean_redis):
+        assert await asyncio.gather(*(cache.get(key) for _ in range(3))) == [None] * 3
+        assert cache.breaker.is_open
+        clock.now += 5.0  # the reset period passes
+        # Half-open: one caller waits on the hung Redis, every other is answered at once.
+        before = _short_circuits()
+        assert await asyncio.gather(*(cache.get(key) for _ in range(20))) == [None] * 20
+        assert _short_circuits() - before == 19
+        assert cache.breaker.is_open  # the probe failed: open for another period
+    # Redis answers again, but nothing asks it before the next period.
+    before = _short_circuits()
+    assert await cache.get(key) is None
+    assert _short_circuits() - before == 1
+    clock.now += 5.0
+    results = await asyncio.gather(*(cache.get(key) for _ in range(20)))
+    assert sorted(results, key=lambda r: r or b"") == [None] * 19 + [b"1"]  # the probe's
+    assert not cache.breaker.is_open
+    assert await cache.get(key) == b"1"
+    await cache.close()
+
+
+async def test_a_guarded_cache_is_read_only_after_its_guard_applied_the_log(
+    clean_redis: RedisServer,
+) -> None:
+    """No request probes a guarded cache, however long its circuit has been open (here the
+    reset period is zero): the guard closes it after a drain, a change Redis did not take
+    opens it and wakes the guard, and a hung Redis keeps it open until a drain succeeds."""
+    config = RedisConfig(
+        host=clean_redis.host, port=clean_redis.port, socket_timeout=0.25, breaker_reset=0.0
+    )
+    trust = CacheTrust(config)
+    with pytest.raises(ValueError, match="breaker"):
+        CacheGuard(trust, Cache.from_config(config), _no_rows, interval=60, retry_interval=60)
+    cache = Cache.from_config(config, trust.breaker)
+    replays: list[bool] = []
+
+    async def drain(replay: bool) -> int:
+        replays.append(replay)
+        return 0
+
+    guard = CacheGuard(trust, cache, drain, interval=60, retry_interval=60)
+    key = "myl:test:{guarded}"
+    writer = aioredis.Redis(host=clean_redis.host, port=clean_redis.port)
+    await writer.set(key, b"cached")
+    # A fresh process: Redis answers, but is not read before the log is applied.
+    before = _short_circuits()
+    assert [await cache.get(key) for _ in range(5)] == [None] * 5
+    assert _short_circuits() - before == 5
+    assert await guard.sync()
+    assert replays == [True]  # it may have missed anything: every recent row is re-applied
+    assert await cache.get(key) == b"cached"
+
+    trust.wake.clear()
+    trust.distrust()  # a change Redis did not take
+    assert trust.wake.is_set()
+    assert await cache.get(key) is None
+    with hung(clean_redis):
+        assert not await guard.sync()
+        before = _short_circuits()
+        assert [await cache.get(key) for _ in range(5)] == [None] * 5
+        assert _short_circuits() - before == 5  # none of them waited on the hung Redis
+    assert await guard.sync()
+    assert replays == [True, True]  # the drain under the hang never reached the log
+    assert await cache.get(key) == b"cached"
+    await writer.aclose()
+    await cache.close()
+
+
+async def _no_rows(replay: bool) -> int:
+    return 0
 
 
 async def test_disabled_cache_is_a_permanent_miss() -> None:
