@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -27,11 +28,42 @@ class DevStackError(RuntimeError):
     pass
 
 
+# Parallel test workers (pytest-xdist sets PYTEST_XDIST_WORKER=gw<N>) each take ports from a
+# slice of their own, below the kernel's ephemeral range and with room for a cluster node's
+# port + 10000 above it: a port one worker found free is then never handed to another worker
+# (or to an outgoing connection) before it binds it. Elsewhere the kernel picks.
+_WORKER_PORTS = range(10000, 20000)
+_WORKER_SLICES = 8
+_handed_out: set[int] = set()
+
+
+def _worker_slice() -> range | None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or not worker[2:].isdigit():
+        return None
+    size = len(_WORKER_PORTS) // _WORKER_SLICES
+    start = _WORKER_PORTS.start + (int(worker[2:]) % _WORKER_SLICES) * size
+    return range(start, start + size)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    ports = _worker_slice()
+    if ports is not None:
+        for port in random.sample(ports, len(ports)):
+            if port in _handed_out:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+        _handed_out.clear()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+        found: int = s.getsockname()[1]
+        return found
 
 
 def log_tail(path: Path, lines: int = 15) -> str:

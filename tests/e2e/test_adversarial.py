@@ -390,3 +390,18 @@ async def test_slow_clients_are_cut_off(gateway: Gateway) -> None:
     assert body_seconds < 25
     assert b" 408 " in body_raw.split(b"\r\n")[0], body_raw
     assert json.loads(body_raw.partition(b"\r\n\r\n")[2])["code"] == 4
+
+
+async def test_an_unanswered_key_check_is_503_saying_so(
+    gateway: Gateway, key_service: RunningKeyService
+) -> None:
+    """key_service gone: the gateway cannot check the key and says that, not an empty 503."""
+    admin = await operator_key(key_service)
+    await key_service.stop()
+    async with httpx.AsyncClient(base_url=gateway.url, timeout=10) as client:
+        reply = await client.get("/api/v1/ssl/ca", headers={"X-API-Key": admin})
+    assert reply.status_code == 503, reply.text
+    body = reply.json()
+    assert body["code"] == 14
+    assert "could not be checked" in body["message"]
+    assert error_reason(body) == "AUTHORIZATION_UNAVAILABLE"
