@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -47,6 +48,21 @@ def tables(pg: PostgresServer, database: str) -> set[str]:
     return {str(r[0]) for r in rows}
 
 
+def wait_until_nobody_is_connected(pg: PostgresServer, database: str) -> None:
+    """A closed session's server process leaves shortly after its client: wait until
+    `database` has no session, so the next command does not count one that is leaving."""
+    deadline = time.monotonic() + 10
+    with psycopg.connect(pg.conninfo("postgres"), autocommit=True) as conn:
+        while True:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,)
+            ).fetchone()
+            if row is not None and row[0] == 0:
+                return
+            assert time.monotonic() < deadline, f"sessions still connected to {database}"
+            time.sleep(0.02)
+
+
 def test_rollback_needs_confirmation_and_never_silently_drops_the_audit_trail(
     pg_server: PostgresServer, database: str
 ) -> None:
@@ -73,6 +89,7 @@ def test_rollback_needs_confirmation_and_never_silently_drops_the_audit_trail(
     # Confirmed, nobody connected, but the audit trail holds a row: refused, and
     # nothing rolled back, not even the later migrations.
     before = tables(pg_server, database)
+    wait_until_nobody_is_connected(pg_server, database)
     code, _, err = migrate(pg_server, database, "down", "--yes", *steps)
     assert code == 1
     assert "would drop api_key_audit_events, which holds rows" in err, err
@@ -80,6 +97,7 @@ def test_rollback_needs_confirmation_and_never_silently_drops_the_audit_trail(
     code, out, _ = migrate(pg_server, database, "status")
     assert "pending" not in out
 
+    wait_until_nobody_is_connected(pg_server, database)
     code, out, err = migrate(pg_server, database, "down", "--yes", "--discard-data", *steps)
     assert code == 0, err
     assert "rolled back 0002_api_key_audit_events" in out
