@@ -270,7 +270,7 @@ def gcra_step(
     tat_us: int | None, now_us: int, interval_us: int, tolerance_us: int, cost: int
 ) -> Step:
     """The one GCRA arithmetic, for every limit (the named limits here, key_service's
-    per-key limit): `_LUA_GCRA_STEP` is the same in Redis, and the in-process fallback
+    per-key limit): `LUA_GCRA_STEP` is the same in Redis, and the in-process fallback
     (`LocalBuckets`) calls this."""
     tat = now_us if tat_us is None or tat_us < now_us else tat_us
     new_tat = tat + cost * interval_us
