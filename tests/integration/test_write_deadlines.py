@@ -91,9 +91,17 @@ async def test_a_provision_answered_unavailable_while_waiting_on_a_row_is_never_
                     timeout=10,
                 )
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert error_reason(caught.value) == "WRITE_NOT_COMPLETED"
+            # Not written; or, when the watchdog had to cut the connection on a busy
+            # machine, "outcome unknown", which the service resolves itself within seconds.
+            reason = error_reason(caught.value)
+            assert reason in ("WRITE_NOT_COMPLETED", "OUTCOME_UNKNOWN"), reason
             holder.rollback()
         await settled(db_conn, database)
+        deadline = time.monotonic() + (5 if reason == "OUTCOME_UNKNOWN" else 0)
+        for _ in range(200):  # resolution is polled: it happens in the service
+            if not await rows_of(db_conn, device) or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.05)
         assert await rows_of(db_conn, device) == 0
     # The device can be provisioned now, and the service never thought the database down.
     done = await cert_stub.ProvisionCertificate(P(device_id="waiting-after"), timeout=10)
