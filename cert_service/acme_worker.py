@@ -37,6 +37,7 @@ from cert_service.issuance import CSR_UNCHANGED, new_certificate
 from cert_service.issuer import IssuedCertificate, serial_hex, spki_der
 from cert_service.storage import IssuanceJob, IssuanceQueue, NewCertificate
 from shared.clock import Clock
+from shared.limits import SECOND_US, Limit
 from shared.logging import get_logger
 from shared.tasks import stop_if_cancelled
 
@@ -108,7 +109,10 @@ class AcmeWorker:
         )
         self._jobs: set[asyncio.Task[None]] = set()
         self._account = asyncio.Lock()
-        self._interval = timedelta(seconds=settings.order_period / settings.orders)
+        # The order budget as a GCRA limit: `orders` at once, then one per
+        # order_period / orders (at least a microsecond, `Limit`'s smallest interval).
+        period_us = max(round(settings.order_period * SECOND_US), settings.orders)
+        self._budget = Limit(settings.orders, settings.orders, period_us)
         self._revoker: asyncio.Task[int] | None = None
 
     def poke(self) -> None:
@@ -245,7 +249,7 @@ class AcmeWorker:
         await self._ensure_account()
         if job.order_url is None:
             wait = await self.queue.spend_order(
-                self.settings.directory_url, self.clock.now(), self._interval, self.settings.orders
+                self.settings.directory_url, self.clock.now(), self._budget
             )
             if wait > timedelta(0):
                 ORDERS.labels("deferred").inc()

@@ -9,7 +9,8 @@ nothing. A worker renews its lease while it works, so a lease expires only when 
 holding it is gone; the replica taking over resumes the order whose URL was recorded.
 
 The orders-per-period budget is a GCRA bucket (`acme_order_budget`), one row per ACME
-directory, spent in PostgreSQL so that every replica shares it exactly.
+directory, spent in PostgreSQL so that every replica shares it exactly; its arithmetic is that
+of `shared.limits.gcra_step`, with the same `Limit` (`spend_order`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from psycopg import AsyncConnection
@@ -34,10 +35,12 @@ from cert_service.storage.base import (
     to_record,
 )
 from shared.db import WRITE_GUARD
+from shared.limits import Limit, gcra_step
 
 # A new request starts afresh: no attempts, error, lease or order of an earlier one.
 _REQUEST: Final = """issuance_attempts = 0, issuance_error = NULL, issuance_lease = NULL,
     issuance_lease_until = NULL, acme_order_url = NULL"""
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -314,20 +317,27 @@ class IssuanceQueue(StoreBase):
             row = await cur.fetchone()
         return account_url if row is None else str(row[0])
 
-    async def spend_order(
-        self, directory_url: str, now: datetime, interval: timedelta, burst: int
-    ) -> timedelta:
-        """Spend one order from the budget (GCRA: one order every `interval`, `burst` at
-        once). Returns zero when admitted, else how long until an order would be.
+    async def spend_order(self, directory_url: str, now: datetime, budget: Limit) -> timedelta:
+        """Spend one order from the budget; zero when admitted, else how long until an order
+        would be.
+
+        GCRA as `shared.limits.gcra_step` defines it for every limit, with `budget`'s emission
+        interval (`Limit.interval_us`) and tolerance (`Limit.tolerance_us`, burst x
+        interval): the UPDATE admits when max(TAT, now) + interval - tolerance <= now and
+        stores max(TAT, now) + interval as the new TAT, and a refusal's wait is `gcra_step`'s
+        own answer for the TAT the statement read. The arithmetic runs in PostgreSQL so that every
+        replica spends from one bucket, one row per ACME directory, exactly.
 
         Each statement is its own transaction (the store's connections autocommit): the
         bucket's row is locked only while the server runs the UPDATE, never across a round
         trip, so a replica that stalls between statements cannot hold up the others."""
+        interval = timedelta(microseconds=budget.interval_us)
+        tolerance = timedelta(microseconds=budget.tolerance_us)
         async with self.connection() as conn:
             await conn.execute(
                 "INSERT INTO acme_order_budget (directory_url, tat) VALUES (%s, %s) "
                 "ON CONFLICT DO NOTHING",
-                (directory_url, now - interval * burst),
+                (directory_url, now - tolerance),
             )
             # The outer SELECT sees the row as it was before the UPDATE (one snapshot).
             cur = await conn.execute(
@@ -336,25 +346,26 @@ class IssuanceQueue(StoreBase):
                     UPDATE acme_order_budget
                     SET tat = GREATEST(tat, %(now)s) + %(interval)s
                     WHERE directory_url = %(url)s
-                      AND GREATEST(tat, %(now)s) + %(interval)s - %(window)s <= %(now)s
+                      AND GREATEST(tat, %(now)s) + %(interval)s - %(tolerance)s <= %(now)s
                     RETURNING tat
                 )
                 SELECT EXISTS (SELECT 1 FROM spent), tat
                 FROM acme_order_budget WHERE directory_url = %(url)s
                 """,
-                {
-                    "url": directory_url,
-                    "now": now,
-                    "interval": interval,
-                    "window": interval * burst,
-                },
+                {"url": directory_url, "now": now, "interval": interval, "tolerance": tolerance},
             )
             row = await cur.fetchone()
         assert row is not None
         if row[0]:
             return timedelta(0)
         tat: datetime = row[1]
-        wait = max(tat, now) + interval - interval * burst - now
-        # Not positive: another replica spent the last order between the snapshot and the
-        # UPDATE (which then saw its row); the next one is at most one interval away.
-        return wait if wait > timedelta(0) else interval
+        step = gcra_step(_micros(tat), _micros(now), budget.interval_us, budget.tolerance_us, 1)
+        if step.allowed:
+            # Another replica spent the last order between the snapshot and the UPDATE
+            # (which then saw its row); the next one is at most one interval away.
+            return interval
+        return timedelta(microseconds=step.retry_after_us)
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(microseconds=1)

@@ -26,6 +26,7 @@ from deploy.devstack.servers import PostgresServer
 from shared.config import DatabaseConfig
 from shared.db import WRITE_GUARD, Database, open_database
 from shared.errors import DomainError, ErrorKind
+from shared.limits import HOUR_US, Limit
 
 OPERATION_TIMEOUT = 0.3
 
@@ -112,19 +113,20 @@ async def test_the_order_budget_admits_exactly_its_orders_under_contention(
     queues = [IssuanceQueue(db) for _ in range(2)]
     now = datetime.now(UTC)
     interval = timedelta(minutes=12)  # 5 per hour
+    budget = Limit(5, 5, HOUR_US)
     url = "https://acme.example/directory"
 
     async def spend(index: int) -> timedelta:
-        return await queues[index % 2].spend_order(url, now, interval, 5)
+        return await queues[index % 2].spend_order(url, now, budget)
 
     waits = await asyncio.gather(*(spend(i) for i in range(20)))
     admitted = [w for w in waits if w == timedelta(0)]
     assert len(admitted) == 5
     # Every refusal says when the next order will be: the budget refills one per interval.
     assert all(timedelta(0) < w <= interval for w in waits if w != timedelta(0))
-    later = await queues[0].spend_order(url, now + interval, interval, 5)
+    later = await queues[0].spend_order(url, now + interval, budget)
     assert later == timedelta(0)
-    assert await queues[1].spend_order(url, now + interval, interval, 5) > timedelta(0)
+    assert await queues[1].spend_order(url, now + interval, budget) > timedelta(0)
 
 
 async def test_a_pool_that_cannot_reopen_after_an_outage_is_retried_until_it_does(
