@@ -542,20 +542,3 @@ def csr_names_problem(csr_pem: str, names: Sequence[str]) -> str | None:
         "with the ACME issuer the CSR's subjectAltName must name exactly "
         f"{', '.join(sorted(wanted))} (the CA signs the CSR as sent)"
     )
-
-
-class AcmeIssuer:
-    """The `Issuer` of CERT_ISSUER=acme: nothing is signed in the request; the CA's chain
-    comes with each certificate (`DeviceCertificates` queues orders instead of calling this)."""
-
-    def issue(
-        self,
-        public_key: object,
-        dns_names: Sequence[str],
-        not_before: dt.datetime,
-        not_after: dt.datetime,
-    ) -> Any:
-        raise RuntimeError("the ACME issuer signs asynchronously: queue an order")
-
-    def ca_chain_pem(self) -> str:
-        return ""

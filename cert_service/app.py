@@ -8,17 +8,17 @@ import sys
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
-from cert_service.access import access_recorder
-from cert_service.acme import AcmeClient, AcmeIssuer, load_account_key
+from cert_service.access import AccessRecorder, access_recorder
+from cert_service.acme import AcmeClient, load_account_key
 from cert_service.acme_worker import AcmeWorker
 from cert_service.ari import RenewalPolicy
 from cert_service.ca import CertificateAuthorityError, LocalCertificateAuthority
-from cert_service.certcache import CertificateCache
-from cert_service.certificates import AsyncIssuance, DeviceCertificates
+from cert_service.certcache import CertificateCache, InvalidationLog
+from cert_service.certificates import DeviceCertificates
 from cert_service.config import SERVICE, CertServiceConfig
 from cert_service.crl import CrlPublisher
 from cert_service.dns01 import DnsUpdater
-from cert_service.issuer import Issuer
+from cert_service.issuance import CertificateIssuer, OrderingIssuer, SigningIssuer
 from cert_service.lifecycle import LifecycleWorker
 from cert_service.limits import CertificateLimits
 from cert_service.monitoring import FleetSampler
@@ -41,7 +41,8 @@ log = get_logger(__name__)
 
 
 class CertApp:
-    """cert_service in one process: the gRPC server and its background workers."""
+    """cert_service in one process: the gRPC server and its background workers, as
+    `create_app` wired them."""
 
     def __init__(
         self,
@@ -49,103 +50,33 @@ class CertApp:
         clock: Clock,
         db: Database,
         cache: Cache,
-        trust: CacheTrust,
-        issuer: Issuer,
+        *,
+        store: CertificateStore,
+        certificates: DeviceCertificates,
+        access: AccessRecorder,
+        outbox: OutboxRelay,
+        guard: CacheGuard,
+        lifecycle: LifecycleWorker,
+        crl_publisher: CrlPublisher | None,
+        acme_worker: AcmeWorker | None,
+        resources: ResourceSampler,
+        fleet: FleetSampler,
+        servicer: CertificateServicer,
     ) -> None:
         self.config = config
         self.clock = clock
         self.db = db
         self.cache = cache
-        self.store = CertificateStore(db)
-        certificate_cache = CertificateCache(
-            cache, trust, config.cache_ttl, config.negative_cache_ttl
-        )
-        self.access = access_recorder(self.store, config.access_flush_interval)
-        self.outbox = OutboxRelay(
-            self.store,
-            clock,
-            config.key_service_address,
-            timeout=config.key_service_timeout,
-            interval=config.outbox_interval,
-            retry_min=config.outbox_retry_min,
-            retry_max=config.outbox_retry_max,
-        )
-        renewal = RenewalPolicy(
-            config.renew_at_fraction, config.ari_explanation_url, config.reissue_issued_before
-        )
-        self.crl_publisher: CrlPublisher | None = None
-        repository: PublicRepository | None = None
-        if isinstance(issuer, LocalCertificateAuthority):
-            self.crl_publisher = CrlPublisher(
-                CrlStore(db),
-                issuer,
-                clock,
-                validity=timedelta(seconds=config.crl_validity),
-                interval=config.crl_interval,
-            )
-            repository = PublicRepository(issuer, self.crl_publisher)
-        self.acme_worker: AcmeWorker | None = None
-        acme: AsyncIssuance | None = None
-        queue: IssuanceQueue | None = None
-        if config.acme is not None and config.dns is not None:
-            queue = IssuanceQueue(db)
-            acme = AsyncIssuance(queue)
-        self.lifecycle = LifecycleWorker(
-            self.store,
-            certificate_cache,
-            issuer,
-            clock,
-            renew_at_fraction=config.renew_at_fraction,
-            batch_size=config.lifecycle_batch_size,
-            default_validity_days=config.cert_validity_days,
-            renewal=renewal,
-            queue=queue,
-        )
-        self.certificates = DeviceCertificates(
-            self.store,
-            certificate_cache,
-            issuer,
-            self.access,
-            self.outbox,
-            clock,
-            config.cert_validity_days,
-            CertificateLimits(
-                Limiter(cache, config.limits, clock),
-                config.renew_at_fraction,
-                config.cert_validity_days,
-            ),
-            acme,
-        )
-        if queue is not None and config.acme is not None and config.dns is not None:
-            self.acme_worker = AcmeWorker(
-                queue,
-                AcmeClient(config.acme, DnsUpdater(config.dns)),
-                clock,
-                config.acme,
-                self.certificates.changed,
-                poll_interval=config.acme_poll_interval,
-            )
-            worker = self.acme_worker
-            self.certificates.acme = AsyncIssuance(queue, worker.poke)
-            self.lifecycle.queued = worker.poke
-        self.resources = ResourceSampler(SERVICE, db, cache, config.metrics_interval)
-        self.fleet = FleetSampler(self.store, issuer, clock, config.renew_at_fraction)
-        redis_config = config.server.redis
-        self.guard = CacheGuard(
-            trust,
-            cache,
-            self.certificates.drain_invalidations,
-            interval=redis_config.invalidation_interval,
-            retry_interval=redis_config.breaker_reset,
-        )
-        servicer = CertificateServicer(
-            self.certificates,
-            config.dns_zone,
-            config.cert_validity_days,
-            clock=clock,
-            renewal=renewal,
-            repository=repository,
-        )
+        self.store = store
+        self.certificates = certificates
+        self.access = access
+        self.outbox = outbox
+        self.guard = guard
+        self.lifecycle = lifecycle
+        self.crl_publisher = crl_publisher
+        self.acme_worker = acme_worker
+        self.resources = resources
+        self.fleet = fleet
         self.grpc = GrpcServer(config.server)
         self.grpc.add_service(
             SERVICE_NAME,
@@ -223,23 +154,128 @@ class CertApp:
 
 
 async def create_app(config: CertServiceConfig, *, clock: Clock | None = None) -> CertApp:
-    """Load the CA, open the database pool and Redis client, build the app (not started).
+    """Load the CA (or check the ACME account key), open the database pool and Redis client,
+    and build the app (not started): the one place where the objects are wired, and where the
+    issuer is chosen.
 
     Raises `CertificateAuthorityError` for an unusable CA and `DatabaseUnavailable` when
     PostgreSQL cannot be reached.
     """
-    issuer: Issuer
+    ca: LocalCertificateAuthority | None = None
     if config.acme is not None:
         load_account_key(config.acme.account_key_file)  # unusable: refuse to start
-        issuer = AcmeIssuer()
     else:
-        issuer = LocalCertificateAuthority.from_files(
+        ca = LocalCertificateAuthority.from_files(
             config.ca_cert_file, config.ca_key_file, locations=config.pki
         )
     db = await open_database(config.server.database, SERVICE)
     trust = CacheTrust(config.server.redis)
     cache = Cache.from_config(config.server.redis, trust.breaker)
-    return CertApp(config, clock or SystemClock(), db, cache, trust, issuer)
+    clock = clock or SystemClock()
+
+    store = CertificateStore(db)
+    invalidations = InvalidationLog(store, cache, config.cache_ttl, clock)
+    certificate_cache = CertificateCache(
+        cache, trust, config.cache_ttl, config.negative_cache_ttl, invalidations
+    )
+    redis_config = config.server.redis
+    guard = CacheGuard(
+        trust,
+        cache,
+        invalidations.drain,
+        interval=redis_config.invalidation_interval,
+        retry_interval=redis_config.breaker_reset,
+    )
+    access = access_recorder(store, config.access_flush_interval)
+    outbox = OutboxRelay(
+        store,
+        clock,
+        config.key_service_address,
+        timeout=config.key_service_timeout,
+        interval=config.outbox_interval,
+        retry_min=config.outbox_retry_min,
+        retry_max=config.outbox_retry_max,
+    )
+    renewal = RenewalPolicy(
+        config.renew_at_fraction, config.ari_explanation_url, config.reissue_issued_before
+    )
+
+    issuer: CertificateIssuer
+    crl_publisher: CrlPublisher | None = None
+    repository: PublicRepository | None = None
+    acme_worker: AcmeWorker | None = None
+    if ca is not None:
+        issuer = SigningIssuer(ca, store, certificate_cache.changed, config.cert_validity_days)
+        crl_publisher = CrlPublisher(
+            CrlStore(db),
+            ca,
+            clock,
+            validity=timedelta(seconds=config.crl_validity),
+            interval=config.crl_interval,
+        )
+        repository = PublicRepository(ca, crl_publisher)
+    else:
+        # CERT_ISSUER=acme sets both (`CertServiceConfig.from_env`).
+        assert config.acme is not None
+        assert config.dns is not None
+        queue = IssuanceQueue(db)
+        acme_worker = AcmeWorker(
+            queue,
+            AcmeClient(config.acme, DnsUpdater(config.dns)),
+            clock,
+            config.acme,
+            certificate_cache.changed,
+            poll_interval=config.acme_poll_interval,
+        )
+        issuer = OrderingIssuer(queue, store, certificate_cache.changed, acme_worker.poke)
+
+    certificates = DeviceCertificates(
+        store,
+        certificate_cache,
+        issuer,
+        access,
+        outbox,
+        clock,
+        CertificateLimits(
+            Limiter(cache, config.limits, clock),
+            config.renew_at_fraction,
+            config.cert_validity_days,
+        ),
+    )
+    lifecycle = LifecycleWorker(
+        store,
+        certificate_cache,
+        issuer,
+        clock,
+        renew_at_fraction=config.renew_at_fraction,
+        batch_size=config.lifecycle_batch_size,
+        renewal=renewal,
+    )
+    servicer = CertificateServicer(
+        certificates,
+        config.dns_zone,
+        config.cert_validity_days,
+        clock=clock,
+        renewal=renewal,
+        repository=repository,
+    )
+    return CertApp(
+        config,
+        clock,
+        db,
+        cache,
+        store=store,
+        certificates=certificates,
+        access=access,
+        outbox=outbox,
+        guard=guard,
+        lifecycle=lifecycle,
+        crl_publisher=crl_publisher,
+        acme_worker=acme_worker,
+        resources=ResourceSampler(SERVICE, db, cache, config.metrics_interval),
+        fleet=FleetSampler(store, ca, clock, config.renew_at_fraction),
+        servicer=servicer,
+    )
 
 
 async def _serve(config: CertServiceConfig) -> int:

@@ -20,12 +20,16 @@ and a revoked certificate would be served as active for an hour. So:
 Every change also logs its invalidation in PostgreSQL, in the same statement
 (`shared.invalidation`). When Redis does not take the fence, the cache is distrusted at once
 (reads go to PostgreSQL) until a guard has applied the log; the guard fences every logged key.
+`CertificateCache.changed` is what every change calls after its commit (the fence, then the
+log entry marked applied); `InvalidationLog.drain` is the guard's pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Final
 
 import redis.asyncio as aioredis
@@ -33,8 +37,11 @@ from google.protobuf.message import DecodeError
 from redis.asyncio.client import Pipeline
 
 from cert_service.batching import Coalescer
+from cert_service.storage import CertificateStore
 from myl.cert.v1 import cert_pb2
 from shared.cache import Cache, cache_key
+from shared.clock import Clock
+from shared.errors import DomainError
 from shared.invalidation import CacheTrust
 from shared.metrics import CACHE_RESULTS
 
@@ -43,11 +50,13 @@ NAMESPACE: Final = "cert"
 _NOT_FOUND: Final = b"\x00not-found"
 _FENCE: Final = b"\x00fence"
 FENCE_TTL: Final = 5.0
+_FENCE_MS: Final = int(FENCE_TTL * 1000)
 FILL_DEADLINE: Final = 2.0
 # Concurrent publishes: at most this many pipelines in flight, each for up to this many
 # certificates (see `cert_service.batching`).
 _PUBLISH_IN_FLIGHT: Final = 1
 _PUBLISH_BATCH: Final = 64
+_DRAIN_BATCH: Final = 500
 # KEYS[1]: the key; ARGV: value, fence marker, TTL in ms.
 _PUBLISH_UNLESS_FENCED: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[2] then return 0 end
@@ -75,13 +84,62 @@ def name_key(fqdn: str) -> str:
     return cache_key(NAMESPACE, fqdn, ":name")
 
 
+class InvalidationLog:
+    """The logged invalidations of certificate changes (`shared.invalidation`): marking one
+    applied, and the guard's drain of those not yet applied."""
+
+    def __init__(self, store: CertificateStore, cache: Cache, ttl: float, clock: Clock) -> None:
+        self.store = store
+        self.cache = cache
+        self.ttl = timedelta(milliseconds=_ttl_ms(ttl))
+        self.clock = clock
+
+    async def acknowledge(self, invalidation: int) -> None:
+        """Mark an invalidation whose keys are fenced applied; should that fail, a guard's
+        pass marks it."""
+        with contextlib.suppress(DomainError):
+            await self.store.acknowledge_invalidations([invalidation], self.clock.now())
+
+    async def drain(self, replay: bool = False) -> int:
+        """Fence every certificate with a pending logged invalidation and mark it applied;
+        `replay`: also those applied within the cache TTL (`shared.invalidation`)."""
+        now = self.clock.now()
+        since = now - self.ttl if replay else None
+        applied = after = 0
+        while True:
+            batch = await self.store.pending_invalidations(
+                _DRAIN_BATCH, after=after, applied_since=since
+            )
+            if batch:
+                keys = [
+                    key
+                    for _, device_id, fqdn in batch
+                    for key in (device_key(device_id), name_key(fqdn))
+                ]
+                await _fence_now(self.cache, keys)
+                await self.store.acknowledge_invalidations([i for i, _, _ in batch], now)
+                applied += len(batch)
+                after = batch[-1][0]
+            if len(batch) < _DRAIN_BATCH:
+                break
+        await self.store.forget_invalidations(now - self.ttl)
+        return applied
+
+
 class CertificateCache:
-    def __init__(self, cache: Cache, trust: CacheTrust, ttl: float, negative_ttl: float) -> None:
+    def __init__(
+        self,
+        cache: Cache,
+        trust: CacheTrust,
+        ttl: float,
+        negative_ttl: float,
+        log: InvalidationLog,
+    ) -> None:
         self.cache = cache
         self.trust = trust  # told when a change could not be fenced
-        self.ttl_ms = max(1, int(ttl * 1000))
+        self.ttl_ms = _ttl_ms(ttl)
         self.negative_ttl_ms = int(negative_ttl * 1000)
-        self.fence_ms = int(FENCE_TTL * 1000)
+        self.log = log
         self._publisher: Coalescer[tuple[bytes, Sequence[str]], None] = Coalescer(
             self._publish_batch, max_in_flight=_PUBLISH_IN_FLIGHT, max_batch=_PUBLISH_BATCH
         )
@@ -155,27 +213,36 @@ class CertificateCache:
         """Fence `keys` after a change (see the module docstring); False when Redis did not
         take it: the cache is then distrusted at once, and the change's logged invalidation
         is applied by the guard when Redis answers (`shared.invalidation`)."""
-        if await self.cache.pipeline(self._fences(keys), default=()):
+        if await self.cache.pipeline(_fences(keys), default=()):
             return True
         self.trust.distrust()
         return False
 
-    async def fence_now(self, keys: Sequence[str]) -> None:
-        """Fence `keys` whatever the circuit says; raises `CacheUnavailable` on failure."""
-        queue = self._fences(keys)
+    async def changed(self, device_id: str, fqdn: str, invalidation: int) -> None:
+        """Fence a changed certificate's entries, then mark its logged invalidation applied."""
+        if await self.invalidate(device_key(device_id), name_key(fqdn)):
+            await self.log.acknowledge(invalidation)
 
-        async def write(client: aioredis.Redis) -> None:
-            pipe = client.pipeline(transaction=False)
-            queue(pipe)
-            await pipe.execute()
 
-        await self.cache.apply(write)
+def _ttl_ms(ttl: float) -> int:
+    return max(1, int(ttl * 1000))
 
-    def _fences(self, keys: Sequence[str]) -> Callable[[Pipeline], None]:
-        fence_ms = self.fence_ms
 
-        def fence(pipe: Pipeline) -> None:
-            for key in keys:
-                pipe.set(key, _FENCE, px=fence_ms)
+async def _fence_now(cache: Cache, keys: Sequence[str]) -> None:
+    """Fence `keys` whatever the circuit says; raises `CacheUnavailable` on failure."""
+    queue = _fences(keys)
 
-        return fence
+    async def write(client: aioredis.Redis) -> None:
+        pipe = client.pipeline(transaction=False)
+        queue(pipe)
+        await pipe.execute()
+
+    await cache.apply(write)
+
+
+def _fences(keys: Sequence[str]) -> Callable[[Pipeline], None]:
+    def fence(pipe: Pipeline) -> None:
+        for key in keys:
+            pipe.set(key, _FENCE, px=_FENCE_MS)
+
+    return fence

@@ -1,47 +1,41 @@
 """The device certificate operations, behind the gRPC servicer.
 
 Reads go cache first, then PostgreSQL; every change is committed, then its cache entries are
-updated (provision) or fenced (every other change), then the call returns. Signing is CPU work
-done inline and never while a database connection is held.
+updated (a provision's signed certificate) or fenced (every other change), then the call
+returns. Where certificates come from, signed here or ordered from an ACME CA, is the issuer's
+business (`cert_service.issuance`): these operations never ask which one it is.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Final
 
 from cryptography.hazmat.primitives import serialization
 
 from cert_service import certcache
 from cert_service.access import AccessRecorder
-from cert_service.acme import csr_names_problem, device_csr
 from cert_service.batching import Coalescer
 from cert_service.certcache import NOT_FOUND, CertificateCache
-from cert_service.issuance import CSR_UNCHANGED, issue_device_certificate
+from cert_service.issuance import CertificateIssuer
 from cert_service.issuer import (
-    Issuer,
     PublicKey,
     PublicKeyError,
     generate_private_key,
     load_public_key,
-    spki_der,
 )
 from cert_service.limits import CertificateLimits
 from cert_service.metrics import CERTIFICATE_OPERATIONS
-from cert_service.names import certificate_names
 from cert_service.outbox import OutboxRelay
 from cert_service.storage import (
     CertificateRecord,
     CertificateStore,
     CompletedRequest,
-    IssuanceQueue,
     ListQuery,
-    NewCertificate,
     NewRow,
     RenewalSource,
     RequestTaken,
@@ -56,7 +50,6 @@ from shared.errors import (
     already_exists,
     failed_precondition,
     internal_error,
-    invalid_argument,
     not_found,
 )
 from shared.idempotency import RequestKey, in_progress, recent, superseded
@@ -72,7 +65,6 @@ _ATTEMPTS: Final = 3
 # many certificates.
 _INSERTS_IN_FLIGHT: Final = 1
 _INSERT_BATCH: Final = 64
-_DRAIN_BATCH: Final = 500
 
 
 def truthful_status(certificate: cert_pb2.Certificate, now_seconds: int) -> cert_pb2.Certificate:
@@ -100,14 +92,6 @@ class ProvisionRequest:
 
 
 @dataclass(frozen=True)
-class AsyncIssuance:
-    """The ACME issuer's side of the operations: orders are queued, a worker completes them."""
-
-    queue: IssuanceQueue
-    poke: Callable[[], None] = field(default=lambda: None)
-
-
-@dataclass(frozen=True)
 class CertificatePage:
     certificates: list[cert_pb2.Certificate]
     last: CertificateRecord | None
@@ -118,17 +102,12 @@ class DeviceCertificates:
         self,
         store: CertificateStore,
         cache: CertificateCache,
-        issuer: Issuer,
+        issuer: CertificateIssuer,
         access: AccessRecorder,
         outbox: OutboxRelay,
         clock: Clock,
-        default_validity_days: int,
         limits: CertificateLimits | None = None,
-        acme: AsyncIssuance | None = None,
     ) -> None:
-        self.default_validity_days = default_validity_days
-        # Set with CERT_ISSUER=acme: provisions and renewals queue orders (PENDING).
-        self.acme = acme
         self.limits = limits
         self.store = store
         self.cache = cache
@@ -214,18 +193,10 @@ class DeviceCertificates:
         )
 
     async def ca_renewal_time(self, device_id: str, serial_number: str) -> datetime | None:
-        """The renewal moment the ACME CA suggested for this certificate (ARI), if any."""
-        if self.acme is None:
-            return None
-        return await self.acme.queue.renewal_time(device_id, serial_number)
+        """The renewal moment the CA suggested for this certificate (ARI), if any."""
+        return await self.issuer.renewal_time(device_id, serial_number)
 
     def ca_chain_pem(self) -> str:
-        if self.acme is not None:
-            raise failed_precondition(
-                "certificates come from an ACME CA: each certificate_chain_pem carries the "
-                "CA's chain",
-                "CA_CHAIN_WITH_CERTIFICATE",
-            )
         return self.issuer.ca_chain_pem()
 
     # -- changes ------------------------------------------------------------------------------
@@ -280,25 +251,20 @@ class DeviceCertificates:
         public_key = request.public_key
         if public_key is None:
             public_key, private_key_pem = generate_private_key()
-        order_csr = self._order_csr(request, private_key_pem)
         # Answered by then at the latest, however long its insert waits in a queue of others
         # (`cert_service.batching`) or for a lock (`shared.db`).
         deadline = time.monotonic() + self.store.db.operation_timeout
         for _ in range(_ATTEMPTS):
             now = self.clock.now()
-            if order_csr is None:
-                new = issue_device_certificate(
-                    self.issuer,
-                    public_key,
-                    request.fqdn,
-                    request.certificate_type,
-                    request.validity_days,
-                    now,
-                    request.csr_pem,
-                    occasion="provision",
-                )
-            else:
-                new = _pending_certificate(public_key, request, order_csr, now)
+            issued = self.issuer.issue(
+                public_key,
+                private_key_pem,
+                request.fqdn,
+                request.certificate_type,
+                request.validity_days,
+                request.csr_pem,
+                now,
+            )
             key = request.request
             record = await self._inserts.submit(
                 NewRow(
@@ -306,11 +272,11 @@ class DeviceCertificates:
                     request.fqdn,
                     request.certificate_type,
                     request.auto_renewal,
-                    new,
+                    issued.certificate,
                     now,
                     key.request_id if key else None,
                     key.fingerprint if key else None,
-                    order_csr,
+                    issued.order_csr,
                     deadline,
                 )
             )
@@ -320,12 +286,12 @@ class DeviceCertificates:
                 if not request.generated_name:
                     # Nobody can have looked up a name generated just now: nothing to replace.
                     keys.append(certcache.name_key(request.fqdn))
-                if self.acme is None:
-                    await self.cache.publish_new(certificate, *keys)
-                else:
-                    # Pending: not cached (see `_from_database`); a cached "not found" goes.
+                if issued.pending:
+                    # Not cached (see `_from_database`); a cached "not found" goes.
                     await self.cache.invalidate(*keys)
-                    self.acme.poke()
+                    self.issuer.queued()
+                else:
+                    await self.cache.publish_new(certificate, *keys)
                 log.info(
                     "certificate provisioned",
                     device_id=request.device_id,
@@ -378,20 +344,6 @@ class DeviceCertificates:
             retry_after=1.0,
         )
 
-    def _order_csr(self, request: ProvisionRequest, private_key_pem: str) -> str | None:
-        """With the ACME issuer, the CSR the order is finalized with: the device's (which must
-        name exactly the certificate's names) or one made with the key generated for it."""
-        if self.acme is None:
-            return None
-        names = certificate_names(request.fqdn, request.certificate_type == "wildcard")
-        if private_key_pem:
-            return device_csr(private_key_pem, names)
-        assert request.csr_pem is not None
-        problem = csr_names_problem(request.csr_pem, names)
-        if problem is not None:
-            raise invalid_argument("csr_pem", problem)
-        return request.csr_pem
-
     async def _replay_provision(
         self, request: ProvisionRequest, public_key: PublicKey, private_key_pem: str
     ) -> tuple[cert_pb2.Certificate, str] | None:
@@ -436,47 +388,10 @@ class DeviceCertificates:
                     raise in_progress(key.request_id)
                 record = claimed
             return record.to_pb(now), ""
-        if self.acme is not None:
-            names = certificate_names(record.uuid_subdomain, request.certificate_type == "wildcard")
-            queued = await self.acme.queue.request(
-                request.device_id,
-                device_csr(private_key_pem, names),
-                "provision",
-                now,
-                record.serial_number,
-            )
-            if queued is None:
-                return None
-            record, invalidation = queued
-            await self.changed(record.device_id, record.uuid_subdomain, invalidation)
-            self.acme.poke()
-            return record.to_pb(now), private_key_pem
-        new = issue_device_certificate(
-            self.issuer,
-            public_key,
-            record.uuid_subdomain,
-            request.certificate_type,
-            request.validity_days,
-            now,
-            request.csr_pem,
-            occasion="provision",
-            not_after=record.expires_at,
+        reissued = await self.issuer.reissue(
+            record, request.validity_days, public_key, private_key_pem, key.request_id, now
         )
-        replaced = await self.store.supersede_provision(
-            request.device_id, key.request_id, record.serial_number, new, now
-        )
-        if replaced is None:
-            # Another retry replaced it first, or it was renewed or revoked meanwhile: the
-            # retry of this one sees which.
-            raise in_progress(key.request_id)
-        record, invalidation = replaced
-        await self.changed(record.device_id, record.uuid_subdomain, invalidation)
-        log.info(
-            "provision retried: certificate superseded",
-            device_id=request.device_id,
-            serial=record.serial_number,
-        )
-        return record.to_pb(now), private_key_pem
+        return None if reissued is None else (reissued.to_pb(now), private_key_pem)
 
     async def renew(
         self, device_id: str, csr_pem: str | None, request: RequestKey | None = None
@@ -513,12 +428,9 @@ class DeviceCertificates:
                 now = self.clock.now()
                 if spend is None and self.limits is not None:
                     spend = await self.limits.for_renewal(source, now)
-                if self.acme is not None:
-                    renewed = await self._queue_renewal(source, csr_pem, request, now)
-                else:
-                    renewed = await self._renew_from(source, public_key, csr_pem, request, now)
+                renewed = await self.issuer.renew(source, public_key, csr_pem, request, now)
                 if renewed is not None:
-                    return renewed
+                    return renewed.to_pb(now)
         except RequestTaken:
             # A concurrent attempt of this request renewed first: its outcome is this one's.
             assert request is not None
@@ -541,36 +453,6 @@ class DeviceCertificates:
             metadata={"device_id": device_id},
         )
 
-    async def _renew_from(
-        self,
-        source: RenewalSource,
-        public_key: PublicKey,
-        csr_pem: str | None,
-        request: RequestKey | None,
-        now: datetime,
-    ) -> cert_pb2.Certificate | None:
-        """One renewal attempt; None when the row changed meanwhile."""
-        device_id = source.device_id
-        new = issue_device_certificate(
-            self.issuer,
-            public_key,
-            source.uuid_subdomain,
-            source.certificate_type,
-            source.validity_days or self.default_validity_days,
-            now,
-            CSR_UNCHANGED if csr_pem is None else csr_pem,
-            occasion="renew",
-        )
-        replaced = await self.store.replace_certificate(
-            source, new, now, (request.request_id, request.fingerprint) if request else None
-        )
-        if replaced is None:
-            return None
-        record, invalidation = replaced
-        await self.changed(record.device_id, record.uuid_subdomain, invalidation)
-        log.info("certificate renewed", device_id=device_id, serial=new.serial_number)
-        return record.to_pb(now)
-
     async def _renewal_outcome(
         self, request: RequestKey, done: CompletedRequest
     ) -> cert_pb2.Certificate:
@@ -592,43 +474,6 @@ class DeviceCertificates:
                 request.request_id,
                 f"the certificate it issued was {status}",
                 device_id=done.device_id,
-            )
-        return record.to_pb(now)
-
-    async def _queue_renewal(
-        self,
-        source: RenewalSource,
-        csr_pem: str | None,
-        request: RequestKey | None,
-        now: datetime,
-    ) -> cert_pb2.Certificate | None:
-        """The ACME issuer's renewal: queue an order for the new CSR, or the stored one."""
-        if csr_pem is not None:
-            names = certificate_names(source.uuid_subdomain, source.certificate_type == "wildcard")
-            problem = csr_names_problem(csr_pem, names)
-            if problem is not None:
-                raise invalid_argument("csr_pem", problem)
-        order_csr = csr_pem or source.csr_pem
-        if order_csr is None:
-            raise failed_precondition(
-                "no CSR is stored for this certificate (the service generated its key, which "
-                "it never keeps): renew with a CSR",
-                "CSR_REQUIRED",
-                device_id=source.device_id,
-            )
-        assert self.acme is not None
-        queued = await self.acme.queue.request(
-            source.device_id, order_csr, "renew", now, source.serial_number
-        )
-        if queued is None:
-            return None
-        record, invalidation = queued
-        await self.changed(record.device_id, record.uuid_subdomain, invalidation)
-        self.acme.poke()
-        log.info("certificate renewal queued", device_id=source.device_id)
-        if request is not None:
-            await self.store.record_request(
-                request.request_id, "renew", request.fingerprint, source.device_id, now
             )
         return record.to_pb(now)
 
@@ -688,7 +533,7 @@ class DeviceCertificates:
         if invalidation is not None:
             # Revoked, with the request recorded in the same statement: nothing from here on
             # may fail the call (the caller must not hear that nothing was done).
-            await self.changed(record.device_id, record.uuid_subdomain, invalidation)
+            await self.cache.changed(record.device_id, record.uuid_subdomain, invalidation)
             log.info("certificate revoked", device_id=device_id, reason=reason)
         elif request is not None:
             await self.store.record_request(
@@ -720,7 +565,7 @@ class DeviceCertificates:
                 return
             raise _not_found(device_id=device_id)
         fqdn, event, invalidation = deleted
-        await self.changed(device_id, fqdn, invalidation)
+        await self.cache.changed(device_id, fqdn, invalidation)
         log.info("device deleted", device_id=device_id, uuid_subdomain=fqdn)
         await self.outbox.try_deliver(event)
 
@@ -734,55 +579,6 @@ class DeviceCertificates:
             return None
         request.matches(done.request_hash)
         return done if done.device_id == device_id else None
-
-    async def changed(self, device_id: str, fqdn: str, invalidation: int) -> None:
-        """Fence the changed certificate's entries, then forget the logged invalidation."""
-        if await self.cache.invalidate(certcache.device_key(device_id), certcache.name_key(fqdn)):
-            # Fenced already: should marking the row applied fail, a guard's pass marks it.
-            with contextlib.suppress(DomainError):
-                await self.store.acknowledge_invalidations([invalidation], self.clock.now())
-
-    async def drain_invalidations(self, replay: bool = False) -> int:
-        """Fence every certificate with a pending logged invalidation and mark it applied;
-        `replay`: also those applied within the cache TTL (`shared.invalidation`)."""
-        now = self.clock.now()
-        ttl = timedelta(milliseconds=self.cache.ttl_ms)
-        since = now - ttl if replay else None
-        applied = after = 0
-        while True:
-            batch = await self.store.pending_invalidations(
-                _DRAIN_BATCH, after=after, applied_since=since
-            )
-            if batch:
-                keys = [
-                    key
-                    for _, device_id, fqdn in batch
-                    for key in (certcache.device_key(device_id), certcache.name_key(fqdn))
-                ]
-                await self.cache.fence_now(keys)
-                await self.store.acknowledge_invalidations([i for i, _, _ in batch], now)
-                applied += len(batch)
-                after = batch[-1][0]
-            if len(batch) < _DRAIN_BATCH:
-                break
-        await self.store.forget_invalidations(now - ttl)
-        return applied
-
-
-def _pending_certificate(
-    public_key: PublicKey, request: ProvisionRequest, csr_pem: str, now: datetime
-) -> NewCertificate:
-    """A PENDING row's certificate: no chain or serial yet, the key and the CSR recorded."""
-    data = {
-        "public_key_sha256": hashlib.sha256(spki_der(public_key)).hexdigest(),
-        "public_key_pem": public_key.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ).decode("ascii"),
-        "dns_names": certificate_names(request.fqdn, request.certificate_type == "wildcard"),
-        "validity_days": request.validity_days,
-        "csr_pem": csr_pem,
-    }
-    return NewCertificate("", "", now, now, data)
 
 
 def _moved_on(record: CertificateRecord, now: datetime) -> str | None:

@@ -1,20 +1,155 @@
-"""Turning a public key and a device name into what device_certificates stores."""
+"""How a device certificate comes to be: signed now by the built-in CA, or ordered from an ACME CA.
+
+`CertificateIssuer` is what the certificate operations (`cert_service.certificates`) and the
+lifecycle worker call; `create_app` builds one of its two implementations (`CERT_ISSUER`):
+
+* `SigningIssuer` (the built-in CA): a provision, renewal or auto-renewal signs in the request
+  (one signature, CPU work done without holding a database connection) and stores an ACTIVE
+  certificate.
+* `OrderingIssuer` (ACME): nothing is signed here. A provision stores a PENDING row with the CSR
+  the order is finalized with; a renewal queues an order on the row (which stays as it is until
+  the order completes). The ACME worker (`cert_service.acme_worker`) completes the orders in the
+  background and makes the row ACTIVE; `queued()` wakes it.
+
+Both write the row themselves (`renew`, `reissue`): the signing one replaces the certificate,
+the ordering one queues an order, and each returns the row as it left it. The caller then
+answers from that row, whichever issuer wrote it.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
+from cryptography.hazmat.primitives import serialization
 from prometheus_client import Counter
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
 
-from cert_service.issuer import IssuedCertificate, Issuer, PublicKey
+from cert_service.acme import csr_names_problem, device_csr
+from cert_service.issuer import (
+    IssuedCertificate,
+    Issuer,
+    PublicKey,
+    PublicKeyError,
+    load_public_key,
+    spki_der,
+)
 from cert_service.names import certificate_names
-from cert_service.storage import NewCertificate
+from cert_service.storage import (
+    CertificateRecord,
+    CertificateStore,
+    IssuanceQueue,
+    NewCertificate,
+    RenewalSource,
+)
+from shared.errors import failed_precondition, invalid_argument
+from shared.idempotency import RequestKey, in_progress
+from shared.logging import get_logger
+
+log = get_logger(__name__)
 
 ISSUED = Counter("myl_certificates_issued_total", "Certificates signed, by occasion", ["occasion"])
 
 CSR_UNCHANGED: Any = object()
 """Pass as `csr_pem` when renewing with the stored key: certificate_data keeps its CSR."""
+
+Changed = Callable[[str, str, int], Awaitable[None]]
+"""Told of every row an issuer changed: (device_id, uuid_subdomain, logged invalidation id);
+fences the row's cache entries (`cert_service.certcache.CertificateCache.changed`)."""
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A provision's certificate: signed, or (`order_csr` set) pending until the CA's order
+    for that CSR completes; `certificate` then holds the key and names, no chain or serial."""
+
+    certificate: NewCertificate
+    order_csr: str | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.order_csr is not None
+
+
+@dataclass(frozen=True)
+class RenewedBatch:
+    """What one lifecycle batch did: certificates signed (to store), orders queued, and the
+    devices that cannot be renewed (their auto-renewal is switched off)."""
+
+    signed: list[tuple[str, NewCertificate]]
+    queued: int
+    broken: list[str]
+
+
+class CertificateIssuer(Protocol):
+    """Where the certificates of the operations come from (see the module docstring)."""
+
+    def issue(
+        self,
+        public_key: PublicKey,
+        private_key_pem: str,
+        fqdn: str,
+        certificate_type: str,
+        validity_days: int,
+        csr_pem: str | None,
+        now: datetime,
+    ) -> Issued:
+        """A provision's certificate for `public_key` (`private_key_pem`: the key the service
+        generated for it, else ""; `csr_pem`: the device's CSR, else None). INVALID_ARGUMENT
+        when the CA would refuse the CSR."""
+        ...
+
+    def queued(self) -> None:
+        """Rows were stored with an order wanted: start on them now."""
+        ...
+
+    async def reissue(
+        self,
+        record: CertificateRecord,
+        validity_days: int,
+        public_key: PublicKey,
+        private_key_pem: str,
+        request_id: uuid.UUID,
+        now: datetime,
+    ) -> CertificateRecord | None:
+        """A provision's retry with a fresh generated key: a certificate for it in place of
+        the one the earlier attempt left in `record` (its key reached nobody), valid no
+        longer. The row as left, or None when it changed since `record` was read (or
+        REQUEST_IN_PROGRESS: another retry or a change came first)."""
+        ...
+
+    async def renew(
+        self,
+        source: RenewalSource,
+        public_key: PublicKey,
+        csr_pem: str | None,
+        request: RequestKey | None,
+        now: datetime,
+    ) -> CertificateRecord | None:
+        """Renew the device's certificate for `public_key` (that of `csr_pem`, or the stored
+        one); the row as left, or None when it changed since `source` was read. The request
+        id, if any, is recorded with it; `RequestTaken` when another attempt's was first."""
+        ...
+
+    async def renew_batch(
+        self, conn: AsyncConnection[TupleRow], sources: Sequence[RenewalSource], now: datetime
+    ) -> RenewedBatch:
+        """The lifecycle's renewals of one locked batch, on the batch's connection."""
+        ...
+
+    async def renewal_time(self, device_id: str, serial_number: str) -> datetime | None:
+        """The renewal moment the CA suggested for this certificate (ARI), if any."""
+        ...
+
+    def ca_chain_pem(self) -> str:
+        """The CA chain clients trust device certificates by; FAILED_PRECONDITION when each
+        certificate carries its own."""
+        ...
 
 
 def issue_device_certificate(
@@ -77,3 +212,276 @@ def new_certificate(
         not_after=issued.not_after,
         data=data,
     )
+
+
+def _request_pair(request: RequestKey | None) -> tuple[uuid.UUID, bytes] | None:
+    return (request.request_id, request.fingerprint) if request else None
+
+
+class SigningIssuer:
+    """CERT_ISSUER=local: the built-in CA signs in the request."""
+
+    def __init__(
+        self, ca: Issuer, store: CertificateStore, changed: Changed, default_validity_days: int
+    ) -> None:
+        self.ca = ca
+        self.store = store
+        self.changed = changed
+        self.default_validity_days = default_validity_days
+
+    def issue(
+        self,
+        public_key: PublicKey,
+        private_key_pem: str,
+        fqdn: str,
+        certificate_type: str,
+        validity_days: int,
+        csr_pem: str | None,
+        now: datetime,
+    ) -> Issued:
+        return Issued(
+            issue_device_certificate(
+                self.ca,
+                public_key,
+                fqdn,
+                certificate_type,
+                validity_days,
+                now,
+                csr_pem,
+                occasion="provision",
+            )
+        )
+
+    def queued(self) -> None:
+        pass  # nothing is ever queued
+
+    async def reissue(
+        self,
+        record: CertificateRecord,
+        validity_days: int,
+        public_key: PublicKey,
+        private_key_pem: str,
+        request_id: uuid.UUID,
+        now: datetime,
+    ) -> CertificateRecord | None:
+        new = issue_device_certificate(
+            self.ca,
+            public_key,
+            record.uuid_subdomain,
+            record.certificate_type,
+            validity_days,
+            now,
+            None,  # the service generated the key: there is no CSR
+            occasion="provision",
+            not_after=record.expires_at,
+        )
+        replaced = await self.store.supersede_provision(
+            record.device_id, request_id, record.serial_number, new, now
+        )
+        if replaced is None:
+            # Another retry replaced it first, or it was renewed or revoked meanwhile: the
+            # retry of this one sees which.
+            raise in_progress(request_id)
+        record, invalidation = replaced
+        await self.changed(record.device_id, record.uuid_subdomain, invalidation)
+        log.info(
+            "provision retried: certificate superseded",
+            device_id=record.device_id,
+            serial=record.serial_number,
+        )
+        return record
+
+    async def renew(
+        self,
+        source: RenewalSource,
+        public_key: PublicKey,
+        csr_pem: str | None,
+        request: RequestKey | None,
+        now: datetime,
+    ) -> CertificateRecord | None:
+        new = issue_device_certificate(
+            self.ca,
+            public_key,
+            source.uuid_subdomain,
+            source.certificate_type,
+            source.validity_days or self.default_validity_days,
+            now,
+            CSR_UNCHANGED if csr_pem is None else csr_pem,
+            occasion="renew",
+        )
+        replaced = await self.store.replace_certificate(source, new, now, _request_pair(request))
+        if replaced is None:
+            return None
+        record, invalidation = replaced
+        await self.changed(record.device_id, record.uuid_subdomain, invalidation)
+        log.info("certificate renewed", device_id=source.device_id, serial=new.serial_number)
+        return record
+
+    async def renew_batch(
+        self, conn: AsyncConnection[TupleRow], sources: Sequence[RenewalSource], now: datetime
+    ) -> RenewedBatch:
+        """Re-sign each stored public key, for the validity it was provisioned with."""
+        signed: list[tuple[str, NewCertificate]] = []
+        broken: list[str] = []
+        for source in sources:
+            try:
+                new = issue_device_certificate(
+                    self.ca,
+                    load_public_key(source.public_key_pem),
+                    source.uuid_subdomain,
+                    source.certificate_type,
+                    source.validity_days or self.default_validity_days,
+                    now,
+                    CSR_UNCHANGED,
+                    occasion="auto_renew",
+                )
+            except (PublicKeyError, ValueError):
+                log.error(
+                    "cannot re-sign stored key; auto-renewal switched off",
+                    device_id=source.device_id,
+                    exc_info=True,
+                )
+                broken.append(source.device_id)
+                continue
+            signed.append((source.device_id, new))
+        return RenewedBatch(signed, 0, broken)
+
+    async def renewal_time(self, device_id: str, serial_number: str) -> datetime | None:
+        return None  # the built-in CA suggests nothing beyond RENEW_AT_FRACTION
+
+    def ca_chain_pem(self) -> str:
+        return self.ca.ca_chain_pem()
+
+
+class OrderingIssuer:
+    """CERT_ISSUER=acme: orders are queued on the rows, and the worker completes them."""
+
+    def __init__(
+        self,
+        queue: IssuanceQueue,
+        store: CertificateStore,
+        changed: Changed,
+        wake: Callable[[], None],
+    ) -> None:
+        self.queue = queue
+        self.store = store
+        self.changed = changed
+        self.wake = wake
+
+    def issue(
+        self,
+        public_key: PublicKey,
+        private_key_pem: str,
+        fqdn: str,
+        certificate_type: str,
+        validity_days: int,
+        csr_pem: str | None,
+        now: datetime,
+    ) -> Issued:
+        """A PENDING row's certificate: no chain or serial yet, the key and the CSR the order
+        is finalized with recorded: the device's (which must name exactly the certificate's
+        names) or one made with the key generated for it."""
+        names = certificate_names(fqdn, certificate_type == "wildcard")
+        if private_key_pem:
+            order_csr = device_csr(private_key_pem, names)
+        else:
+            assert csr_pem is not None
+            problem = csr_names_problem(csr_pem, names)
+            if problem is not None:
+                raise invalid_argument("csr_pem", problem)
+            order_csr = csr_pem
+        data = {
+            "public_key_sha256": hashlib.sha256(spki_der(public_key)).hexdigest(),
+            "public_key_pem": public_key.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ).decode("ascii"),
+            "dns_names": names,
+            "validity_days": validity_days,
+            "csr_pem": order_csr,
+        }
+        return Issued(NewCertificate("", "", now, now, data), order_csr)
+
+    def queued(self) -> None:
+        self.wake()
+
+    async def reissue(
+        self,
+        record: CertificateRecord,
+        validity_days: int,
+        public_key: PublicKey,
+        private_key_pem: str,
+        request_id: uuid.UUID,
+        now: datetime,
+    ) -> CertificateRecord | None:
+        names = certificate_names(record.uuid_subdomain, record.certificate_type == "wildcard")
+        queued = await self.queue.request(
+            record.device_id,
+            device_csr(private_key_pem, names),
+            "provision",
+            now,
+            record.serial_number,
+        )
+        if queued is None:
+            return None
+        record, invalidation = queued
+        await self.changed(record.device_id, record.uuid_subdomain, invalidation)
+        self.wake()
+        return record
+
+    async def renew(
+        self,
+        source: RenewalSource,
+        public_key: PublicKey,
+        csr_pem: str | None,
+        request: RequestKey | None,
+        now: datetime,
+    ) -> CertificateRecord | None:
+        """Queue an order for the new CSR, or the stored one."""
+        if csr_pem is not None:
+            names = certificate_names(source.uuid_subdomain, source.certificate_type == "wildcard")
+            problem = csr_names_problem(csr_pem, names)
+            if problem is not None:
+                raise invalid_argument("csr_pem", problem)
+        order_csr = csr_pem or source.csr_pem
+        if order_csr is None:
+            raise failed_precondition(
+                "no CSR is stored for this certificate (the service generated its key, which "
+                "it never keeps): renew with a CSR",
+                "CSR_REQUIRED",
+                device_id=source.device_id,
+            )
+        queued = await self.queue.request(
+            source.device_id, order_csr, "renew", now, source.serial_number
+        )
+        if queued is None:
+            return None
+        record, invalidation = queued
+        await self.changed(record.device_id, record.uuid_subdomain, invalidation)
+        self.wake()
+        log.info("certificate renewal queued", device_id=source.device_id)
+        if request is not None:
+            await self.store.record_request(
+                request.request_id, "renew", request.fingerprint, source.device_id, now
+            )
+        return record
+
+    async def renew_batch(
+        self, conn: AsyncConnection[TupleRow], sources: Sequence[RenewalSource], now: datetime
+    ) -> RenewedBatch:
+        """Queue an order with the stored CSR for each; a device without one cannot be
+        renewed (its key was generated here and never stored)."""
+        done, broken = await self.queue.queue_renewals(
+            conn, [source.device_id for source in sources], now
+        )
+        for device in broken:
+            log.error("no CSR stored to renew with; auto-renewal switched off", device_id=device)
+        return RenewedBatch([], len(done), broken)
+
+    async def renewal_time(self, device_id: str, serial_number: str) -> datetime | None:
+        return await self.queue.renewal_time(device_id, serial_number)
+
+    def ca_chain_pem(self) -> str:
+        raise failed_precondition(
+            "certificates come from an ACME CA: each certificate_chain_pem carries the CA's chain",
+            "CA_CHAIN_WITH_CERTIFICATE",
+        )

@@ -1,8 +1,8 @@
-"""What an issuer is, and the checks on what devices send: CSRs and public keys.
+"""What a signer is, and the checks on what devices send: CSRs and public keys.
 
-Two issuers implement :class:`Issuer`, one chosen at start-up (`CERT_ISSUER`): the built-in CA
-that signs in the request (`cert_service.ca`), and `cert_service.acme.AcmeIssuer`, under which
-certificates are ordered from an ACME CA in the background (`cert_service.acme_worker`).
+:class:`Issuer` is what signs a certificate in the request: the built-in CA
+(`cert_service.ca`). Whether certificates are signed so or ordered from an ACME CA in the
+background is chosen at start-up (`CERT_ISSUER`; `cert_service.issuance`).
 
 Decisions:
 
@@ -94,7 +94,7 @@ class IssuedCertificate:
 
 
 class Issuer(Protocol):
-    """Something that turns a public key and names into a certificate (local CA, ACME, ...)."""
+    """Something that turns a public key and names into a certificate now (the built-in CA)."""
 
     def issue(
         self,

@@ -6,9 +6,10 @@ One pass (`run_once`) does, in batches of `LIFECYCLE_BATCH_SIZE`:
    (`cert_service.ari`: `RENEW_AT_FRACTION` of their lifetime has passed, now >= not_before +
    fraction * (not_after - not_before), compared in whole seconds as GetRenewalInfo answers; or
    they were issued before the mass re-issue cut-off), including ones already past their
-   expiry, are re-signed with the public key stored in certificate_data, for the validity
-   they were provisioned with. A stored key that cannot be re-signed switches the
-   certificate's auto_renewal off (logged) so the batch does not retry it forever.
+   expiry, are renewed by the issuer (`cert_service.issuance`): re-signed with the public key
+   stored in certificate_data, for the validity they were provisioned with, or ordered from
+   the ACME CA with the stored CSR. A certificate that cannot be renewed so switches its
+   auto_renewal off (logged) so the batch does not retry it forever.
 2. Expiry: active certificates with expires_at <= now become 'expired'.
 
 Each batch locks its rows with `FOR UPDATE SKIP LOCKED` inside one transaction, so several
@@ -19,16 +20,14 @@ or not a pass has run yet. Every changed row's cache entries are fenced after th
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from cert_service import certcache
 from cert_service.ari import RenewalPolicy
 from cert_service.certcache import CertificateCache
-from cert_service.issuance import CSR_UNCHANGED, issue_device_certificate
-from cert_service.issuer import Issuer, PublicKeyError, load_public_key
+from cert_service.issuance import CertificateIssuer
 from cert_service.metrics import CERTIFICATE_OPERATIONS
-from cert_service.storage import CertificateStore, IssuanceQueue, NewCertificate
+from cert_service.storage import CertificateStore
 from shared import idempotency
 from shared.clock import Clock
 from shared.logging import get_logger
@@ -49,15 +48,12 @@ class LifecycleWorker:
         self,
         store: CertificateStore,
         cache: CertificateCache,
-        issuer: Issuer,
+        issuer: CertificateIssuer,
         clock: Clock,
         *,
         renew_at_fraction: float,
         batch_size: int,
-        default_validity_days: int,
         renewal: RenewalPolicy | None = None,
-        queue: IssuanceQueue | None = None,
-        queued: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.cache = cache
@@ -65,12 +61,7 @@ class LifecycleWorker:
         self.clock = clock
         self.renew_at_fraction = renew_at_fraction
         self.batch_size = batch_size
-        self.default_validity_days = default_validity_days
         self.renewal = renewal or RenewalPolicy(renew_at_fraction, "")
-        # The ACME issuer: due renewals are queued as orders (with the stored CSR) instead
-        # of signed here; `queued()` wakes the worker.
-        self.queue = queue
-        self.queued = queued
 
     async def run_once(self) -> LifecycleResult:
         renewed, failed = await self._renew_due()
@@ -88,46 +79,14 @@ class LifecycleWorker:
         while True:
             # Whole seconds: due exactly when GetRenewalInfo's window has opened.
             now = self.clock.now().replace(microsecond=0)
-            renewals: list[tuple[str, NewCertificate]] = []
-            queued = 0  # renewals queued as ACME orders
-            broken: list[str] = []
             async with self.store.renewal_batch(
                 now,
                 self.renewal.fraction,
                 self.batch_size,
                 self.renewal.reissue_issued_before,
             ) as (conn, sources):
-                if self.queue is not None:
-                    ids = [source.device_id for source in sources]
-                    done, broken = await self.queue.queue_renewals(conn, ids, now)
-                    queued = len(done)
-                    for device in broken:
-                        log.error(
-                            "no CSR stored to renew with; auto-renewal switched off",
-                            device_id=device,
-                        )
-                for source in sources if self.queue is None else ():
-                    try:
-                        new = issue_device_certificate(
-                            self.issuer,
-                            load_public_key(source.public_key_pem),
-                            source.uuid_subdomain,
-                            source.certificate_type,
-                            source.validity_days or self.default_validity_days,
-                            now,
-                            CSR_UNCHANGED,
-                            occasion="auto_renew",
-                        )
-                    except (PublicKeyError, ValueError):
-                        log.error(
-                            "cannot re-sign stored key; auto-renewal switched off",
-                            device_id=source.device_id,
-                            exc_info=True,
-                        )
-                        broken.append(source.device_id)
-                        continue
-                    renewals.append((source.device_id, new))
-                await self.store.store_renewals(conn, renewals, broken, now)
+                batch = await self.issuer.renew_batch(conn, sources, now)
+                await self.store.store_renewals(conn, batch.signed, batch.broken, now)
             keys = [
                 key
                 for source in sources
@@ -138,10 +97,10 @@ class LifecycleWorker:
             ]
             if keys:
                 await self.cache.invalidate(*keys)
-            if queued and self.queued is not None:
-                self.queued()
-            renewed += len(renewals) + queued
-            failed += len(broken)
+            if batch.queued:
+                self.issuer.queued()
+            renewed += len(batch.signed) + batch.queued
+            failed += len(batch.broken)
             if len(sources) < self.batch_size:
                 return renewed, failed
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from cryptography import x509
-
-from cert_service.issuer import Issuer
+from cert_service.ca import LocalCertificateAuthority
 from cert_service.metrics import (
     CA_EXPIRY,
     EXPIRING_SOON,
@@ -42,21 +40,19 @@ class FleetSampler:
     def __init__(
         self,
         store: CertificateStore,
-        issuer: Issuer,
+        ca: LocalCertificateAuthority | None,
         clock: Clock,
         renew_at_fraction: float,
     ) -> None:
         self.store = store
-        self.issuer = issuer
+        self.ca = ca
         self.clock = clock
         self.renew_at_fraction = renew_at_fraction
 
     def sample_ca(self) -> None:
-        chain = self.issuer.ca_chain_pem()
-        if not chain:
+        if self.ca is None:
             return  # an ACME CA: its expiry is the CA's business
-        ca = x509.load_pem_x509_certificate(chain.encode())
-        CA_EXPIRY.set(ca.not_valid_after_utc.timestamp())
+        CA_EXPIRY.set(self.ca.certificate.not_valid_after_utc.timestamp())
 
     async def sample(self) -> None:
         self.sample_ca()
