@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 import uuid
 from datetime import timedelta
@@ -23,6 +24,9 @@ from shared.db import DatabaseUnavailable, open_database
 from shared.errors import DomainError, invalid_argument
 
 ACTOR = "operator-cli"
+
+
+ADMIN_DB_TIMEOUT = 10.0
 
 
 def add_admin_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -84,7 +88,13 @@ async def create_operator_key(
 
 async def _create(args: argparse.Namespace, config: KeyServiceConfig) -> str:
     permissions = [p for arg in args.permissions for p in arg.replace(",", " ").split() if p]
-    db = await open_database(config.server.database, SERVICE)
+    # A one-off operator command, not a request with a caller waiting: it may wait for the
+    # database as long as a person would (the services' budget is for requests).
+    database = dataclasses.replace(
+        config.server.database,
+        operation_timeout=max(config.server.database.operation_timeout, ADMIN_DB_TIMEOUT),
+    )
+    db = await open_database(database, SERVICE)
     try:
         plaintext, row = await create_operator_key(
             KeyStore(db),
