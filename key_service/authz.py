@@ -357,13 +357,6 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             denial = self._wrong_method[allowed] = method_not_allowed(allowed)
         return denial
 
-    def method_path(self, path: str, http_method: str = "POST") -> str | None:
-        """The gRPC method path of a call: `path` itself for native gRPC, else the method
-        the contracts' HTTP rules map a REST call to (it is checked before the transcoder)."""
-        if _is_grpc_path(path):
-            return path
-        return self.routes.grpc_path(http_method, path)
-
     def _route(self, path: str, http_method: str) -> tuple[str | None, RouteMatch | None]:
         """(method path, the REST route when the call is REST); `RequestProblem` for a REST
         path that is not canonical."""

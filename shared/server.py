@@ -42,13 +42,6 @@ REQUEST_ID_HEADER = "x-request-id"
 _CHECK_PREFIX = "/envoy.service.auth.v3.Authorization/"
 
 
-def _request_id(metadata: Any) -> str:
-    for key, value in metadata or ():
-        if key == REQUEST_ID_HEADER and isinstance(value, str) and 0 < len(value) <= 128:
-            return value
-    return uuid.uuid4().hex
-
-
 def _call_facts(metadata: Any) -> tuple[str, bool, str | None]:
     """The request id, whether the gateway authorized the call (a key id), and the method
     it authorized, in one pass over the metadata."""
