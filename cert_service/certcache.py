@@ -42,7 +42,7 @@ from myl.cert.v1 import cert_pb2
 from shared.cache import Cache, cache_key
 from shared.clock import Clock
 from shared.errors import DomainError
-from shared.invalidation import CacheTrust
+from shared.invalidation import CacheTrust, drain_log
 from shared.metrics import CACHE_RESULTS
 
 NAMESPACE: Final = "cert"
@@ -56,7 +56,6 @@ FILL_DEADLINE: Final = 2.0
 # certificates (see `cert_service.batching`).
 _PUBLISH_IN_FLIGHT: Final = 1
 _PUBLISH_BATCH: Final = 64
-_DRAIN_BATCH: Final = 500
 # KEYS[1]: the key; ARGV: value, fence marker, TTL in ms.
 _PUBLISH_UNLESS_FENCED: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[2] then return 0 end
@@ -101,29 +100,20 @@ class InvalidationLog:
             await self.store.acknowledge_invalidations([invalidation], self.clock.now())
 
     async def drain(self, replay: bool = False) -> int:
-        """Fence every certificate with a pending logged invalidation and mark it applied;
-        `replay`: also those applied within the cache TTL (`shared.invalidation`)."""
-        now = self.clock.now()
-        since = now - self.ttl if replay else None
-        applied = after = 0
-        while True:
-            batch = await self.store.pending_invalidations(
-                _DRAIN_BATCH, after=after, applied_since=since
-            )
-            if batch:
-                keys = [
+        """Fence every certificate with a pending logged invalidation
+        (`shared.invalidation.drain_log`)."""
+
+        async def apply(names: Sequence[tuple[str, str]]) -> None:
+            await _fence_now(
+                self.cache,
+                [
                     key
-                    for _, device_id, fqdn in batch
+                    for device_id, fqdn in names
                     for key in (device_key(device_id), name_key(fqdn))
-                ]
-                await _fence_now(self.cache, keys)
-                await self.store.acknowledge_invalidations([i for i, _, _ in batch], now)
-                applied += len(batch)
-                after = batch[-1][0]
-            if len(batch) < _DRAIN_BATCH:
-                break
-        await self.store.forget_invalidations(now - self.ttl)
-        return applied
+                ],
+            )
+
+        return await drain_log(self.store, apply, now=self.clock.now(), ttl=self.ttl, replay=replay)
 
 
 class CertificateCache:

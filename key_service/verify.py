@@ -42,7 +42,7 @@ from myl.key.v1 import key_pb2
 from shared.cache import Cache
 from shared.clock import Clock, micros_source, to_micros
 from shared.errors import DomainError
-from shared.invalidation import CacheTrust
+from shared.invalidation import CacheTrust, drain_log
 from shared.metrics import CACHE_RESULTS
 
 VALID: Final = key_pb2.VERIFY_RESULT_VALID
@@ -57,7 +57,6 @@ VERIFY: Final = Script(VERIFY_SCRIPT)
 POPULATE: Final = Script(POPULATE_SCRIPT)
 _NAMESPACE: Final = "myl:key:{"
 _MEMO_LIMIT: Final = 50_000
-_DRAIN_BATCH: Final = 500
 
 # Publishes a changed key's record. KEYS[1]: the record; ARGV[1]: the new record, ARGV[2]:
 # its TTL in ms. A key's record only ever becomes usable for a shorter time (revocation and
@@ -325,23 +324,16 @@ class Verifier:
         return write
 
     async def drain_invalidations(self, replay: bool = False) -> int:
-        """Apply every pending logged invalidation to Redis and mark it applied
-        (`shared.invalidation`). `replay`: also those applied within the cache TTL, after
-        Redis failed (it may have lost writes it had acknowledged)."""
-        now = self.clock.now()
-        ttl = timedelta(milliseconds=self.cache_ttl_ms)
-        since = now - ttl if replay else None
-        applied = after = 0
-        while True:
-            batch = await self.store.pending_invalidations(
-                _DRAIN_BATCH, after=after, applied_since=since
-            )
-            if batch:
-                await self.cache.apply(self._writer([row for _, row in batch]))
-                await self.store.acknowledge_invalidations([ident for ident, _ in batch], now)
-                applied += len(batch)
-                after = batch[-1][0]
-            if len(batch) < _DRAIN_BATCH:
-                break
-        await self.store.forget_invalidations(now - ttl)
-        return applied
+        """Write every key with a pending logged invalidation to Redis as it is now
+        (`shared.invalidation.drain_log`)."""
+
+        async def apply(rows: Sequence[ApiKeyRow]) -> None:
+            await self.cache.apply(self._writer(rows))
+
+        return await drain_log(
+            self.store,
+            apply,
+            now=self.clock.now(),
+            ttl=timedelta(milliseconds=self.cache_ttl_ms),
+            replay=replay,
+        )

@@ -36,7 +36,9 @@ partition between them, not an outage): it trusts Redis until its next drain, at
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -53,6 +55,53 @@ log = get_logger(__name__)
 # applied within the cache TTL. Returns how many it applied. Raises CacheUnavailable when Redis
 # failed, DomainError when PostgreSQL did.
 Drain = Callable[[bool], Awaitable[int]]
+
+# What a service's log row carries to Redis: a key's current row, a certificate's names.
+Entry = TypeVar("Entry")
+Entry_co = TypeVar("Entry_co", covariant=True)
+_DRAIN_BATCH = 500
+
+
+class InvalidationLogStore(Protocol[Entry_co]):
+    """A service's invalidation log table, as the drain reads and marks it."""
+
+    async def pending_invalidations(
+        self, limit: int, *, after: int = 0, applied_since: datetime | None = None
+    ) -> Sequence[tuple[int, Entry_co]]:
+        """Rows with ids above `after`, oldest first: the pending ones, and with
+        `applied_since` also those applied since."""
+        ...
+
+    async def acknowledge_invalidations(self, ids: Sequence[int], now: datetime) -> None: ...
+
+    async def forget_invalidations(self, applied_before: datetime) -> None: ...
+
+
+async def drain_log(
+    store: InvalidationLogStore[Entry],
+    apply: Callable[[Sequence[Entry]], Awaitable[None]],
+    *,
+    now: datetime,
+    ttl: timedelta,
+    replay: bool = False,
+) -> int:
+    """Apply every pending row of a log to Redis (`apply`, which raises CacheUnavailable when
+    Redis did not take them) and mark it applied, in id order, a batch at a time; `replay`:
+    also the rows applied within the cache TTL. Rows applied longer ago than the TTL are
+    older than any cache entry and dropped. Returns how many rows it applied."""
+    since = now - ttl if replay else None
+    applied = after = 0
+    while True:
+        batch = await store.pending_invalidations(_DRAIN_BATCH, after=after, applied_since=since)
+        if batch:
+            await apply([entry for _, entry in batch])
+            await store.acknowledge_invalidations([ident for ident, _ in batch], now)
+            applied += len(batch)
+            after = batch[-1][0]
+        if len(batch) < _DRAIN_BATCH:
+            break
+    await store.forget_invalidations(now - ttl)
+    return applied
 
 
 async def _run_ids(client: aioredis.Redis) -> frozenset[str]:

@@ -15,9 +15,9 @@ class InvalidationRows(StoreBase):
 
     async def pending_invalidations(
         self, limit: int, *, after: int = 0, applied_since: datetime | None = None
-    ) -> list[tuple[int, str, str]]:
-        """Logged invalidations with ids above `after`, oldest first, as (id, device_id,
-        uuid_subdomain): the pending ones, and with `applied_since` also those applied
+    ) -> list[tuple[int, tuple[str, str]]]:
+        """Logged invalidations with ids above `after`, oldest first, as (id, (device_id,
+        uuid_subdomain)): the pending ones, and with `applied_since` also those applied
         since."""
         condition = "applied_at IS NULL"
         if applied_since is not None:
@@ -29,7 +29,7 @@ class InvalidationRows(StoreBase):
                 {"since": applied_since, "after": after, "limit": limit},
             )
             rows = await cur.fetchall()
-        return [(ident, device, name) for ident, device, name in rows]
+        return [(ident, (device, name)) for ident, device, name in rows]
 
     async def acknowledge_invalidations(self, ids: Sequence[int], now: datetime) -> None:
         """Mark invalidations that Redis has applied."""
