@@ -39,7 +39,7 @@ from cert_service.storage import IssuanceJob, IssuanceQueue, NewCertificate
 from shared.clock import Clock
 from shared.limits import SECOND_US, Limit
 from shared.logging import get_logger
-from shared.tasks import stop_if_cancelled
+from shared.tasks import run_periodically
 
 log = get_logger(__name__)
 
@@ -123,12 +123,13 @@ class AcmeWorker:
         """Claim and work jobs until cancelled; the jobs in flight are cancelled with it (their
         leases run out and another replica resumes their orders)."""
         try:
-            while True:
-                stop_if_cancelled()
-                await self.run_once()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
-                self._wake.clear()
+            await run_periodically(
+                "acme worker",
+                self.run_once,
+                self.poll_interval,
+                wake=self._wake,
+                woken_by_others=True,
+            )
         finally:
             if self._revoker is not None:
                 self._revoker.cancel()

@@ -38,13 +38,16 @@ async def run_periodically(
     *,
     wait_first: bool = False,
     wake: asyncio.Event | None = None,
+    woken_by_others: bool = False,
     quiet: tuple[type[Exception], ...] = (),
     on_error: Callable[[Exception], object] | None = None,
 ) -> None:
     """`step()`, then wait `interval` seconds (a callable: asked after each pass), until
     cancelled. `wait_first`: wait before the first pass too. `wake`: setting it ends a wait
     early; it is cleared after each pass, so a pass that sets it (its own failure pokes it)
-    does not start the next one at once. A failure is counted; one of the `quiet` kinds (an
+    does not start the next one at once. `woken_by_others`: it is cleared before each pass
+    instead, so work announced while a pass runs (a job queued meanwhile) starts the next
+    pass at once. A failure is counted; one of the `quiet` kinds (an
     outage the next pass simply retries) is not logged; `on_error` sees every failure."""
 
     async def pause() -> None:
@@ -52,7 +55,8 @@ async def run_periodically(
         if wake is None:
             await asyncio.sleep(delay)
             return
-        wake.clear()
+        if not woken_by_others:
+            wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), delay)
         stop_if_cancelled()
@@ -60,6 +64,8 @@ async def run_periodically(
     if wait_first:
         await pause()
     while True:
+        if wake is not None and woken_by_others:
+            wake.clear()
         try:
             await step()
         except asyncio.CancelledError:

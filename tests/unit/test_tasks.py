@@ -54,3 +54,32 @@ async def test_a_poke_ends_the_wait_and_a_poke_during_the_pass_does_not() -> Non
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_work_announced_during_a_pass_starts_the_next_one_at_once() -> None:
+    """`woken_by_others` (the ACME worker: a job queued while it claims): a poke that
+    arrives while a pass runs is not lost to the hour's wait."""
+    wake = asyncio.Event()
+    passes = 0
+    in_first, release, second = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def step() -> None:
+        nonlocal passes
+        passes += 1
+        if passes == 1:
+            in_first.set()
+            await release.wait()
+        else:
+            second.set()
+
+    task = asyncio.create_task(
+        run_periodically("claims", step, 3600, wake=wake, woken_by_others=True)
+    )
+    await in_first.wait()
+    wake.set()  # a job queued while the first pass claims
+    release.set()
+    await asyncio.wait_for(second.wait(), 60)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert passes == 2
