@@ -17,7 +17,7 @@ from cert_service.ari import RenewalPolicy
 from cert_service.certificates import DeviceCertificates, ProvisionRequest
 from cert_service.pki import PublicRepository, issuer_key_id, renewal_info
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
-from shared import idempotency, pagination
+from shared import idempotency, pagination, wire
 from shared.clock import Clock
 from shared.errors import failed_precondition, not_found, permission_denied
 from shared.identity import caller_from_metadata
@@ -107,7 +107,7 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
         page_size = pagination.page_size(request.page_size)
         status = validation.status_filter(request.status)
         expire_before = (
-            validation.timestamp(request.expire_before, "expire_before")
+            wire.timestamp(request.expire_before, "expire_before")
             if request.HasField("expire_before")
             else None
         )

@@ -6,10 +6,8 @@ so a BadRequest violation points at exactly what the client sent.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Final
-
-from google.protobuf import timestamp_pb2
 
 from cert_service.config import MAX_VALIDITY_DAYS
 from cert_service.issuer import MAX_PEM_LENGTH, CsrError, PublicKey, load_csr
@@ -26,11 +24,7 @@ from myl.cert.v1 import cert_pb2
 from shared import pagination
 from shared.clock import from_micros, to_micros
 from shared.errors import invalid_argument
-
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-# google.protobuf.Timestamp's valid range: 0001-01-01 to 9999-12-31.
-_MIN_SECONDS: Final = -62_135_596_800
-_MAX_SECONDS: Final = 253_402_300_799
+from shared.wire import TIMESTAMP_MAX_SECONDS, TIMESTAMP_MIN_SECONDS
 
 _TYPES: Final = {
     cert_pb2.CERTIFICATE_TYPE_UNSPECIFIED: "wildcard",
@@ -120,12 +114,6 @@ def status_filter(value: int) -> str | None:
         raise invalid_argument("status", f"unknown certificate status {value}") from None
 
 
-def timestamp(value: timestamp_pb2.Timestamp, field: str) -> datetime:
-    if not _MIN_SECONDS <= value.seconds <= _MAX_SECONDS or not 0 <= value.nanos < 1_000_000_000:
-        raise invalid_argument(field, "is not a valid timestamp (years 1 to 9999)")
-    return _EPOCH + timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)
-
-
 def revocation_reason(value: int) -> str:
     try:
         return REASON_FROM_PB[value]  # type: ignore[index]
@@ -153,7 +141,7 @@ def decode_page_token(token: str, fingerprint: str) -> tuple[datetime, str] | No
     text, device = position
     try:
         micros = int(text)
-        if not _MIN_SECONDS * 1_000_000 <= micros <= _MAX_SECONDS * 1_000_000:
+        if not TIMESTAMP_MIN_SECONDS * 1_000_000 <= micros <= TIMESTAMP_MAX_SECONDS * 1_000_000:
             raise ValueError(micros)
         return from_micros(micros), validate_device_id(device)
     except ValueError:

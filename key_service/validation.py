@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Final
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from key_service.permissions import ADMIN, KNOWN, VOCABULARY, canonical
 from shared.errors import invalid_argument
+from shared.wire import timestamp
 
 # The same rule cert_service applies to device ids.
 DEVICE_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}", re.ASCII)
@@ -103,15 +104,6 @@ def rate_limit(value: int, default: int, maximum: int, field: str = "rate_limit"
     if not 1 <= value <= maximum:
         raise invalid_argument(field, f"must be from 1 to {maximum} requests per minute")
     return value
-
-
-def timestamp(value: timestamp_pb2.Timestamp, field: str) -> datetime:
-    if not 0 <= value.nanos <= 999_999_999:
-        raise invalid_argument(field, "nanos must be from 0 to 999999999")
-    try:
-        return value.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError, OSError):
-        raise invalid_argument(field, "is not a valid timestamp") from None
 
 
 def expire_time(

@@ -12,13 +12,18 @@ the walk.
 A request message larger than `MAX_REQUEST_BYTES` is refused the same way, with
 RESOURCE_EXHAUSTED: the same limit as a REST body at the gateway, so native gRPC and REST
 callers meet one limit with one code.
+
+`timestamp` reads a google.protobuf.Timestamp field, refusing what is not a moment (outside
+years 1 to 9999, or nanos out of range) as INVALID_ARGUMENT on that field.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+from google.protobuf import timestamp_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 
@@ -130,3 +135,17 @@ def _invalid_utf8_field(descriptor: Descriptor, data: bytes, prefix: str) -> str
     except ValueError:
         return None
     return None
+
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+# google.protobuf.Timestamp's valid range: 0001-01-01 to 9999-12-31.
+TIMESTAMP_MIN_SECONDS: Final = -62_135_596_800
+TIMESTAMP_MAX_SECONDS: Final = 253_402_300_799
+
+
+def timestamp(value: timestamp_pb2.Timestamp, field: str) -> datetime:
+    """The moment a Timestamp field names, in UTC, to the microsecond."""
+    seconds_ok = TIMESTAMP_MIN_SECONDS <= value.seconds <= TIMESTAMP_MAX_SECONDS
+    if not seconds_ok or not 0 <= value.nanos < 1_000_000_000:
+        raise invalid_argument(field, "is not a valid timestamp (years 1 to 9999)")
+    return _EPOCH + timedelta(seconds=value.seconds, microseconds=value.nanos // 1000)

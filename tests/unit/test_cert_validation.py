@@ -12,7 +12,7 @@ from cert_service import validation
 from cert_service.certcache import device_key, name_key
 from cert_service.names import SubdomainError, normalize_lookup_name
 from cert_service.storage import timestamp
-from shared import pagination
+from shared import pagination, wire
 from shared.errors import DomainError
 
 
@@ -68,7 +68,7 @@ def test_provision_subdomain_defaults_to_a_uuid_and_names_the_field() -> None:
         (lambda: validation.status_filter(99), "status"),
         (lambda: validation.revocation_reason(5), "reason"),
         (
-            lambda: validation.timestamp(timestamp_pb2.Timestamp(nanos=-1), "expire_before"),
+            lambda: wire.timestamp(timestamp_pb2.Timestamp(nanos=-1), "expire_before"),
             "expire_before",
         ),
     ],
@@ -121,6 +121,6 @@ def test_timestamps_and_cache_keys() -> None:
     moment = datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
     stamp = timestamp(moment)
     assert stamp.ToDatetime(tzinfo=UTC) == moment
-    assert validation.timestamp(stamp, "expire_before") == moment
+    assert wire.timestamp(stamp, "expire_before") == moment
     assert device_key("dev-1") == "myl:cert:{dev-1}:device"
     assert name_key("a.myl.zip") == "myl:cert:{a.myl.zip}:name"
