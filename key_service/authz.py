@@ -401,20 +401,23 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         if not api_key:
             _UNAUTHENTICATED.inc()
             return MISSING_KEY.respond(http)
-        address = None
-        if self.limiter is not None:
+        # The address is read only when it matters (an address is blocked, or this call
+        # fails): parsing it is a tenth of a cache hit's time in the handler.
+        if self._blocked:
             address = client_address(request)
-            if self._blocked and address is not None:
-                blocked = self._blocked.get(address)
-                if blocked is not None:
-                    if self._now_us() < blocked[0]:
-                        _RATE_LIMITED.inc()
-                        return blocked[1].respond(http)
-                    del self._blocked[address]
+            blocked = None if address is None else self._blocked.get(address)
+            if address is not None and blocked is not None:
+                if self._now_us() < blocked[0]:
+                    _RATE_LIMITED.inc()
+                    return blocked[1].respond(http)
+                del self._blocked[address]
         verdict = await self.verifier.verify(api_key, required, dry_run=False)
         record = verdict.record
         if record is None or verdict.result != key_pb2.VERIFY_RESULT_VALID:
-            if address is not None and verdict.result in _FAILURES:
+            address = None
+            if self.limiter is not None and verdict.result in _FAILURES:
+                address = client_address(request)
+            if address is not None:
                 refused = await self._count_failure(address)
                 if refused is not None:
                     _RATE_LIMITED.inc()

@@ -177,6 +177,8 @@ def check_body(path: Path, api_key: str) -> Path:
     method = "/myl.cert.v1.CertificateService/GetCertificate"
     request = external_auth_pb2.CheckRequest()
     request.attributes.request.time.GetCurrentTime()
+    request.attributes.source.address.socket_address.address = "127.0.0.1"
+    request.attributes.source.address.socket_address.port_value = 51234
     http = request.attributes.request.http
     http.id, http.method, http.path = "8430151296515213715", "POST", method
     http.host, http.scheme, http.protocol, http.size = "127.0.0.1:10000", "http", "HTTP/2", 42
