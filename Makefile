@@ -7,7 +7,7 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
 .PHONY: help run test check lint typecheck buf proto bench fuzz migrate migrate-status \
-	migrate-rollback system-deps clean
+	migrate-rollback kubernetes system-deps clean
 
 help:
 	@echo "make run               the whole stack in the foreground (Ctrl-C stops it)"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench             benchmarks (prints numbers); AGAINST=<commit> compares hot paths"
 	@echo "make fuzz [SEED=n]     schemathesis against the gateway, long run, random seed"
 	@echo "make proto             regenerate Python code and the gateway descriptor set"
+	@echo "make kubernetes        re-render deploy/kubernetes/'s generated files (gateway config, alert rules)"
 	@echo "make migrate | migrate-status | migrate-rollback"
 
 $(STAMP): pyproject.toml
@@ -56,6 +57,11 @@ buf: $(STAMP)
 
 proto: $(STAMP)
 	$(PY) protos/generate.py
+	$(PY) -m deploy.kubernetes.render
+
+# After changing deploy/envoy/ or deploy/prometheus/alerts.yml (make test fails until then).
+kubernetes: $(STAMP)
+	$(PY) -m deploy.kubernetes.render
 
 # AGAINST=<commit>: the gateway and verify benchmarks for this tree and that commit, side by
 # side in one run, with their ratios (tests/bench/compare.py).

@@ -39,6 +39,11 @@ class GatewayPorts:
     # Further replicas of each service, on the same host (Envoy balances over all of them).
     cert_replica_ports: tuple[int, ...] = ()
     key_replica_ports: tuple[int, ...] = ()
+    # The read-only metrics listener (GET /stats/prometheus, /ready) on the listen address,
+    # for scrapers and probes that cannot reach the admin interface on 127.0.0.1. 0: a
+    # port the kernel picks (nothing outside Kubernetes uses it; Prometheus scrapes the
+    # admin port on the same host, deploy/prometheus/prometheus.yml).
+    stats_port: int = 0
 
     def __post_init__(self) -> None:
         for name in ("listen_port", "admin_port", "cert_port", "key_port"):
@@ -46,8 +51,12 @@ class GatewayPorts:
         for name in ("cert_replica_ports", "key_replica_ports"):
             for port in getattr(self, name):
                 _check_port(name, port)
+        if self.stats_port != 0:
+            _check_port("stats_port", self.stats_port)
         if self.listen_port == self.admin_port:
             raise ValueError("listen_port and admin_port must differ")
+        if self.stats_port in (self.listen_port, self.admin_port):
+            raise ValueError("stats_port must differ from listen_port and admin_port")
 
 
 def _check_port(name: str, port: object) -> None:
@@ -95,6 +104,7 @@ def render_envoy_config(
         listen_address=json.dumps(listen_address),
         listen_port=ports.listen_port,
         admin_port=ports.admin_port,
+        stats_port=ports.stats_port,
         cert_endpoints=_endpoints(cert_host, (ports.cert_port, *ports.cert_replica_ports)),
         key_endpoints=_endpoints(key_host, (ports.key_port, *ports.key_replica_ports)),
         descriptor_path=json.dumps(str(descriptor_path)),

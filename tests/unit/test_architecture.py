@@ -15,6 +15,7 @@ PACKAGES = {
     "key_service": ROOT / "key_service",
     "shared": ROOT / "shared",
     "deploy.devstack": ROOT / "deploy" / "devstack",
+    "deploy.kubernetes": ROOT / "deploy" / "kubernetes",
 }
 
 

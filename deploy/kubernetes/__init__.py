@@ -1,0 +1,1 @@
+"""Kubernetes manifests (kustomize) and the renderer of their generated files (`render`)."""
