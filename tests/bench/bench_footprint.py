@@ -13,7 +13,10 @@ cert_service a GetCertificate (both cache hits after the first). Printed:
 - at a fixed rate (FIXED_RATE r/s): the cores each process used, the figure a request of
   `FIXED_RATE` r/s per replica costs;
 - Redis: every key the runs left, with its `MEMORY USAGE` (key, value and Redis's overhead),
-  for the per-million-devices figure.
+  for the per-million-devices figure (one more key, with the default rate limit, is verified
+  once so that its rate-limit bucket is there too: the hot key's bucket empties at once);
+- CRLs: the DER size of a shard's CRL per revoked certificate, and how long signing a shard of
+  1,000 and of 25,000 entries takes (`sign_crl`, the built-in CA's P-256 key).
 
     python -m tests.bench bench_footprint
 """
@@ -24,19 +27,25 @@ import asyncio
 import contextlib
 import os
 import re
+import secrets
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import redis
 
-from cert_service.ca import create_development_ca
+from cert_service.ca import LocalCertificateAuthority, create_development_ca
+from cert_service.crl import sign_crl
+from cert_service.storage.crls import RevokedEntry
 from deploy.devstack.gateway import GatewayPorts, envoy_command, render_envoy_config
 from deploy.devstack.servers import free_port
 from deploy.devstack.stack import wait_gateway_healthy, wait_healthy
 from myl.cert.v1 import cert_pb2
+from myl.key.v1 import key_pb2, key_pb2_grpc
 from tests.bench.bench_replicas import HOT_RATE_LIMIT, seed
 from tests.bench.bench_verify import grpc_body
 from tests.bench.harness import (
@@ -99,6 +108,30 @@ def redis_keys(client: redis.Redis) -> list[tuple[str, int]]:
     return sorted(found)
 
 
+async def verify_a_plain_key(key_address: str) -> None:
+    """A key with the default rate limit, verified once: its bucket stays for a while."""
+    async with grpc.aio.insecure_channel(key_address) as channel:
+        keys = key_pb2_grpc.ApiKeyServiceStub(channel)
+        reply = await keys.GenerateApiKey(key_pb2.GenerateApiKeyRequest(device_id="bench"))
+        await keys.VerifyApiKey(key_pb2.VerifyApiKeyRequest(api_key=reply.api_key))
+
+
+def crl_costs(ca: LocalCertificateAuthority) -> dict[int, tuple[int, float]]:
+    """Entries -> (DER bytes, seconds to sign) of one shard's CRL; half the entries carry a
+    reason code, serials are 16 random bytes like the CA's."""
+    now = datetime.now(UTC)
+    costs = {}
+    for count in (0, 1000, 25_000):
+        entries = [
+            RevokedEntry(secrets.token_hex(16), now, "key_compromise" if i % 2 else "unspecified")
+            for i in range(count)
+        ]
+        start = time.perf_counter()
+        der = sign_crl(ca, 0, 1, now, now + timedelta(days=1), entries)
+        costs[count] = (len(der), time.perf_counter() - start)
+    return costs
+
+
 def main() -> None:
     migrate = ["cert_service", "key_service"]
     with (
@@ -145,6 +178,8 @@ def main() -> None:
         saturated = measured_run(processes, url, api_key, body, directory / "sat.log", None)
         fixed = measured_run(processes, url, api_key, body, directory / "fixed.log", FIXED_RATE)
         peak = {name: rss_kib(p.pid, "VmHWM") for name, p in processes.items()}
+        asyncio.run(verify_a_plain_key(f"127.0.0.1:{key_port}"))
+        crls = crl_costs(LocalCertificateAuthority.from_files(ca_cert, ca_key))
         with redis.Redis(host=databases.redis.host, port=databases.redis.port) as client:
             keys = redis_keys(client)
             used = client.info("memory")["used_memory"]
@@ -161,6 +196,13 @@ def main() -> None:
     print(f"\nRedis used_memory {used:,} bytes; keys left by the runs (MEMORY USAGE, bytes):")
     for key, usage in keys:
         print(f"  {usage:>6}  {key}")
+    empty = crls[0][0]
+    print("\nCRL of one shard (DER):")
+    for count, (size, seconds) in crls.items():
+        per_entry = f", {(size - empty) / count:.1f} bytes an entry" if count else ""
+        print(
+            f"  {count:>6} entries: {size:>9,} bytes{per_entry}, signed in {seconds * 1000:.1f} ms"
+        )
 
 
 if __name__ == "__main__":
