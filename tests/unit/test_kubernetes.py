@@ -32,7 +32,12 @@ import cert_service.metrics  # noqa: F401 (registers the metrics exported_metric
 import key_service.metrics  # noqa: F401
 import shared.metrics  # noqa: F401
 from cert_service.config import CertServiceConfig
-from deploy.devstack.gateway import DESCRIPTOR_PATH, GatewayPorts, render_envoy_config
+from deploy.devstack.gateway import (
+    DESCRIPTOR_PATH,
+    GatewayPorts,
+    envoy_command,
+    render_envoy_config,
+)
 from deploy.kubernetes import render
 from key_service.config import KeyServiceConfig
 from myl.cert.v1 import cert_pb2
@@ -251,6 +256,27 @@ def test_the_cluster_gateway_is_make_runs_with_the_cluster_addresses() -> None:
     for name in ("cert_service", "key_service"):
         assert clusters[name]["type"] == "STRICT_DNS"
         assert clusters[name]["health_checks"][0]["grpc_health_check"]["service_name"]
+
+
+def test_envoy_accepts_the_cluster_gateway_config(tmp_path: Path) -> None:
+    """The ConfigMap's files, laid out as the pod mounts them (in a temporary directory
+    instead of /etc/envoy), pass Envoy's own validation (the binary the tests run)."""
+    data = config_map(rendered("overlays/production"), "gateway-config")
+    files = {name: text.encode() for name, text in data["data"].items()}
+    files |= {name: base64.b64decode(blob) for name, blob in data["binaryData"].items()}
+    config = files.pop("envoy.yaml").decode()
+    assert str(render.ENVOY_CONFIG_DIR) in config
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    path = tmp_path / "envoy.yaml"
+    path.write_text(config.replace(f"{render.ENVOY_CONFIG_DIR}/", f"{tmp_path}/"))
+    done = subprocess.run(
+        envoy_command(path, concurrency=1, validate_only=True),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def _gateway_config_name() -> str:
