@@ -17,6 +17,10 @@ and a revoked certificate would be served as active for an hour. So:
   (replacing a cached NOT_FOUND), unless a fence is there: a later change of the same device
   already happened, and its fence must stand.
 
+Certificates are stored sealed (`shared.seal`): an entry this service did not seal for its key
+is read as a miss and counted, so nobody who can write to Redis can make a revoked certificate
+look active.
+
 Every change also logs its invalidation in PostgreSQL, in the same statement
 (`shared.invalidation`). When Redis does not take the fence, the cache is distrusted at once
 (reads go to PostgreSQL) until a guard has applied the log; the guard fences every logged key.
@@ -40,10 +44,11 @@ from cert_service.batching import Coalescer
 from cert_service.storage import CertificateStore
 from myl.cert.v1 import cert_pb2
 from shared.cache import Cache, cache_key
-from shared.clock import Clock
+from shared.clock import Clock, micros_source
 from shared.errors import DomainError
 from shared.invalidation import CacheTrust, drain_log
 from shared.metrics import CACHE_RESULTS
+from shared.seal import Seal
 
 NAMESPACE: Final = "cert"
 # Markers start with a zero byte, which no serialized Certificate does (field 0 does not exist).
@@ -92,6 +97,9 @@ class InvalidationLog:
         self.cache = cache
         self.ttl = timedelta(milliseconds=_ttl_ms(ttl))
         self.clock = clock
+        # Seals the cached certificates (`shared.seal`); the guard's first drain loads it.
+        self.seal = Seal("certificate", _ttl_ms(ttl) * 1000)
+        self.now_us = micros_source(clock)
 
     async def acknowledge(self, invalidation: int) -> None:
         """Mark an invalidation whose keys are fenced applied; should that fail, a guard's
@@ -101,7 +109,9 @@ class InvalidationLog:
 
     async def drain(self, replay: bool = False) -> int:
         """Fence every certificate with a pending logged invalidation
-        (`shared.invalidation.drain_log`)."""
+        (`shared.invalidation.drain_log`), once the seal's secret is loaded."""
+        if not self.seal.ready:
+            self.seal.load(await self.store.cache_secret())
 
         async def apply(names: Sequence[tuple[str, str]]) -> None:
             await _fence_now(
@@ -143,9 +153,13 @@ class CertificateCache:
         if raw == _NOT_FOUND:
             _NEGATIVE_HIT.inc()
             return NOT_FOUND
+        body = self.log.seal.open(key, raw, self.log.now_us())
+        if body is None:  # not sealed by this service for this key: as good as absent
+            _MISS.inc()
+            return None
         certificate = cert_pb2.Certificate()
         try:
-            certificate.ParseFromString(raw)
+            certificate.ParseFromString(body)
         except DecodeError:
             _MISS.inc()
             return None
@@ -158,14 +172,15 @@ class CertificateCache:
         """Cache what the database said (None: not found), unless a change fenced the key
         or the read took too long to be trusted. `read_started` is `time.monotonic()` taken
         before the database read."""
-        if time.monotonic() - read_started > FILL_DEADLINE:
+        if time.monotonic() - read_started > FILL_DEADLINE or not self.log.seal.ready:
             return
         if certificate is None:
             if self.negative_ttl_ms <= 0:
                 return
             value, ttl_ms = _NOT_FOUND, self.negative_ttl_ms
         else:
-            value, ttl_ms = certificate.SerializeToString(), self.ttl_ms
+            value = self.log.seal.seal(key, certificate.SerializeToString(), self.log.now_us())
+            ttl_ms = self.ttl_ms
 
         async def set_if_absent(client: aioredis.Redis) -> object:
             return await client.set(key, value, px=ttl_ms, nx=True)
@@ -180,18 +195,21 @@ class CertificateCache:
 
     async def _publish_batch(self, items: Sequence[tuple[bytes, Sequence[str]]]) -> list[None]:
         script, fence, ttl_ms = _PUBLISH_UNLESS_FENCED, _FENCE, self.ttl_ms
+        seal, now_us = self.log.seal, self.log.now_us()
+        if not seal.ready:  # no drain has run: Redis is not trusted yet
+            return [None] * len(items)
+        sealed = [(key, seal.seal(key, value, now_us)) for value, keys in items for key in keys]
 
         async def publish_one(client: aioredis.Redis) -> bool:
-            value, keys = items[0]
-            await client.eval(script, 1, keys[0], value, fence, ttl_ms)
+            key, value = sealed[0]
+            await client.eval(script, 1, key, value, fence, ttl_ms)
             return True
 
         def publish(pipe: Pipeline) -> None:
-            for value, keys in items:
-                for key in keys:
-                    pipe.eval(script, 1, key, value, fence, ttl_ms)
+            for key, value in sealed:
+                pipe.eval(script, 1, key, value, fence, ttl_ms)
 
-        if len(items) == 1 and len(items[0][1]) == 1:
+        if len(sealed) == 1:
             done = await self.cache.run(publish_one, False)
         else:
             done = bool(await self.cache.pipeline(publish, default=()))

@@ -24,6 +24,7 @@ from shared.invalidation import CacheGuard, CacheTrust
 from shared.limits import Limiter
 from shared.logging import configure_logging, get_logger
 from shared.monitoring import ResourceSampler
+from shared.seal import Seal
 from shared.server import GrpcServer
 
 log = get_logger(__name__)
@@ -99,6 +100,7 @@ async def create_app(config: KeyServiceConfig, *, clock: Clock | None = None) ->
         negative_cache_ttl=config.negative_cache_ttl,
         local_limiter=LocalLimiter(config.local_limiter_max_keys),
         scripts=scripts,
+        seal=Seal("api_key", int(config.cache_ttl * 1_000_000)),
     )
     limiter = Limiter(cache, config.limits, clock)
     servicer = ApiKeyServicer(

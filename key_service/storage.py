@@ -30,6 +30,7 @@ from myl.key.v1 import key_pb2
 from shared import idempotency
 from shared.db import WRITE_GUARD, Database
 from shared.idempotency import RequestKey
+from shared.seal import load_secret
 
 Connection = AsyncConnection[TupleRow]
 
@@ -696,6 +697,11 @@ class KeyStore:
                 "DELETE FROM api_key_cache_invalidations WHERE applied_at < %s",
                 (applied_before,),
             )
+
+    async def cache_secret(self) -> bytes:
+        """The secret that seals cached key records (`shared.seal`)."""
+        async with self._transaction() as conn:
+            return await load_secret(conn, "api_key_cache_secret")
 
     async def add_usage(self, deltas: Sequence[UsageDelta]) -> None:
         """One statement for the whole batch (a large batch may take a while: it gets ten

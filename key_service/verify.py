@@ -44,6 +44,7 @@ from shared.clock import Clock, micros_source, to_micros
 from shared.errors import DomainError
 from shared.invalidation import CacheTrust, drain_log
 from shared.metrics import CACHE_RESULTS
+from shared.seal import Seal
 
 VALID: Final = key_pb2.VERIFY_RESULT_VALID
 NOT_FOUND: Final = key_pb2.VERIFY_RESULT_NOT_FOUND
@@ -123,6 +124,12 @@ class KeyRecord:
         self.permissions = frozenset(template.permissions)
         self.permissions_header = ",".join(template.permissions)
 
+    @classmethod
+    def from_body(cls, body: bytes) -> KeyRecord:
+        """Parse `encode_record`'s bytes."""
+        parts = body.split(b"|", 4)
+        return cls(parts, key_pb2.VerifyApiKeyResponse.FromString(parts[4]))
+
     def unusable_result(self, now_us: int) -> int:
         if self.revoked_us and now_us >= self.revoked_us:
             return REVOKED
@@ -159,6 +166,13 @@ class Verdict:
 UNKNOWN_KEY: Final = Verdict(NOT_FOUND, None, None)
 
 
+class Refused:
+    """A cached record that is not to be trusted (`shared.seal`)."""
+
+
+REFUSED: Final = Refused()
+
+
 class Verifier:
     def __init__(
         self,
@@ -172,6 +186,7 @@ class Verifier:
         negative_cache_ttl: float,
         local_limiter: LocalLimiter,
         scripts: ScriptRunner,
+        seal: Seal,
     ) -> None:
         self.store = store
         self.cache = cache
@@ -183,7 +198,9 @@ class Verifier:
         self.negative_cache_ttl = negative_cache_ttl
         self.local_limiter = local_limiter
         self.scripts = scripts
-        self._memo: dict[bytes, KeyRecord | None] = {}
+        self.seal = seal  # loaded by the guard's first drain, before Redis is trusted
+        # Opened records by their bytes: (record, the key hash it was sealed for, when).
+        self._memo: dict[bytes, tuple[KeyRecord, bytes, int] | None] = {}
         self._hits = CACHE_RESULTS.labels("api_key", "hit")
         self._misses = CACHE_RESULTS.labels("api_key", "miss")
         self._negative_hits = CACHE_RESULTS.labels("api_key", "negative_hit")
@@ -204,10 +221,16 @@ class Verifier:
         if isinstance(reply, _RedisAway):
             self._bypass.inc()
             return await self._verify_from_database(key_hash, None, now_us, required, dry_run)
-        record = self._parse(reply[0])
+        record = self._open(reply[0], key_hash, now_us)
         if record is None:
             self._negative_hits.inc()
             return UNKNOWN_KEY
+        if isinstance(record, Refused):
+            # Not a record this service sealed for this key (`shared.seal`): as good as
+            # absent. It goes, and the truth takes its place.
+            self._misses.inc()
+            await self.cache.delete(keys[0])
+            return await self._verify_from_database(key_hash, keys, now_us, required, dry_run)
         self._hits.inc()
         if len(reply) == 1:
             return Verdict(record.unusable_result(now_us), record, None)
@@ -246,18 +269,28 @@ class Verifier:
             if keys is not None:
                 await self.cache.set(keys[0], NEGATIVE_RECORD, self.negative_cache_ttl)
             return UNKNOWN_KEY
-        raw = encode_record(row)
-        record = self._parse(raw)
-        assert record is not None
-        if keys is not None:
+        record = KeyRecord.from_body(encode_record(row))
+        if keys is not None and self.seal.ready:
+            raw = self._sealed(row, now_us)
             args = (b"%d" % now_us, b"0" if dry_run else b"1", raw, b"%d" % self.cache_ttl_ms)
             reply = await self.cache.run(
                 lambda _: self.scripts.run(POPULATE, keys, args), REDIS_AWAY
             )
             if reply is not None and not isinstance(reply, _RedisAway):
-                record = self._parse(reply[0])
-                if record is None:
+                cached = self._open(reply[0], key_hash, now_us)
+                if cached is None:
                     return UNKNOWN_KEY
+                if not isinstance(cached, Refused):
+                    record = cached
+                elif now_us < record.usable_until_us:
+                    # Redis kept a record that is not ours: judge by the database's, with
+                    # the local limiter.
+                    decision = self.local_limiter.check(
+                        key_hash, record.rate_limit, now_us, not dry_run
+                    )
+                    return self._judge(record, decision, required, now_us, dry_run)
+                else:
+                    return Verdict(record.unusable_result(now_us), record, None)
                 if len(reply) == 1:
                     return Verdict(record.unusable_result(now_us), record, None)
                 decision = Decision(reply[1] == 1, reply[2], reply[3], reply[4])
@@ -267,20 +300,32 @@ class Verifier:
         decision = self.local_limiter.check(key_hash, record.rate_limit, now_us, not dry_run)
         return self._judge(record, decision, required, now_us, dry_run)
 
-    def _parse(self, raw: bytes) -> KeyRecord | None:
-        """Parse a cached record; memoized, since a key's record rarely changes."""
+    def _sealed(self, row: ApiKeyRow, now_us: int) -> bytes:
+        return self.seal.seal(record_key(row.key_hash), encode_record(row), now_us)
+
+    def _open(self, raw: bytes, key_hash: bytes, now_us: int) -> KeyRecord | Refused | None:
+        """A cached record of the key `key_hash`: the record, None for a negative entry, or
+        REFUSED when this service did not seal it for that key, or too long ago
+        (`shared.seal`). Memoized by its bytes, since a key's record rarely changes; a hit
+        still checks the key and the age."""
+        if raw == NEGATIVE_RECORD:
+            return None
         memo = self._memo
-        try:
-            return memo[raw]
-        except KeyError:
-            pass
-        record: KeyRecord | None = None
-        if raw != NEGATIVE_RECORD:
-            parts = raw.split(b"|", 4)
-            record = KeyRecord(parts, key_pb2.VerifyApiKeyResponse.FromString(parts[4]))
+        opened = memo.get(raw)
+        if opened is not None:
+            record, sealed_for, sealed_us = opened
+            if sealed_for != key_hash:
+                self.seal.forged()  # another key's record, copied into this key's entry
+            elif self.seal.fresh(sealed_us, now_us):
+                return record
+            return REFUSED
+        body = self.seal.open(record_key(key_hash), raw, now_us)
+        if body is None:
+            return REFUSED
+        record = KeyRecord.from_body(body)
         if len(memo) >= _MEMO_LIMIT:
             memo.clear()
-        memo[raw] = record
+        memo[raw] = (record, key_hash, self.seal.sealed_at(raw))
         return record
 
     async def publish(self, change: KeyChange) -> None:
@@ -296,6 +341,8 @@ class Verifier:
         """
         if not change.rows:
             return
+        if not self.seal.ready:  # no drain has run: Redis is not trusted, the log applies
+            return
         done = await self.cache.pipeline(self._queue_records(change.rows), default=())
         if not done:
             self.trust.distrust()
@@ -305,11 +352,12 @@ class Verifier:
             await self.store.acknowledge_invalidations(change.invalidations, self.clock.now())
 
     def _queue_records(self, rows: Sequence[ApiKeyRow]) -> Callable[[Pipeline], None]:
-        ttl_ms = self.cache_ttl_ms
+        ttl_ms, now_us = self.cache_ttl_ms, self._now_us()
+        records = [(record_key(row.key_hash), self._sealed(row, now_us)) for row in rows]
 
         def queue(pipe: Pipeline) -> None:
-            for row in rows:
-                pipe.eval(PUBLISH_SCRIPT, 1, record_key(row.key_hash), encode_record(row), ttl_ms)
+            for key, record in records:
+                pipe.eval(PUBLISH_SCRIPT, 1, key, record, ttl_ms)
 
         return queue
 
@@ -325,7 +373,9 @@ class Verifier:
 
     async def drain_invalidations(self, replay: bool = False) -> int:
         """Write every key with a pending logged invalidation to Redis as it is now
-        (`shared.invalidation.drain_log`)."""
+        (`shared.invalidation.drain_log`), once the seal's secret is loaded."""
+        if not self.seal.ready:
+            self.seal.load(await self.store.cache_secret())
 
         async def apply(rows: Sequence[ApiKeyRow]) -> None:
             await self.cache.apply(self._writer(rows))

@@ -19,6 +19,11 @@ RPC_LATENCY = Histogram(
 )
 RPC_RESULTS = Counter("myl_rpc_total", "gRPC calls by status code", ["service", "method", "code"])
 CACHE_RESULTS = Counter("myl_cache_total", "Cache lookups", ["namespace", "result"])
+CACHE_REFUSED = Counter(
+    "myl_cache_records_refused_total",
+    "Cached records ignored: a seal this service did not make (forged) or too old (stale)",
+    ["cache", "reason"],
+)
 REDIS_LATENCY = Histogram(
     "myl_redis_duration_seconds",
     "Redis command latency",

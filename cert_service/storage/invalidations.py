@@ -8,6 +8,7 @@ from datetime import datetime
 from cert_service.storage.base import (
     StoreBase,
 )
+from shared.seal import load_secret
 
 
 class InvalidationRows(StoreBase):
@@ -49,3 +50,8 @@ class InvalidationRows(StoreBase):
                 "DELETE FROM certificate_cache_invalidations WHERE applied_at < %s",
                 (applied_before,),
             )
+
+    async def cache_secret(self) -> bytes:
+        """The secret that seals cached certificates (`shared.seal`)."""
+        async with self.connection() as conn:
+            return await load_secret(conn, "certificate_cache_secret")
