@@ -155,7 +155,9 @@ async def _connect(config: RedisConfig, host: str, port: int, *, select: bool) -
     except (TimeoutError, OSError) as exc:
         raise RedisConnectionError(f"cannot connect to Redis at {host}:{port}: {exc}") from None
     setup = []
-    if config.password:
+    if config.username:
+        setup.append(pack(b"AUTH", config.username.encode(), config.password.encode()))
+    elif config.password:
         setup.append(pack(b"AUTH", config.password.encode()))
     if select and config.db:
         setup.append(pack(b"SELECT", str(config.db).encode()))

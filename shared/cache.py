@@ -165,6 +165,7 @@ class Cache:
             # touches one slot.
             cluster = RedisCluster(
                 startup_nodes=[ClusterNode(host, port) for host, port in config.cluster_nodes],
+                username=config.username or None,
                 password=config.password or None,
                 socket_timeout=config.socket_timeout,
                 socket_connect_timeout=config.socket_timeout,
@@ -175,6 +176,7 @@ class Cache:
         client = aioredis.Redis(
             host=config.host,
             port=config.port,
+            username=config.username or None,
             password=config.password or None,
             db=config.db,
             socket_timeout=config.socket_timeout,

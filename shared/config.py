@@ -162,6 +162,8 @@ class DatabaseConfig:
 class RedisConfig:
     host: str = "127.0.0.1"
     port: int = 6379
+    # The service's Redis ACL user (REDIS_USERNAME; empty: the default user) and its password.
+    username: str = ""
     password: str = ""
     db: int = 0
     # A cache answer slower than this is treated as a miss.
@@ -182,6 +184,7 @@ class RedisConfig:
         return cls(
             host=env.text("REDIS_HOST", "127.0.0.1"),
             port=env.port("REDIS_PORT", 6379),
+            username=env.text("REDIS_USERNAME", ""),
             password=env.text("REDIS_PASSWORD", ""),
             db=env.integer("REDIS_DB", 0, maximum=15),
             socket_timeout=env.number("REDIS_TIMEOUT", 0.25, minimum=0.001),
