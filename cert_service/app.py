@@ -10,6 +10,7 @@ from datetime import timedelta
 
 from cert_service.access import AccessRecorder, access_recorder
 from cert_service.acme import AcmeClient, load_account_key
+from cert_service.acme_server import AcmeHttpServer, AcmeServer, EabKeys
 from cert_service.acme_worker import AcmeWorker
 from cert_service.ari import RenewalPolicy
 from cert_service.ca import CertificateAuthorityError, LocalCertificateAuthority
@@ -26,6 +27,7 @@ from cert_service.outbox import OutboxRelay
 from cert_service.pki import PublicRepository
 from cert_service.service import SERVICE_NAME, CertificateServicer
 from cert_service.storage import CertificateStore, CrlStore, IssuanceQueue
+from cert_service.storage.acme_server import AcmeServerStore
 from myl.cert.v1 import cert_pb2_grpc
 from shared.cache import Cache
 from shared.clock import Clock, SystemClock
@@ -62,6 +64,7 @@ class CertApp:
         resources: ResourceSampler,
         fleet: FleetSampler,
         servicer: CertificateServicer,
+        acme_http: AcmeHttpServer | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -77,6 +80,7 @@ class CertApp:
         self.acme_worker = acme_worker
         self.resources = resources
         self.fleet = fleet
+        self.acme_http = acme_http
         self.grpc = GrpcServer(config.server)
         self.grpc.add_service(
             SERVICE_NAME,
@@ -101,6 +105,8 @@ class CertApp:
         await self.guard.sync()
         port = await self.grpc.start()
         self._started = True
+        if self.acme_http is not None:
+            await self.acme_http.start()
         self._spawn(self.outbox.run, "outbox relay")
         self.guard.start()
         self.access.start()
@@ -146,6 +152,8 @@ class CertApp:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.acme_http is not None:
+            await self.acme_http.stop()
         await self.guard.stop()
         await self.access.stop()
         await self.outbox.close()
@@ -164,10 +172,12 @@ async def create_app(config: CertServiceConfig, *, clock: Clock | None = None) -
     ca: LocalCertificateAuthority | None = None
     if config.acme is not None:
         load_account_key(config.acme.account_key_file)  # unusable: refuse to start
+        secret_file = config.acme.account_key_file
     else:
         ca = LocalCertificateAuthority.from_files(
             config.ca_cert_file, config.ca_key_file, locations=config.pki
         )
+        secret_file = config.ca_key_file
     db = await open_database(config.server.database, SERVICE)
     trust = CacheTrust(config.server.redis)
     cache = Cache.from_config(config.server.redis, trust.breaker)
@@ -251,6 +261,20 @@ async def create_app(config: CertServiceConfig, *, clock: Clock | None = None) -
         batch_size=config.lifecycle_batch_size,
         renewal=renewal,
     )
+    acme_server: AcmeServer | None = None
+    acme_http: AcmeHttpServer | None = None
+    if config.acme_server_port is not None:
+        # EAB keys are derived from the service's own secret (the CA key, or the ACME account
+        # key): every replica derives the same ones, and the database holds none.
+        acme_server = AcmeServer(
+            AcmeServerStore(db),
+            certificates,
+            EabKeys(secret_file.read_bytes()),
+            clock,
+            renewal,
+            terms_url=config.acme_terms_url,
+        )
+        acme_http = AcmeHttpServer(acme_server, config.server.host, config.acme_server_port)
     servicer = CertificateServicer(
         certificates,
         config.dns_zone,
@@ -258,6 +282,7 @@ async def create_app(config: CertServiceConfig, *, clock: Clock | None = None) -
         clock=clock,
         renewal=renewal,
         repository=repository,
+        acme_server=acme_server,
     )
     return CertApp(
         config,
@@ -275,6 +300,7 @@ async def create_app(config: CertServiceConfig, *, clock: Clock | None = None) -
         resources=ResourceSampler(SERVICE, db, cache, config.metrics_interval),
         fleet=FleetSampler(store, ca, clock, config.renew_at_fraction),
         servicer=servicer,
+        acme_http=acme_http,
     )
 
 

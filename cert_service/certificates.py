@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Final
 
@@ -394,9 +394,17 @@ class DeviceCertificates:
         return None if reissued is None else (reissued.to_pb(now), private_key_pem)
 
     async def renew(
-        self, device_id: str, csr_pem: str | None, request: RequestKey | None = None
+        self,
+        device_id: str,
+        csr_pem: str | None,
+        request: RequestKey | None = None,
+        *,
+        certificate_type: str | None = None,
     ) -> cert_pb2.Certificate:
         """Re-sign the stored public key, or the key of a new CSR.
+
+        `certificate_type` (an ACME order's: what the device asked for) makes the device's
+        certificate that type from now on; None keeps the type it has.
 
         An expired certificate can be renewed with its key. A revoked one needs a CSR with a
         different key: its key is never signed again. A retry of a renewal (same AIP-155
@@ -404,7 +412,7 @@ class DeviceCertificates:
         for before the renewal point spends from CertificatesPerDeviceName.
         """
         try:
-            certificate = await self._renew(device_id, csr_pem, request)
+            certificate = await self._renew(device_id, csr_pem, request, certificate_type)
         except Exception as exc:
             _count("renew", exc)
             raise
@@ -412,7 +420,11 @@ class DeviceCertificates:
         return certificate
 
     async def _renew(
-        self, device_id: str, csr_pem: str | None, request: RequestKey | None
+        self,
+        device_id: str,
+        csr_pem: str | None,
+        request: RequestKey | None,
+        certificate_type: str | None = None,
     ) -> cert_pb2.Certificate:
         if request is not None:
             done = await self._recorded(request, "renew", device_id)
@@ -424,6 +436,8 @@ class DeviceCertificates:
                 source = await self.store.renewal_source(device_id)
                 if source is None:
                     raise _not_found(device_id=device_id)
+                if certificate_type is not None:
+                    source = replace(source, certificate_type=certificate_type)
                 public_key = self._renewal_key(source, csr_pem)
                 now = self.clock.now()
                 if spend is None and self.limits is not None:

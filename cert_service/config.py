@@ -72,6 +72,11 @@ class CertServiceConfig:
     acme: AcmeSettings | None = None
     dns: DnsSettings | None = None
     acme_poll_interval: float = 0.5
+    # The RFC 8555 server devices use (cert_service.acme_server), behind the gateway at /acme/:
+    # its HTTP port (ACME_SERVER_PORT; unset: not served, 0: any free port) and the terms of
+    # service its directory names.
+    acme_server_port: int | None = None
+    acme_terms_url: str = "http://127.0.0.1:8080/acme/terms"
 
     @classmethod
     def from_env(
@@ -138,6 +143,10 @@ class CertServiceConfig:
             reissue_issued_before=_optional_time(env, "REISSUE_ISSUED_BEFORE"),
             limits=limits_from_env(env),
             metrics_interval=env.number("METRICS_INTERVAL", 5.0, minimum=0.01),
+            acme_server_port=(
+                env.port("ACME_SERVER_PORT", 0) if env.text("ACME_SERVER_PORT", "") else None
+            ),
+            acme_terms_url=env.text("ACME_TERMS_URL", "") or f"{pki.base_url}/acme/terms",
         )
 
 

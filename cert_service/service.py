@@ -13,9 +13,11 @@ import grpc
 from google.api import httpbody_pb2  # type: ignore[attr-defined]
 
 from cert_service import validation
+from cert_service.acme_server import PREFIX, AcmeServer
 from cert_service.ari import RenewalPolicy
 from cert_service.certificates import DeviceCertificates, ProvisionRequest
 from cert_service.pki import PublicRepository, issuer_key_id, renewal_info
+from cert_service.storage import timestamp
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from shared import idempotency, pagination, wire
 from shared.clock import Clock
@@ -37,6 +39,7 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
         clock: Clock,
         renewal: RenewalPolicy,
         repository: PublicRepository | None = None,
+        acme_server: AcmeServer | None = None,
     ) -> None:
         self.certificates = certificates
         self.zone = zone
@@ -44,6 +47,7 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
         self.clock = clock
         self.renewal = renewal
         self.repository = repository
+        self.acme_server = acme_server
 
     async def ProvisionCertificate(
         self, request: cert_pb2.ProvisionCertificateRequest, context: Context
@@ -181,6 +185,23 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
         )
         suggested = await self.certificates.ca_renewal_time(device_id, certificate.serial_number)
         return renewal_info(self.renewal, certificate, key_id, self.clock.now(), suggested)
+
+    async def CreateAcmeEabCredentials(
+        self, request: cert_pb2.CreateAcmeEabCredentialsRequest, context: Context
+    ) -> cert_pb2.CreateAcmeEabCredentialsResponse:
+        device_id = validation.device_id(request.device_id)
+        caller_from_metadata(context.invocation_metadata()).require_device(device_id)
+        if self.acme_server is None:
+            raise failed_precondition(
+                "this deployment serves no ACME server (ACME_SERVER_PORT)", "NO_ACME_SERVER"
+            )
+        credentials = await self.acme_server.create_eab_credentials(device_id)
+        return cert_pb2.CreateAcmeEabCredentialsResponse(
+            kid=credentials.kid,
+            hmac_key=credentials.hmac_key,
+            expire_time=timestamp(credentials.expires_at),
+            directory_path=f"{PREFIX}/directory",
+        )
 
     async def GetCrl(
         self, request: cert_pb2.GetCrlRequest, context: Context

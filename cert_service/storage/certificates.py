@@ -397,7 +397,8 @@ class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows,
                         serial_number = %(serial)s, fingerprint_sha256 = %(fingerprint)s,
                         issued_at = %(not_before)s, expires_at = %(not_after)s,
                         status = 'active', revoked_at = NULL, revocation_reason = NULL,
-                        renewal_count = renewal_count + 1, updated_at = %(now)s
+                        renewal_count = renewal_count + 1, updated_at = %(now)s,
+                        certificate_type = %(certificate_type)s
                     WHERE device_id = %(device)s AND serial_number = %(old_serial)s
                       AND status = %(status)s AND {WRITE_GUARD}
                     RETURNING {COLUMNS}
@@ -417,6 +418,7 @@ class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows,
                 "not_before": certificate.not_before,
                 "not_after": certificate.not_after,
                 "now": now,
+                "certificate_type": source.certificate_type,
                 "device": source.device_id,
                 "old_serial": source.serial_number,
                 "status": source.status,

@@ -750,6 +750,61 @@ class GetRenewalInfoResponse(_message.Message):
 Global___GetRenewalInfoResponse: _TypeAlias = GetRenewalInfoResponse  # noqa: Y015
 
 @_typing.final
+class CreateAcmeEabCredentialsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAcmeEabCredentialsRequest: _TypeAlias = CreateAcmeEabCredentialsRequest  # noqa: Y015
+
+@_typing.final
+class CreateAcmeEabCredentialsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KID_FIELD_NUMBER: _builtins.int
+    HMAC_KEY_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    DIRECTORY_PATH_FIELD_NUMBER: _builtins.int
+    kid: _builtins.str
+    """The EAB key identifier (certbot's --eab-kid, lego's --kid)."""
+    hmac_key: _builtins.str
+    """The HMAC key, base64url without padding (certbot's --eab-hmac-key, lego's
+    --hmac). Shown once: the service never stores it.
+    """
+    directory_path: _builtins.str
+    """The ACME directory path on the gateway."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """After this moment the credentials bind no account."""
+
+    def __init__(
+        self,
+        *,
+        kid: _builtins.str = ...,
+        hmac_key: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        directory_path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["directory_path", b"directory_path", "expire_time", b"expire_time", "hmac_key", b"hmac_key", "kid", b"kid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAcmeEabCredentialsResponse: _TypeAlias = CreateAcmeEabCredentialsResponse  # noqa: Y015
+
+@_typing.final
 class GetCrlRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -91,6 +91,11 @@ class CertificateServiceStub:
                 request_serializer=myl_dot_cert_dot_v1_dot_cert__pb2.GetRenewalInfoRequest.SerializeToString,
                 response_deserializer=myl_dot_cert_dot_v1_dot_cert__pb2.GetRenewalInfoResponse.FromString,
                 _registered_method=True)
+        self.CreateAcmeEabCredentials = channel.unary_unary(
+                '/myl.cert.v1.CertificateService/CreateAcmeEabCredentials',
+                request_serializer=myl_dot_cert_dot_v1_dot_cert__pb2.CreateAcmeEabCredentialsRequest.SerializeToString,
+                response_deserializer=myl_dot_cert_dot_v1_dot_cert__pb2.CreateAcmeEabCredentialsResponse.FromString,
+                _registered_method=True)
         self.GetCrl = channel.unary_unary(
                 '/myl.cert.v1.CertificateService/GetCrl',
                 request_serializer=myl_dot_cert_dot_v1_dot_cert__pb2.GetCrlRequest.SerializeToString,
@@ -186,6 +191,16 @@ class CertificateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateAcmeEabCredentials(self, request, context):
+        """External Account Binding credentials for the device's ACME clients (RFC 8555
+        section 7.3.4; the server is at `/acme/directory`): a key id and an HMAC key,
+        shown once, usable once, within 24 hours. The ACME account bound with them may
+        order only this device's names.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetCrl(self, request, context):
         """One CRL shard, DER (`application/pkix-crl`): the URL in every certificate's
         CRL distribution point. Public: the gateway serves it without an API key.
@@ -253,6 +268,11 @@ def add_CertificateServiceServicer_to_server(servicer, server):
                     servicer.GetRenewalInfo,
                     request_deserializer=myl_dot_cert_dot_v1_dot_cert__pb2.GetRenewalInfoRequest.FromString,
                     response_serializer=myl_dot_cert_dot_v1_dot_cert__pb2.GetRenewalInfoResponse.SerializeToString,
+            ),
+            'CreateAcmeEabCredentials': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAcmeEabCredentials,
+                    request_deserializer=myl_dot_cert_dot_v1_dot_cert__pb2.CreateAcmeEabCredentialsRequest.FromString,
+                    response_serializer=myl_dot_cert_dot_v1_dot_cert__pb2.CreateAcmeEabCredentialsResponse.SerializeToString,
             ),
             'GetCrl': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCrl,
@@ -519,6 +539,33 @@ class CertificateService:
             '/myl.cert.v1.CertificateService/GetRenewalInfo',
             myl_dot_cert_dot_v1_dot_cert__pb2.GetRenewalInfoRequest.SerializeToString,
             myl_dot_cert_dot_v1_dot_cert__pb2.GetRenewalInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAcmeEabCredentials(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/myl.cert.v1.CertificateService/CreateAcmeEabCredentials',
+            myl_dot_cert_dot_v1_dot_cert__pb2.CreateAcmeEabCredentialsRequest.SerializeToString,
+            myl_dot_cert_dot_v1_dot_cert__pb2.CreateAcmeEabCredentialsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -74,6 +74,12 @@ class CertificateServiceStub:
     """The suggested renewal window of the device's current certificate (RFC 9773,
     ACME Renewal Information). The lifecycle worker renews by the same window.
     """
+    CreateAcmeEabCredentials: _grpc.UnaryUnaryMultiCallable[_cert_pb2.CreateAcmeEabCredentialsRequest, _cert_pb2.CreateAcmeEabCredentialsResponse]
+    """External Account Binding credentials for the device's ACME clients (RFC 8555
+    section 7.3.4; the server is at `/acme/directory`): a key id and an HMAC key,
+    shown once, usable once, within 24 hours. The ACME account bound with them may
+    order only this device's names.
+    """
     GetCrl: _grpc.UnaryUnaryMultiCallable[_cert_pb2.GetCrlRequest, _httpbody_pb2.HttpBody]
     """One CRL shard, DER (`application/pkix-crl`): the URL in every certificate's
     CRL distribution point. Public: the gateway serves it without an API key.
@@ -131,6 +137,12 @@ class CertificateServiceAsyncStub(CertificateServiceStub):
     GetRenewalInfo: _aio.UnaryUnaryMultiCallable[_cert_pb2.GetRenewalInfoRequest, _cert_pb2.GetRenewalInfoResponse]  # type: ignore[assignment]
     """The suggested renewal window of the device's current certificate (RFC 9773,
     ACME Renewal Information). The lifecycle worker renews by the same window.
+    """
+    CreateAcmeEabCredentials: _aio.UnaryUnaryMultiCallable[_cert_pb2.CreateAcmeEabCredentialsRequest, _cert_pb2.CreateAcmeEabCredentialsResponse]  # type: ignore[assignment]
+    """External Account Binding credentials for the device's ACME clients (RFC 8555
+    section 7.3.4; the server is at `/acme/directory`): a key id and an HMAC key,
+    shown once, usable once, within 24 hours. The ACME account bound with them may
+    order only this device's names.
     """
     GetCrl: _aio.UnaryUnaryMultiCallable[_cert_pb2.GetCrlRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """One CRL shard, DER (`application/pkix-crl`): the URL in every certificate's
@@ -240,6 +252,18 @@ class CertificateServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_cert_pb2.GetRenewalInfoResponse, _abc.Awaitable[_cert_pb2.GetRenewalInfoResponse]]:
         """The suggested renewal window of the device's current certificate (RFC 9773,
         ACME Renewal Information). The lifecycle worker renews by the same window.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateAcmeEabCredentials(
+        self,
+        request: _cert_pb2.CreateAcmeEabCredentialsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cert_pb2.CreateAcmeEabCredentialsResponse, _abc.Awaitable[_cert_pb2.CreateAcmeEabCredentialsResponse]]:
+        """External Account Binding credentials for the device's ACME clients (RFC 8555
+        section 7.3.4; the server is at `/acme/directory`): a key id and an HMAC key,
+        shown once, usable once, within 24 hours. The ACME account bound with them may
+        order only this device's names.
         """
 
     @_abc_1.abstractmethod
