@@ -44,11 +44,13 @@ class GatewayPorts:
     # port the kernel picks (nothing outside Kubernetes uses it; Prometheus scrapes the
     # admin port on the same host, deploy/prometheus/prometheus.yml).
     stats_port: int = 0
+    # cert_service's ACME servers (HTTP/1.1, `/acme/`), one per replica serving one.
+    acme_ports: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("listen_port", "admin_port", "cert_port", "key_port"):
             _check_port(name, getattr(self, name))
-        for name in ("cert_replica_ports", "key_replica_ports"):
+        for name in ("cert_replica_ports", "key_replica_ports", "acme_ports"):
             for port in getattr(self, name):
                 _check_port(name, port)
         if self.stats_port != 0:
@@ -67,6 +69,8 @@ def _check_port(name: str, port: object) -> None:
 def _endpoints(host: str, ports: tuple[int, ...]) -> str:
     """The `lb_endpoints` entries (YAML flow mappings, one per line) of one cluster."""
     indent = " " * 14
+    if not ports:
+        return f"{indent}[]"
     return "\n".join(
         f"{indent}- endpoint: {{ address: {{ socket_address: "
         f"{{ address: {json.dumps(host)}, port_value: {port} }} }} }}"
@@ -107,6 +111,7 @@ def render_envoy_config(
         stats_port=ports.stats_port,
         cert_endpoints=_endpoints(cert_host, (ports.cert_port, *ports.cert_replica_ports)),
         key_endpoints=_endpoints(key_host, (ports.key_port, *ports.key_replica_ports)),
+        acme_endpoints=_endpoints(cert_host, ports.acme_ports),
         descriptor_path=json.dumps(str(descriptor_path)),
         openapi_path=json.dumps(str(openapi_path)),
         access_log_path=json.dumps(str(access_log_path)),

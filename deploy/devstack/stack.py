@@ -119,6 +119,11 @@ def _replica_ports(env: dict[str, str], prefix: str, port: int) -> list[int]:
     return [port + 100 * index for index in range(count)]
 
 
+def _acme_port(cert_port: int) -> int:
+    """A cert_service replica's ACME server port: its gRPC port + 500 (50551 by default)."""
+    return cert_port + 500
+
+
 def _target(ports: list[int]) -> str:
     """A gRPC target naming every replica (`ipv4:` takes a comma-separated list)."""
     if len(ports) == 1:
@@ -481,6 +486,8 @@ class Stack:
                 replica = {f"{prefix}_PORT": str(port)}
                 if service == "cert_service":
                     replica.update(self.cert_env)
+                    # Its ACME server (`/acme/` on the gateway), beside its gRPC port.
+                    replica["CERT_SERVICE_ACME_SERVER_PORT"] = str(_acme_port(port))
                 if metrics:
                     replica[f"{prefix}_METRICS_PORT"] = str(metrics + 100 * index)
                 process = self.spawn(
@@ -498,6 +505,7 @@ class Stack:
             self.key_ports[0],
             cert_replica_ports=tuple(self.cert_ports[1:]),
             key_replica_ports=tuple(self.key_ports[1:]),
+            acme_ports=tuple(_acme_port(port) for port in self.cert_ports),
         )
         config_path = RUN / "envoy.yaml"
         config_path.write_text(

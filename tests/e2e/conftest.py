@@ -66,7 +66,15 @@ async def gateway(
 ) -> AsyncIterator[Gateway]:
     cert_port = int(str(getattr(cert_service, "address")).rsplit(":", 1)[1])  # noqa: B009
     key_port = int(key_service.address.rsplit(":", 1)[1])
-    ports = GatewayPorts(free_port(), free_port(), cert_port, key_port)
+    # A cert_service started with ACME_SERVER_PORT serves /acme/ too.
+    acme = getattr(getattr(cert_service, "app", None), "acme_http", None)
+    ports = GatewayPorts(
+        free_port(),
+        free_port(),
+        cert_port,
+        key_port,
+        acme_ports=(acme.port,) if acme is not None else (),
+    )
     config_path = tmp_path / "envoy.yaml"
     access_log = tmp_path / "access.log"
     config_path.write_text(
