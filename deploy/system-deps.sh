@@ -3,7 +3,8 @@
 # redis-server, prometheus (its promtool checks the alert rules, and the
 # monitoring test runs a real Prometheus), and for the ACME issuer Knot DNS
 # (knotd, the authoritative server taking DNS-01 records) and pebble (Let's
-# Encrypt's test CA); with the argument `bench`, also h2load for the benchmarks.
+# Encrypt's test CA), lego (an ACME client the ACME server's tests run); with
+# the argument `bench`, also h2load for the benchmarks.
 # Installed with apt when we are root; otherwise we say what to install.
 set -euo pipefail
 
@@ -14,6 +15,8 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 # knotd is in /usr/sbin, not on every user's PATH.
 { command -v knotd || [ -x /usr/sbin/knotd ]; } >/dev/null || missing+=(knot)
 command -v pebble >/dev/null || missing+=(pebble)
+# lego: a real ACME client of the ACME server's tests (certbot comes from PyPI).
+command -v lego >/dev/null || missing+=(lego)
 if [ "${1:-}" = bench ]; then
   command -v h2load >/dev/null || missing+=(nghttp2-client)
 fi
