@@ -1,5 +1,5 @@
 """The SQL of the RFC 8555 server devices use (`cert_service.acme_server`): EAB keys, accounts,
-nonces and orders (migration 0010)."""
+nonces and orders (migration 0011)."""
 
 from __future__ import annotations
 
