@@ -8,15 +8,18 @@ directory is handed to the `postgres` user and the server runs as that user.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pwd
 import random
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Final
 
 import redis
 from redis.crc import key_slot
@@ -217,11 +220,19 @@ class PostgresServer:
 class RedisServer:
     """A non-persistent redis-server on 127.0.0.1:`port`."""
 
-    def __init__(self, directory: Path, port: int, *, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        port: int,
+        *,
+        extra_args: tuple[str, ...] = (),
+        acl: RedisAcl | None = None,
+    ) -> None:
         self.directory = directory
         self.port = port
         self.host = "127.0.0.1"
         self.extra_args = extra_args
+        self.acl = acl
         self.log_path = directory / "redis.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -240,6 +251,7 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 self.binary(),
+                *((str(self.acl.config_file(self.directory)),) if self.acl else ()),
                 "--port",
                 str(self.port),
                 "--bind",
@@ -267,6 +279,79 @@ class RedisServer:
     def stop(self) -> None:
         stop_process_group(self.process)
         self.process = None
+
+
+# What a service may do in Redis: read, write and run scripts on its own keys, ask INFO (its
+# health sampler) and, on a Cluster, read the slot map; nothing that administers the server
+# (CONFIG, FLUSHALL, KEYS, DEBUG, ...: the @dangerous category) and no other service's keys.
+_SERVICE_COMMANDS: Final = (
+    "-@all +@read +@write +@scripting +@connection +@transaction -@dangerous "
+    "+info +cluster|slots +cluster|shards +cluster|nodes +cluster|info +readonly"
+)
+# Each service's keys: its own namespace and the named limits (shared.limits) both spend.
+SERVICE_KEY_PATTERNS: Final = {
+    "cert_service": ("myl:cert:*", "myl:limit:*"),
+    "key_service": ("myl:key:*", "myl:limit:*"),
+}
+
+
+class RedisAcl:
+    """The Redis users `make run` sets up: one per service with only its keys and commands,
+    `admin` for operators and the stack itself, and no default user (a connection that has
+    not authenticated can do nothing). Passwords are made at first start and kept in
+    `<directory>/<user>.password` (mode 0600); the ACL file holds only their SHA-256."""
+
+    USERS: Final = ("admin", *SERVICE_KEY_PATTERNS)
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.passwords = {user: self._password(user) for user in self.USERS}
+
+    def _password(self, user: str) -> str:
+        path = self.directory / f"{user}.password"
+        if not path.exists():
+            _write_private(path, secrets.token_urlsafe(32))
+        return path.read_text().strip()
+
+    def rules(self) -> list[str]:
+        lines = ["user default off resetkeys resetchannels -@all"]
+        for user in self.USERS:
+            digest = hashlib.sha256(self.passwords[user].encode()).hexdigest()
+            if user == "admin":
+                grants = "~* &* +@all"
+            else:
+                keys = " ".join(f"~{pattern}" for pattern in SERVICE_KEY_PATTERNS[user])
+                grants = f"resetkeys {keys} resetchannels {_SERVICE_COMMANDS}"
+            lines.append(f"user {user} on resetpass #{digest} {grants}")
+        return lines
+
+    def config_file(self, directory: Path) -> Path:
+        """A redis-server config file (in `directory`, mode 0600, so no password shows in
+        the process list): the ACL file, and the user a Cluster replica replicates as."""
+        directory.mkdir(parents=True, exist_ok=True)
+        acl_path = directory / "users.acl"
+        _write_private(acl_path, "\n".join(self.rules()) + "\n")
+        config = directory / "acl.conf"
+        _write_private(
+            config,
+            f"aclfile {acl_path}\nmasteruser admin\nmasterauth {self.passwords['admin']}\n",
+        )
+        return config
+
+    def env(self, service: str) -> dict[str, str]:
+        """The variables that log `service` in as its own user."""
+        prefix = service.upper()
+        return {
+            f"{prefix}_REDIS_USERNAME": service,
+            f"{prefix}_REDIS_PASSWORD": self.passwords[service],
+        }
+
+
+def _write_private(path: Path, text: str) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
 
 
 def _cluster_args(directory: Path, port: int) -> tuple[str, ...]:
@@ -301,11 +386,16 @@ class RedisClusterServers:
     Built with redis-server's own cluster mode and `redis-cli --cluster create`. A node
     timeout of one second lets a replica take over quickly when its master dies."""
 
-    def __init__(self, directory: Path, ports: list[int], *, replicas: int = 1) -> None:
+    def __init__(
+        self, directory: Path, ports: list[int], *, replicas: int = 1, acl: RedisAcl | None = None
+    ) -> None:
         self.directory = directory
         self.replicas = replicas
+        self.acl = acl
         self.nodes = [
-            RedisServer(directory / f"node-{port}", port, extra_args=_cluster_args(directory, port))
+            RedisServer(
+                directory / f"node-{port}", port, extra_args=_cluster_args(directory, port), acl=acl
+            )
             for port in ports
         ]
 
@@ -330,6 +420,7 @@ class RedisClusterServers:
                 cli, "--cluster", "create",
                 *(f"{node.host}:{node.port}" for node in self.nodes),
                 "--cluster-replicas", str(self.replicas), "--cluster-yes",
+                *(("--user", "admin", "--pass", self.acl.passwords["admin"]) if self.acl else ()),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -356,9 +447,11 @@ class RedisClusterServers:
     def running(self) -> list[RedisServer]:
         return [node for node in self.nodes if node.process is not None]
 
-    @staticmethod
-    def _client(node: RedisServer) -> redis.Redis:
-        return redis.Redis(host=node.host, port=node.port, socket_timeout=2)
+    def _client(self, node: RedisServer) -> redis.Redis:
+        user, password = ("admin", self.acl.passwords["admin"]) if self.acl else (None, None)
+        return redis.Redis(
+            host=node.host, port=node.port, socket_timeout=2, username=user, password=password
+        )
 
     def _ok(self, node: RedisServer) -> bool:
         with contextlib.suppress(redis.RedisError), self._client(node) as client:

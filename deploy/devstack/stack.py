@@ -53,8 +53,10 @@ from deploy.devstack.acme import (
 )
 from deploy.devstack.gateway import GatewayPorts, envoy_command, render_envoy_config
 from deploy.devstack.servers import (
+    SERVICE_KEY_PATTERNS,
     DevStackError,
     PostgresServer,
+    RedisAcl,
     RedisClusterServers,
     RedisServer,
     log_tail,
@@ -353,7 +355,8 @@ class Stack:
             self.env.setdefault("DB_SSLMODE", "disable")
         if self.cluster_ports:
             ports = self.cluster_ports
-            cluster = RedisClusterServers(RUN / "redis-cluster", ports)
+            acl = RedisAcl(RUN / "redis-users")
+            cluster = RedisClusterServers(RUN / "redis-cluster", ports, acl=acl)
             say(
                 f"Redis Cluster (3 masters, 3 replicas) on 127.0.0.1:{ports[0]}-{ports[-1]}, "
                 f"cluster bus on {ports[0] + CLUSTER_BUS_OFFSET}-{ports[-1] + CLUSTER_BUS_OFFSET}"
@@ -365,14 +368,26 @@ class Stack:
                 for node in cluster.nodes:
                     self.watch(f"Redis Cluster node {node.port}", node.process, node.log_path)
             self.env["REDIS_CLUSTER_NODES"] = cluster.addresses
+            self.redis_users(acl)
         elif not self.env.get("REDIS_HOST"):
             port = EnvReader("", self.env).port("REDIS_PORT", 6379)
-            redis = RedisServer(RUN / "redis", port)
+            acl = RedisAcl(RUN / "redis-users")
+            redis = RedisServer(RUN / "redis", port, acl=acl)
             say(f"Redis on 127.0.0.1:{port}")
             self.stops.append(redis.stop)
             redis.start()
             self.watch("Redis", redis.process, redis.log_path)
             self.env.update(REDIS_HOST="127.0.0.1", REDIS_PORT=str(port))
+            self.redis_users(acl)
+
+    def redis_users(self, acl: RedisAcl) -> None:
+        """Each service logs in to the local Redis as its own user (`RedisAcl`)."""
+        for service in SERVICE_KEY_PATTERNS:
+            self.env.update(acl.env(service))
+        say(
+            f"  Redis users: one per service, no default user; as an operator: "
+            f"redis-cli --user admin --pass $(cat {acl.directory / 'admin.password'})"
+        )
 
     def run_python(self, *args: str) -> str:
         done = subprocess.run(
