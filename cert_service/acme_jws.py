@@ -194,7 +194,13 @@ def verify_signature(jws: Jws, key: PublicKey) -> None:
     alg = jws.alg
     if isinstance(key, ec.EllipticCurvePublicKey) and alg in _EC_ALGS:
         curve, digest, size = _EC_ALGS[alg]
-        if not isinstance(key.curve, curve) or len(jws.signature) != 2 * size:
+        if not isinstance(key.curve, curve):
+            raise Problem(
+                "badSignatureAlgorithm",
+                f"{alg} does not fit a key on {_CURVE_NAMES.get(key.curve.name, key.curve.name)}",
+                extra={"algorithms": list(SIGNATURE_ALGORITHMS)},
+            )
+        if len(jws.signature) != 2 * size:
             raise malformed("the JWS signature does not verify")
         der = encode_dss_signature(
             int.from_bytes(jws.signature[:size], "big"),
