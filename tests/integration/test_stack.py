@@ -5,12 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -21,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from deploy.devstack.servers import free_port, stop_process_group
+from deploy.devstack.servers import free_port
 from tests.fixtures.makerun import MakeRun, readme_blocks, stack_ports
 from tests.fixtures.prometheus import prometheus_config, running_prometheus
 
@@ -44,49 +42,20 @@ def ports() -> dict[str, int]:
     return {name: free_port() for name in names}
 
 
-@pytest.fixture
-def running_stack(tmp_path: Path, ports: dict[str, int]) -> Iterator[Path]:
-    # Not under tmp_path: as root, PostgreSQL runs as `postgres`, which cannot pass
-    # through pytest's private temporary directory.
-    base = Path(tempfile.mkdtemp(prefix="myl-stack-"))
-    base.chmod(0o755)
-    run_dir = base / "run"
-    log_path = tmp_path / "first.log"
-    with open(log_path, "wb") as log:
-        first = subprocess.Popen(
-            [sys.executable, "-m", "deploy.devstack.stack"],
-            cwd=ROOT,
-            env=stack_env(run_dir, ports),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while "Ctrl-C stops everything" not in log_path.read_text():
-            assert first.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
-        yield run_dir
-        # The first stack is still whole: it stops cleanly on Ctrl-C.
-        os.killpg(first.pid, signal.SIGINT)
-        assert first.wait(60) == 0, log_path.read_text()
-    finally:
-        stop_process_group(first, signal.SIGINT)
-        shutil.rmtree(base, ignore_errors=True)
-
-
 @pytest.mark.slow
+@pytest.mark.xdist_group("make-run")
 def test_a_second_make_run_refuses_and_leaves_the_first_intact(
-    running_stack: Path, tmp_path: Path, ports: dict[str, int]
+    shared_stack: SharedStack, tmp_path: Path
 ) -> None:
-    envoy_yaml = running_stack / "envoy.yaml"
+    first = shared_stack.get()
+    recorded = first.recorded()
+    envoy_yaml = first.run_dir / "envoy.yaml"
     before = (envoy_yaml.read_bytes(), envoy_yaml.stat().st_mtime_ns)
     started = time.monotonic()
     second = subprocess.run(
         [sys.executable, "-m", "deploy.devstack.stack"],
         cwd=ROOT,
-        env=stack_env(running_stack, ports),
+        env=first.env,
         capture_output=True,
         text=True,
         timeout=30,
@@ -96,7 +65,7 @@ def test_a_second_make_run_refuses_and_leaves_the_first_intact(
     assert "ready" not in second.stdout
     assert time.monotonic() - started < 10
     assert (envoy_yaml.read_bytes(), envoy_yaml.stat().st_mtime_ns) == before
-    healthz = f"http://127.0.0.1:{ports['GATEWAY_PORT']}/healthz"
+    healthz = f"http://127.0.0.1:{first.ports['GATEWAY_PORT']}/healthz"
     with urllib.request.urlopen(healthz, timeout=5) as reply:
         assert reply.status == 200
 
@@ -105,7 +74,7 @@ def test_a_second_make_run_refuses_and_leaves_the_first_intact(
     third = subprocess.run(
         [sys.executable, "-m", "deploy.devstack.stack"],
         cwd=ROOT,
-        env=stack_env(elsewhere, ports),
+        env={**first.env, "MYL_RUN_DIR": str(elsewhere)},
         capture_output=True,
         text=True,
         timeout=30,
@@ -115,9 +84,14 @@ def test_a_second_make_run_refuses_and_leaves_the_first_intact(
     assert not (elsewhere / "postgres").exists()
 
     # What the stack keeps there is its owner's only.
-    assert running_stack.stat().st_mode & 0o066 == 0
+    assert first.run_dir.stat().st_mode & 0o066 == 0
     for secret in ("admin.key", "ca/ca.key"):
-        assert (running_stack / secret).stat().st_mode & 0o777 == 0o600
+        assert (first.run_dir / secret).stat().st_mode & 0o777 == 0o600
+    # The first stack is still whole (whoever stops it next sees it stop cleanly on Ctrl-C:
+    # SharedStack's teardown, or the stopping test that takes it over).
+    assert first.process is not None
+    assert first.process.poll() is None, first.output()
+    assert sorted(MakeRun.still_running(recorded)) == sorted(recorded)
 
 
 def test_a_port_in_use_is_named(tmp_path: Path, ports: dict[str, int]) -> None:
@@ -155,6 +129,49 @@ def make_runs() -> Iterator[Callable[..., MakeRun]]:
     yield make
     for stack in started:
         stack.close()
+
+
+class SharedStack:
+    """One default `make run` for the tests that leave it running (per worker, started at
+    the first `get()`): a start costs several seconds of CPU. A test that stops or kills
+    it `take()`s it instead: it is then that test's, and the next `get()` starts another.
+    Whatever is still shared at the end must stop cleanly on Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.stack: MakeRun | None = None
+
+    def get(self) -> MakeRun:
+        if self.stack is None:
+            self.stack = MakeRun(stack_ports())
+            self.stack.start()
+        # Nobody stops a shared stack: if it ended, that is the failure.
+        assert self.stack.process is not None
+        assert self.stack.process.poll() is None, self.stack.output()
+        return self.stack
+
+    def take(self) -> MakeRun:
+        stack = self.get()
+        self.stack = None
+        return stack
+
+    def close(self) -> None:
+        if self.stack is None:
+            return
+        stack, self.stack = self.stack, None
+        try:
+            stack.signal_group(signal.SIGINT)
+            assert stack.wait() == 0, stack.output()
+        finally:
+            stack.close()
+
+
+@pytest.fixture(scope="session")
+def shared_stack() -> Iterator[SharedStack]:
+    shared = SharedStack()
+    try:
+        yield shared
+    finally:
+        shared.close()
 
 
 def _until(check: Callable[[], bool], limit: float, what: str) -> None:
@@ -234,11 +251,9 @@ CERT_SERVICE_ONLY = (
 
 
 @pytest.mark.slow
-def test_readme_walk_throughs_run_as_written_and_no_alert_fires(
-    make_runs: Callable[..., MakeRun],
-) -> None:
-    stack = make_runs(stack_ports())
-    stack.start()
+@pytest.mark.xdist_group("make-run")
+def test_readme_walk_throughs_run_as_written_and_no_alert_fires(shared_stack: SharedStack) -> None:
+    stack = shared_stack.get()
     # A healthy start warns of nothing (a fresh process opening its Redis breaker until it
     # applied the invalidation log is information).
     for service in ("cert_service", "key_service"):
@@ -334,11 +349,12 @@ def test_replicas_on_a_redis_cluster_alert_nothing_and_start_again_after_a_stop(
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("make-run")
 def test_stopping_survives_more_signals_and_a_stack_starts_again_after_a_stop_or_a_kill(
-    make_runs: Callable[..., MakeRun],
+    request: pytest.FixtureRequest, shared_stack: SharedStack
 ) -> None:
-    stack = make_runs(stack_ports())
-    stack.start()
+    stack = shared_stack.take()
+    request.addfinalizer(stack.close)
     recorded = stack.recorded()
     assert set(recorded) == {"PostgreSQL", "Redis", "cert_service", "key_service", "envoy"}
 
