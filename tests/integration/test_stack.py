@@ -159,6 +159,8 @@ class SharedStack:
             return
         stack, self.stack = self.stack, None
         try:
+            assert stack.process is not None
+            assert stack.process.poll() is None, stack.output()
             stack.signal_group(signal.SIGINT)
             assert stack.wait() == 0, stack.output()
         finally:
