@@ -1,7 +1,14 @@
 """The gRPC servicer of myl.cert.v1.CertificateService.
 
 Each handler first checks every request field (INVALID_ARGUMENT naming the field), then who is
-calling (a device key acts only on its own device), then hands the work to `DeviceCertificates`.
+calling (a device key or certificate acts only on its own device), then hands the work to
+`DeviceCertificates`.
+
+A device certificate names its device (`label.zone`), not the device id a path carries: a
+certificate caller may act on `device_id` when that device's certificate record has the
+caller's name (names are unique among devices, and the gateway admitted only a certificate
+that is on no CRL). Another device, or one that does not exist, is PERMISSION_DENIED alike, so
+a certificate learns nothing about device ids that are not its own.
 Errors are raised as `DomainError`; the shared interceptor turns them into statuses.
 """
 
@@ -21,8 +28,14 @@ from cert_service.storage import timestamp
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from shared import idempotency, pagination, wire
 from shared.clock import Clock
-from shared.errors import failed_precondition, not_found, permission_denied
-from shared.identity import caller_from_metadata
+from shared.errors import (
+    DomainError,
+    ErrorKind,
+    failed_precondition,
+    not_found,
+    permission_denied,
+)
+from shared.identity import Caller, caller_from_metadata
 
 SERVICE_NAME = cert_pb2.DESCRIPTOR.services_by_name["CertificateService"].full_name
 
@@ -62,8 +75,7 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
             None if csr_pem is None else validation.csr_public_key(csr_pem, fqdn, certificate_type)
         )
         request_key = idempotency.request_key("provision", request)
-        caller = caller_from_metadata(context.invocation_metadata())
-        caller.require_device(device_id)
+        caller, _ = await self._authorize(context, device_id)
         certificate, private_key_pem = await self.certificates.provision(
             ProvisionRequest(
                 device_id=device_id,
@@ -86,8 +98,9 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
         self, request: cert_pb2.GetCertificateRequest, context: Context
     ) -> cert_pb2.GetCertificateResponse:
         device_id = validation.device_id(request.device_id)
-        caller_from_metadata(context.invocation_metadata()).require_device(device_id)
-        certificate = await self.certificates.get(device_id)
+        _, certificate = await self._authorize(context, device_id)
+        if certificate is None:
+            certificate = await self.certificates.get(device_id)
         return cert_pb2.GetCertificateResponse(certificate=certificate)
 
     async def LookupCertificate(
@@ -99,7 +112,7 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
         def authorize(device_id: str) -> None:
             # Another device's name is answered like a name that does not exist: a
             # device key learns nothing about names outside its device.
-            if not caller.may_act_on(device_id):
+            if not caller.may_act_on(device_id) and caller.device_name != fqdn:
                 raise not_found("certificate", "CERTIFICATE_NOT_FOUND", uuid_subdomain=fqdn)
 
         certificate = await self.certificates.lookup(fqdn, via_wildcard, authorize)
@@ -138,7 +151,7 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
         device_id = validation.device_id(request.device_id)
         csr_pem = validation.csr_text(request.csr_pem)
         request_key = idempotency.request_key("renew", request)
-        caller_from_metadata(context.invocation_metadata()).require_device(device_id)
+        await self._authorize(context, device_id)
         certificate = await self.certificates.renew(device_id, csr_pem, request_key)
         return cert_pb2.RenewCertificateResponse(certificate=certificate)
 
@@ -148,7 +161,7 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
         device_id = validation.device_id(request.device_id)
         reason = validation.revocation_reason(request.reason)
         request_key = idempotency.request_key("revoke", request)
-        caller_from_metadata(context.invocation_metadata()).require_device(device_id)
+        await self._authorize(context, device_id)
         certificate = await self.certificates.revoke(device_id, reason, request_key)
         return cert_pb2.RevokeCertificateResponse(certificate=certificate)
 
@@ -157,7 +170,7 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
     ) -> cert_pb2.DeleteDeviceResponse:
         device_id = validation.device_id(request.device_id)
         request_key = idempotency.request_key("delete", request)
-        caller_from_metadata(context.invocation_metadata()).require_device(device_id)
+        await self._authorize(context, device_id)
         await self.certificates.delete(device_id, request_key)
         return cert_pb2.DeleteDeviceResponse()
 
@@ -170,8 +183,9 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
         self, request: cert_pb2.GetRenewalInfoRequest, context: Context
     ) -> cert_pb2.GetRenewalInfoResponse:
         device_id = validation.device_id(request.device_id)
-        caller_from_metadata(context.invocation_metadata()).require_device(device_id)
-        certificate = await self.certificates.get(device_id)
+        _, certificate = await self._authorize(context, device_id)
+        if certificate is None:
+            certificate = await self.certificates.get(device_id)
         if not certificate.serial_number:  # PENDING, or revoked before it was issued
             raise failed_precondition(
                 "no certificate was issued yet: there is no renewal window before one is",
@@ -217,6 +231,25 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
         body, headers = self._repository().issuer_certificate()
         await context.send_initial_metadata(headers)
         return body
+
+    async def _authorize(
+        self, context: Context, device_id: str
+    ) -> tuple[Caller, cert_pb2.Certificate | None]:
+        """The caller, if it may act on `device_id` (else PERMISSION_DENIED), and for a
+        certificate caller the device's certificate, read to decide (see the module)."""
+        caller = caller_from_metadata(context.invocation_metadata())
+        if caller.device_name is None:
+            caller.require_device(device_id)
+            return caller, None
+        try:
+            certificate = await self.certificates.get(device_id)
+        except DomainError as error:
+            if error.kind is not ErrorKind.NOT_FOUND:
+                raise
+            certificate = None
+        if certificate is None or certificate.uuid_subdomain != caller.device_name:
+            caller.require_device(device_id)  # raises: device_id is unresolved
+        return caller.with_device(device_id), certificate
 
     def _repository(self) -> PublicRepository:
         if self.repository is None:

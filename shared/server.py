@@ -26,7 +26,7 @@ from prometheus_client import start_http_server
 from shared import idempotency
 from shared.config import ServerConfig
 from shared.errors import DomainError, ErrorKind, internal_error, permission_denied
-from shared.identity import AUTHORIZED_METHOD_HEADER, KEY_ID_HEADER
+from shared.identity import AUTHORIZED_METHOD_HEADER, CERT_NAMES_HEADER, KEY_ID_HEADER
 from shared.logging import REQUEST_CONTEXT, get_logger
 from shared.metrics import RPC_LATENCY, RPC_RESULTS
 from shared.reflection import ReflectionServicer
@@ -43,8 +43,8 @@ _CHECK_PREFIX = "/envoy.service.auth.v3.Authorization/"
 
 
 def _call_facts(metadata: Any) -> tuple[str, bool, str | None]:
-    """The request id, whether the gateway authorized the call (a key id), and the method
-    it authorized, in one pass over the metadata."""
+    """The request id, whether the gateway authorized the call (a key id, or a device
+    certificate's names), and the method it authorized, in one pass over the metadata."""
     request_id: str | None = None
     via_gateway = False
     authorized: str | None = None
@@ -52,7 +52,7 @@ def _call_facts(metadata: Any) -> tuple[str, bool, str | None]:
         if key == REQUEST_ID_HEADER:
             if request_id is None and isinstance(value, str) and 0 < len(value) <= 128:
                 request_id = value
-        elif key == KEY_ID_HEADER:
+        elif key in (KEY_ID_HEADER, CERT_NAMES_HEADER):
             via_gateway = True
         elif key == AUTHORIZED_METHOD_HEADER and isinstance(value, str):
             authorized = value

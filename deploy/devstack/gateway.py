@@ -10,16 +10,39 @@ The config is `deploy/envoy/envoy.yaml.tmpl` (a `string.Template`); what it does
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import shutil
 import string
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from google.protobuf import descriptor_pool
+
+from key_service.permissions import API_ACCESS, CERTIFICATE_PERMISSIONS, grants
+from myl.cert.v1 import cert_pb2
+from myl.key.v1 import key_pb2
+from shared.identity import (
+    AUTHORIZED_METHOD_HEADER,
+    CERT_NAMES_HEADER,
+    CERT_SERIAL_HEADER,
+    OPERATOR_HEADER,
+    PERMISSIONS_HEADER,
+    method_policy,
+)
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 TEMPLATE_PATH = ENVOY_DIR / "envoy.yaml.tmpl"
+DEVICE_TLS_TEMPLATE_PATH = ENVOY_DIR / "device_tls.yaml.tmpl"
+# The file-based SDS Secret in the trust directory (cert_service.edge_trust writes it).
+TRUST_FILE: Final = "device_ca.yaml"
 DESCRIPTOR_PATH = ENVOY_DIR / "myl.pb"
 OPENAPI_PATH = ENVOY_DIR / "openapi.json"
 # Envoy opens this like any file; it is the gateway process's own stdout.
@@ -61,6 +84,24 @@ class GatewayPorts:
             raise ValueError("stats_port must differ from listen_port and admin_port")
 
 
+@dataclass(frozen=True)
+class DeviceTls:
+    """The device TLS listener: devices call the API with their certificate (mutual TLS).
+
+    `server_cert`/`server_key`: the gateway's own certificate (PEM) for `port`.
+    `trust_dir`: where `cert_service.edge_trust` keeps the device CA and its CRLs as an SDS
+    Secret (`device_ca.yaml`); Envoy watches it and reloads it without a restart.
+    """
+
+    port: int
+    server_cert: Path
+    server_key: Path
+    trust_dir: Path
+
+    def __post_init__(self) -> None:
+        _check_port("device_port", self.port)
+
+
 def _check_port(name: str, port: object) -> None:
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ValueError(f"{name} must be a TCP port (1-65535), got {port!r}")
@@ -78,6 +119,119 @@ def _endpoints(host: str, ports: tuple[int, ...]) -> str:
     )
 
 
+# The public services, and the cluster and timeout of each (as on the public listener).
+_SERVICES: Final = (
+    (cert_pb2.DESCRIPTOR.services_by_name["CertificateService"].full_name, "cert_service", "15s"),
+    (key_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name, "key_service", "5s"),
+)
+_READS: Final = ("Get", "Lookup", "List")
+_ROUTE_INDENT: Final = " " * 24
+
+
+def device_routes() -> str:
+    """The device listener's routes, one per public method (YAML, indented for the template).
+
+    The table is the one the key check reads: each method's permission from the contracts
+    (`method_policy`), plus `api:access`, checked against what a certificate holds
+    (`CERTIFICATE_PERMISSIONS`) with the same `grants`. A method the certificate may call is
+    routed with the caller's identity set from the verified certificate (the services do the
+    device scoping, as for keys); any other is answered 403 by Envoy, naming what is missing.
+    The permission depends on the route only, so the routes are the whole decision: no
+    filter, script or check runs per request.
+    """
+    held = frozenset(CERTIFICATE_PERMISSIONS)
+    lines: list[str] = []
+    for service_name, cluster, timeout in _SERVICES:
+        service = descriptor_pool.Default().FindServiceByName(service_name)
+        for method in service.methods:
+            path = f"/{service_name}/{method.name}"
+            policy = method_policy(path)
+            if policy is None:
+                continue  # internal or public without a key: not on this listener
+            required = tuple(dict.fromkeys((policy.permission, API_ACCESS)))
+            missing = [p for p in required if not grants(held, (p,))]
+            lines += [f"- name: {json.dumps('device ' + method.name)}", "  match:"]
+            lines.append(f"    path: {json.dumps(path)}")
+            if missing:
+                message = (
+                    "a device certificate may not call this method: it needs "
+                    + ", ".join(missing)
+                    + " (use an API key that has it)"
+                )
+                body = {
+                    "code": 7,
+                    "message": message,
+                    "details": [
+                        {
+                            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                            "reason": "PERMISSION_MISSING",
+                            "domain": "myl.zip",
+                            "metadata": {"permissions": ",".join(missing)},
+                        }
+                    ],
+                }
+                lines += [
+                    "  direct_response:",
+                    "    status: 403",
+                    f"    body: {{ inline_string: {json.dumps(json.dumps(body))} }}",
+                    "  response_headers_to_add:",
+                    "    - header: { key: content-type, value: application/json }",
+                    "      append_action: OVERWRITE_IF_EXISTS_OR_ADD",
+                ]
+                continue
+            read = method.name.startswith(_READS)
+            retry = (
+                "*read_retries"
+                if read
+                else '{ retry_on: "connect-failure,refused-stream,reset-before-request",'
+                " num_retries: 2 }"
+            )
+            lines += [
+                "  route:",
+                f"    cluster: {cluster}",
+                f"    timeout: {timeout}",
+                f"    max_stream_duration: {{ grpc_timeout_header_max: {timeout} }}",
+                f"    retry_policy: {retry}",
+                "  request_headers_to_add:",
+            ]
+            for name, value in (
+                (AUTHORIZED_METHOD_HEADER, path),
+                (CERT_NAMES_HEADER, "%DOWNSTREAM_PEER_DNS_SAN%"),
+                (CERT_SERIAL_HEADER, "%DOWNSTREAM_PEER_SERIAL%"),
+                (PERMISSIONS_HEADER, ",".join(CERTIFICATE_PERMISSIONS)),
+                (OPERATOR_HEADER, "false"),
+            ):
+                lines += [
+                    f"    - header: {{ key: {name}, value: {json.dumps(value)} }}",
+                    "      append_action: OVERWRITE_IF_EXISTS_OR_ADD",
+                ]
+            lines += [
+                "  request_headers_to_remove: [x-api-key]",
+                "  typed_per_filter_config:",
+                "    envoy.filters.http.buffer:",
+                '      "@type": type.googleapis.com/envoy.extensions.filters.http.buffer.v3'
+                ".BufferPerRoute",
+                "      disabled: true",
+            ]
+    return "\n".join(_ROUTE_INDENT + line for line in lines)
+
+
+def render_device_listener(
+    device: DeviceTls, *, listen_address: str, template_path: Path = DEVICE_TLS_TEMPLATE_PATH
+) -> str:
+    """The device TLS listener's YAML, for the `$device_listener` slot of the gateway config."""
+    template = string.Template(template_path.read_text(encoding="utf-8"))
+    return template.substitute(
+        listen_address=json.dumps(listen_address),
+        device_port=device.port,
+        server_cert_path=json.dumps(str(device.server_cert)),
+        server_key_path=json.dumps(str(device.server_key)),
+        trust_path=json.dumps(str(device.trust_dir / TRUST_FILE)),
+        trust_dir=json.dumps(str(device.trust_dir)),
+        device_routes=device_routes(),
+    )
+
+
 def render_envoy_config(
     ports: GatewayPorts,
     *,
@@ -88,11 +242,13 @@ def render_envoy_config(
     openapi_path: Path = OPENAPI_PATH,
     access_log_path: str | Path = STDOUT,
     template_path: Path = TEMPLATE_PATH,
+    device_tls: DeviceTls | None = None,
 ) -> str:
     """The Envoy bootstrap (YAML) for these ports and hosts.
 
     Hosts may be IP addresses or DNS names (the clusters are STRICT_DNS). `access_log_path`
-    receives one JSON object per request; the default is Envoy's stdout.
+    receives one JSON object per request; the default is Envoy's stdout. With `device_tls`,
+    the gateway also listens for devices that authenticate with their certificate.
     """
     for name, value in (
         ("listen_address", listen_address),
@@ -115,7 +271,52 @@ def render_envoy_config(
         descriptor_path=json.dumps(str(descriptor_path)),
         openapi_path=json.dumps(str(openapi_path)),
         access_log_path=json.dumps(str(access_log_path)),
+        device_listener=""
+        if device_tls is None
+        else render_device_listener(device_tls, listen_address=listen_address),
     )
+
+
+def create_gateway_certificate(
+    directory: Path, ca_cert: Path, ca_key: Path, names: tuple[str, ...] = ("localhost",)
+) -> tuple[Path, Path]:
+    """A server certificate for the device TLS listener, signed by the development CA, for
+    `names` and 127.0.0.1 / ::1: a device that trusts the platform's CA (GetCaChain) then
+    trusts the local gateway too. Production gateways use a certificate of their own."""
+    ca = x509.load_pem_x509_certificate(ca_cert.read_bytes())
+    signer = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
+    if not isinstance(signer, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise ValueError(f"{ca_key}: not an EC or RSA key")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    alternative = [x509.DNSName(n) for n in names] + [
+        x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")
+    ]
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(min(now + timedelta(days=90), ca.not_valid_after_utc))
+        .add_extension(x509.SubjectAlternativeName(alternative), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(signer, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "gateway.crt", directory / "gateway.key"
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
 
 
 def find_envoy() -> Path:

@@ -1,0 +1,234 @@
+"""The device CA and its CRLs, kept in a directory the gateway's device TLS listener watches.
+
+The gateway admits a device by its certificate (mutual TLS, `deploy/envoy/device_tls.yaml.tmpl`)
+and checks revocation itself, from CRLs it holds: this writer keeps them current. Every
+`interval` seconds it reads the CA certificate and every shard's CRL from cert_service (the
+public repository RPCs, `GetIssuerCertificate` and `GetCrl`) and, when anything changed,
+rewrites the directory: `ca.pem`, `crls.pem` (every shard, PEM) and `device_ca.yaml`, a
+file-based SDS Secret naming both plus the zone the device names must be under. Each file is
+written beside its final name and renamed into place; a rename in the directory is what
+Envoy's `watched_directory` reacts to, so every worker of that Envoy takes the new CRLs for
+its next handshake, without a restart.
+
+Where it runs: beside each Envoy, sharing the directory with it. `make run` starts one
+(`python -m cert_service.edge_trust`); on Kubernetes it is a sidecar of each gateway pod with
+an `emptyDir` volume shared with the Envoy container, so every replica refreshes on its own
+and none depends on another's disk.
+
+Bound: a revocation is in its shard's CRL within one publisher pass (`CRL_INTERVAL`, see
+`cert_service.crl`), in this directory within one `interval` plus a read, and in Envoy within
+milliseconds of the rename: with `interval` = 1 s, within `CRL_INTERVAL` + 2 s.
+
+Failing closed: a CRL that cannot be refreshed stays as it was; once past its nextUpdate,
+Envoy (BoringSSL) refuses every certificate of its shard ("CRL has expired"), and a shard
+without any CRL refuses its certificates too ("unable to get certificate CRL"). The writer
+exports the earliest nextUpdate Envoy holds (`myl_edge_crl_next_update_timestamp_seconds`);
+the alert MylEdgeCrlExpired fires when it is in the past.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from prometheus_client import Counter, Gauge, start_http_server
+
+from myl.cert.v1 import cert_pb2, cert_pb2_grpc
+from shared.config import ConfigError, EnvReader
+from shared.logging import configure_logging, get_logger
+from shared.tasks import run_periodically
+
+log = get_logger(__name__)
+
+SECRET_NAME: Final = "device_ca"
+TRUST_FILE: Final = "device_ca.yaml"
+CA_FILE: Final = "ca.pem"
+CRLS_FILE: Final = "crls.pem"
+
+NEXT_UPDATE = Gauge(
+    "myl_edge_crl_next_update_timestamp_seconds",
+    "Earliest nextUpdate of the CRLs the gateway's device listener holds (Unix time); past it,"
+    " the gateway refuses the certificates of that shard",
+)
+REFRESHED = Gauge(
+    "myl_edge_crl_refreshed_timestamp_seconds",
+    "When the edge trust writer last read every CRL from cert_service (Unix time)",
+)
+WRITES = Counter("myl_edge_crl_writes_total", "Times the gateway's device trust files changed")
+MISSING_SHARDS = Gauge(
+    "myl_edge_crl_missing_shards",
+    "CRL shards cert_service has not signed yet: the gateway refuses their certificates",
+)
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What the device listener trusts: the CA (PEM) and each shard's CRL (DER)."""
+
+    ca_pem: bytes
+    crls: tuple[bytes, ...]
+
+
+def _replace(directory: Path, name: str, data: bytes) -> None:
+    """Write `name` beside its place and rename it there (what the watch sees)."""
+    temporary = directory / f".{name}.new"
+    temporary.write_bytes(data)
+    os.replace(temporary, directory / name)
+
+
+def secret_yaml(directory: Path, zone: str) -> str:
+    """The SDS file: one Secret with the CA, the CRLs and the names a device may have."""
+    secret = {
+        "resources": [
+            {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+                "name": SECRET_NAME,
+                "validation_context": {
+                    "trusted_ca": {"filename": str(directory / CA_FILE)},
+                    "crl": {"filename": str(directory / CRLS_FILE)},
+                    # The CA signs device certificates only; the CRLs cover those leaves.
+                    "only_verify_leaf_cert_crl": True,
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "DNS", "matcher": {"suffix": "." + zone}}
+                    ],
+                },
+            }
+        ]
+    }
+    return json.dumps(secret, indent=2) + "\n"  # JSON is YAML
+
+
+def write_trust(directory: Path, trust: Trust, zone: str) -> None:
+    """Write the CA, the CRLs and the Secret naming them into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pem = b"".join(
+        x509.load_der_x509_crl(der).public_bytes(serialization.Encoding.PEM) for der in trust.crls
+    )
+    _replace(directory, CA_FILE, trust.ca_pem)
+    _replace(directory, CRLS_FILE, pem)
+    _replace(directory, TRUST_FILE, secret_yaml(directory, zone).encode())
+
+
+def earliest_next_update(crls: Sequence[bytes]) -> float | None:
+    updates = [x509.load_der_x509_crl(der).next_update_utc for der in crls]
+    known = [u.timestamp() for u in updates if u is not None]
+    return min(known) if known else None
+
+
+class EdgeTrustWriter:
+    """Reads the CA and the CRLs from cert_service; rewrites the directory when they change."""
+
+    def __init__(
+        self,
+        stub: cert_pb2_grpc.CertificateServiceAsyncStub,
+        directory: Path,
+        *,
+        shards: int,
+        zone: str,
+        interval: float = 1.0,
+        timeout: float = 5.0,
+    ) -> None:
+        self.stub = stub
+        self.directory = directory
+        self.shards = shards
+        self.zone = zone
+        self.interval = interval
+        self.timeout = timeout
+        self.written: Trust | None = None
+
+    async def _crl(self, shard: int) -> bytes | None:
+        try:
+            body = await self.stub.GetCrl(
+                cert_pb2.GetCrlRequest(file_name=f"{shard}.crl"), timeout=self.timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        data: bytes = body.data
+        return data
+
+    async def read(self) -> Trust:
+        issuer = await self.stub.GetIssuerCertificate(
+            cert_pb2.GetIssuerCertificateRequest(), timeout=self.timeout
+        )
+        ca_pem = x509.load_der_x509_certificate(issuer.data).public_bytes(
+            serialization.Encoding.PEM
+        )
+        crls = await asyncio.gather(*(self._crl(shard) for shard in range(self.shards)))
+        MISSING_SHARDS.set(sum(1 for crl in crls if crl is None))
+        return Trust(ca_pem, tuple(crl for crl in crls if crl is not None))
+
+    async def run_once(self) -> bool:
+        """One refresh; True when the files changed."""
+        trust = await self.read()
+        REFRESHED.set_to_current_time()
+        if trust == self.written:
+            return False
+        await asyncio.to_thread(write_trust, self.directory, trust, self.zone)
+        self.written = trust
+        WRITES.inc()
+        next_update = earliest_next_update(trust.crls)
+        if next_update is not None:
+            NEXT_UPDATE.set(next_update)
+        log.info("edge trust written", crls=len(trust.crls), directory=str(self.directory))
+        return True
+
+    async def run(self) -> None:
+        """A refresh every `interval` seconds until cancelled; a failed one is logged and the
+        files stay as they were."""
+        await run_periodically("edge trust", self.run_once, self.interval)
+
+
+async def _serve(writer: EdgeTrustWriter, channel: grpc.aio.Channel) -> None:
+    async with channel:
+        await writer.run()
+
+
+def main() -> int:
+    """`python -m cert_service.edge_trust`: the writer beside a gateway, configured from the
+    environment: EDGE_TRUST_DIR (required), CERT_SERVICE_ADDRESS (127.0.0.1:50051),
+    CRL_SHARDS (128, as cert_service), DNS_ZONE (myl.zip), EDGE_TRUST_INTERVAL (1 s),
+    EDGE_TRUST_METRICS_PORT (9466; 0: none)."""
+    env = EnvReader("", dict(os.environ))
+    configure_logging()
+    try:
+        text = env.text("EDGE_TRUST_DIR", "")
+        if not text:
+            raise ConfigError("EDGE_TRUST_DIR", None, "the directory the gateway watches")
+        directory = Path(text).resolve()
+        address = env.text("CERT_SERVICE_ADDRESS", "127.0.0.1:50051")
+        shards = env.integer("CRL_SHARDS", 128, minimum=1, maximum=100_000)
+        zone = env.text("DNS_ZONE", "myl.zip").lower().rstrip(".")
+        interval = env.number("EDGE_TRUST_INTERVAL", 1.0, minimum=0.05)
+        metrics_port = env.port("EDGE_TRUST_METRICS_PORT", 9466)
+    except ConfigError as error:
+        print(f"edge trust: {error}", file=sys.stderr)
+        return 2
+    if metrics_port:
+        start_http_server(metrics_port, addr="127.0.0.1")
+    channel = grpc.aio.insecure_channel(address)
+    writer = EdgeTrustWriter(
+        cert_pb2_grpc.CertificateServiceStub(channel),
+        directory,
+        shards=shards,
+        zone=zone,
+        interval=interval,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(writer, channel))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
