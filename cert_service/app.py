@@ -8,17 +8,24 @@ import sys
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
 from cert_service.access import AccessRecorder, access_recorder
 from cert_service.acme import AcmeClient, load_account_key
 from cert_service.acme_server import AcmeHttpServer, AcmeServer, EabKeys
 from cert_service.acme_worker import AcmeWorker
 from cert_service.ari import RenewalPolicy
-from cert_service.ca import CertificateAuthorityError, LocalCertificateAuthority
+from cert_service.ca import (
+    CertificateAuthorityError,
+    LocalCertificateAuthority,
+    load_ca_certificate,
+)
 from cert_service.certcache import CertificateCache, InvalidationLog
 from cert_service.certificates import DeviceCertificates
 from cert_service.config import SERVICE, CertServiceConfig
 from cert_service.crl import CrlPublisher
 from cert_service.dns01 import DnsUpdater
+from cert_service.hsm import Pkcs11Signer
 from cert_service.issuance import CertificateIssuer, OrderingIssuer, SigningIssuer
 from cert_service.lifecycle import LifecycleWorker
 from cert_service.limits import CertificateLimits
@@ -59,6 +66,7 @@ class CertApp:
         outbox: OutboxRelay,
         guard: CacheGuard,
         lifecycle: LifecycleWorker,
+        ca: LocalCertificateAuthority | None,
         crl_publisher: CrlPublisher | None,
         acme_worker: AcmeWorker | None,
         resources: ResourceSampler,
@@ -76,6 +84,7 @@ class CertApp:
         self.outbox = outbox
         self.guard = guard
         self.lifecycle = lifecycle
+        self.ca = ca
         self.crl_publisher = crl_publisher
         self.acme_worker = acme_worker
         self.resources = resources
@@ -159,6 +168,42 @@ class CertApp:
         await self.outbox.close()
         await self.db.close()
         await self.cache.close()
+        if self.ca is not None:
+            self.ca.close()
+
+
+def load_ca(config: CertServiceConfig) -> LocalCertificateAuthority:
+    """The built-in CA: its certificate, and its key from a file or a token (`CA_KEY_URI`).
+
+    Raises `CertificateAuthorityError` naming the variable to look at.
+    """
+    if config.ca_key_uri is None:
+        try:
+            return LocalCertificateAuthority.from_files(
+                config.ca_cert_file, config.ca_key_file, locations=config.pki
+            )
+        except CertificateAuthorityError as exc:
+            raise CertificateAuthorityError(f"{exc} (CA_CERT_FILE, CA_KEY_FILE)") from exc
+    try:
+        certificate = load_ca_certificate(config.ca_cert_file)
+    except CertificateAuthorityError as exc:
+        raise CertificateAuthorityError(f"{exc} (CA_CERT_FILE)") from exc
+    public_key = certificate.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+        raise CertificateAuthorityError(
+            f"unsupported CA key type {type(public_key).__name__} (CA_CERT_FILE)"
+        )
+    try:
+        signer = Pkcs11Signer.open(config.ca_key_uri, config.ca_key_pin, public_key)
+    except CertificateAuthorityError as exc:
+        raise CertificateAuthorityError(f"CA_KEY_URI: {exc}") from exc
+    try:
+        return LocalCertificateAuthority(certificate, signer, config.pki)
+    except CertificateAuthorityError as exc:
+        signer.close()
+        raise CertificateAuthorityError(
+            f"{exc} (CA_CERT_FILE {config.ca_cert_file}, CA_KEY_URI)"
+        ) from exc
 
 
 async def create_app(config: CertServiceConfig, *, clock: Clock | None = None) -> CertApp:
@@ -174,11 +219,14 @@ async def create_app(config: CertServiceConfig, *, clock: Clock | None = None) -
         load_account_key(config.acme.account_key_file)  # unusable: refuse to start
         secret_file = config.acme.account_key_file
     else:
-        ca = LocalCertificateAuthority.from_files(
-            config.ca_cert_file, config.ca_key_file, locations=config.pki
-        )
+        ca = load_ca(config)
         secret_file = config.ca_key_file
-    db = await open_database(config.server.database, SERVICE)
+    try:
+        db = await open_database(config.server.database, SERVICE)
+    except BaseException:
+        if ca is not None:
+            ca.close()
+        raise
     trust = CacheTrust(config.server.redis)
     cache = Cache.from_config(config.server.redis, trust.breaker)
     clock = clock or SystemClock()
@@ -295,6 +343,7 @@ async def create_app(config: CertServiceConfig, *, clock: Clock | None = None) -
         outbox=outbox,
         guard=guard,
         lifecycle=lifecycle,
+        ca=ca,
         crl_publisher=crl_publisher,
         acme_worker=acme_worker,
         resources=ResourceSampler(SERVICE, db, cache, config.metrics_interval),
@@ -308,7 +357,7 @@ async def _serve(config: CertServiceConfig) -> int:
     try:
         app = await create_app(config)
     except CertificateAuthorityError as exc:
-        print(f"cert_service: {exc} (CA_CERT_FILE, CA_KEY_FILE)", file=sys.stderr)
+        print(f"cert_service: {exc}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:
         print(

@@ -22,6 +22,10 @@ Decisions:
   :data:`DEVICE_POLICY_OID` by default), which asserts: the names were allocated by this
   platform to the device that holds the key, and nothing about any person or organisation was
   validated.
+* The CA key is behind :class:`CaSigner`: a key in memory (:class:`KeySigner`, loaded from
+  ``CA_KEY_FILE``) or one that never leaves a PKCS#11 token (``cert_service.hsm``,
+  ``CA_KEY_URI``). Certificates and CRLs are built here and handed to the signer whole, so
+  the two differ only in who computes the signature.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Final, TypeAlias
+from typing import Final, Protocol, TypeAlias
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -53,14 +57,23 @@ from cert_service.randomness import serial_number
 __all__ = [
     "DEVICE_POLICY_OID",
     "DOMAIN_VALIDATED_POLICY_OID",
+    "CaPublicKey",
+    "CaSigner",
     "CaSubject",
     "CertificateAuthorityError",
+    "HashAlgorithm",
+    "KeySigner",
     "LocalCertificateAuthority",
     "PkiLocations",
+    "ca_certificate",
+    "ca_hash_algorithm",
     "create_development_ca",
+    "load_ca_certificate",
 ]
 
 CaPrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+CaPublicKey: TypeAlias = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+HashAlgorithm: TypeAlias = hashes.SHA256 | hashes.SHA384 | hashes.SHA512
 
 _MAX_COMMON_NAME_LENGTH: Final = 64
 _DEVELOPMENT_CA_VALIDITY: Final = timedelta(days=3650)
@@ -136,8 +149,53 @@ class CaSubject:
         )
 
 
-def _ca_hash(key: CaPrivateKey) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512:
-    if isinstance(key, ec.EllipticCurvePrivateKey):
+class CaSigner(Protocol):
+    """What holds the CA key and signs with it; nothing else about the key is asked.
+
+    The certificate or CRL arrives built (every field but the signature); the signer returns
+    it signed with ``algorithm`` (the CA's hash: :func:`ca_hash_algorithm`).
+    """
+
+    def public_key(self) -> CaPublicKey: ...
+
+    def sign_certificate(
+        self, builder: x509.CertificateBuilder, algorithm: HashAlgorithm
+    ) -> x509.Certificate: ...
+
+    def sign_crl(
+        self, builder: x509.CertificateRevocationListBuilder, algorithm: HashAlgorithm
+    ) -> x509.CertificateRevocationList: ...
+
+    def close(self) -> None:
+        """Let go of the key (a token session); the signer is not used afterwards."""
+
+
+class KeySigner:
+    """A CA key in this process's memory (``CA_KEY_FILE``, the development CA)."""
+
+    def __init__(self, private_key: CaPrivateKey) -> None:
+        self._key = private_key
+
+    def public_key(self) -> CaPublicKey:
+        return self._key.public_key()
+
+    def sign_certificate(
+        self, builder: x509.CertificateBuilder, algorithm: HashAlgorithm
+    ) -> x509.Certificate:
+        return builder.sign(self._key, algorithm)
+
+    def sign_crl(
+        self, builder: x509.CertificateRevocationListBuilder, algorithm: HashAlgorithm
+    ) -> x509.CertificateRevocationList:
+        return builder.sign(self._key, algorithm)
+
+    def close(self) -> None:
+        return None
+
+
+def ca_hash_algorithm(key: CaPublicKey) -> HashAlgorithm:
+    """The hash a CA key signs with: the curve's own size for EC keys, SHA-256 for RSA."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
         if isinstance(key.curve, ec.SECP384R1):
             return hashes.SHA384()
         if isinstance(key.curve, ec.SECP521R1):
@@ -152,28 +210,35 @@ def _utc_seconds(value: datetime, what: str) -> datetime:
 
 
 class LocalCertificateAuthority:
-    """The built-in CA: signs device certificates with a CA key held by the service.
+    """The built-in CA: signs device certificates with the CA key (:class:`CaSigner`).
 
     Implements :class:`Issuer`. The CA certificate must be a CA (basicConstraints CA=true, and
-    keyCertSign if keyUsage is present) and must match the private key. Supported CA keys: EC
-    P-256 (SHA-256), P-384 (SHA-384), P-521 (SHA-512) and RSA >= 2048 bits (SHA-256).
+    keyCertSign if keyUsage is present) and must match the key. Supported CA keys: EC P-256
+    (SHA-256), P-384 (SHA-384), P-521 (SHA-512) and RSA >= 2048 bits (SHA-256). ``key`` is a
+    signer, or a private key in memory (wrapped in a :class:`KeySigner`).
     """
 
     def __init__(
         self,
         certificate: x509.Certificate,
-        private_key: CaPrivateKey,
+        key: CaSigner | CaPrivateKey,
         locations: PkiLocations | None = None,
     ) -> None:
-        if isinstance(private_key, ec.EllipticCurvePrivateKey):
-            if not isinstance(private_key.curve, ec.SECP256R1 | ec.SECP384R1 | ec.SECP521R1):
-                raise CertificateAuthorityError(f"unsupported CA curve {private_key.curve.name}")
-        elif isinstance(private_key, rsa.RSAPrivateKey):
-            if private_key.key_size < MIN_RSA_BITS:
+        signer = (
+            KeySigner(key)
+            if isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
+            else key
+        )
+        public_key = signer.public_key()
+        if isinstance(public_key, ec.EllipticCurvePublicKey):
+            if not isinstance(public_key.curve, ec.SECP256R1 | ec.SECP384R1 | ec.SECP521R1):
+                raise CertificateAuthorityError(f"unsupported CA curve {public_key.curve.name}")
+        elif isinstance(public_key, rsa.RSAPublicKey):
+            if public_key.key_size < MIN_RSA_BITS:
                 raise CertificateAuthorityError("CA RSA key is shorter than 2048 bits")
         else:
-            raise CertificateAuthorityError(f"unsupported CA key type {type(private_key).__name__}")
-        if spki_der(private_key.public_key()) != spki_der(certificate):
+            raise CertificateAuthorityError(f"unsupported CA key type {type(public_key).__name__}")
+        if spki_der(public_key) != spki_der(certificate):
             raise CertificateAuthorityError("CA private key does not match the CA certificate")
         try:
             constraints = certificate.extensions.get_extension_for_class(
@@ -191,8 +256,8 @@ class LocalCertificateAuthority:
             raise CertificateAuthorityError("CA certificate keyUsage lacks keyCertSign")
 
         self._certificate = certificate
-        self._private_key = private_key
-        self._hash = _ca_hash(private_key)
+        self._signer = signer
+        self._hash = ca_hash_algorithm(public_key)
         self._ca_pem = certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
         self._issuer_name = certificate.subject
         self._issuer_string = certificate.subject.rfc4514_string()
@@ -204,12 +269,12 @@ class LocalCertificateAuthority:
             ).value
         except x509.ExtensionNotFound:
             ski_value = None
-            self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(private_key.public_key())
+            self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key)
         else:
             self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski_value)
         self._locations = locations or PkiLocations()
         self._key_id = (
-            x509.SubjectKeyIdentifier.from_public_key(private_key.public_key()).digest
+            x509.SubjectKeyIdentifier.from_public_key(public_key).digest
             if ski_value is None
             else ski_value.digest
         )
@@ -269,18 +334,7 @@ class LocalCertificateAuthority:
         locations: PkiLocations | None = None,
     ) -> LocalCertificateAuthority:
         """Load a PEM CA certificate and PEM private key; errors name the offending path."""
-        try:
-            cert_data = Path(cert_path).read_bytes()
-        except OSError as exc:
-            raise CertificateAuthorityError(
-                f"cannot read CA certificate {cert_path}: {exc.strerror or exc}"
-            ) from exc
-        try:
-            certificate = x509.load_pem_x509_certificate(cert_data)
-        except ValueError as exc:
-            raise CertificateAuthorityError(
-                f"CA certificate {cert_path} is not a valid PEM certificate"
-            ) from exc
+        certificate = load_ca_certificate(cert_path)
         try:
             key_data = Path(key_path).read_bytes()
         except OSError as exc:
@@ -308,10 +362,14 @@ class LocalCertificateAuthority:
     def certificate(self) -> x509.Certificate:
         return self._certificate
 
-    @property
-    def private_key(self) -> CaPrivateKey:
-        """The signing key, for CRLs (`cert_service.crl`); never serialized by this project."""
-        return self._private_key
+    def sign_crl(self, builder: x509.CertificateRevocationListBuilder) -> bytes:
+        """A CRL built by `cert_service.crl`, signed with the CA key; DER."""
+        crl = self._signer.sign_crl(builder, self._hash)
+        return crl.public_bytes(serialization.Encoding.DER)
+
+    def close(self) -> None:
+        """Let go of the CA key (a token's session); nothing is signed afterwards."""
+        self._signer.close()
 
     @property
     def hash_algorithm(self) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512:
@@ -382,7 +440,7 @@ class LocalCertificateAuthority:
             .add_extension(self._policies, critical=False)
             .add_extension(self._crl_points[shard], critical=False)
         )
-        certificate = builder.sign(self._private_key, self._hash)
+        certificate = self._signer.sign_certificate(builder, self._hash)
 
         leaf_pem = certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
         spki = spki_der(public_key)
@@ -404,6 +462,22 @@ class LocalCertificateAuthority:
         )
 
 
+def load_ca_certificate(path: Path) -> x509.Certificate:
+    """A PEM CA certificate (``CA_CERT_FILE``); errors name the path."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CertificateAuthorityError(
+            f"cannot read CA certificate {path}: {exc.strerror or exc}"
+        ) from exc
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError as exc:
+        raise CertificateAuthorityError(
+            f"CA certificate {path} is not a valid PEM certificate"
+        ) from exc
+
+
 def _write_new_file(path: Path, data: bytes, mode: int) -> None:
     """Create ``path`` exclusively with ``mode`` (never widened by a permissive umask)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -414,33 +488,16 @@ def _write_new_file(path: Path, data: bytes, mode: int) -> None:
         os.fsync(fd)
 
 
-def create_development_ca(directory: Path, subject: CaSubject | None = None) -> tuple[Path, Path]:
-    """Create ``ca.crt`` and ``ca.key`` in ``directory`` unless both already exist.
-
-    P-256 key (PKCS#8, mode 0600), self-signed, subject C, O and CN from ``subject``, CA=true
+def ca_certificate(
+    signer: CaSigner, subject: CaSubject, now: datetime | None = None
+) -> x509.Certificate:
+    """A self-signed root for ``signer``'s key: subject C, O and CN from ``subject``, CA=true
     (no path length: a root that may later sign an intermediate), keyCertSign and cRLSign,
-    valid for 10 years from one hour ago. Existing files are kept untouched; if only one
-    of the two exists, :class:`CertificateAuthorityError` is raised rather than overwriting it.
-    Intended for development and tests, not for concurrent first runs.
-    """
-    directory = Path(directory)
-    cert_path = directory / "ca.crt"
-    key_path = directory / "ca.key"
-    cert_exists, key_exists = cert_path.exists(), key_path.exists()
-    if cert_exists and key_exists:
-        return cert_path, key_path
-    if cert_exists or key_exists:
-        present, missing = (cert_path, key_path) if cert_exists else (key_path, cert_path)
-        raise CertificateAuthorityError(
-            f"{present} exists but {missing} does not; refusing to replace a partial CA"
-        )
-
-    directory.mkdir(parents=True, exist_ok=True)
-    private_key = ec.generate_private_key(ec.SECP256R1())
-    public_key = private_key.public_key()
-    name = (subject or CaSubject()).name()
-    now = datetime.now(UTC).replace(microsecond=0)
-    certificate = (
+    valid for 10 years from one hour before ``now``."""
+    public_key = signer.public_key()
+    name = subject.name()
+    now = (now or datetime.now(UTC)).replace(microsecond=0)
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -467,8 +524,33 @@ def create_development_ca(directory: Path, subject: CaSubject | None = None) -> 
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key), critical=False
         )
-        .sign(private_key, hashes.SHA256())
     )
+    return signer.sign_certificate(builder, ca_hash_algorithm(public_key))
+
+
+def create_development_ca(directory: Path, subject: CaSubject | None = None) -> tuple[Path, Path]:
+    """Create ``ca.crt`` and ``ca.key`` in ``directory`` unless both already exist.
+
+    P-256 key (PKCS#8, mode 0600), the certificate :func:`ca_certificate`'s. Existing files
+    are kept untouched; if only one of the two exists, :class:`CertificateAuthorityError` is
+    raised rather than overwriting it.
+    Intended for development and tests, not for concurrent first runs.
+    """
+    directory = Path(directory)
+    cert_path = directory / "ca.crt"
+    key_path = directory / "ca.key"
+    cert_exists, key_exists = cert_path.exists(), key_path.exists()
+    if cert_exists and key_exists:
+        return cert_path, key_path
+    if cert_exists or key_exists:
+        present, missing = (cert_path, key_path) if cert_exists else (key_path, cert_path)
+        raise CertificateAuthorityError(
+            f"{present} exists but {missing} does not; refusing to replace a partial CA"
+        )
+
+    directory.mkdir(parents=True, exist_ok=True)
+    private_key = ec.generate_private_key(ec.SECP256R1())
+    certificate = ca_certificate(KeySigner(private_key), subject or CaSubject())
     key_pem = private_key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

@@ -1,8 +1,9 @@
 """cert_service settings: the shared server settings plus `CERT_SERVICE_*` ones.
 
 Every name below may be given with the `CERT_SERVICE_` prefix (which wins) or
-without it; `make run` sets the unprefixed `CA_CERT_FILE` and `CA_KEY_FILE` to
-a development CA under `.run/ca`.
+without it; `make run` sets the unprefixed `CA_CERT_FILE` and `CA_KEY_URI` (with
+`CA_KEY_PIN_FILE`) to a development CA whose key is in a SoftHSM2 token under `.run/hsm`,
+or `CA_CERT_FILE` and `CA_KEY_FILE` to one under `.run/ca` where SoftHSM2 is not installed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from cryptography import x509
 from cert_service.acme import AcmeSettings
 from cert_service.ca import DEVICE_POLICY_OID, CaSubject, PkiLocations
 from cert_service.dns01 import DnsSettings
+from cert_service.hsm import Pkcs11Uri
 from cert_service.names import new_uuid_subdomain
 from shared.config import ConfigError, EnvReader, ServerConfig
 from shared.limits import LimitSet, limits_from_env
@@ -31,7 +33,12 @@ MAX_VALIDITY_DAYS = 825
 class CertServiceConfig:
     server: ServerConfig
     ca_cert_file: Path
+    # The CA key: a PEM file (CA_KEY_FILE), or a key in a PKCS#11 token (CA_KEY_URI, an RFC
+    # 7512 URI; cert_service.hsm) with its PIN (CA_KEY_PIN_FILE, CA_KEY_PIN or the URI's
+    # pin-source). Exactly one of the two is set for the builtin issuer.
     ca_key_file: Path
+    ca_key_uri: Pkcs11Uri | None = None
+    ca_key_pin: str = field(default="", repr=False)
     dns_zone: str = "myl.zip"
     cert_validity_days: int = 90
     # Renew once this fraction of a certificate's lifetime has passed.
@@ -106,15 +113,26 @@ class CertServiceConfig:
         issuer = env.choice("CERT_ISSUER", "builtin", ("builtin", "acme"))
         acme = _acme_settings(env) if issuer == "acme" else None
         dns = _dns_settings(env, zone.lower().removesuffix(".")) if issuer == "acme" else None
+        ca_key_uri: Pkcs11Uri | None = None
+        ca_key_pin = ""
         if issuer == "acme":
             ca_cert_file, ca_key_file = Path(), Path()
         else:
             ca_cert_file = _required_path(env, "CA_CERT_FILE", "the CA certificate (PEM)")
-            ca_key_file = _required_path(env, "CA_KEY_FILE", "the CA private key (PEM)")
+            ca_key_uri = _ca_key_uri(env)
+            if ca_key_uri is None:
+                ca_key_file = _required_path(
+                    env, "CA_KEY_FILE", "the CA private key (PEM), or CA_KEY_URI for a token,"
+                )
+            else:
+                ca_key_file = Path()
+                ca_key_pin = _ca_key_pin(env, ca_key_uri)
         return cls(
             server=server,
             ca_cert_file=ca_cert_file,
             ca_key_file=ca_key_file,
+            ca_key_uri=ca_key_uri,
+            ca_key_pin=ca_key_pin,
             issuer=issuer,
             acme=acme,
             dns=dns,
@@ -248,6 +266,52 @@ def _required_path(env: EnvReader, name: str, what: str) -> Path:
             "development CA under .run/ca",
         )
     return Path(value)
+
+
+def _ca_key_uri(env: EnvReader) -> Pkcs11Uri | None:
+    text = env.text("CA_KEY_URI", "")
+    if not text:
+        return None
+    try:
+        uri = Pkcs11Uri.parse(text)
+    except ValueError as exc:
+        # Never echo a URI that carries a PIN.
+        shown = None if "pin-value" in text else text
+        raise ConfigError(
+            _name(env, "CA_KEY_URI"), shown, f"an RFC 7512 pkcs11: URI with {exc}"
+        ) from None
+    if env.text("CA_KEY_FILE", ""):
+        raise ConfigError(
+            _name(env, "CA_KEY_FILE"),
+            env.text("CA_KEY_FILE", ""),
+            "unset: CA_KEY_URI names the CA key (in a token), CA_KEY_FILE a key in a file",
+        )
+    return uri
+
+
+def _ca_key_pin(env: EnvReader, uri: Pkcs11Uri) -> str:
+    """The token's PIN: the URI's pin-source, else CA_KEY_PIN_FILE, else CA_KEY_PIN. A file
+    holds the PIN alone; one trailing newline is not part of it."""
+    pin_file = uri.pin_source or env.path("CA_KEY_PIN_FILE", Path())
+    name = "CA_KEY_URI" if uri.pin_source else "CA_KEY_PIN_FILE"
+    if pin_file != Path():
+        try:
+            pin = pin_file.read_text().removesuffix("\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+            raise ConfigError(
+                _name(env, name), str(pin_file), f"a readable file holding the PIN ({reason})"
+            ) from None
+    else:
+        pin = env.text("CA_KEY_PIN", "")
+    if not pin:
+        raise ConfigError(
+            _name(env, "CA_KEY_PIN_FILE"),
+            None,
+            "the token's PIN for CA_KEY_URI: a file named by CA_KEY_PIN_FILE or the URI's "
+            "pin-source, or CA_KEY_PIN",
+        )
+    return pin
 
 
 def _pki_locations(env: EnvReader) -> PkiLocations:

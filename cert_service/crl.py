@@ -81,7 +81,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from prometheus_client import Counter, Histogram
 
 from cert_service.ca import LocalCertificateAuthority
@@ -157,8 +156,7 @@ def sign_crl(
         if flag is not None:
             revoked = revoked.add_extension(x509.CRLReason(flag), critical=False)
         builder = builder.add_revoked_certificate(revoked.build())
-    crl = builder.sign(ca.private_key, ca.hash_algorithm)
-    return crl.public_bytes(serialization.Encoding.DER)
+    return ca.sign_crl(builder)
 
 
 class CrlPublisher:
