@@ -16,7 +16,9 @@ exclusive lock on `.run/stack.lock`) refuses at once, names the running one's
 pid, and exits 1 without touching anything, including its `.run/envoy.yaml`.
 Before starting anything it also checks that every port it will listen on is
 free, and names the one that is not. `.run/` cannot be listed by others, and the
-development CA key and the bootstrap operator key in it are mode 0600.
+bootstrap operator key in it is mode 0600, as are the development CA's token PIN and token
+store (the CA key is generated inside a SoftHSM2 token; a file `ca.key`, also 0600, only
+where SoftHSM2 is not installed).
 
 With `CERT_ISSUER=acme` and no `ACME_DIRECTORY_URL` of its own, cert_service gets a
 local ACME world (`deploy.devstack.acme`): Knot DNS, authoritative for the device zone and
@@ -403,15 +405,34 @@ class Stack:
                 say(line)
 
     def development_ca(self) -> None:
+        """The development CA under RUN/ca, unless CA_CERT_FILE names a CA of the user's.
+
+        Its key is generated in a SoftHSM2 token (`deploy.devstack.softhsm`) where SoftHSM2 is
+        installed, and is a file (`ca.key`) where it is not. An existing CA is kept as it is,
+        a file key included: its certificates are out there.
+        """
         if self.env.get("CA_CERT_FILE") or self.env.get("CERT_SERVICE_CA_CERT_FILE"):
             return
         from cert_service.ca import create_development_ca
         from cert_service.config import ca_subject_from_env
+        from deploy.devstack.softhsm import create_token_ca, softhsm_module
 
         subject = ca_subject_from_env(self.env)
-        cert, key = create_development_ca(RUN / "ca", subject)
-        self.env.update(CA_CERT_FILE=str(cert), CA_KEY_FILE=str(key))
-        say(f"development CA: {cert}")
+        directory = RUN / "ca"
+        module = softhsm_module()
+        if module is None or (directory / "ca.key").exists():
+            cert, key = create_development_ca(directory, subject)
+            self.env.update(CA_CERT_FILE=str(cert), CA_KEY_FILE=str(key))
+            say(f"development CA: {cert}, its key in the file {key}")
+            if module is None:
+                say("  (install SoftHSM2, Debian's softhsm2, for a CA whose key is in a token)")
+            else:
+                say(f"  (delete {directory} for a new CA whose key is in a SoftHSM2 token)")
+        else:
+            token_ca = create_token_ca(directory, subject, module)
+            self.env.update(token_ca.env())
+            cert = token_ca.cert_path
+            say(f"development CA: {cert}, its key in a SoftHSM2 token: {token_ca.uri}")
         from cryptography import x509
 
         existing = x509.load_pem_x509_certificate(cert.read_bytes()).subject
@@ -420,7 +441,7 @@ class Stack:
             say(
                 f"  its subject is {existing.rfc4514_string()}, not "
                 f"{subject.name().rfc4514_string()} (CA_COUNTRY, CA_ORGANIZATION, "
-                f"CA_COMMON_NAME); delete {RUN / 'ca'} to create a new one"
+                f"CA_COMMON_NAME); delete {directory} to create a new one"
             )
 
     def start_acme(self) -> None:

@@ -85,7 +85,7 @@ def test_a_second_make_run_refuses_and_leaves_the_first_intact(
 
     # What the stack keeps there is its owner's only.
     assert first.run_dir.stat().st_mode & 0o066 == 0
-    for secret in ("admin.key", "ca/ca.key"):
+    for secret in ("admin.key", "ca/pin"):
         assert (first.run_dir / secret).stat().st_mode & 0o777 == 0o600
     # The first stack is still whole (whoever stops it next sees it stop cleanly on Ctrl-C:
     # SharedStack's teardown, or the stopping test that takes it over).
