@@ -3,8 +3,9 @@
 # redis-server, prometheus (its promtool checks the alert rules, and the
 # monitoring test runs a real Prometheus), and for the ACME issuer Knot DNS
 # (knotd, the authoritative server taking DNS-01 records) and pebble (Let's
-# Encrypt's test CA), lego (an ACME client the ACME server's tests run); with
-# the argument `bench`, also h2load for the benchmarks.
+# Encrypt's test CA), lego (an ACME client the ACME server's tests run), and
+# SoftHSM2 (softhsm2: the PKCS#11 token holding the development CA's key);
+# with the argument `bench`, also h2load for the benchmarks.
 # Installed with apt when we are root; otherwise we say what to install.
 set -euo pipefail
 
@@ -17,6 +18,7 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v pebble >/dev/null || missing+=(pebble)
 # lego: a real ACME client of the ACME server's tests (certbot comes from PyPI).
 command -v lego >/dev/null || missing+=(lego)
+command -v softhsm2-util >/dev/null || missing+=(softhsm2)
 if [ "${1:-}" = bench ]; then
   command -v h2load >/dev/null || missing+=(nghttp2-client)
 fi

@@ -87,6 +87,9 @@ def test_a_second_make_run_refuses_and_leaves_the_first_intact(
     assert first.run_dir.stat().st_mode & 0o066 == 0
     for secret in ("admin.key", "ca/pin"):
         assert (first.run_dir / secret).stat().st_mode & 0o777 == 0o600
+    # The development CA's key is in its SoftHSM2 token, not in a file.
+    assert (first.run_dir / "ca" / "tokens").stat().st_mode & 0o777 == 0o700
+    assert not (first.run_dir / "ca" / "ca.key").exists()
     # The first stack is still whole (whoever stops it next sees it stop cleanly on Ctrl-C:
     # SharedStack's teardown, or the stopping test that takes it over).
     assert first.process is not None
