@@ -294,10 +294,10 @@ class Pkcs11Signer:
                 self._session.close()
 
     def _resigned(self, draft: Signed, tbs: bytes, algorithm: HashAlgorithm) -> bytes:
-        signature = self._signature(tbs, algorithm)
+        signature = self.signature(tbs, algorithm)
         return _with_signature(draft.public_bytes(serialization.Encoding.DER), tbs, signature)
 
-    def _signature(self, data: bytes, algorithm: HashAlgorithm) -> bytes:
+    def signature(self, data: bytes, algorithm: HashAlgorithm) -> bytes:
         """``data``'s signature by the token's key, as X.509 carries it."""
         digest = hashlib.new(algorithm.name, data).digest()
         with self._lock:
@@ -321,7 +321,7 @@ class Pkcs11Signer:
         data = b"myl CA key check " + os.urandom(16)
         algorithm = ca_hash_algorithm(public_key)
         try:
-            signature = self._signature(data, algorithm)
+            signature = self.signature(data, algorithm)
             if isinstance(public_key, ec.EllipticCurvePublicKey):
                 public_key.verify(signature, data, ec.ECDSA(algorithm))
             else:
