@@ -217,10 +217,11 @@ async def create_app(config: CertServiceConfig, *, clock: Clock | None = None) -
     ca: LocalCertificateAuthority | None = None
     if config.acme is not None:
         load_account_key(config.acme.account_key_file)  # unusable: refuse to start
-        secret_file = config.acme.account_key_file
+        secret_file = config.acme_eab_secret_file or config.acme.account_key_file
     else:
         ca = load_ca(config)
-        secret_file = config.ca_key_file
+        # A key in a token cannot be read: CA_KEY_URI needs ACME_EAB_SECRET_FILE (config).
+        secret_file = config.acme_eab_secret_file or config.ca_key_file
     try:
         db = await open_database(config.server.database, SERVICE)
     except BaseException:
@@ -312,8 +313,9 @@ async def create_app(config: CertServiceConfig, *, clock: Clock | None = None) -
     acme_server: AcmeServer | None = None
     acme_http: AcmeHttpServer | None = None
     if config.acme_server_port is not None:
-        # EAB keys are derived from the service's own secret (the CA key, or the ACME account
-        # key): every replica derives the same ones, and the database holds none.
+        # EAB keys are derived from the service's own secret (ACME_EAB_SECRET_FILE, else the
+        # CA key file or the ACME account key): every replica derives the same ones, and the
+        # database holds none.
         acme_server = AcmeServer(
             AcmeServerStore(db),
             certificates,

@@ -84,6 +84,10 @@ class CertServiceConfig:
     # service its directory names.
     acme_server_port: int | None = None
     acme_terms_url: str = "http://127.0.0.1:8080/acme/terms"
+    # What the ACME server's EAB keys derive from (ACME_EAB_SECRET_FILE): by default the CA key
+    # file or the ACME account key; required when the CA key is in a token (CA_KEY_URI), which
+    # nothing can read.
+    acme_eab_secret_file: Path | None = None
 
     @classmethod
     def from_env(
@@ -165,6 +169,7 @@ class CertServiceConfig:
                 env.port("ACME_SERVER_PORT", 0) if env.text("ACME_SERVER_PORT", "") else None
             ),
             acme_terms_url=env.text("ACME_TERMS_URL", "") or f"{pki.base_url}/acme/terms",
+            acme_eab_secret_file=_eab_secret_file(env, ca_key_uri),
         )
 
 
@@ -287,6 +292,20 @@ def _ca_key_uri(env: EnvReader) -> Pkcs11Uri | None:
             "unset: CA_KEY_URI names the CA key (in a token), CA_KEY_FILE a key in a file",
         )
     return uri
+
+
+def _eab_secret_file(env: EnvReader, ca_key_uri: Pkcs11Uri | None) -> Path | None:
+    path = env.path("ACME_EAB_SECRET_FILE", Path())
+    if path != Path():
+        return path
+    if ca_key_uri is not None and env.text("ACME_SERVER_PORT", ""):
+        raise ConfigError(
+            _name(env, "ACME_EAB_SECRET_FILE"),
+            None,
+            "a file holding a random secret for the ACME server's EAB keys (ACME_SERVER_PORT "
+            "is set, and the CA key, in a token under CA_KEY_URI, cannot be that secret)",
+        )
+    return None
 
 
 def _ca_key_pin(env: EnvReader, uri: Pkcs11Uri) -> str:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -431,6 +432,14 @@ class Stack:
         else:
             token_ca = create_token_ca(directory, subject, module)
             self.env.update(token_ca.env())
+            # The ACME server's EAB keys derive from a secret the service can read, which the
+            # token's key is not.
+            secret = directory / "eab.secret"
+            if not secret.exists():
+                fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as file:
+                    file.write(secrets.token_hex(32))
+            self.env.setdefault("ACME_EAB_SECRET_FILE", str(secret))
             cert = token_ca.cert_path
             say(f"development CA: {cert}, its key in a SoftHSM2 token: {token_ca.uri}")
         from cryptography import x509

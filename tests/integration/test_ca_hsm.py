@@ -244,6 +244,9 @@ def test_config_refuses_a_pin_in_the_uri_without_showing_it(token_ca: TokenCa) -
     config = _config(token_ca)
     assert config.ca_key_pin == token_ca.pin_path.read_text()
     assert config.ca_key_pin not in repr(config)
+    # The ACME server's EAB keys cannot derive from a key nobody can read.
+    with pytest.raises(ConfigError, match="ACME_EAB_SECRET_FILE"):
+        _config(token_ca, ACME_SERVER_PORT="0")
 
 
 def test_serve_with_a_wrong_pin_exits_2_naming_ca_key_uri(token_ca: TokenCa) -> None:
