@@ -31,7 +31,7 @@ from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from shared.config import ConfigError
 from tests.fixtures import gateway_identity
 from tests.fixtures.cert import StartCertService, make_csr, token_ca_env
-from tests.integration.test_cert_lint import errors, lint
+from tests.integration.test_cert_lint import errors, lint_all
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,7 +133,7 @@ async def test_certificates_and_crls_are_signed_by_the_key_in_the_token(
         ("lint_cabf_serverauth_cert", token_ca.cert_path, ("-t", "ROOT-CA")),
         ("lint_crl", crl_path, ("-t", "CRL", "-p", "BR")),
     ]
-    reports = await asyncio.gather(*(lint(tool, path, *opts) for tool, path, opts in checks))
+    reports = await lint_all(checks)
     for check, findings in zip(checks, reports, strict=True):
         assert errors(findings) == [], (check, findings)
 
