@@ -18,7 +18,7 @@ from pathlib import Path
 import psycopg
 
 from shared.config import ConfigError, DatabaseConfig, EnvReader
-from shared.migrations import MigrationError, MigrationRunner, load_migrations
+from shared.migrations import MigrationError, MigrationRunner, load_migrations, load_privileges
 
 
 def add_migrate_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -39,7 +39,12 @@ def add_migrate_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
 
 
 def migration_runner(service: str, migrations_dir: Path, config: DatabaseConfig) -> MigrationRunner:
-    return MigrationRunner(config.conninfo(), service, load_migrations(migrations_dir))
+    return MigrationRunner(
+        config.conninfo(),
+        service,
+        load_migrations(migrations_dir),
+        load_privileges(migrations_dir),
+    )
 
 
 async def _confirm_down(runner: MigrationRunner, args: argparse.Namespace) -> bool:
@@ -63,7 +68,7 @@ async def _confirm_down(runner: MigrationRunner, args: argparse.Namespace) -> bo
     return answer.strip() == runner.service
 
 
-async def _migrate(runner: MigrationRunner, args: argparse.Namespace) -> None:
+async def _migrate(runner: MigrationRunner, args: argparse.Namespace, role: str = "") -> None:
     action, steps = args.action, args.steps
     if action == "up":
         applied = await runner.up()
@@ -71,6 +76,9 @@ async def _migrate(runner: MigrationRunner, args: argparse.Namespace) -> None:
             print(f"{runner.service}: applied {m.label}")
         if not applied:
             print(f"{runner.service}: up to date")
+        if role:
+            await runner.grant(role)
+            print(f"{runner.service}: {role} may use its tables (privileges.toml)")
     elif action == "down":
         if not await _confirm_down(runner, args):
             raise MigrationError(f"{runner.service}: not confirmed, nothing rolled back")
@@ -90,7 +98,9 @@ def run_migrate(service: str, migrations_dir: Path, args: argparse.Namespace) ->
     try:
         config = DatabaseConfig.from_env(EnvReader(service.upper()), production=False)
         runner = migration_runner(service, migrations_dir, config)
-        asyncio.run(_migrate(runner, args))
+        # The service's own role (DB_SERVICE_ROLE): granted its tables after `up`.
+        role = EnvReader(service.upper()).text("DB_SERVICE_ROLE", "")
+        asyncio.run(_migrate(runner, args, role))
     except (ConfigError, MigrationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -13,12 +13,18 @@ Rolling back never destroys data silently: a down migration that would drop a
 table holding rows (the audit trail, certificates, keys) is refused unless the
 caller passes `discard_data=True`, and `sessions_in_use` tells a command-line
 caller whether services are still connected to the database.
+
+Privileges: migrations run as an owner role; each service runs as a role of its own that may
+do only what its `migrations/privileges.toml` lists, on its own tables (the audit trail
+append-only). `grant(role)` (`migrate up` with `DB_SERVICE_ROLE` set) revokes what the role
+held on those tables and grants exactly that, with the sequences of those tables.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import tomllib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +33,7 @@ import psycopg
 from psycopg import sql
 
 _DROPPED_TABLE = re.compile(r"DROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?([a-z_][a-z0-9_]*)", re.I)
+_PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
 _FILE = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.(?P<direction>up|down)\.sql$")
 
 HISTORY_DDL = """
@@ -105,11 +112,63 @@ def _lock_id(service: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+def load_privileges(directory: Path) -> dict[str, tuple[str, ...]]:
+    """`privileges.toml` of a migrations folder: table -> what the service's role may do."""
+    path = directory / "privileges.toml"
+    if not path.exists():
+        return {}
+    tables = tomllib.loads(path.read_text()).get("tables", {})
+    found: dict[str, tuple[str, ...]] = {}
+    for table, privileges in tables.items():
+        unknown = set(privileges) - _PRIVILEGES
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*", table) or unknown or not privileges:
+            raise MigrationError(f"{path}: {table} = {privileges} is not a table and privileges")
+        found[table] = tuple(privileges)
+    return found
+
+
 class MigrationRunner:
-    def __init__(self, conninfo: str, service: str, migrations: list[Migration]) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        service: str,
+        migrations: list[Migration],
+        privileges: dict[str, tuple[str, ...]] | None = None,
+    ) -> None:
         self.conninfo = conninfo
         self.service = service
         self.migrations = migrations
+        self.privileges = privileges or {}
+
+    async def grant(self, role: str) -> None:
+        """Give `role` exactly what privileges.toml lists on this service's tables (and the
+        use of their sequences), in one transaction."""
+        async with await self._connect() as conn, conn.transaction():
+            for table, privileges in self.privileges.items():
+                target = sql.Identifier(table)
+                await conn.execute(
+                    sql.SQL("REVOKE ALL ON TABLE {} FROM {}").format(target, sql.Identifier(role))
+                )
+                await conn.execute(
+                    sql.SQL("GRANT {} ON TABLE {} TO {}").format(
+                        sql.SQL(", ").join(sql.SQL(p) for p in privileges),
+                        target,
+                        sql.Identifier(role),
+                    )
+                )
+                cur = await conn.execute(
+                    "SELECT n.nspname, s.relname FROM pg_class s "
+                    "JOIN pg_namespace n ON n.oid = s.relnamespace "
+                    "JOIN pg_depend d ON d.objid = s.oid AND d.classid = 'pg_class'::regclass "
+                    "WHERE s.relkind = 'S' AND d.refobjid = %s::regclass",
+                    (table,),
+                )
+                for schema, sequence in await cur.fetchall():
+                    await conn.execute(
+                        sql.SQL("GRANT USAGE, SELECT ON SEQUENCE {} TO {}").format(
+                            sql.Identifier(str(schema), str(sequence)), sql.Identifier(role)
+                        )
+                    )
 
     async def _connect(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
         conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)

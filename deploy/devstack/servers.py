@@ -101,9 +101,17 @@ def _chown_to_postgres(path: Path) -> None:
 
 
 class PostgresServer:
-    """A PostgreSQL cluster in `directory`, listening on 127.0.0.1:`port`."""
+    """A PostgreSQL cluster in `directory`, listening on 127.0.0.1:`port`.
 
-    def __init__(self, directory: Path, port: int, *, durable: bool = True) -> None:
+    `secure` (what `make run` uses): every TCP connection logs in with a password
+    (scram-sha-256); the superuser `postgres` only over the Unix socket, in a directory no
+    other user can enter, which is how the stack itself administers the server. Without it
+    (the test suite's throwaway servers) every local connection is trusted."""
+
+    def __init__(
+        self, directory: Path, port: int, *, durable: bool = True, secure: bool = False
+    ) -> None:
+        self.secure = secure
         self.directory = directory
         self.data = directory / "data"
         self.socket_dir = directory / "socket"
@@ -149,8 +157,25 @@ class PostgresServer:
             stderr=subprocess.PIPE,
         )
 
+    def _write_hba(self) -> None:
+        """pg_hba.conf for `secure`, written at every start (so a cluster made before trusts
+        no longer)."""
+        rules = (
+            "# Written by the local stack (deploy/devstack/servers.py): passwords over TCP,\n"
+            "# the superuser over the Unix socket only (its directory is mode 0700).\n"
+            "local all postgres trust\n"
+            "host all all 127.0.0.1/32 scram-sha-256\n"
+            "host all all ::1/128 scram-sha-256\n"
+        )
+        path = self.data / "pg_hba.conf"
+        path.write_text(rules)
+        _chown_to_postgres(path)
+        self.socket_dir.chmod(0o700)
+
     def start(self, timeout: float = 30.0) -> None:
         self.init()
+        if self.secure:
+            self._write_hba()
         options = [
             "-c", f"port={self.port}",
             "-c", "listen_addresses=127.0.0.1",
@@ -188,20 +213,60 @@ class PostgresServer:
                 time.sleep(0.05)
 
     def conninfo(self, dbname: str) -> str:
-        return f"host={self.host} port={self.port} user={self.user} dbname={dbname}"
+        """The superuser's connection (over the socket when `secure`)."""
+        host = self.socket_dir if self.secure else self.host
+        return f"host={host} port={self.port} user={self.user} dbname={dbname}"
 
-    def create_database(self, name: str, template: str | None = None) -> None:
+    def create_database(
+        self, name: str, template: str | None = None, *, owner: str | None = None
+    ) -> None:
+        """Create `name` unless it exists; `owner` owns it (and, since PostgreSQL 15, its
+        public schema), and takes over every table and sequence in it the superuser made."""
         import psycopg
         from psycopg import sql
 
         with psycopg.connect(self.conninfo("postgres"), autocommit=True) as conn:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-            if exists.fetchone():
+            if not exists.fetchone():
+                query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+                if template:
+                    query = sql.SQL("{} TEMPLATE {}").format(query, sql.Identifier(template))
+                conn.execute(query)
+            if owner is None:
                 return
-            query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
-            if template:
-                query = sql.SQL("{} TEMPLATE {}").format(query, sql.Identifier(template))
-            conn.execute(query)
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                    sql.Identifier(name), sql.Identifier(owner)
+                )
+            )
+        with psycopg.connect(self.conninfo(name), autocommit=True) as conn:
+            made = conn.execute(
+                "SELECT c.relname, c.relkind FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') "
+                "AND pg_get_userbyid(c.relowner) = %s",
+                (self.user,),
+            ).fetchall()
+            for table, _ in made:
+                conn.execute(
+                    sql.SQL("ALTER TABLE {} OWNER TO {}").format(
+                        sql.Identifier(table), sql.Identifier(owner)
+                    )
+                )
+
+    def ensure_role(self, name: str, password: str) -> None:
+        """A login role `name` whose password is `password` (stored as a SCRAM verifier)."""
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(self.conninfo("postgres"), autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,))
+            verb = "ALTER" if exists.fetchone() else "CREATE"
+            conn.execute(
+                sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(name), sql.Literal(password)
+                )
+            )
 
     def drop_database(self, name: str) -> None:
         import psycopg
@@ -306,13 +371,7 @@ class RedisAcl:
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self.passwords = {user: self._password(user) for user in self.USERS}
-
-    def _password(self, user: str) -> str:
-        path = self.directory / f"{user}.password"
-        if not path.exists():
-            _write_private(path, secrets.token_urlsafe(32))
-        return path.read_text().strip()
+        self.passwords = {user: stored_password(directory, user) for user in self.USERS}
 
     def rules(self) -> list[str]:
         lines = ["user default off resetkeys resetchannels -@all"]
@@ -346,6 +405,15 @@ class RedisAcl:
             f"{prefix}_REDIS_USERNAME": service,
             f"{prefix}_REDIS_PASSWORD": self.passwords[service],
         }
+
+
+def stored_password(directory: Path, user: str) -> str:
+    """`user`'s password, made at first use and kept in `<directory>/<user>.password` (0600)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / f"{user}.password"
+    if not path.exists():
+        _write_private(path, secrets.token_urlsafe(32))
+    return path.read_text().strip()
 
 
 def _write_private(path: Path, text: str) -> None:

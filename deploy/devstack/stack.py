@@ -64,6 +64,7 @@ from deploy.devstack.servers import (
     RedisServer,
     log_tail,
     stop_process_group,
+    stored_password,
     wait_for_port,
 )
 from shared.config import ConfigError, EnvReader
@@ -71,6 +72,8 @@ from shared.config import ConfigError, EnvReader
 ROOT = Path(__file__).resolve().parents[2]
 # A Redis Cluster node also listens on its port + 10000, the cluster bus.
 CLUSTER_BUS_OFFSET = 10000
+# The role the migrations run as and that owns the tables; each service has a role of its own.
+DB_OWNER = "myl_owner"
 RUN = Path(os.environ.get("MYL_RUN_DIR", ROOT / ".run"))
 OPERATOR_PERMISSIONS = "admin,api:access,ssl:read,ssl:write,device:read,device:write"
 
@@ -260,6 +263,8 @@ class Stack:
     def __init__(self) -> None:
         self.env = dict(os.environ)
         self.stops: list[Callable[[], None]] = []
+        # What `migrate up` runs as: the owner role, granting each service's role its tables.
+        self.migration_env: dict[str, str] = {}
         reader = EnvReader("", self.env)
         self.cert_port = EnvReader("CERT_SERVICE", self.env).port("PORT", 50051)
         self.key_port = EnvReader("KEY_SERVICE", self.env).port("PORT", 50052)
@@ -348,13 +353,13 @@ class Stack:
     def start_databases(self) -> None:
         if not self.env.get("DB_HOST"):
             port = EnvReader("", self.env).port("DB_PORT", 5432)
-            postgres = PostgresServer(RUN / "postgres", port, durable=True)
+            postgres = PostgresServer(RUN / "postgres", port, durable=True, secure=True)
             say(f"PostgreSQL on 127.0.0.1:{port} (data in {postgres.directory})")
             self.stops.append(postgres.stop)
             postgres.start()
             self.watch("PostgreSQL", postgres.process, postgres.log_path, signal.SIGINT)
-            postgres.create_database(self.env.get("DB_NAME", "myl"))
-            self.env.update(DB_HOST="127.0.0.1", DB_PORT=str(port), DB_USER="postgres")
+            self.database_roles(postgres)
+            self.env.update(DB_HOST="127.0.0.1", DB_PORT=str(port))
             self.env.setdefault("DB_SSLMODE", "disable")
         if self.cluster_ports:
             ports = self.cluster_ports
@@ -383,6 +388,30 @@ class Stack:
             self.env.update(REDIS_HOST="127.0.0.1", REDIS_PORT=str(port))
             self.redis_users(acl)
 
+    def database_roles(self, postgres: PostgresServer) -> None:
+        """The migrations' owner and one role per service, each with its own password
+        (`RUN/postgres-users/<role>.password`); the database belongs to the owner, and each
+        service's migrations grant its role only its own tables (privileges.toml)."""
+        users = RUN / "postgres-users"
+        owner = stored_password(users, DB_OWNER)
+        postgres.ensure_role(DB_OWNER, owner)
+        postgres.create_database(self.env.get("DB_NAME", "myl"), owner=DB_OWNER)
+        for service in SERVICE_KEY_PATTERNS:
+            prefix = service.upper()
+            postgres.ensure_role(service, stored_password(users, service))
+            self.env[f"{prefix}_DB_USER"] = service
+            self.env[f"{prefix}_DB_PASSWORD"] = stored_password(users, service)
+            self.migration_env |= {
+                f"{prefix}_DB_USER": DB_OWNER,
+                f"{prefix}_DB_PASSWORD": owner,
+                f"{prefix}_DB_SERVICE_ROLE": service,
+            }
+        say(
+            f"  database roles: {DB_OWNER} (migrations), cert_service, key_service; as an "
+            f"operator: PGPASSWORD=$(cat {users / DB_OWNER}.password) psql -h 127.0.0.1 "
+            f"-p {postgres.port} -U {DB_OWNER} {self.env.get('DB_NAME', 'myl')}"
+        )
+
     def redis_users(self, acl: RedisAcl) -> None:
         """Each service logs in to the local Redis as its own user (`RedisAcl`)."""
         for service in SERVICE_KEY_PATTERNS:
@@ -392,9 +421,13 @@ class Stack:
             f"redis-cli --user admin --pass $(cat {acl.directory / 'admin.password'})"
         )
 
-    def run_python(self, *args: str) -> str:
+    def run_python(self, *args: str, env: dict[str, str] | None = None) -> str:
         done = subprocess.run(
-            [sys.executable, *args], env=self.env, cwd=ROOT, capture_output=True, text=True
+            [sys.executable, *args],
+            env={**self.env, **(env or {})},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         )
         if done.returncode != 0:
             raise DevStackError(f"{' '.join(args)} failed:\n{done.stderr.strip()}")
@@ -402,7 +435,8 @@ class Stack:
 
     def migrate(self) -> None:
         for service in ("cert_service", "key_service"):
-            for line in self.run_python("-m", service, "migrate", "up").splitlines():
+            migrate = ("-m", service, "migrate", "up")
+            for line in self.run_python(*migrate, env=self.migration_env).splitlines():
                 say(line)
 
     def development_ca(self) -> None:
