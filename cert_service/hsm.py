@@ -27,9 +27,12 @@ Decisions:
   signature is replaced by the token's over the same to-be-signed bytes. The stand-in's
   signature costs a fraction of the token's (`make bench`, bench_ca_key).
 * One session, logged in at start, for the life of the process; signatures on it are
-  serialized (a session runs one operation at a time). At start one signature is made and
-  verified with the CA certificate's public key, so a key that does not match the
-  certificate, or a token that cannot sign, stops the start instead of the first issuance.
+  serialized (a session runs one operation at a time). A signature the token fails gets one
+  new login and one more try (a reset token, a network HSM that dropped the session); failing
+  again, the call is UNAVAILABLE (CA_TOKEN_UNAVAILABLE) and the error is logged. At start one
+  signature is made and verified with the CA certificate's public key, so a key that does
+  not match the certificate, or a token that cannot sign, stops the start instead of the
+  first issuance.
 * Start-up errors say what is wrong in the words of the URI: no such module, no such token
   (with the labels present), a refused PIN, no such key. The PIN is in none of them.
 * A key the token would let out (CKA_EXTRACTABLE, or not CKA_SENSITIVE) is used, with a
@@ -38,6 +41,7 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -60,6 +64,7 @@ from cert_service.ca import (
     HashAlgorithm,
     ca_hash_algorithm,
 )
+from shared.errors import unavailable
 from shared.logging import get_logger
 
 __all__ = ["Pkcs11Signer", "Pkcs11Uri"]
@@ -206,11 +211,11 @@ def _with_signature(draft: bytes, tbs: bytes, signature: bytes) -> bytes:
 class Pkcs11Signer:
     """A :class:`~cert_service.ca.CaSigner` whose key is in a PKCS#11 token."""
 
-    def __init__(self, session: Any, key: Any, public_key: CaPublicKey, uri: Pkcs11Uri) -> None:
-        self._session = session
-        self._key = key
-        self._public_key = public_key
+    def __init__(self, uri: Pkcs11Uri, pin: str, public_key: CaPublicKey) -> None:
+        """Logged in, the key found; :meth:`open` also checks it against the certificate."""
         self._uri = uri
+        self._pin = pin
+        self._public_key = public_key
         self._lock = threading.Lock()
         self._closed = False
         self._ec = isinstance(public_key, ec.EllipticCurvePublicKey)
@@ -219,6 +224,7 @@ class Pkcs11Signer:
             if self._ec
             else rsa.generate_private_key(public_exponent=65537, key_size=_STAND_IN_RSA_BITS)
         )
+        self._session, self._key = self._login()
 
     @classmethod
     def open(cls, uri: Pkcs11Uri, pin: str, public_key: CaPublicKey) -> Pkcs11Signer:
@@ -227,6 +233,19 @@ class Pkcs11Signer:
         :class:`CertificateAuthorityError` saying what is wrong."""
         if not isinstance(public_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
             raise CertificateAuthorityError(f"unsupported CA key type {type(public_key).__name__}")
+        signer = cls(uri, pin, public_key)
+        try:
+            signer._check()
+            if signer._key[Attribute.EXTRACTABLE] or not signer._key[Attribute.SENSITIVE]:
+                log.warning("the CA key can leave its token", uri=uri.text)
+        except BaseException:
+            signer.close()
+            raise
+        return signer
+
+    def _login(self) -> tuple[Any, Any]:
+        """A session logged in to the URI's token, and the key in it."""
+        uri = self._uri
         try:
             library = pkcs11.lib(uri.module_path)
         except (RuntimeError, OSError) as exc:
@@ -236,7 +255,7 @@ class Pkcs11Signer:
         token = _find_token(library, uri)
         label = token.label
         try:
-            session = token.open(user_pin=pin)
+            session = token.open(user_pin=self._pin)
         except pkcs11.UserAlreadyLoggedIn:
             # Login is per process and token: an earlier signer of this process (a second
             # service in one test process) logged in with its PIN and still holds a session.
@@ -253,22 +272,16 @@ class Pkcs11Signer:
             ) from None
         try:
             key = _find_key(session, uri, label)
-            wanted = (
-                KeyType.EC if isinstance(public_key, ec.EllipticCurvePublicKey) else KeyType.RSA
-            )
+            wanted = KeyType.EC if self._ec else KeyType.RSA
             if key.key_type != wanted:
                 raise CertificateAuthorityError(
                     f"the key in token {label!r} is {key.key_type.name}, the CA certificate's "
                     f"is {wanted.name}"
                 )
-            signer = cls(session, key, public_key, uri)
-            signer._check()
         except BaseException:
             session.close()
             raise
-        if key[Attribute.EXTRACTABLE] or not key[Attribute.SENSITIVE]:
-            log.warning("the CA key can leave its token", token=label, uri=uri.text)
-        return signer
+        return session, key
 
     def public_key(self) -> CaPublicKey:
         return self._public_key
@@ -298,17 +311,48 @@ class Pkcs11Signer:
         return _with_signature(draft.public_bytes(serialization.Encoding.DER), tbs, signature)
 
     def signature(self, data: bytes, algorithm: HashAlgorithm) -> bytes:
-        """``data``'s signature by the token's key, as X.509 carries it."""
+        """``data``'s signature by the token's key, as X.509 carries it.
+
+        A token that fails (reset, or a network HSM that dropped the session) gets one new
+        login and one more try; if that fails too the signature is UNAVAILABLE (a retry may
+        find the token back), and the failure is logged for the operator.
+        """
         digest = hashlib.new(algorithm.name, data).digest()
         with self._lock:
             if self._closed:
                 raise CertificateAuthorityError(f"{self._uri}: the token's session is closed")
-            if self._ec:
-                raw: bytes = self._key.sign(digest, mechanism=Mechanism.ECDSA)
-            else:
-                raw = self._key.sign(
-                    _DIGEST_INFO[algorithm.name] + digest, mechanism=Mechanism.RSA_PKCS
-                )
+            try:
+                raw = self._raw_signature(digest, algorithm)
+            except pkcs11.PKCS11Error as first:
+                log.warning("CA token failed a signature", error=type(first).__name__)
+                raw = self._signature_after_login(digest, algorithm)
+        return self._encoded(raw)
+
+    def _signature_after_login(self, digest: bytes, algorithm: HashAlgorithm) -> bytes:
+        with contextlib.suppress(pkcs11.PKCS11Error):
+            self._session.close()
+        try:
+            self._session, self._key = self._login()
+            return self._raw_signature(digest, algorithm)
+        except (pkcs11.PKCS11Error, CertificateAuthorityError) as exc:
+            reason = type(exc).__name__ if isinstance(exc, pkcs11.PKCS11Error) else str(exc)
+            log.error("CA token unavailable", uri=self._uri.text, error=reason)
+            raise unavailable(
+                "the CA's signing token is unavailable", "CA_TOKEN_UNAVAILABLE"
+            ) from None
+
+    def _raw_signature(self, digest: bytes, algorithm: HashAlgorithm) -> bytes:
+        """What the token returns for ``digest`` (under the lock)."""
+        if self._ec:
+            raw: bytes = self._key.sign(digest, mechanism=Mechanism.ECDSA)
+            return raw
+        signed: bytes = self._key.sign(
+            _DIGEST_INFO[algorithm.name] + digest, mechanism=Mechanism.RSA_PKCS
+        )
+        return signed
+
+    def _encoded(self, raw: bytes) -> bytes:
+        """X.509's form of a token's signature: ECDSA's r||s as Ecdsa-Sig-Value (DER)."""
         if not self._ec:
             return raw
         half = len(raw) // 2
@@ -316,12 +360,14 @@ class Pkcs11Signer:
         return encode_dss_signature(r, s)
 
     def _check(self) -> None:
-        """One signature, verified with the CA certificate's public key."""
+        """One signature (no second login), verified with the CA certificate's public key."""
         public_key = self._public_key
         data = b"myl CA key check " + os.urandom(16)
         algorithm = ca_hash_algorithm(public_key)
+        digest = hashlib.new(algorithm.name, data).digest()
         try:
-            signature = self.signature(data, algorithm)
+            with self._lock:
+                signature = self._encoded(self._raw_signature(digest, algorithm))
             if isinstance(public_key, ec.EllipticCurvePublicKey):
                 public_key.verify(signature, data, ec.ECDSA(algorithm))
             else:

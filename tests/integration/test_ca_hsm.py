@@ -11,6 +11,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import grpc
 import pkcs11
 import pytest
 from cryptography import x509
@@ -30,7 +31,7 @@ from deploy.devstack.softhsm import TOKEN_LABEL, TokenCa
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from shared.config import ConfigError
 from tests.fixtures import gateway_identity
-from tests.fixtures.cert import StartCertService, make_csr, token_ca_env
+from tests.fixtures.cert import StartCertService, error_reason, make_csr, token_ca_env
 from tests.integration.test_cert_lint import errors, lint_all
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,6 +137,41 @@ async def test_certificates_and_crls_are_signed_by_the_key_in_the_token(
     reports = await lint_all(checks)
     for check, findings in zip(checks, reports, strict=True):
         assert errors(findings) == [], (check, findings)
+
+
+async def test_a_reset_token_is_logged_in_again_and_a_lost_one_is_unavailable(
+    start_cert_service: StartCertService, token_ca: TokenCa
+) -> None:
+    service = await start_cert_service(**token_ca_env(token_ca))
+    library = pkcs11.lib(token_ca.module)
+    pin = token_ca.pin_path.read_text()
+    async with gateway_identity.channel(service.address) as channel:
+        stub = cert_pb2_grpc.CertificateServiceStub(channel)
+
+        async def provision(device_id: str) -> None:
+            await stub.ProvisionCertificate(
+                cert_pb2.ProvisionCertificateRequest(device_id=device_id)
+            )
+
+        await provision("before")
+        # Every session of this process is gone, as after the token's reset.
+        library.reinitialize()
+        await provision("after-reset")
+
+        # And now the service's next login fails too: its PIN was changed meanwhile.
+        library.reinitialize()
+        token = library.get_token(token_label=TOKEN_LABEL)
+        with token.open(rw=True, user_pin=pin) as session:
+            session.set_pin(pin, pin + "-changed")
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await provision("while-lost")
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_reason(info.value) == "CA_TOKEN_UNAVAILABLE"
+        finally:
+            with token.open(rw=True, user_pin=pin + "-changed") as session:
+                session.set_pin(pin + "-changed", pin)
+        await provision("while-lost")
 
 
 def test_the_key_never_leaves_the_token(token_ca: TokenCa) -> None:
