@@ -17,19 +17,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 from acme import client as acme_client
 from acme import jws as acme_jws
 from acme import messages
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from josepy import jwa, jwk
 
+from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from tests.e2e.conftest import Gateway
 from tests.e2e.test_gateway import operator_key, provision
 from tests.e2e.test_pki import crl_url, fetch_public
@@ -398,3 +400,89 @@ def _run_hostile(
         assert "Replay-Nonce" in reply.headers
 
     hostile()
+
+
+async def test_replicas_share_nonces_accounts_and_orders(
+    start_cert_service: StartCertService,
+) -> None:
+    """Two cert_service replicas on one database, addressed under one host name (as behind the
+    gateway): a nonce one replica issued is good at the other, once; an account registered at
+    one orders at the other; an order placed at one is finalized at the other."""
+    first = await start_cert_service(ACME_SERVER_PORT="0")
+    second = await start_cert_service(ACME_SERVER_PORT="0")
+    async with grpc.aio.insecure_channel(first.address) as channel:
+        stub = cert_pb2_grpc.CertificateServiceStub(channel)
+        await stub.ProvisionCertificate(
+            cert_pb2.ProvisionCertificateRequest(
+                device_id="replicated", uuid_subdomain="replicated"
+            )
+        )
+        eab = await stub.CreateAcmeEabCredentials(
+            cert_pb2.CreateAcmeEabCredentialsRequest(device_id="replicated")
+        )
+    replicas = [
+        f"http://127.0.0.1:{running.app.acme_http.port}"  # type: ignore[union-attr]
+        for running in (first, second)
+    ]
+    base = "http://acme.test/acme"
+
+    def exercise() -> None:
+        with httpx.Client(timeout=30, headers={"Host": "acme.test"}) as http:
+
+            def at(replica: int, path: str) -> str:
+                return f"{replicas[replica]}/acme/{path}"
+
+            def nonce(replica: int) -> str:
+                return http.head(at(replica, "new-nonce")).headers["Replay-Nonce"]
+
+            def post(replica: int, path: str, header: dict[str, Any], payload: bytes) -> Any:
+                fields = {"alg": "ES256", "url": f"{base}/{path}", **header}
+                body = json.dumps(signer.sign(fields, payload)).encode()
+                return http.post(
+                    at(replica, path),
+                    content=body,
+                    headers={"Content-Type": "application/jose+json"},
+                )
+
+            signer = Signer()
+            url = f"{base}/new-account"
+            protected = b64(json.dumps({"alg": "HS256", "kid": eab.kid, "url": url}).encode())
+            payload = b64(json.dumps(signer.jwk).encode())
+            key = base64.urlsafe_b64decode(eab.hmac_key + "==")
+            mac = hmac.new(key, f"{protected}.{payload}".encode(), hashlib.sha256).digest()
+            binding = {"protected": protected, "payload": payload, "signature": b64(mac)}
+            reply = post(
+                1,
+                "new-account",
+                {"jwk": signer.jwk, "nonce": nonce(0)},
+                json.dumps(
+                    {"termsOfServiceAgreed": True, "externalAccountBinding": binding}
+                ).encode(),
+            )
+            assert reply.status_code == 201, reply.text
+            account = reply.headers["Location"]
+            assert account.startswith(f"{base}/acct/")
+            issued = nonce(1)
+            order = {"identifiers": [{"type": "dns", "value": "replicated.myl.zip"}]}
+            reply = post(
+                0, "new-order", {"kid": account, "nonce": issued}, json.dumps(order).encode()
+            )
+            assert reply.status_code == 201, reply.text
+            # The same nonce again, at either replica: used.
+            for replica in (0, 1):
+                again = post(replica, "new-order", {"kid": account, "nonce": issued}, b"{}")
+                assert again.status_code == 400
+                assert again.json()["type"] == ERROR + "badNonce"
+            finalize = reply.json()["finalize"].removeprefix(f"{base}/")
+            csr = x509.load_pem_x509_csr(make_csr(["replicated.myl.zip"]).encode())
+            der = csr.public_bytes(serialization.Encoding.DER)
+            reply = post(
+                1,
+                finalize,
+                {"kid": account, "nonce": nonce(0)},
+                json.dumps({"csr": b64(der)}).encode(),
+            )
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["status"] == "valid"
+
+    await asyncio.to_thread(exercise)
