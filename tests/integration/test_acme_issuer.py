@@ -661,3 +661,67 @@ async def test_listing_by_status_pending_shows_only_certificates_not_yet_issued(
     # A pending certificate has no expiry: no "expires before" filter matches it.
     far = service.clock.now() + timedelta(days=36_500)
     assert await listed(expire_before=timestamp(far)) == ["acme-list-issued"]
+
+
+async def test_a_devices_acme_client_sees_processing_until_the_cas_certificate_is_issued(
+    acme_servers: StartServers, start_cert_service: StartCertService, tmp_path: Path
+) -> None:
+    """The ACME server in front of the ACME issuer: finalize queues the order with the CA (the
+    API's renewal path), the device's client polls `processing` with Retry-After, and gets the
+    CA's chain once the device's certificate is ACTIVE again."""
+    from acme import client as acme_client
+    from acme import messages
+    from josepy import jwa, jwk
+
+    servers = acme_servers()
+    service = await start_cert_service(**servers.env(), ACME_SERVER_PORT="0")
+    fqdn = "acme-behind.myl.zip"
+    async with grpc.aio.insecure_channel(service.address) as channel:
+        stub = cert_pb2_grpc.CertificateServiceStub(channel)
+        await provision(stub, "acme-behind", uuid_subdomain="acme-behind")
+        await wait_for(stub, "acme-behind", is_active)
+        eab = await stub.CreateAcmeEabCredentials(
+            cert_pb2.CreateAcmeEabCredentialsRequest(device_id="acme-behind")
+        )
+        assert service.app.acme_http is not None
+        url = f"http://127.0.0.1:{service.app.acme_http.port}/acme/directory"
+
+        def obtain() -> tuple[list[str], str]:
+            key = jwk.JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
+            net = acme_client.ClientNetwork(key, alg=jwa.ES256, user_agent="myl-tests")
+            directory = acme_client.ClientV2.get_directory(url, net)
+            client = acme_client.ClientV2(directory, net)
+            binding = messages.ExternalAccountBinding.from_data(
+                account_public_key=key.public_key(),
+                kid=eab.kid,
+                hmac_key=eab.hmac_key,
+                directory=directory,
+            )
+            client.new_account(
+                messages.NewRegistration.from_data(
+                    terms_of_service_agreed=True, external_account_binding=binding
+                )
+            )
+            order = client.new_order(make_csr([fqdn, f"*.{fqdn}"], common_name=fqdn).encode())
+            client.begin_finalization(order)
+            polls: list[str] = []
+            deadline = time.monotonic() + 60
+            while True:
+                response = client._post_as_get(order.uri)
+                status = response.json()["status"]
+                polls.append(f"{status} {response.headers.get('Retry-After')}")
+                if status != "processing":
+                    break
+                assert time.monotonic() < deadline, polls
+                time.sleep(0.05)
+            assert status == "valid", response.json()
+            chain = client._post_as_get(response.json()["certificate"]).text
+            return polls, chain
+
+        polls, chain = await asyncio.to_thread(obtain)
+        assert polls[0] == "processing 1", polls
+        current = await wait_for(stub, "acme-behind", is_active)
+        leaf = x509.load_pem_x509_certificates(chain.encode())[0]
+        assert format(leaf.serial_number, "x") in current.serial_number
+        verified = openssl_verify(servers.pebble.root_pem(), chain, tmp_path)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
