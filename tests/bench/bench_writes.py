@@ -1,0 +1,100 @@
+"""Benchmark: the latency of one write at a time, ProvisionCertificate and GenerateApiKey.
+
+One replica of each service against a durable PostgreSQL (fsync on, as in production: a
+write's cost is mostly its commits), called directly over gRPC as an internal caller, one
+call at a time, so the figures are a write's own latency and not a queue's. Each write
+with a request_id, as a careful client sends it.
+
+    python -m tests.bench bench_writes
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import time
+import uuid
+
+import grpc
+
+from cert_service.ca import create_development_ca
+from deploy.devstack.servers import free_port
+from myl.cert.v1 import cert_pb2, cert_pb2_grpc
+from myl.key.v1 import key_pb2, key_pb2_grpc
+from tests.bench.harness import percentile, start_process, stop_process, throwaway_databases
+
+CALLS = 200
+WARM_UP = 20
+
+
+def summary(label: str, seconds: list[float]) -> str:
+    ordered = sorted(seconds)
+    return (
+        f"{label:<32} n={len(ordered)} p50 {percentile(ordered, 50) * 1000:6.2f} ms  "
+        f"p90 {percentile(ordered, 90) * 1000:6.2f} ms  p99 {percentile(ordered, 99) * 1000:6.2f} ms"
+    )
+
+
+async def measure(cert_address: str, key_address: str) -> None:
+    async with (
+        grpc.aio.insecure_channel(cert_address) as cert_channel,
+        grpc.aio.insecure_channel(key_address) as key_channel,
+    ):
+        certs = cert_pb2_grpc.CertificateServiceStub(cert_channel)
+        keys = key_pb2_grpc.ApiKeyServiceStub(key_channel)
+        run = uuid.uuid4().hex[:8]
+        provisions: list[float] = []
+        generates: list[float] = []
+        devices = [f"bench-{run}-{index}" for index in range(WARM_UP + CALLS)]
+        for index, device in enumerate(devices):
+            started = time.perf_counter()
+            await certs.ProvisionCertificate(
+                cert_pb2.ProvisionCertificateRequest(
+                    device_id=device, request_id=str(uuid.uuid4())
+                ),
+                timeout=10,
+            )
+            if index >= WARM_UP:
+                provisions.append(time.perf_counter() - started)
+        for index, device in enumerate(devices):
+            started = time.perf_counter()
+            await keys.GenerateApiKey(
+                key_pb2.GenerateApiKeyRequest(
+                    device_id=device, device_name="bench", request_id=str(uuid.uuid4())
+                ),
+                timeout=10,
+            )
+            if index >= WARM_UP:
+                generates.append(time.perf_counter() - started)
+    print(summary("ProvisionCertificate (key made)", provisions))
+    print(summary("GenerateApiKey", generates))
+
+
+def main() -> None:
+    with (
+        throwaway_databases(
+            "myl-bench-writes-", durable=True, migrate=["cert_service", "key_service"]
+        ) as databases,
+        contextlib.ExitStack() as running,
+    ):
+        directory = databases.directory
+        ca_cert, ca_key = create_development_ca(directory / "ca")
+        cert_port, key_port = free_port(), free_port()
+        env = {
+            **os.environ, **databases.env(),
+            "CA_CERT_FILE": str(ca_cert), "CA_KEY_FILE": str(ca_key),
+            "CERT_SERVICE_PORT": str(cert_port), "KEY_SERVICE_PORT": str(key_port),
+            "METRICS_PORT": "0", "LOG_LEVEL": "warning",
+            "CERT_SERVICE_ADDRESS": f"127.0.0.1:{cert_port}",
+        }  # fmt: skip
+        for service, port in (("cert_service", cert_port), ("key_service", key_port)):
+            command = [sys.executable, "-m", service, "serve"]
+            process = start_process(command, env, port, log=directory / f"{service}.log")
+            running.callback(stop_process, process)
+        asyncio.run(measure(f"127.0.0.1:{cert_port}", f"127.0.0.1:{key_port}"))
+
+
+if __name__ == "__main__":
+    main()
