@@ -117,6 +117,7 @@ class CertApp:
         if self.acme_http is not None:
             await self.acme_http.start()
         self._spawn(self.outbox.run, "outbox relay")
+        self._spawn(self.store.unconfirmed.run, "unconfirmed writes")
         self.guard.start()
         self.access.start()
         # Each worker gets its own interval bound now (a closure over one shared local
@@ -232,7 +233,7 @@ async def create_app(config: CertServiceConfig, *, clock: Clock | None = None) -
     cache = Cache.from_config(config.server.redis, trust.breaker)
     clock = clock or SystemClock()
 
-    store = CertificateStore(db)
+    store = CertificateStore(db, clock)
     invalidations = InvalidationLog(store, cache, config.cache_ttl, clock)
     certificate_cache = CertificateCache(
         cache, trust, config.cache_ttl, config.negative_cache_ttl, invalidations

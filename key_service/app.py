@@ -70,6 +70,7 @@ class KeyApp:
         self.usage.start()
         self.guard.start()
         self.resources.start()
+        self.store.unconfirmed.start()
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -87,7 +88,7 @@ async def create_app(config: KeyServiceConfig, *, clock: Clock | None = None) ->
     trust = CacheTrust(config.server.redis)
     cache = Cache.from_config(config.server.redis, trust.breaker)
     scripts = script_client(config.server.redis)
-    store = KeyStore(db)
+    store = KeyStore(db, clock)
     usage = usage_buffer(store, config.usage_flush_interval)
     devices = CertServiceDirectory(config.cert_service_address, config.cert_service_timeout)
     verifier = Verifier(
@@ -134,6 +135,7 @@ async def create_app(config: KeyServiceConfig, *, clock: Clock | None = None) ->
     server.on_shutdown(resources.stop)
     server.on_shutdown(usage.stop)
     server.on_shutdown(guard.stop)
+    server.on_shutdown(store.unconfirmed.stop)
     server.on_shutdown(devices.close)
     server.on_shutdown(scripts.close)
     server.on_shutdown(cache.close)

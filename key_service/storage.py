@@ -1,9 +1,10 @@
 """All SQL of key_service: raw parameterized statements and row models.
 
 Tables: `device_api_keys` (migration 0001), the append-only
-`api_key_audit_events` (0002), the invalidation log (0003) and the request ids of
-device-wide revocations (0005). Every change to a key writes its audit row in
-the same transaction.
+`api_key_audit_events` (0002), the invalidation log (0003), the request ids of
+device-wide revocations (0005) and the markers of keys whose callers have not been told of
+them yet (0007; its statements are `shared/outcomes.py`'s, the undo of each kind is here).
+Every change to a key writes its audit row in the same transaction.
 
 A key is only ever inserted, under a device, while holding that device's advisory lock
 in shared mode; RevokeDeviceApiKeys takes it exclusively before it reads the device's
@@ -28,8 +29,10 @@ from psycopg.rows import TupleRow, class_row
 
 from myl.key.v1 import key_pb2
 from shared import idempotency
+from shared.clock import Clock
 from shared.db import WRITE_GUARD, Database
 from shared.idempotency import RequestKey
+from shared.outcomes import Unconfirmed, UnconfirmedWrites
 from shared.seal import load_secret
 
 Connection = AsyncConnection[TupleRow]
@@ -205,11 +208,24 @@ _NOT_YET_REVOKED = "(revoked_at IS NULL OR revoked_at > %(now)s)"
 _DEVICE_LOCK: Final = "hashtext('myl.key.device'), hashtext(%(device)s)"
 
 
-class KeyStore:
-    """device_api_keys and api_key_audit_events."""
+# The kinds of write whose callers must hear of them (shared/outcomes.py): a new key, and a
+# rotation (its successor, and the rotated key's retirement).
+WRITE_CREATE: Final = "create"
+WRITE_ROTATION: Final = "rotation"
 
-    def __init__(self, db: Database) -> None:
+
+class KeyStore:
+    """device_api_keys and api_key_audit_events; and api_key_unconfirmed_writes, the keys
+    created whose callers have not been told of them yet (shared/outcomes.py)."""
+
+    def __init__(self, db: Database, clock: Clock | None = None) -> None:
         self.db = db
+        self.unconfirmed = UnconfirmedWrites(
+            db,
+            "api_key_unconfirmed_writes",
+            {WRITE_CREATE: self._undo_creates, WRITE_ROTATION: self._undo_rotations},
+            clock,
+        )
 
     @asynccontextmanager
     async def _transaction(
@@ -321,7 +337,10 @@ class KeyStore:
                     change = await self._supersede(conn, holder, request, now)
             row = await self._insert(conn, key, now, request)
             await self._audit(conn, [row], audit, now)
-            self.db.on_unknown_outcome(conn, lambda: self.undo_unknown_create(row, request, now))
+            await self.unconfirmed.mark(
+                conn,
+                Unconfirmed(WRITE_CREATE, str(row.id), {"request_id": _text(request)}),
+            )
             return row, change
 
     async def _supersede(
@@ -342,6 +361,8 @@ class KeyStore:
         )
         revoked = await cur.fetchall()
         await self._audit(conn, revoked, AuditEntry(ACTION_REVOKE, "key_service", reason), now)
+        # This retry has claimed the earlier attempt: nothing of it is left to undo.
+        await self.unconfirmed.forget(conn, [str(earlier.id)])
         return KeyChange(revoked, await self._log_invalidations(conn, revoked, now))
 
     async def _claim(
@@ -480,8 +501,23 @@ class KeyStore:
         retired = await cur.fetchone()
         assert retired is not None  # locked by lock_for_rotation
         created = await self._insert(conn, new, now, request)
-        self.db.on_unknown_outcome(
-            conn, lambda: self.undo_unknown_rotation(old, retired, created, request, now)
+        await self.unconfirmed.mark(
+            conn,
+            Unconfirmed(
+                WRITE_ROTATION,
+                str(created.id),
+                {
+                    "request_id": _text(request),
+                    "rotated": str(old.id),
+                    # What the rotated key had, to give back, and what the rotation made of
+                    # it (an undo leaves a key that changed since alone).
+                    "revoked_at": _iso(old.revoked_at),
+                    "expires_at": _iso(old.expires_at),
+                    "revocation_reason": old.revocation_reason,
+                    "retired_at": _iso(retired.revoked_at),
+                    "retired_reason": retired.revocation_reason,
+                },
+            ),
         )
         grace = (retire_at - now).total_seconds()
         await self._audit(
@@ -570,33 +606,30 @@ class KeyStore:
         request.matches(bytes(row[0]))
         return int(row[1])
 
-    # -- writes whose callers were told the outcome is unknown (shared/db.py) ---------------
+    # -- writes whose callers were never told of them (shared/outcomes.py) -----------------
 
-    async def undo_unknown_create(
-        self, created: ApiKeyRow, request: RequestKey | None, now: datetime
+    async def _undo_creates(
+        self, conn: Connection, writes: Sequence[Unconfirmed], now: datetime
     ) -> None:
-        """A key whose creation was answered OUTCOME_UNKNOWN: its plaintext reached nobody.
-        If it was stored, revoke it and release its request id, so that the caller's retry
-        with that id creates a key it receives. A retry that got there first has claimed the
-        id (the key no longer holds it) and decided for itself."""
-        async with self._transaction(write=True) as conn:
-            await self._revoke_unheld(conn, created, request, now)
+        """Keys whose callers were never told of them (answered OUTCOME_UNKNOWN, or their
+        process died first): their plaintext reached nobody. Revoke each that was stored and
+        release its request id, so that the caller's retry with that id creates a key it
+        receives. A retry that got there first has claimed the id (the key no longer holds
+        it) and decided for itself."""
+        for write in writes:
+            await self._revoke_unheld(conn, write, now)
 
-    async def undo_unknown_rotation(
-        self,
-        old: ApiKeyRow,
-        retired: ApiKeyRow,
-        successor: ApiKeyRow,
-        request: RequestKey | None,
-        now: datetime,
+    async def _undo_rotations(
+        self, conn: Connection, writes: Sequence[Unconfirmed], now: datetime
     ) -> None:
-        """A rotation answered OUTCOME_UNKNOWN: if it was stored, its successor reached nobody
-        and the device would lose the key it has. Revoke the successor (releasing its request
-        id) and give the rotated key back the validity it had, unless a retry claimed the
-        successor first or the rotated key changed since."""
-        async with self._transaction(write=True) as conn:
-            if not await self._revoke_unheld(conn, successor, request, now):
-                return
+        """Rotations whose callers were never told of them: if one was stored, its successor
+        reached nobody and the device would lose the key it has. Revoke the successor
+        (releasing its request id) and give the rotated key back the validity it had, unless a
+        retry claimed the successor first or the rotated key changed since."""
+        for write in writes:
+            if not await self._revoke_unheld(conn, write, now):
+                continue
+            args = write.args
             cur = conn.cursor(row_factory=class_row(ApiKeyRow))
             await cur.execute(
                 "UPDATE device_api_keys SET revoked_at = %(revoked_at)s, "
@@ -606,26 +639,25 @@ class KeyStore:
                 f"AND revocation_reason IS NOT DISTINCT FROM %(retired_reason)s "
                 f"AND {WRITE_GUARD} RETURNING {KEY_COLUMNS}",
                 {
-                    "id": old.id,
-                    "revoked_at": old.revoked_at,
-                    "expires_at": old.expires_at,
-                    "reason": old.revocation_reason,
+                    "id": uuid.UUID(args["rotated"]),
+                    "revoked_at": _moment(args["revoked_at"]),
+                    "expires_at": _moment(args["expires_at"]),
+                    "reason": args["revocation_reason"],
                     "now": now,
-                    "retired_at": retired.revoked_at,
-                    "retired_reason": retired.revocation_reason,
+                    "retired_at": _moment(args["retired_at"]),
+                    "retired_reason": args["retired_reason"],
                     "deadline": self.db.write_deadline(conn),
                 },
             )
             restored = await cur.fetchall()
-            reason = f"rotation to {successor.id} undone: its caller never received the new key"
+            reason = f"rotation to {write.subject} undone: its caller never received the new key"
             await self._audit(conn, restored, AuditEntry(ACTION_ROTATE, "key_service", reason), now)
             await self._log_invalidations(conn, restored, now)
 
-    async def _revoke_unheld(
-        self, conn: Connection, key: ApiKeyRow, request: RequestKey | None, now: datetime
-    ) -> bool:
-        """Revoke `key`, whose plaintext reached nobody, and release its request id; False
-        when it is not there as it was created (never stored, revoked, or claimed)."""
+    async def _revoke_unheld(self, conn: Connection, write: Unconfirmed, now: datetime) -> bool:
+        """Revoke the key `write` created, whose plaintext reached nobody, and release its
+        request id; False when it is not there as it was created (never stored, revoked, or
+        claimed)."""
         reason = "its creation was answered OUTCOME_UNKNOWN; nobody received it"
         cur = conn.cursor(row_factory=class_row(ApiKeyRow))
         await cur.execute(
@@ -634,10 +666,10 @@ class KeyStore:
             "AND request_id IS NOT DISTINCT FROM %(request_id)s::uuid "
             f"AND {WRITE_GUARD} RETURNING {KEY_COLUMNS}",
             {
-                "id": key.id,
+                "id": uuid.UUID(write.subject),
                 "now": now,
                 "reason": reason,
-                "request_id": request.request_id if request else None,
+                "request_id": write.args["request_id"],
                 "deadline": self.db.write_deadline(conn),
             },
         )
@@ -806,3 +838,15 @@ class KeyStore:
                 [r.key_prefix for r in rows],
             ),
         )
+
+
+def _text(request: RequestKey | None) -> str | None:
+    return str(request.request_id) if request is not None else None
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def _moment(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text is not None else None

@@ -117,10 +117,16 @@ class DatabaseConfig:
     # A request-path statement the server has not answered within this is cut; if a fresh
     # connection fails too, the database is unreachable until a probe connects (shared/db.py).
     operation_timeout: float = 0.5
+    # A write whose caller was never told of it (its process died first) is undone by any
+    # replica once its marker is this old, checked every `unconfirmed_sweep_interval`
+    # (shared/outcomes.py). Longer than any caller's deadline plus a commit.
+    unconfirmed_grace: float = 30.0
+    unconfirmed_sweep_interval: float = 5.0
 
     @classmethod
     def from_env(cls, env: EnvReader, *, production: bool) -> DatabaseConfig:
         pool_max = env.integer("DB_POOL_MAX", 20, minimum=1, maximum=1000)
+        operation_timeout = env.number("DB_OPERATION_TIMEOUT", 0.5, minimum=0.05)
         return cls(
             host=env.text("DB_HOST", "127.0.0.1"),
             port=env.port("DB_PORT", 5432),
@@ -133,7 +139,14 @@ class DatabaseConfig:
             pool_max=pool_max,
             idle_timeout=env.number("DB_IDLE_TIMEOUT", 30.0, minimum=1.0),
             connect_timeout=env.number("DB_CONNECT_TIMEOUT", 2.0, minimum=0.1),
-            operation_timeout=env.number("DB_OPERATION_TIMEOUT", 0.5, minimum=0.05),
+            operation_timeout=operation_timeout,
+            # The sweep must leave alone the writes that can still be confirmed.
+            unconfirmed_grace=env.number(
+                "DB_UNCONFIRMED_GRACE", 30.0, minimum=max(1.0, 2 * operation_timeout)
+            ),
+            unconfirmed_sweep_interval=env.number(
+                "DB_UNCONFIRMED_SWEEP_INTERVAL", 5.0, minimum=0.1
+            ),
         )
 
     def conninfo(self) -> str:

@@ -44,7 +44,10 @@ while PostgreSQL is unreachable (stopped, restarting, or hung):
   for it (`on_unknown_outcome`: undo it unless a retry claimed it) runs as soon as the
   database answers again, once the server process that ran the write is gone (it is
   terminated first), so that the write is settled, applied or not, before it is undone.
-  This is kept in memory: a replica that dies meanwhile leaves the write as it settled.
+  That list is in memory; what makes the undo outlive the process is a marker the write
+  commits with itself and deletes before its caller is answered (`on_committed`,
+  `shared/outcomes.py`): a replica that dies meanwhile leaves the marker, and any replica
+  undoes the write once the marker is older than a grace period.
 
 Background jobs that legitimately hold a connection for long (a lifecycle batch signing
 certificates, bulk loads) pass `watched=False` and are not watched.
@@ -136,6 +139,9 @@ def is_deadline_error(exc: BaseException) -> bool:
 
 
 Resolver = Callable[[], Awaitable[None]]
+# Confirms a committed write on its own connection before the caller is answered; False (or
+# an error) when it could not (`Database.on_committed`).
+Confirm = Callable[[AsyncConnection[TupleRow]], Awaitable[bool]]
 
 
 def outcome_unknown(service: str) -> DomainError:
@@ -279,6 +285,8 @@ class _Held:
     # to do should the write's outcome become unknown (`Database.on_unknown_outcome`).
     committing: int | None = None
     resolvers: list[Resolver] = field(default_factory=list)
+    # What confirms its write once committed, before it is released (`on_committed`).
+    confirmations: list[Confirm] = field(default_factory=list)
 
     @property
     def watched(self) -> bool:
@@ -312,9 +320,9 @@ class Database:
         self._reopen: Reopen = reopen or partial(open_pool, config, service)
         # Every handed-out connection, by `id()`: one record each.
         self._held: dict[int, _Held] = {}
-        # Writes whose outcome became unknown, by the server process that ran them, with
-        # what resolves each once it has settled.
-        self._unresolved: list[tuple[int, Resolver]] = []
+        # Writes whose outcome became unknown, by the server process that ran them (None:
+        # known to have committed), with what resolves each once it has settled.
+        self._unresolved: list[tuple[int | None, Resolver]] = []
         self._resolver: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
         self._retired: set[asyncio.Task[None]] = set()
@@ -371,6 +379,8 @@ class Database:
             self._arm(held, watch)
         try:
             yield conn
+            if held.confirmations:
+                await self._confirm(held)
         except psycopg.Error as exc:
             if is_deadline_error(exc):
                 raise write_not_completed(self.service) from exc
@@ -412,11 +422,19 @@ class Database:
         still write its rows (`WRITE_GUARD`): its caller's deadline, less the margin that its
         commit and answer take. UNAVAILABLE (`WRITE_NOT_COMPLETED`) without sending anything
         when that moment has passed already."""
-        left = self._time_left(conn)
-        if left <= 0:
+        deadline = self.confirm_deadline(conn)
+        if deadline is None:
             raise write_not_completed(self.service)
         if conn.autocommit:
             self._mark_committing(conn)  # the statement is its own commit
+        return deadline
+
+    def confirm_deadline(self, conn: Connection) -> datetime | None:
+        """`write_deadline` for a statement that confirms a committed write (`on_committed`):
+        None, rather than an error, when it has passed."""
+        left = self._time_left(conn)
+        if left <= 0:
+            return None
         return datetime.now(UTC) + self.clock_offset + timedelta(seconds=left)
 
     def check_commit(self, conn: Connection) -> None:
@@ -436,20 +454,48 @@ class Database:
         if held is not None:
             held.resolvers.append(resolve)
 
+    def on_committed(self, conn: Connection, confirm: Confirm) -> None:
+        """Once the block using `conn` has ended without an error (its write committed), run
+        `confirm(conn)` before the connection is released, and so before the write's caller
+        is answered. If it returns False or fails, the write stands committed but its caller
+        is answered OUTCOME_UNKNOWN and its resolvers run (`on_unknown_outcome`): at once
+        when the server answered, once the server process has settled when the connection
+        broke (the confirmation itself may have taken effect)."""
+        held = self._held.get(id(conn))
+        if held is not None:
+            held.confirmations.append(confirm)
+
+    async def _confirm(self, held: _Held) -> None:
+        confirmations, held.confirmations = held.confirmations, []
+        confirmed = True
+        try:
+            for confirm in confirmations:
+                confirmed = await confirm(held.conn) and confirmed
+        except psycopg.Error as exc:
+            if isinstance(exc, _ERRORS) and is_connection_error(exc):
+                raise  # the outcome is unknown until the server process has settled
+            log.warning("write not confirmed", service=self.service, error=str(exc))
+            confirmed = False
+        if not confirmed:
+            self._unknown_outcome(held, settled=True)
+            raise outcome_unknown(self.service)
+
     def _mark_committing(self, conn: Connection) -> None:
         held = self._held.get(id(conn))
         if held is not None and held.committing is None:
             with contextlib.suppress(psycopg.Error):
                 held.committing = conn.pgconn.backend_pid
 
-    def _unknown_outcome(self, held: _Held) -> None:
+    def _unknown_outcome(self, held: _Held, *, settled: bool = False) -> None:
+        """Resolve `held`'s write once it has settled: at once when `settled` (it is known to
+        have committed), else once the server process that ran it is gone."""
         pid, resolvers = held.committing, held.resolvers
-        assert pid is not None
-        held.committing, held.resolvers = None, []
+        assert settled or pid is not None
+        held.committing, held.resolvers, held.confirmations = None, [], []
         log.warning(
             "write outcome unknown", service=self.service, backend=pid, resolvers=len(resolvers)
         )
-        self._unresolved.extend((pid, resolve) for resolve in resolvers)
+        self._unresolved.extend((None if settled else pid, resolve) for resolve in resolvers)
         if self._unresolved and (self._resolver is None or self._resolver.done()):
             self._resolver = asyncio.get_running_loop().create_task(
                 self._resolve(), name=f"{self.service} unknown outcomes"
@@ -463,7 +509,7 @@ class Database:
                 pending, self._unresolved = self._unresolved, []
                 for pid, resolve in pending:
                     try:
-                        if await self._settled(pid):
+                        if pid is None or await self._settled(pid):
                             await resolve()
                             log.info("unknown outcome resolved", service=self.service)
                             continue

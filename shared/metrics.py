@@ -67,3 +67,9 @@ LIMIT_DECISIONS = Counter(
 BACKGROUND_FAILURES = Counter(
     "myl_background_failures_total", "Background passes that failed, by task", ["task"]
 )
+UNCONFIRMED_WRITES_UNDONE = Counter(
+    "myl_unconfirmed_writes_undone_total",
+    "Committed writes undone because their callers were never told of them (shared/outcomes.py), "
+    "by the process that made them (owner) or a replica's sweep (sweep)",
+    ["service", "kind", "by"],
+)

@@ -13,7 +13,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 from psycopg import AsyncConnection, sql
@@ -40,12 +40,28 @@ from cert_service.storage.lifecycle import LifecycleRows
 from cert_service.storage.outbox import OutboxRows
 from cert_service.storage.requests import RequestRows
 from shared import idempotency
-from shared.db import WRITE_GUARD
+from shared.clock import Clock
+from shared.db import WRITE_GUARD, Connection, Database
+from shared.outcomes import Unconfirmed, UnconfirmedWrites
+
+# The kind of write whose callers must hear of it (shared/outcomes.py): a provision.
+WRITE_PROVISION: Final = "provision"
 
 
 class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows, FleetRows):
     """SQL for device_certificates, with the other parts' (requests, lifecycle, the
-    invalidation log, the outbox, the fleet gauges) on the same connections."""
+    invalidation log, the outbox, the fleet gauges) on the same connections; and
+    certificate_unconfirmed_writes, the provisions whose callers have not been told of them
+    yet (shared/outcomes.py)."""
+
+    def __init__(self, db: Database, clock: Clock | None = None) -> None:
+        super().__init__(db)
+        self.unconfirmed = UnconfirmedWrites(
+            db,
+            "certificate_unconfirmed_writes",
+            {WRITE_PROVISION: self._undo_provisions},
+            clock,
+        )
 
     async def insert(self, row: NewRow) -> CertificateRecord | None:
         """Insert a device's certificate; None when the device or subdomain exists, or a
@@ -112,12 +128,22 @@ class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows,
         )
         deadlines = [row.deadline for row in rows if row.deadline is not None]
         async with self.connection(deadline=min(deadlines, default=None)) as conn:
-            self.db.on_unknown_outcome(conn, lambda: self.undo_unknown_inserts(rows))
+            self.unconfirmed.undo_if_unknown(
+                conn,
+                [
+                    Unconfirmed(
+                        WRITE_PROVISION, row.certificate.serial_number, {"device_id": row.device_id}
+                    )
+                    for row in rows
+                ],
+            )
             # `WRITE_GUARD`: a server that waits past the earliest caller's deadline (on a
             # lock, another transaction's row with the same device, name or request id) or
-            # runs the statement only after it (it hung) inserts nothing, and says so.
+            # runs the statement only after it (it hung) inserts nothing, and says so. Each
+            # row inserted is marked unconfirmed in the same statement (shared/outcomes.py).
             cur = await conn.execute(
                 f"""
+                WITH inserted AS (
                 INSERT INTO device_certificates (
                     device_id, uuid_subdomain, certificate_type, status, certificate_data,
                     serial_number, fingerprint_sha256, issued_at, expires_at, auto_renewal,
@@ -147,6 +173,13 @@ class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows,
                 ORDER BY r.device_id
                 ON CONFLICT DO NOTHING
                 RETURNING device_id, serial_number
+                ), marked AS (
+                    INSERT INTO certificate_unconfirmed_writes (subject, kind, args)
+                    SELECT serial_number, '{WRITE_PROVISION}',
+                           jsonb_build_object('device_id', device_id)
+                    FROM inserted
+                )
+                SELECT device_id, serial_number FROM inserted
                 """,
                 {
                     "rows": document,
@@ -154,9 +187,8 @@ class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows,
                     "deadline": self.db.write_deadline(conn),
                 },
             )
-            if len(rows) == 1:
-                return [rows[0].record() if cur.rowcount == 1 else None]
             inserted = set(await cur.fetchall())
+            self.unconfirmed.confirm_on_commit(conn, [serial for _, serial in inserted])
         return [
             row.record() if (row.device_id, row.certificate.serial_number) in inserted else None
             for row in rows
@@ -165,16 +197,23 @@ class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows,
     async def claim_provision(
         self, device_id: str, request_id: uuid.UUID, serial_number: str, now: datetime
     ) -> CertificateRecord | None:
-        """A retry of a provision takes its row as it is (`updated_at` moves, so that
-        `undo_unknown_inserts` leaves it alone); None when it is no longer there as read."""
+        """A retry of a provision takes its row as it is (`updated_at` moves, so that an undo
+        leaves it alone, and its unconfirmed marker goes); None when it is no longer there as
+        read."""
         async with self.connection() as conn:
             cur = await conn.execute(
                 f"""
-                UPDATE device_certificates SET updated_at = greatest(%(now)s, created_at
-                    + interval '1 microsecond')
-                WHERE device_id = %(device)s AND request_id = %(request_id)s
-                  AND serial_number = %(serial)s AND {WRITE_GUARD}
-                RETURNING {COLUMNS}
+                WITH claimed AS (
+                    UPDATE device_certificates SET updated_at = greatest(%(now)s, created_at
+                        + interval '1 microsecond')
+                    WHERE device_id = %(device)s AND request_id = %(request_id)s
+                      AND serial_number = %(serial)s AND {WRITE_GUARD}
+                    RETURNING {COLUMNS}
+                ), confirmed AS (
+                    DELETE FROM certificate_unconfirmed_writes
+                    WHERE subject IN (SELECT serial_number FROM claimed)
+                )
+                SELECT * FROM claimed
                 """,
                 {
                     "now": now,
@@ -188,33 +227,31 @@ class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows,
             row = await cur.fetchone()
         return None if row is None else to_record(row)
 
-    async def undo_unknown_inserts(self, rows: Sequence[NewRow]) -> None:
-        """Provisions answered OUTCOME_UNKNOWN (shared/db.py): a row one of them stored would
-        refuse the caller's plain retry (ALREADY_EXISTS), and a generated key went to nobody.
-        Delete each row that is still as its provision left it, with its cache invalidation;
-        a retry that replaced its certificate, or any change since, leaves it alone."""
+    async def _undo_provisions(
+        self, conn: Connection, writes: Sequence[Unconfirmed], now: datetime
+    ) -> None:
+        """Provisions whose callers were never told of them (answered OUTCOME_UNKNOWN, or their
+        process died first): a row one of them stored would refuse the caller's plain retry
+        (ALREADY_EXISTS), and a generated key went to nobody. Delete each row that is still
+        as its provision left it, with its cache invalidation; a retry that took it over or
+        replaced its certificate, or any change since, leaves it alone."""
         document = json.dumps(
-            [{"device_id": r.device_id, "serial": r.certificate.serial_number} for r in rows]
+            [{"device_id": w.args["device_id"], "serial": w.subject} for w in writes]
         )
-        async with self.connection() as conn:
-            await conn.execute(
-                f"""
-                WITH changed AS (
-                    DELETE FROM device_certificates AS d
-                    USING jsonb_to_recordset(%(rows)s::jsonb) AS r(device_id text, serial text)
-                    WHERE d.device_id = r.device_id AND d.serial_number = r.serial
-                      AND d.renewal_count = 0 AND d.updated_at = d.created_at
-                      AND {WRITE_GUARD}
-                    RETURNING d.device_id, d.uuid_subdomain
-                ), {LOG_CHANGED}
-                SELECT count(*) FROM logged
-                """,
-                {
-                    "rows": document,
-                    "now": rows[0].now,
-                    "deadline": self.db.write_deadline(conn),
-                },
-            )
+        await conn.execute(
+            f"""
+            WITH changed AS (
+                DELETE FROM device_certificates AS d
+                USING jsonb_to_recordset(%(rows)s::jsonb) AS r(device_id text, serial text)
+                WHERE d.device_id = r.device_id AND d.serial_number = r.serial
+                  AND d.renewal_count = 0 AND d.updated_at = d.created_at
+                  AND {WRITE_GUARD}
+                RETURNING d.device_id, d.uuid_subdomain
+            ), {LOG_CHANGED}
+            SELECT count(*) FROM logged
+            """,
+            {"rows": document, "now": now, "deadline": self.db.write_deadline(conn)},
+        )
 
     async def conflict(self, device_id: str, uuid_subdomain: str) -> Conflict:
         async with self.connection() as conn:
@@ -255,6 +292,9 @@ class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows,
                       AND status = 'active' AND renewal_count = 0
                       AND serial_number = %(old_serial)s AND {WRITE_GUARD}
                     RETURNING {COLUMNS}
+                ), confirmed AS (
+                    DELETE FROM certificate_unconfirmed_writes
+                    WHERE subject = %(old_serial)s AND EXISTS (SELECT 1 FROM changed)
                 ), {LOG_CHANGED}
                 SELECT changed.*, logged.id FROM changed, logged
                 """,

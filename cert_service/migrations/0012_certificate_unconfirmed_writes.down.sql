@@ -1,0 +1,1 @@
+DROP TABLE IF EXISTS certificate_unconfirmed_writes;
