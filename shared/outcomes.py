@@ -71,6 +71,12 @@ from shared.tasks import BackgroundTask, run_periodically
 
 log = get_logger(__name__)
 
+# A condition for the statement that writes a marker: its transaction commits without waiting
+# for the WAL to reach the disk. Its confirmation commits synchronously, and that flush covers
+# every earlier commit record, so the write is durable before its caller is answered, at one
+# flush per write as before. A crash before that flush loses the write with its marker, and
+# its caller was not answered.
+ASYNC_COMMIT: Final = "set_config('synchronous_commit', 'off', true) IS NOT NULL"
 # The most markers one sweep transaction takes; a pass goes on while it finds that many.
 SWEEP_BATCH: Final = 50
 # A sweep's transaction may take this long (the undo of a batch is a few statements each).
@@ -117,9 +123,12 @@ class UnconfirmedWrites:
 
     async def mark(self, conn: Connection, write: Unconfirmed) -> None:
         """Record `write` in its own transaction on `conn`, undo it should its outcome become
-        unknown, and confirm it once it has committed."""
+        unknown, and confirm it once it has committed. The transaction commits without
+        waiting for its WAL flush (`ASYNC_COMMIT`)."""
         await conn.execute(
-            sql.SQL("INSERT INTO {} (subject, kind, args) VALUES (%s, %s, %s)").format(self._name),
+            sql.SQL("INSERT INTO {} (subject, kind, args) SELECT %s, %s, %s WHERE {}").format(
+                self._name, sql.SQL(ASYNC_COMMIT)
+            ),
             (write.subject, write.kind, Jsonb(dict(write.args))),
         )
         self.undo_if_unknown(conn, [write])
@@ -167,7 +176,7 @@ class UnconfirmedWrites:
         deleted it, and its caller was not told of the write either)."""
         now = self.clock.now()
         async with self.db.connection() as conn, conn.transaction():
-            await self._undo_by_kind(conn, writes, now)
+            await self.dispatch(conn, writes, now)
             await self.forget(conn, [write.subject for write in writes])
             self.db.check_commit(conn)
         self._count(writes, "owner")
@@ -197,7 +206,7 @@ class UnconfirmedWrites:
                 for write in found:
                     try:
                         async with conn.transaction():
-                            await self._undo_by_kind(conn, [write], now)
+                            await self.dispatch(conn, [write], now)
                     except (psycopg.Error, LookupError) as exc:
                         if is_connection_error(exc):
                             raise
@@ -224,17 +233,19 @@ class UnconfirmedWrites:
             if len(found) < SWEEP_BATCH:
                 return undone
 
-    async def _undo_by_kind(
+    async def dispatch(
         self, conn: Connection, writes: Sequence[Unconfirmed], now: datetime
     ) -> None:
+        """Undo `writes` on `conn`: one call of each kind's undo, with that kind's writes in
+        their order. LookupError, before anything is undone, for a kind this service has no
+        undo for (a newer replica's, during an upgrade): its marker waits for one that has."""
         kinds: dict[str, list[Unconfirmed]] = {}
         for write in writes:
+            if write.kind not in self._undo:
+                raise LookupError(f"no undo for writes of kind {write.kind!r}")
             kinds.setdefault(write.kind, []).append(write)
         for kind, group in kinds.items():
-            undo = self._undo.get(kind)
-            if undo is None:
-                raise LookupError(f"no undo for writes of kind {kind!r}")
-            await undo(conn, group, now)
+            await self._undo[kind](conn, group, now)
 
     async def forget(self, conn: Connection, subjects: Sequence[str]) -> None:
         """Delete the markers of `subjects` in the transaction on `conn`: a retry that claims

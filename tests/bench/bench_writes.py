@@ -18,6 +18,7 @@ import time
 import uuid
 
 import grpc
+import psycopg
 
 from cert_service.ca import create_development_ca
 from deploy.devstack.servers import free_port
@@ -35,7 +36,17 @@ def summary(label: str, seconds: list[float]) -> str:
     return f"{label:<32} n={len(ordered)} {figures}"
 
 
-async def measure(cert_address: str, key_address: str) -> None:
+async def wal_flushes(conninfo: str) -> int:
+    """How many times PostgreSQL has flushed its WAL to disk so far (a synchronous commit
+    waits for one; concurrent ones share it)."""
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        cur = await conn.execute("SELECT wal_sync FROM pg_stat_wal")
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def measure(cert_address: str, key_address: str, conninfo: str) -> None:
     async with (
         grpc.aio.insecure_channel(cert_address) as cert_channel,
         grpc.aio.insecure_channel(key_address) as key_channel,
@@ -46,6 +57,7 @@ async def measure(cert_address: str, key_address: str) -> None:
         provisions: list[float] = []
         generates: list[float] = []
         devices = [f"bench-{run}-{index}" for index in range(WARM_UP + CALLS)]
+        flushes = [await wal_flushes(conninfo)]
         for index, device in enumerate(devices):
             started = time.perf_counter()
             await certs.ProvisionCertificate(
@@ -56,6 +68,7 @@ async def measure(cert_address: str, key_address: str) -> None:
             )
             if index >= WARM_UP:
                 provisions.append(time.perf_counter() - started)
+        flushes.append(await wal_flushes(conninfo))
         for index, device in enumerate(devices):
             started = time.perf_counter()
             await keys.GenerateApiKey(
@@ -66,8 +79,16 @@ async def measure(cert_address: str, key_address: str) -> None:
             )
             if index >= WARM_UP:
                 generates.append(time.perf_counter() - started)
-    print(summary("ProvisionCertificate (key made)", provisions))
-    print(summary("GenerateApiKey", generates))
+        flushes.append(await wal_flushes(conninfo))
+    calls = len(devices)
+    print(
+        summary("ProvisionCertificate (key made)", provisions),
+        f" WAL flushes/call {(flushes[1] - flushes[0]) / calls:.2f}",
+    )
+    print(
+        summary("GenerateApiKey", generates),
+        f" WAL flushes/call {(flushes[2] - flushes[1]) / calls:.2f}",
+    )
 
 
 def main() -> None:
@@ -91,7 +112,7 @@ def main() -> None:
             command = [sys.executable, "-m", service, "serve"]
             process = start_process(command, env, port, log=directory / f"{service}.log")
             running.callback(stop_process, process)
-        asyncio.run(measure(f"127.0.0.1:{cert_port}", f"127.0.0.1:{key_port}"))
+        asyncio.run(measure(f"127.0.0.1:{cert_port}", f"127.0.0.1:{key_port}", databases.conninfo))
 
 
 if __name__ == "__main__":

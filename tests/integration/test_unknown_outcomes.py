@@ -311,3 +311,22 @@ async def test_a_provision_whose_confirmation_failed_is_undone_and_its_retry_pro
     got = await cert_stub.GetCertificate(cert_pb2.GetCertificateRequest(device_id="refused"))
     assert got.certificate.serial_number == retried.certificate.serial_number
     assert await markers(db_conn, CERT_MARKERS) == []
+
+
+async def test_a_marker_no_undo_knows_waits_and_does_not_hold_up_the_others(
+    sweeper: Database, db_conn: Conn
+) -> None:
+    """A kind this replica cannot undo (a newer replica's, during an upgrade) keeps its
+    marker for one that can; the sweep goes on with the rest."""
+    store = KeyStore(sweeper)
+    now = datetime.now(UTC)
+    left, _ = await store.create(new_key("leftover", now), AUDIT, now)
+    await db_conn.execute(
+        "INSERT INTO api_key_unconfirmed_writes (subject, kind, args, created_at) VALUES "
+        "('from-a-newer-replica', 'renewal', '{}', now() - interval '1 hour'), "
+        "(%s, 'create', '{\"request_id\": null}', now())",
+        (str(left.id),),
+    )
+    assert await store.unconfirmed.sweep() == 1
+    assert await revoked(db_conn, left.id)
+    assert await markers(db_conn, KEY_MARKERS) == ["from-a-newer-replica"]

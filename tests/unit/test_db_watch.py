@@ -339,6 +339,62 @@ async def test_an_unknown_outcome_is_said_and_resolved_once_the_write_has_settle
     assert settled_first == [True]
 
 
+async def test_a_write_whose_confirmation_fails_is_answered_outcome_unknown_and_resolved(
+    db: Database, server: FakeServer
+) -> None:
+    """The write committed (the server answered), its confirmation did not take: nothing is
+    left to settle, so it is resolved at once, and no server process is ended for it."""
+    resolved = asyncio.Event()
+    confirmed: list[bool] = []
+
+    async def resolve() -> None:
+        resolved.set()
+
+    async def refuse(conn: Connection) -> bool:
+        confirmed.append(False)
+        return False
+
+    async def write_then_fail_to_confirm() -> None:
+        async with db.connection() as conn:
+            db.on_unknown_outcome(conn, resolve)
+            db.on_committed(conn, refuse)
+            db.check_commit(conn)  # and the COMMIT is answered
+
+    with pytest.raises(DomainError) as failed:
+        await write_then_fail_to_confirm()
+    assert failed.value.reason == "OUTCOME_UNKNOWN"
+    assert confirmed == [False]
+    await asyncio.wait_for(resolved.wait(), 5)
+    assert server.terminated == []
+    assert db.up
+
+
+async def test_a_confirmed_write_is_answered_and_never_resolved(db: Database) -> None:
+    resolved: list[bool] = []
+
+    async def resolve() -> None:
+        resolved.append(True)
+
+    async def accept(conn: Connection) -> bool:
+        return True
+
+    async def failing_write() -> None:
+        async with db.connection() as conn:
+            db.on_unknown_outcome(conn, resolve)
+            db.on_committed(conn, accept)
+            raise DomainError(ErrorKind.ALREADY_EXISTS, "taken", "TAKEN")
+
+    async with db.connection() as conn:
+        db.on_unknown_outcome(conn, resolve)
+        db.on_committed(conn, accept)
+        db.check_commit(conn)
+    # A block that fails (its transaction rolled back) confirms nothing either.
+    with pytest.raises(DomainError):
+        await failing_write()
+    await settled(db)
+    assert resolved == []
+
+
 async def test_a_failure_without_a_commit_in_flight_is_not_an_unknown_outcome(
     db: Database,
 ) -> None:
