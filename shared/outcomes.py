@@ -265,7 +265,7 @@ class UnconfirmedWrites:
     async def run(self) -> None:
         """Sweep every `interval` seconds until cancelled (an outage is retried quietly)."""
         await run_periodically(
-            f"{self.db.service} unconfirmed writes",
+            "unconfirmed writes",
             self.sweep,
             self.interval,
             quiet=(DomainError,),

@@ -37,6 +37,9 @@ class CertificateServiceStub:
     within seconds of the database answering again, a provisioned certificate
     nobody was told of (so a plain retry is not refused), unless the retry
     claimed it first; such a provision counts against the provisioning limits.
+    Should the service die before it could, another replica deletes it within
+    35 s (DB_UNCONFIRMED_GRACE + DB_UNCONFIRMED_SWEEP_INTERVAL) of the database
+    answering. A certificate in a successful answer is never deleted for this.
     A revocation is never undone: retry it.
     """
 
@@ -119,6 +122,9 @@ class CertificateServiceServicer:
     within seconds of the database answering again, a provisioned certificate
     nobody was told of (so a plain retry is not refused), unless the retry
     claimed it first; such a provision counts against the provisioning limits.
+    Should the service die before it could, another replica deletes it within
+    35 s (DB_UNCONFIRMED_GRACE + DB_UNCONFIRMED_SWEEP_INTERVAL) of the database
+    answering. A certificate in a successful answer is never deleted for this.
     A revocation is never undone: retry it.
     """
 
@@ -303,6 +309,9 @@ class CertificateService:
     within seconds of the database answering again, a provisioned certificate
     nobody was told of (so a plain retry is not refused), unless the retry
     claimed it first; such a provision counts against the provisioning limits.
+    Should the service die before it could, another replica deletes it within
+    35 s (DB_UNCONFIRMED_GRACE + DB_UNCONFIRMED_SWEEP_INTERVAL) of the database
+    answering. A certificate in a successful answer is never deleted for this.
     A revocation is never undone: retry it.
     """
 

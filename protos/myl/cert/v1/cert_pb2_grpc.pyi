@@ -38,6 +38,9 @@ class CertificateServiceStub:
     within seconds of the database answering again, a provisioned certificate
     nobody was told of (so a plain retry is not refused), unless the retry
     claimed it first; such a provision counts against the provisioning limits.
+    Should the service die before it could, another replica deletes it within
+    35 s (DB_UNCONFIRMED_GRACE + DB_UNCONFIRMED_SWEEP_INTERVAL) of the database
+    answering. A certificate in a successful answer is never deleted for this.
     A revocation is never undone: retry it.
     """
 
@@ -105,6 +108,9 @@ class CertificateServiceAsyncStub(CertificateServiceStub):
     within seconds of the database answering again, a provisioned certificate
     nobody was told of (so a plain retry is not refused), unless the retry
     claimed it first; such a provision counts against the provisioning limits.
+    Should the service die before it could, another replica deletes it within
+    35 s (DB_UNCONFIRMED_GRACE + DB_UNCONFIRMED_SWEEP_INTERVAL) of the database
+    answering. A certificate in a successful answer is never deleted for this.
     A revocation is never undone: retry it.
     """
 
@@ -168,6 +174,9 @@ class CertificateServiceServicer(metaclass=_abc_1.ABCMeta):
     within seconds of the database answering again, a provisioned certificate
     nobody was told of (so a plain retry is not refused), unless the retry
     claimed it first; such a provision counts against the provisioning limits.
+    Should the service die before it could, another replica deletes it within
+    35 s (DB_UNCONFIRMED_GRACE + DB_UNCONFIRMED_SWEEP_INTERVAL) of the database
+    answering. A certificate in a successful answer is never deleted for this.
     A revocation is never undone: retry it.
     """
 

@@ -36,7 +36,10 @@ class ApiKeyServiceStub:
     within seconds of the database answering again, what such a write left that
     nobody was told of (a key nobody received is revoked; a rotation is undone:
     the rotated key works again and its successor is revoked), unless the retry
-    claimed it first. A revocation is never undone.
+    claimed it first. Should the service die before it could, another replica
+    undoes it within 35 s (DB_UNCONFIRMED_GRACE + DB_UNCONFIRMED_SWEEP_INTERVAL)
+    of the database answering. A key in a successful answer is never undone for
+    this. A revocation is never undone.
     """
 
     def __init__(self, channel):
@@ -98,7 +101,10 @@ class ApiKeyServiceServicer:
     within seconds of the database answering again, what such a write left that
     nobody was told of (a key nobody received is revoked; a rotation is undone:
     the rotated key works again and its successor is revoked), unless the retry
-    claimed it first. A revocation is never undone.
+    claimed it first. Should the service die before it could, another replica
+    undoes it within 35 s (DB_UNCONFIRMED_GRACE + DB_UNCONFIRMED_SWEEP_INTERVAL)
+    of the database answering. A key in a successful answer is never undone for
+    this. A revocation is never undone.
     """
 
     def GenerateApiKey(self, request, context):
@@ -223,7 +229,10 @@ class ApiKeyService:
     within seconds of the database answering again, what such a write left that
     nobody was told of (a key nobody received is revoked; a rotation is undone:
     the rotated key works again and its successor is revoked), unless the retry
-    claimed it first. A revocation is never undone.
+    claimed it first. Should the service die before it could, another replica
+    undoes it within 35 s (DB_UNCONFIRMED_GRACE + DB_UNCONFIRMED_SWEEP_INTERVAL)
+    of the database answering. A key in a successful answer is never undone for
+    this. A revocation is never undone.
     """
 
     @staticmethod

@@ -37,7 +37,10 @@ class ApiKeyServiceStub:
     within seconds of the database answering again, what such a write left that
     nobody was told of (a key nobody received is revoked; a rotation is undone:
     the rotated key works again and its successor is revoked), unless the retry
-    claimed it first. A revocation is never undone.
+    claimed it first. Should the service die before it could, another replica
+    undoes it within 35 s (DB_UNCONFIRMED_GRACE + DB_UNCONFIRMED_SWEEP_INTERVAL)
+    of the database answering. A key in a successful answer is never undone for
+    this. A revocation is never undone.
     """
 
     @_typing.overload
@@ -81,7 +84,10 @@ class ApiKeyServiceAsyncStub(ApiKeyServiceStub):
     within seconds of the database answering again, what such a write left that
     nobody was told of (a key nobody received is revoked; a rotation is undone:
     the rotated key works again and its successor is revoked), unless the retry
-    claimed it first. A revocation is never undone.
+    claimed it first. Should the service die before it could, another replica
+    undoes it within 35 s (DB_UNCONFIRMED_GRACE + DB_UNCONFIRMED_SWEEP_INTERVAL)
+    of the database answering. A key in a successful answer is never undone for
+    this. A revocation is never undone.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -121,7 +127,10 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
     within seconds of the database answering again, what such a write left that
     nobody was told of (a key nobody received is revoked; a rotation is undone:
     the rotated key works again and its successor is revoked), unless the retry
-    claimed it first. A revocation is never undone.
+    claimed it first. Should the service die before it could, another replica
+    undoes it within 35 s (DB_UNCONFIRMED_GRACE + DB_UNCONFIRMED_SWEEP_INTERVAL)
+    of the database answering. A key in a successful answer is never undone for
+    this. A revocation is never undone.
     """
 
     @_abc_1.abstractmethod
