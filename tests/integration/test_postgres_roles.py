@@ -159,6 +159,7 @@ async def test_both_services_work_as_their_own_roles(
         assert (await keys.stub.VerifyApiKey(verify)).result == key_pb2.VERIFY_RESULT_REVOKED
         audit = await keys.stub.ListAuditEvents(key_pb2.ListAuditEventsRequest(key_id=str(row.id)))
         assert len(audit.events) >= 2  # created and revoked, appended by the service's role
+        await keys.app.store.unconfirmed.sweep()  # locks markers FOR UPDATE, as the role
     finally:
         await keys.stop()
 
@@ -176,6 +177,7 @@ async def test_both_services_work_as_their_own_roles(
         publisher = certs.app.crl_publisher
         assert publisher is not None
         await publisher.run_once()  # the CRL tables, as the service's role
+        await certs.app.store.unconfirmed.sweep()
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.ProvisionCertificate(provision)
         assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
