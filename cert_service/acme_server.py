@@ -56,7 +56,9 @@ from cert_service.acme_jws import (
 from cert_service.ari import RenewalPolicy
 from cert_service.certificates import DeviceCertificates
 from cert_service.issuer import serial_hex
+from cert_service.metrics import ACME_REQUESTS
 from cert_service.names import certificate_names
+from cert_service.pki import issuer_key_id
 from cert_service.storage.acme_server import AcmeServerStore, DeviceAccount, DeviceOrder
 from shared.clock import Clock
 from shared.errors import DomainError, ErrorKind, not_found
@@ -170,32 +172,31 @@ class AcmeServer:
     async def _problems(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
+        problem: Problem | None = None
+        allowed: set[str] = set()
         try:
             response = await handler(request)
-        except Problem as problem:
-            response = self._problem_response(problem)
+        except Problem as raised:
+            problem = raised
         except DomainError as error:
-            response = self._problem_response(_from_domain(error))
+            problem = _from_domain(error)
         except web.HTTPMethodNotAllowed as exc:
-            response = self._problem_response(
-                Problem("malformed", f"{request.method} is not allowed here", status=405)
-            )
-            response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+            problem = Problem("malformed", f"{request.method} is not allowed here", status=405)
+            allowed = set(exc.allowed_methods)
         except web.HTTPNotFound:
-            response = self._problem_response(
-                Problem("malformed", "no such ACME resource", status=404)
-            )
+            problem = Problem("malformed", "no such ACME resource", status=404)
         except web.HTTPRequestEntityTooLarge:
-            response = self._problem_response(
-                Problem("malformed", f"a request body is at most {MAX_BODY} bytes", status=413)
-            )
+            problem = Problem("malformed", f"a request body is at most {MAX_BODY} bytes", 413)
         except web.HTTPException:
             raise
         except Exception:
             log.exception("acme request failed", path=request.path)
-            response = self._problem_response(
-                Problem("serverInternal", "the server failed; retry later", status=500)
-            )
+            problem = Problem("serverInternal", "the server failed; retry later", status=500)
+        if problem is not None:
+            response = self._problem_response(problem)
+            if allowed:
+                response.headers["Allow"] = ", ".join(sorted(allowed))
+        ACME_REQUESTS.labels(_resource(request), problem.kind if problem else "ok").inc()
         base = _base_url(request)
         response.headers["Link"] = f'<{base}{PREFIX}/directory>;rel="index"'
         response.headers.setdefault("Cache-Control", "no-store")
@@ -274,7 +275,7 @@ class AcmeServer:
             raise Problem("accountDoesNotExist", "no such account")
         if account.status != "valid":
             raise Problem("unauthorized", f"the account is {account.status}", 401)
-        if not await self.store.device_alive(account.device_id, account.device_created_at):
+        if not account.device_alive:
             await self.store.deactivate_accounts(account.device_id, account.device_created_at)
             log.info("acme account deactivated: device gone", account=account.account_id)
             raise Problem("unauthorized", "the account is deactivated: its device was deleted", 401)
@@ -523,6 +524,8 @@ class AcmeServer:
         payload = jws.payload_object()
         if order.status != "ready":
             raise Problem("orderNotReady", f"the order is {order.status}", status=403)
+        if order.expires_at <= self.clock.now():
+            raise Problem("orderNotReady", "the order has expired: place a new one", status=403)
         csr_pem = _csr_pem(payload.get("csr"), order.identifiers)
         record = await self.certificates.store.get_by_device(order.device_id)
         if record is None:
@@ -692,6 +695,8 @@ class AcmeServer:
         if order is None or order.certificate_pem is None:
             raise Problem("malformed", "no certificate with this certID", status=404)
         leaf = x509.load_pem_x509_certificates(order.certificate_pem.encode("ascii"))[0]
+        if b64decode(aki, "the certID's key identifier") != issuer_key_id(order.certificate_pem):
+            raise Problem("malformed", "no certificate with this certID", status=404)
         record = await self.certificates.store.get_by_device(order.device_id)
         current = record is not None and record.serial_number == serial
         now = self.clock.now()
@@ -713,6 +718,17 @@ class AcmeServer:
         response = web.json_response(body)
         response.headers["Retry-After"] = _ARI_RETRY_AFTER
         return response
+
+
+def _resource(request: web.Request) -> str:
+    """The metric label of a request: the resource's first path segment (a fixed set)."""
+    route = request.match_info.route.resource
+    if route is None:
+        return "unknown"
+    segments = (route.canonical.removeprefix(PREFIX + "/") or "unknown").split("/")
+    if segments[0] in ("acct", "order") and len(segments) == 3:
+        return f"{segments[0]}-{segments[2]}"  # acct-orders, order-finalize
+    return segments[0]
 
 
 def _base_url(request: web.Request) -> str:

@@ -18,6 +18,13 @@ CERTIFICATE_OPERATIONS = Counter(
     "Certificate issuance and renewal outcomes",
     ["operation", "outcome"],
 )
+# The ACME server's answers: the resource (directory, new-order, finalize, ...) and the
+# outcome (ok, or the problem type: badNonce, rejectedIdentifier, ...).
+ACME_REQUESTS = Counter(
+    "myl_acme_server_requests_total",
+    "Requests to the RFC 8555 server devices use, by resource and outcome",
+    ["resource", "outcome"],
+)
 OUTBOX_PENDING = Gauge("myl_outbox_pending_events", "Device events not yet delivered")
 OUTBOX_LAG = Gauge(
     "myl_outbox_lag_seconds", "Age of the oldest undelivered device event (0 when none)"

@@ -31,6 +31,8 @@ class DeviceAccount:
     status: str
     contact: list[str]
     created_at: datetime
+    # Whether the device row it was bound to still exists (read with the account).
+    device_alive: bool = True
 
 
 @dataclass(frozen=True)
@@ -158,9 +160,16 @@ class AcmeServerStore(StoreBase):
             return await cur.fetchone() is not None
 
     async def account(self, account_id: str) -> DeviceAccount | None:
+        """The account, and whether its device row still exists (one round trip: every
+        request signed with a kid reads it)."""
         async with self.connection() as conn:
             cur = await conn.execute(
-                f"SELECT {_ACCOUNT} FROM acme_device_accounts WHERE account_id = %s",
+                f"""
+                SELECT {_ACCOUNT}, EXISTS (
+                    SELECT 1 FROM device_certificates d
+                    WHERE d.device_id = a.device_id AND d.created_at = a.device_created_at)
+                FROM acme_device_accounts a WHERE account_id = %s
+                """,
                 (account_id,),
             )
             row = await cur.fetchone()
@@ -174,16 +183,6 @@ class AcmeServerStore(StoreBase):
             )
             row = await cur.fetchone()
         return None if row is None else DeviceAccount(*row)
-
-    async def device_alive(self, device_id: str, created_at: datetime) -> bool:
-        """Whether the device row an account was bound to still exists (and is that row, not
-        one provisioned again after a deletion)."""
-        async with self.connection() as conn:
-            cur = await conn.execute(
-                "SELECT 1 FROM device_certificates WHERE device_id = %s AND created_at = %s",
-                (device_id, created_at),
-            )
-            return await cur.fetchone() is not None
 
     async def deactivate_accounts(self, device_id: str, created_at: datetime) -> int:
         """Deactivate every account bound to this device row; returns how many were valid."""

@@ -244,7 +244,7 @@ async def test_hostile_requests_get_problem_documents_never_a_5xx(
         await provision(http, gateway, admin, "fuzz-other")
         eabs = [
             await eab_credentials(http, gateway, admin, device)
-            for device in ("fuzz-device", "fuzz-other")
+            for device in ("fuzz-device", "fuzz-other", "fuzz-device")
         ]
     base = f"{gateway.url}/acme"
 
@@ -254,7 +254,7 @@ async def test_hostile_requests_get_problem_documents_never_a_5xx(
             mine, theirs = Signer(), Signer()
             account = _register(http_sync, base, mine, eabs[0])
             other_account = _register(http_sync, base, theirs, eabs[1])
-            _run_hostile(http_sync, base, mine, account, other_account)
+            _run_hostile(http_sync, base, mine, account, other_account, eabs[2]["kid"])
 
     await asyncio.to_thread(attack)
 
@@ -286,8 +286,9 @@ def _register(http: httpx.Client, base: str, signer: Signer, eab: Any) -> str:
 
 
 def _run_hostile(
-    http: httpx.Client, base: str, signer: Signer, account: str, other_account: str
+    http: httpx.Client, base: str, signer: Signer, account: str, other_account: str, kid: str
 ) -> None:
+    """`kid`: EAB credentials nobody used; forged bindings with it must never bind."""
     order_url = f"{base}/new-order"
 
     def signed(
@@ -337,6 +338,7 @@ def _run_hostile(
                 "jwk_and_kid",
                 "content_type",
                 "payload",
+                "eab_forged",
             ]
         ),
         data=st.binary(max_size=64),
@@ -382,6 +384,17 @@ def _run_hostile(
             body, expected = signed(url, b"", header={"alg": alg}), "badSignatureAlgorithm"
         elif kind == "jwk_and_kid":
             body = signed(url, b"", header={"jwk": signer.jwk})
+        elif kind == "eab_forged":
+            url, expected, newcomer = f"{base}/new-account", "unauthorized", Signer()
+            protected = b64(json.dumps({"alg": "HS256", "kid": kid, "url": url}).encode())
+            binding = {
+                "protected": protected,
+                "payload": b64(json.dumps(newcomer.jwk).encode()),
+                "signature": b64(hashlib.sha256(data).digest()),
+            }
+            header = {"alg": "ES256", "jwk": newcomer.jwk, "nonce": _nonce(http, base), "url": url}
+            payload = {"termsOfServiceAgreed": True, "externalAccountBinding": binding}
+            body = json.dumps(newcomer.sign(header, json.dumps(payload).encode())).encode()
         elif kind == "content_type":
             body, content_type = signed(url, b""), "application/json"
         else:
