@@ -173,6 +173,11 @@ class EdgeTrustWriter:
         """One refresh; True when the files changed."""
         trust = await self.read()
         REFRESHED.set_to_current_time()
+        if not trust.crls:
+            # Nothing signed yet (a first start): an empty CRL file would be refused by
+            # Envoy; the files wait for the publisher's first pass.
+            log.warning("no CRL signed yet", shards=self.shards)
+            return False
         if trust == self.written:
             return False
         await asyncio.to_thread(write_trust, self.directory, trust, self.zone)
@@ -190,8 +195,15 @@ class EdgeTrustWriter:
         await run_periodically("edge trust", self.run_once, self.interval)
 
 
-async def _serve(writer: EdgeTrustWriter, channel: grpc.aio.Channel) -> None:
-    async with channel:
+async def _serve(address: str, directory: Path, shards: int, zone: str, interval: float) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        writer = EdgeTrustWriter(
+            cert_pb2_grpc.CertificateServiceStub(channel),
+            directory,
+            shards=shards,
+            zone=zone,
+            interval=interval,
+        )
         await writer.run()
 
 
@@ -217,16 +229,8 @@ def main() -> int:
         return 2
     if metrics_port:
         start_http_server(metrics_port, addr="127.0.0.1")
-    channel = grpc.aio.insecure_channel(address)
-    writer = EdgeTrustWriter(
-        cert_pb2_grpc.CertificateServiceStub(channel),
-        directory,
-        shards=shards,
-        zone=zone,
-        interval=interval,
-    )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(writer, channel))
+        asyncio.run(_serve(address, directory, shards, zone, interval))
     return 0
 
 

@@ -54,7 +54,14 @@ from deploy.devstack.acme import (
     generate_account_key,
     generate_eab,
 )
-from deploy.devstack.gateway import GatewayPorts, envoy_command, render_envoy_config
+from deploy.devstack.gateway import (
+    TRUST_FILE,
+    DeviceTls,
+    GatewayPorts,
+    create_gateway_certificate,
+    envoy_command,
+    render_envoy_config,
+)
 from deploy.devstack.servers import (
     SERVICE_KEY_PATTERNS,
     DevStackError,
@@ -272,6 +279,10 @@ class Stack:
         # Certificates name CRLs and the CA certificate under the local gateway.
         self.env.setdefault("PKI_BASE_URL", f"http://127.0.0.1:{self.gateway_port}")
         self.admin_port = reader.port("ENVOY_ADMIN_PORT", 9901)
+        # Devices with their certificate (mutual TLS); the built-in CA only (ACME-issued
+        # certificates chain to a public CA whose CRLs the gateway does not hold).
+        self.device_port = reader.port("DEVICE_TLS_PORT", 8443)
+        self.trust_metrics_port = reader.port("EDGE_TRUST_METRICS_PORT", 9466)
         # Replica i of a service listens on its port + 100 * i (metrics likewise).
         self.cert_ports = _replica_ports(self.env, "CERT_SERVICE", self.cert_port)
         self.key_ports = _replica_ports(self.env, "KEY_SERVICE", self.key_port)
@@ -279,6 +290,9 @@ class Stack:
         cert = EnvReader("CERT_SERVICE", self.env)
         self.local_acme = cert.text("CERT_ISSUER", "builtin") == "acme" and not cert.text(
             "ACME_DIRECTORY_URL", ""
+        )
+        self.device_tls = cert.text("CERT_ISSUER", "builtin") == "builtin" and bool(
+            self.device_port
         )
         self.knot_port = reader.port("KNOT_PORT", 15353)
         self.pebble_port = reader.port("PEBBLE_PORT", 14000)
@@ -304,6 +318,10 @@ class Stack:
     def ports(self) -> dict[str, int]:
         """Every port this stack will listen on, by the variable that sets it."""
         ports = {"GATEWAY_PORT": self.gateway_port, "ENVOY_ADMIN_PORT": self.admin_port}
+        if self.device_tls:
+            ports["DEVICE_TLS_PORT"] = self.device_port
+            if self.trust_metrics_port:
+                ports["EDGE_TRUST_METRICS_PORT"] = self.trust_metrics_port
         for prefix, service_ports, metrics_default in (
             ("CERT_SERVICE", self.cert_ports, 9464),
             ("KEY_SERVICE", self.key_ports, 9465),
@@ -576,7 +594,41 @@ class Stack:
         for port, process in started:
             wait_healthy(f"127.0.0.1:{port}", 30, process)
 
+    def start_edge_trust(self) -> DeviceTls | None:
+        """The device listener's certificate and trust files: the edge trust writer (beside
+        Envoy, as on Kubernetes) keeps the CA and CRLs current in `.run/edge-trust`."""
+        if not self.device_tls:
+            return None
+        cert = EnvReader("CERT_SERVICE", self.env)
+        ca_cert, ca_key = cert.text("CA_CERT_FILE", ""), cert.text("CA_KEY_FILE", "")
+        if not (ca_cert and ca_key):
+            say("no CA key file: the device TLS listener is off")
+            self.device_tls = False
+            return None
+        server_cert, server_key = create_gateway_certificate(
+            RUN / "gateway", Path(ca_cert), Path(ca_key)
+        )
+        trust = RUN / "edge-trust"
+        writer = self.spawn(
+            "edge_trust",
+            [sys.executable, "-m", "cert_service.edge_trust"],
+            extra_env={
+                "EDGE_TRUST_DIR": str(trust),
+                "CERT_SERVICE_ADDRESS": _target(self.cert_ports),
+                "EDGE_TRUST_METRICS_PORT": str(self.trust_metrics_port),
+            },
+        )
+        deadline = time.monotonic() + 30
+        while not (trust / TRUST_FILE).exists():
+            if writer.poll() is not None:
+                raise DevStackError(f"edge_trust exited with {writer.returncode}")
+            if time.monotonic() > deadline:
+                raise DevStackError("edge_trust wrote no CRLs in 30 s (see .run/edge_trust.log)")
+            time.sleep(0.1)
+        return DeviceTls(self.device_port, server_cert, server_key, trust)
+
     def start_gateway(self) -> None:
+        device_tls = self.start_edge_trust()
         ports = GatewayPorts(
             self.gateway_port,
             self.admin_port,
@@ -592,6 +644,7 @@ class Stack:
                 ports,
                 listen_address=self.env.get("GATEWAY_HOST", "127.0.0.1"),
                 access_log_path=RUN / "envoy-access.log",
+                device_tls=device_tls,
             )
         )
         envoy = self.spawn("envoy", envoy_command(config_path, concurrency=2))
@@ -666,6 +719,8 @@ def say_ready(stack: Stack, key_path: Path) -> None:
     """The banner: every address the stack serves on, replicas included."""
     say("ready:")
     say(f"  gateway (REST + gRPC)  http://127.0.0.1:{stack.gateway_port}")
+    if stack.device_tls:
+        say(f"  devices (mutual TLS)   https://127.0.0.1:{stack.device_port}")
     say(f"  envoy admin            http://127.0.0.1:{stack.admin_port}")
     say(f"  cert_service (gRPC)    {_addresses(stack.cert_ports)}")
     say(f"  key_service (gRPC)     {_addresses(stack.key_ports)}")

@@ -15,6 +15,7 @@ import yaml
 from prometheus_client import REGISTRY
 
 import cert_service.acme_worker  # registers its metrics
+import cert_service.edge_trust  # the writer beside the gateway
 import cert_service.metrics
 import key_service.metrics
 import shared.metrics

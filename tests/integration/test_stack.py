@@ -38,6 +38,7 @@ def ports() -> dict[str, int]:
     names = [
         "DB_PORT", "REDIS_PORT", "CERT_SERVICE_PORT", "KEY_SERVICE_PORT", "GATEWAY_PORT",
         "ENVOY_ADMIN_PORT", "CERT_SERVICE_METRICS_PORT", "KEY_SERVICE_METRICS_PORT",
+        "DEVICE_TLS_PORT", "EDGE_TRUST_METRICS_PORT",
     ]  # fmt: skip
     return {name: free_port() for name in names}
 
@@ -303,6 +304,25 @@ def test_readme_walk_throughs_run_as_written_and_no_alert_fires(shared_stack: Sh
     for name, jobs in exporters.items():
         if name.startswith(CERT_SERVICE_ONLY):
             assert jobs == {"cert_service"}, (name, jobs)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("make-run")
+def test_readme_device_walk_through_runs_as_written(shared_stack: SharedStack) -> None:
+    """A device with its certificate on the device port (mutual TLS), as the README shows:
+    its own certificate read, another device's and a key-only method refused, and its
+    certificate refused in the handshake once it revoked it."""
+    stack = shared_stack.get()
+    (block,) = readme_blocks(README, "## Devices with their certificate (mutual TLS)")
+    admin = "ADMIN_KEY=$(cat .run/admin.key)\n"
+    output, failed = stack.run_script(admin + block, timeout=60)
+    # Only the last call fails: the revoked certificate, refused in the handshake.
+    assert [command.split()[:2] for command in failed] == [["curl", "-sS"]], output
+    assert '"uuidSubdomain":"sensor-1.myl.zip"' in output, output
+    assert '"reason":"DEVICE_MISMATCH"' in output, output
+    assert "it needs device:write" in output, output
+    assert '"status":"CERTIFICATE_STATUS_REVOKED"' in output, output
+    assert "certificate revoked" in output, output
 
 
 @pytest.mark.slow
