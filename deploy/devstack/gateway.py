@@ -22,7 +22,7 @@ from typing import Final, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf import descriptor_pool
 
@@ -277,46 +277,75 @@ def render_envoy_config(
     )
 
 
+@dataclass(frozen=True)
+class GatewayCertificate:
+    """The device listener's own TLS identity under `make run` and in tests: a local CA
+    (`ca`, what devices pass to `--cacert`), and the server certificate and key it signed."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
 def create_gateway_certificate(
-    directory: Path, ca_cert: Path, ca_key: Path, names: tuple[str, ...] = ("localhost",)
-) -> tuple[Path, Path]:
-    """A server certificate for the device TLS listener, signed by the development CA, for
-    `names` and 127.0.0.1 / ::1: a device that trusts the platform's CA (GetCaChain) then
-    trusts the local gateway too. Production gateways use a certificate of their own."""
-    ca = x509.load_pem_x509_certificate(ca_cert.read_bytes())
-    signer = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
-    if not isinstance(signer, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        raise ValueError(f"{ca_key}: not an EC or RSA key")
-    key = ec.generate_private_key(ec.SECP256R1())
+    directory: Path, names: tuple[str, ...] = ("localhost",)
+) -> GatewayCertificate:
+    """A local CA and a server certificate from it for `names` and 127.0.0.1 / ::1, in
+    `directory` (kept when they are there). The gateway's TLS identity is its own, apart from
+    the device CA (whose key may be in a token): production gateways use one from a public or
+    corporate CA."""
+    found = GatewayCertificate(
+        directory / "ca.crt", directory / "gateway.crt", directory / "gateway.key"
+    )
+    if all(path.exists() for path in (found.ca, found.cert, found.key)):
+        return found
     now = datetime.now(UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "myl local gateway CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
     alternative = [x509.DNSName(n) for n in names] + [
         x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")
     ]
     certificate = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-        .issuer_name(ca.subject)
+        .issuer_name(ca_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(min(now + timedelta(days=90), ca.not_valid_after_utc))
+        .not_valid_after(now + timedelta(days=825))
         .add_extension(x509.SubjectAlternativeName(alternative), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(signer, hashes.SHA256())
+        .sign(ca_key, hashes.SHA256())
     )
     directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / "gateway.crt", directory / "gateway.key"
-    key_path.touch(mode=0o600)
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return cert_path, key_path
+    found.key.touch(mode=0o600)
+    found.key.write_bytes(_pem_key(key))
+    found.cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    found.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return found
 
 
 def find_envoy() -> Path:

@@ -599,15 +599,7 @@ class Stack:
         Envoy, as on Kubernetes) keeps the CA and CRLs current in `.run/edge-trust`."""
         if not self.device_tls:
             return None
-        cert = EnvReader("CERT_SERVICE", self.env)
-        ca_cert, ca_key = cert.text("CA_CERT_FILE", ""), cert.text("CA_KEY_FILE", "")
-        if not (ca_cert and ca_key):
-            say("no CA key file: the device TLS listener is off")
-            self.device_tls = False
-            return None
-        server_cert, server_key = create_gateway_certificate(
-            RUN / "gateway", Path(ca_cert), Path(ca_key)
-        )
+        gateway = create_gateway_certificate(RUN / "gateway")
         trust = RUN / "edge-trust"
         writer = self.spawn(
             "edge_trust",
@@ -625,7 +617,7 @@ class Stack:
             if time.monotonic() > deadline:
                 raise DevStackError("edge_trust wrote no CRLs in 30 s (see .run/edge_trust.log)")
             time.sleep(0.1)
-        return DeviceTls(self.device_port, server_cert, server_key, trust)
+        return DeviceTls(self.device_port, gateway.cert, gateway.key, trust)
 
     def start_gateway(self) -> None:
         device_tls = self.start_edge_trust()

@@ -136,7 +136,6 @@ async def handshake(dg: DeviceGateway, cert: Path, key: Path) -> tuple[bool, str
 async def device_gateway(
     start_cert_service: StartCertService,
     key_service: RunningKeyService,
-    ca_files: tuple[Path, Path],
     tmp_path: Path,
     request: pytest.FixtureRequest,
 ) -> AsyncIterator[DeviceGateway]:
@@ -154,7 +153,7 @@ async def device_gateway(
     assert cert_service.app.crl_publisher is not None
     await cert_service.app.crl_publisher.run_once()
     await writer.run_once()
-    server_cert, server_key = create_gateway_certificate(tmp_path / "gw", *ca_files)
+    server = create_gateway_certificate(tmp_path / "gw")
     ports = GatewayPorts(
         free_port(), free_port(), cert_service.port, int(key_service.address.rsplit(":", 1)[1])
     )
@@ -166,14 +165,14 @@ async def device_gateway(
             ports,
             listen_address="127.0.0.1",
             access_log_path=access_log,
-            device_tls=DeviceTls(device_port, server_cert, server_key, trust),
+            device_tls=DeviceTls(device_port, server.cert, server.key, trust),
         )
     )
     process = _start_envoy(config_path, tmp_path / "envoy.log")
     gateway = Gateway(ports.listen_port, ports.admin_port, config_path, access_log, process)
     try:
         await _wait_healthy(gateway)
-        yield DeviceGateway(gateway, device_port, ca_files[0], cert_service, writer, stub, tmp_path)
+        yield DeviceGateway(gateway, device_port, server.ca, cert_service, writer, stub, tmp_path)
     finally:
         await stub_channel.close(None)
         with contextlib.suppress(ProcessLookupError):
