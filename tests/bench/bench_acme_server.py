@@ -21,6 +21,7 @@ import contextlib
 import os
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -146,15 +147,27 @@ async def _enroll(address: str, devices: int) -> dict[str, tuple[str, str]]:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
 
+        room = asyncio.Semaphore(8)
+
         async def one(index: int) -> tuple[str, tuple[str, str]]:
             device = f"bench-acme-{index}"
-            await stub.ProvisionCertificate(
-                cert_pb2.ProvisionCertificateRequest(device_id=device, uuid_subdomain=device),
-                timeout=30,
+            request = cert_pb2.ProvisionCertificateRequest(
+                device_id=device, uuid_subdomain=device, request_id=str(uuid.uuid4())
             )
-            reply = await stub.CreateAcmeEabCredentials(
-                cert_pb2.CreateAcmeEabCredentialsRequest(device_id=device), timeout=30
-            )
+            async with room:
+                for attempt in range(5):
+                    # A busy machine may leave a commit's outcome unknown: the retry with the
+                    # same request id learns it (AIP-155).
+                    try:
+                        await stub.ProvisionCertificate(request, timeout=30)
+                        break
+                    except grpc.aio.AioRpcError as error:
+                        if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == 4:
+                            raise
+                        await asyncio.sleep(0.5)
+                reply = await stub.CreateAcmeEabCredentials(
+                    cert_pb2.CreateAcmeEabCredentialsRequest(device_id=device), timeout=30
+                )
             return device, (reply.kid, reply.hmac_key)
 
         return dict(await asyncio.gather(*(one(i) for i in range(devices))))
