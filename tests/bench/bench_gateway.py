@@ -14,21 +14,47 @@ throughput), three ways:
    (transcoded, then as 2).
 
 The difference of the p50s is what the gateway adds, ext_authz included.
+
+Then a device's own way in, mutual TLS on the device listener (no key, no ext_authz), against
+the same services in the same run. h2load cannot present a client certificate, so these three
+are measured with one client for all, a Python gRPC channel (grpcio, one call at a time, the
+first tenth left out):
+
+4. direct gRPC to cert_service;
+5. gRPC through Envoy with the API key (ext_authz);
+6. gRPC through Envoy over mutual TLS with the device's certificate, on one connection: its
+   handshake happened once (requests on an open or resumed TLS session pay none).
+
+And full mutual-TLS handshakes per second on Envoy's one worker (`openssl s_time -new`, two
+clients at once so that the worker, not a client, is the limit), and resumed ones (`-reuse`).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import functools
 import os
+import re
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
 from cert_service.ca import create_development_ca
-from deploy.devstack.gateway import GatewayPorts, envoy_command, render_envoy_config
+from cert_service.edge_trust import MISSING_SHARDS, EdgeTrustWriter
+from deploy.devstack.gateway import (
+    DeviceTls,
+    GatewayCertificate,
+    GatewayPorts,
+    create_gateway_certificate,
+    envoy_command,
+    render_envoy_config,
+)
 from deploy.devstack.servers import free_port
 from deploy.devstack.stack import OPERATOR_PERMISSIONS, wait_gateway_healthy, wait_healthy
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
@@ -61,6 +87,66 @@ def h2load(url: str, log: Path, requests: int, *extra: str) -> dict[str, float]:
     }
 
 
+def sequential_calls(call: Callable[[], object], requests: int) -> dict[str, float]:
+    """`call()` `requests` times, one at a time: p50/p99 in milliseconds (first tenth out)."""
+    durations = []
+    for _ in range(requests):
+        started = time.perf_counter()
+        call()
+        durations.append((time.perf_counter() - started) * 1000)
+    measured = sorted(durations[len(durations) // 10 :])
+    return {
+        "ok": float(len(durations)),
+        "p50": percentile(measured, 50),
+        "p90": percentile(measured, 90),
+        "p99": percentile(measured, 99),
+    }
+
+
+def write_trust(cert_port: int, trust: Path) -> None:
+    """The device listener's CA and CRLs, once every shard has one (cert_service signs them
+    within seconds of its start)."""
+
+    async def write() -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{cert_port}") as channel:
+            stub = cert_pb2_grpc.CertificateServiceStub(channel)
+            writer = EdgeTrustWriter(stub, trust, shards=128, zone="myl.zip")
+            deadline = time.monotonic() + 60
+            while True:
+                await writer.run_once()
+                if writer.written is not None and MISSING_SHARDS._value.get() == 0:
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError("cert_service signed no CRL for every shard in 60 s")
+                await asyncio.sleep(0.5)
+
+    asyncio.run(write())
+
+
+def handshakes_per_second(
+    port: int, server: GatewayCertificate, cert: Path, key: Path, *, reuse: bool, clients: int = 2
+) -> float:
+    """Completed mutual-TLS handshakes per second over `clients` `openssl s_time` at once."""
+    command = [
+        "openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-CAfile", str(server.ca),
+        "-cert", str(cert), "-key", str(key), "-time", "5", "-reuse" if reuse else "-new",
+    ]  # fmt: skip
+    runs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(clients)
+    ]
+    total = 0.0
+    for run in runs:
+        out, _ = run.communicate(timeout=60)
+        # "1234 connections in 5.01s; ..." for -new; "... in 5 real seconds" too
+        found = re.findall(r"(\d+) connections in (\d+) real seconds", out)
+        if not found:
+            raise RuntimeError(f"openssl s_time said:\n{out}")
+        connections, seconds = found[-1]
+        total += int(connections) / max(1, int(seconds))
+    return total
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=5000)
@@ -86,10 +172,17 @@ def main() -> int:
             process = start_process([sys.executable, "-m", service, "serve"], env, port)
             stops.callback(stop_process, process)
             wait_healthy(f"127.0.0.1:{port}", 30, process)
+        trust = directory / "edge-trust"
+        write_trust(cert_port, trust)
+        server = create_gateway_certificate(directory / "gateway")
+        device_port = free_port()
         config = directory / "envoy.yaml"
         config.write_text(
             render_envoy_config(
-                ports, listen_address="127.0.0.1", access_log_path=directory / "access.log"
+                ports,
+                listen_address="127.0.0.1",
+                access_log_path=directory / "access.log",
+                device_tls=DeviceTls(device_port, server.cert, server.key, trust),
             )
         )
         envoy = start_process(
@@ -100,9 +193,12 @@ def main() -> int:
         wait_gateway_healthy(ports.listen_port, 30, envoy)
 
         with grpc.insecure_channel(f"127.0.0.1:{cert_port}") as channel:
-            cert_pb2_grpc.CertificateServiceStub(channel).ProvisionCertificate(
+            provisioned = cert_pb2_grpc.CertificateServiceStub(channel).ProvisionCertificate(
                 cert_pb2.ProvisionCertificateRequest(device_id=DEVICE)
             )
+        device_cert, device_key = directory / "device.crt", directory / "device.key"
+        device_cert.write_text(provisioned.certificate.certificate_chain_pem)
+        device_key.write_text(provisioned.private_key_pem)
         created = subprocess.run(
             [sys.executable, "-m", "key_service", "admin", "create-key",
              "--permissions", OPERATOR_PERMISSIONS, "--rate-limit", "1000000"],
@@ -140,6 +236,49 @@ def main() -> int:
         base = results["direct gRPC to cert_service"]["p50"]
         for name in ("gRPC through Envoy", "REST through Envoy (HTTP/1.1)"):
             print(f"gateway adds at p50 ({name}): {results[name]['p50'] - base:.3f} ms")
+
+        request = cert_pb2.GetCertificateRequest(device_id=DEVICE)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=server.ca.read_bytes(),
+            private_key=device_key.read_bytes(),
+            certificate_chain=device_cert.read_bytes(),
+        )
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{cert_port}") as direct,
+            grpc.insecure_channel(f"127.0.0.1:{ports.listen_port}") as keyed,
+            grpc.secure_channel(f"127.0.0.1:{device_port}", credentials) as mutual,
+        ):
+            calls = {
+                "direct gRPC to cert_service": (direct, ()),
+                "gRPC via Envoy, API key": (keyed, (("x-api-key", key),)),
+                "gRPC via Envoy, device mTLS": (mutual, ()),
+            }
+            same: dict[str, dict[str, float]] = {}
+            for name, (channel, metadata) in calls.items():
+                get = channel.unary_unary(
+                    GET_PATH,
+                    request_serializer=cert_pb2.GetCertificateRequest.SerializeToString,
+                    response_deserializer=cert_pb2.GetCertificateResponse.FromString,
+                )
+                assert get(request, metadata=metadata).certificate.device_id == DEVICE
+                same[name] = sequential_calls(functools.partial(get, request, metadata=metadata), n)
+        print()
+        print(f"GetCertificate, {n} sequential calls each from one Python gRPC client")
+        print(f"{'path':<32} {'ok':>6} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
+        for name, r in same.items():
+            print(f"{name:<32} {r['ok']:>6.0f} {r['p50']:>8.3f} {r['p90']:>8.3f} {r['p99']:>8.3f}")
+        direct_row = same["direct gRPC to cert_service"]
+        for name in ("gRPC via Envoy, API key", "gRPC via Envoy, device mTLS"):
+            print(
+                f"gateway adds ({name}): p50 {same[name]['p50'] - direct_row['p50']:.3f} ms,"
+                f" p99 {same[name]['p99'] - direct_row['p99']:.3f} ms"
+            )
+        full = handshakes_per_second(device_port, server, device_cert, device_key, reuse=False)
+        resumed = handshakes_per_second(device_port, server, device_cert, device_key, reuse=True)
+        print(
+            f"device mTLS handshakes on one Envoy worker: {full:.0f}/s full (ECDHE P-256, ECDSA,"
+            f" chain and CRL checked), {resumed:.0f}/s resumed"
+        )
         return 0
 
 
