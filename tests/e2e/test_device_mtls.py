@@ -121,12 +121,12 @@ async def curl(dg: DeviceGateway, cert: Path, key: Path, path: str, *extra: str)
     )  # fmt: skip
 
 
-async def handshake(dg: DeviceGateway, cert: Path, key: Path) -> tuple[bool, str]:
+async def handshake(dg: DeviceGateway, cert: Path, key: Path, *extra: str) -> tuple[bool, str]:
     """Whether `openssl s_client` completes a TLS 1.3 handshake and a request with this
     certificate (TLS 1.3 reports a refused client certificate after the handshake)."""
     code, out = await run(
         "openssl", "s_client", "-connect", f"127.0.0.1:{dg.port}", "-CAfile", str(dg.ca_pem),
-        "-cert", str(cert), "-key", str(key), "-verify_return_error", "-quiet",
+        "-cert", str(cert), "-key", str(key), "-verify_return_error", "-ign_eof", *extra,
         stdin=b"GET /api/v1/ssl/ca HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )  # fmt: skip
     return code == 0 and "HTTP/1.1 200" in out, out
@@ -228,9 +228,20 @@ async def test_a_device_calls_with_its_certificate_on_its_own_device_only(
         revoked = await stub.RevokeCertificate(cert_pb2.RevokeCertificateRequest(device_id="alice"))
         assert revoked.certificate.status == cert_pb2.CERTIFICATE_STATUS_REVOKED
 
-    # Revoked: refused in the handshake once the CRL is at the edge; bob still gets in.
+    # A TLS session alice could resume later, and that resumes while nothing changed.
+    session = dg.tmp / "alice.session"
+    assert (await handshake(dg, alice.cert, alice.key, "-sess_out", str(session)))[0]
+    resumed, out = await handshake(dg, alice.cert, alice.key, "-sess_in", str(session))
+    assert resumed, out
+    assert "Reused, TLSv1.3" in out, out
+
+    # Revoked: refused in the handshake once the CRL is at the edge, a resumed session
+    # included (the reload replaced the ticket keys); bob still gets in.
     await dg.refresh()
     assert not (await handshake(dg, alice.cert, alice.key))[0]
+    accepted, out = await handshake(dg, alice.cert, alice.key, "-sess_in", str(session))
+    assert not accepted, out
+    assert "Reused" not in out, out
     assert (await handshake(dg, bob.cert, bob.key))[0]
 
 
