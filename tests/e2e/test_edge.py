@@ -340,7 +340,7 @@ async def test_grpcurl_lists_describes_and_calls_every_public_method_through_the
         for m in service.methods
         if method_policy(f"/{service.full_name}/{m.name}") is not None
     ]  # fmt: skip
-    assert len(public) == 16  # GetRenewalInfo included
+    assert len(public) == 17  # GetRenewalInfo and CreateAcmeEabCredentials included
     for symbol in ("myl.cert.v1.CertificateService", "myl.key.v1.ApiKeyService"):
         code, described = await grpcurl(address, "describe", symbol)
         assert code == 0, described
