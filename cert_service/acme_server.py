@@ -13,8 +13,9 @@ run (certbot, lego, ...), behind the gateway at `/acme/`. docs/acme-server.md ha
   Retry-After until the row is ACTIVE), limits, logs and metrics. revokeCert revokes through
   `DeviceCertificates.revoke`, so the CRL lists it, and an API revocation shows here (ARI's
   urgent window, `alreadyRevoked`).
-* Every piece of state (nonces, accounts, orders) is in PostgreSQL, so any replica answers any
-  request. An account whose device was deleted is deactivated at its next use.
+* Every piece of state (used nonces, accounts, orders) is in PostgreSQL, so any replica answers
+  any request; a nonce carries its own MAC, so issuing one writes nothing (`Nonces`). An
+  account whose device was deleted is deactivated at its next use.
 
 This is plain HTTP/1.1 (aiohttp): ACME needs 201s, Location, Replay-Nonce and Link headers and
 problem documents, which the gRPC-JSON transcoder cannot give.
@@ -91,13 +92,57 @@ class EabKeys:
     the service's own (derived from its CA or ACME account key in `create_app`)."""
 
     def __init__(self, secret: bytes) -> None:
+        self._root = secret
         self._secret = hmac.new(b"myl acme eab", secret, hashlib.sha256).digest()
+
+    def derive(self, purpose: bytes) -> bytes:
+        """Another key from the same secret, for another purpose (the nonces' MAC)."""
+        return hmac.new(purpose, self._root, hashlib.sha256).digest()
 
     def new_kid(self) -> str:
         return "eab_" + secrets.token_urlsafe(18)
 
     def hmac_key(self, kid: str) -> bytes:
         return hmac.new(self._secret, kid.encode("utf-8"), hashlib.sha256).digest()
+
+
+class Nonces:
+    """Replay nonces (RFC 8555 section 6.5) that any replica checks without a shared store of
+    issued ones: a nonce is 16 random bytes, its expiry and a MAC over both under a key every
+    replica derives alike. Issuing one writes nothing (newNonce needs no database); using one
+    writes it into `acme_nonces`, whose primary key refuses the second use on every replica.
+    Used nonces are kept until they expire, and swept as new ones are written."""
+
+    _RANDOM: Final = 16
+    _MAC: Final = 16
+
+    def __init__(self, key: bytes, store: AcmeServerStore, clock: Clock) -> None:
+        self._key = key
+        self.store = store
+        self.clock = clock
+
+    def issue(self) -> str:
+        expires = int((self.clock.now() + NONCE_LIFETIME).timestamp())
+        body = secrets.token_bytes(self._RANDOM) + expires.to_bytes(8, "big")
+        return b64encode(body + self._mac(body))
+
+    async def use(self, nonce: str) -> bool:
+        """True once for a nonce this service issued that has not expired."""
+        try:
+            raw = b64decode(nonce, "nonce")
+        except Problem:
+            return False
+        body, mac = raw[: -self._MAC], raw[-self._MAC :]
+        if len(body) != self._RANDOM + 8 or not hmac.compare_digest(mac, self._mac(body)):
+            return False
+        expires = datetime.fromtimestamp(int.from_bytes(body[self._RANDOM :], "big"), UTC)
+        now = self.clock.now()
+        if expires <= now:
+            return False
+        return await self.store.spend_nonce(nonce, expires, now)
+
+    def _mac(self, body: bytes) -> bytes:
+        return hmac.new(self._key, body, hashlib.sha256).digest()[: self._MAC]
 
 
 @dataclass(frozen=True)
@@ -130,6 +175,7 @@ class AcmeServer:
         self.clock = clock
         self.renewal = renewal
         self.terms_url = terms_url
+        self.nonces = Nonces(eab.derive(b"myl acme nonces"), store, clock)
 
     # -- the API side: enrollment ---------------------------------------------------------------
 
@@ -201,7 +247,7 @@ class AcmeServer:
         response.headers["Link"] = f'<{base}{PREFIX}/directory>;rel="index"'
         response.headers.setdefault("Cache-Control", "no-store")
         if request.method == "POST" or request.path.endswith("/new-nonce"):
-            response.headers["Replay-Nonce"] = await self._nonce()
+            response.headers["Replay-Nonce"] = self.nonces.issue()
         return response
 
     def _problem_response(self, problem: Problem) -> web.Response:
@@ -212,12 +258,6 @@ class AcmeServer:
         )
         response.headers.update(problem.headers)
         return response
-
-    async def _nonce(self) -> str:
-        nonce = b64encode(secrets.token_bytes(16))
-        now = self.clock.now()
-        await self.store.add_nonce(nonce, now + NONCE_LIFETIME, now)
-        return nonce
 
     # -- request checks (section 6.2) -----------------------------------------------------------
 
@@ -246,7 +286,6 @@ class AcmeServer:
         if url != _base_url(request) + request.path:
             raise Problem("unauthorized", "the JWS url header is not this request's URL", 401)
         nonce = header_text(jws, "nonce")
-        b64decode(nonce, "nonce")
         has_jwk, has_kid = "jwk" in jws.header, "kid" in jws.header
         if has_jwk == has_kid:
             raise malformed("the protected header must carry exactly one of jwk and kid")
@@ -261,7 +300,7 @@ class AcmeServer:
         else:
             key = load_jwk(jws.header["jwk"])
         verify_signature(jws, key)
-        if not await self.store.use_nonce(nonce, self.clock.now()):
+        if not await self.nonces.use(nonce):
             raise Problem("badNonce", "the nonce was used already, expired, or never issued")
         return jws, account, key
 

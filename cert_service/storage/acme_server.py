@@ -62,11 +62,12 @@ class AcmeServerStore(StoreBase):
 
     # -- nonces ---------------------------------------------------------------------------------
 
-    async def add_nonce(self, nonce: str, expires_at: datetime, now: datetime) -> None:
-        """Record an issued nonce; expired ones go in the same statement, so the table holds
-        only what could still be used."""
+    async def spend_nonce(self, nonce: str, expires_at: datetime, now: datetime) -> bool:
+        """Record a nonce's use: False when it was used before (on any replica). Expired
+        records go in the same statement, so the table holds only nonces that could still be
+        replayed (migration 0013)."""
         async with self.connection() as conn:
-            await conn.execute(
+            cur = await conn.execute(
                 """
                 WITH swept AS (
                     DELETE FROM acme_nonces WHERE nonce IN (
@@ -74,18 +75,12 @@ class AcmeServerStore(StoreBase):
                         FOR UPDATE SKIP LOCKED)
                 )
                 INSERT INTO acme_nonces (nonce, expires_at) VALUES (%(nonce)s, %(expires)s)
+                ON CONFLICT (nonce) DO NOTHING
+                RETURNING 1
                 """,
                 {"nonce": nonce, "expires": expires_at, "now": now},
             )
-
-    async def use_nonce(self, nonce: str, now: datetime) -> bool:
-        """True once for a nonce that was issued and has not expired: using it deletes it."""
-        async with self.connection() as conn:
-            cur = await conn.execute(
-                "DELETE FROM acme_nonces WHERE nonce = %s RETURNING expires_at", (nonce,)
-            )
-            row = await cur.fetchone()
-        return row is not None and row[0] >= now
+            return await cur.fetchone() is not None
 
     # -- EAB keys -------------------------------------------------------------------------------
 
