@@ -63,7 +63,7 @@ from cert_service.pki import issuer_key_id
 from cert_service.storage.acme_server import AcmeServerStore, DeviceAccount, DeviceOrder
 from shared.clock import Clock
 from shared.errors import DomainError, ErrorKind, not_found
-from shared.logging import get_logger
+from shared.logging import REQUEST_CONTEXT, get_logger
 
 log = get_logger(__name__)
 
@@ -218,6 +218,9 @@ class AcmeServer:
     async def _problems(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
+        # Log lines of this request carry Envoy's request id, as an RPC's do (each request
+        # runs in a task of its own).
+        REQUEST_CONTEXT.set((request.headers.get("X-Request-Id", ""), f"acme/{_resource(request)}"))
         problem: Problem | None = None
         allowed: set[str] = set()
         try:
