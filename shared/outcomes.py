@@ -88,7 +88,7 @@ class Unconfirmed:
     """A committed write whose caller has not been told of it yet: what its marker says."""
 
     kind: str
-    subject: str  # what the write created: a key id, a certificate's serial number
+    subject: str  # what the write created: a key id; a provision: its device (one row each)
     args: Mapping[str, Any]  # what undoing it needs, as JSON (no secrets)
 
 

@@ -132,7 +132,9 @@ class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows,
                 conn,
                 [
                     Unconfirmed(
-                        WRITE_PROVISION, row.certificate.serial_number, {"device_id": row.device_id}
+                        WRITE_PROVISION,
+                        row.device_id,
+                        {"device_id": row.device_id, "serial": row.certificate.serial_number},
                     )
                     for row in rows
                 ],
@@ -175,9 +177,13 @@ class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows,
                 RETURNING device_id, serial_number
                 ), marked AS (
                     INSERT INTO certificate_unconfirmed_writes (subject, kind, args)
-                    SELECT serial_number, '{WRITE_PROVISION}',
-                           jsonb_build_object('device_id', device_id)
+                    SELECT device_id, '{WRITE_PROVISION}',
+                           jsonb_build_object('device_id', device_id, 'serial', serial_number)
                     FROM inserted WHERE {ASYNC_COMMIT}
+                    -- A marker of the device's earlier certificate, gone since (deleted with
+                    -- its device): this write's replaces it.
+                    ON CONFLICT (subject) DO UPDATE SET kind = excluded.kind,
+                        args = excluded.args, created_at = excluded.created_at
                 )
                 SELECT device_id, serial_number FROM inserted
                 """,
@@ -188,7 +194,7 @@ class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows,
                 },
             )
             inserted = set(await cur.fetchall())
-            self.unconfirmed.confirm_on_commit(conn, [serial for _, serial in inserted])
+            self.unconfirmed.confirm_on_commit(conn, [device for device, _ in inserted])
         return [
             row.record() if (row.device_id, row.certificate.serial_number) in inserted else None
             for row in rows
@@ -211,7 +217,7 @@ class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows,
                     RETURNING {COLUMNS}
                 ), confirmed AS (
                     DELETE FROM certificate_unconfirmed_writes
-                    WHERE subject IN (SELECT serial_number FROM claimed)
+                    WHERE subject IN (SELECT device_id FROM claimed)
                 )
                 SELECT * FROM claimed
                 """,
@@ -236,7 +242,10 @@ class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows,
         as its provision left it, with its cache invalidation; a retry that took it over or
         replaced its certificate, or any change since, leaves it alone."""
         document = json.dumps(
-            [{"device_id": w.args["device_id"], "serial": w.subject} for w in writes]
+            [
+                {"device_id": w.args["device_id"], "serial": w.args.get("serial", w.subject)}
+                for w in writes
+            ]
         )
         await conn.execute(
             f"""
@@ -294,7 +303,7 @@ class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows,
                     RETURNING {COLUMNS}
                 ), confirmed AS (
                     DELETE FROM certificate_unconfirmed_writes
-                    WHERE subject = %(old_serial)s AND EXISTS (SELECT 1 FROM changed)
+                    WHERE subject = %(device)s AND EXISTS (SELECT 1 FROM changed)
                 ), {LOG_CHANGED}
                 SELECT changed.*, logged.id FROM changed, logged
                 """,
