@@ -89,6 +89,7 @@ class Device:
     name: str
     cert: Path
     key: Path
+    serial: str
 
 
 async def provision(dg: DeviceGateway, device_id: str) -> Device:
@@ -98,7 +99,9 @@ async def provision(dg: DeviceGateway, device_id: str) -> Device:
     cert, key = dg.tmp / f"{device_id}.crt", dg.tmp / f"{device_id}.key"
     cert.write_text(reply.certificate.certificate_chain_pem)
     key.write_text(reply.private_key_pem)
-    return Device(device_id, reply.certificate.uuid_subdomain, cert, key)
+    return Device(
+        device_id, reply.certificate.uuid_subdomain, cert, key, reply.certificate.serial_number
+    )
 
 
 async def run(*argv: str, stdin: bytes = b"") -> tuple[int, str]:
@@ -227,6 +230,15 @@ async def test_a_device_calls_with_its_certificate_on_its_own_device_only(
         # The device revokes its own certificate with it.
         revoked = await stub.RevokeCertificate(cert_pb2.RevokeCertificateRequest(device_id="alice"))
         assert revoked.certificate.status == cert_pb2.CERTIFICATE_STATUS_REVOKED
+
+    # The access log names the certificate that called.
+    async def logged() -> bool:
+        lines = (
+            dg.gateway.access_log.read_text().splitlines() if dg.gateway.access_log.exists() else []
+        )
+        return any(json.loads(line).get("device_certificate") == alice.serial for line in lines)
+
+    await _until(logged, "the access log names alice's certificate")
 
     # A TLS session alice could resume later, and that resumes while nothing changed.
     session = dg.tmp / "alice.session"
