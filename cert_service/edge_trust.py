@@ -211,7 +211,8 @@ def main() -> int:
     """`python -m cert_service.edge_trust`: the writer beside a gateway, configured from the
     environment: EDGE_TRUST_DIR (required), CERT_SERVICE_ADDRESS (127.0.0.1:50051),
     CRL_SHARDS (128, as cert_service), DNS_ZONE (myl.zip), EDGE_TRUST_INTERVAL (1 s),
-    EDGE_TRUST_METRICS_PORT (9466; 0: none)."""
+    EDGE_TRUST_METRICS_PORT (9466; 0: none) on HOST (127.0.0.1; as the services, a pod sets
+    0.0.0.0 so Prometheus reaches it)."""
     env = EnvReader("", dict(os.environ))
     configure_logging()
     try:
@@ -224,11 +225,12 @@ def main() -> int:
         zone = env.text("DNS_ZONE", "myl.zip").lower().rstrip(".")
         interval = env.number("EDGE_TRUST_INTERVAL", 1.0, minimum=0.05)
         metrics_port = env.port("EDGE_TRUST_METRICS_PORT", 9466)
+        metrics_host = env.text("HOST", "127.0.0.1")
     except ConfigError as error:
         print(f"edge trust: {error}", file=sys.stderr)
         return 2
     if metrics_port:
-        start_http_server(metrics_port, addr="127.0.0.1")
+        start_http_server(metrics_port, addr=metrics_host)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(address, directory, shards, zone, interval))
     return 0

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +27,22 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from prometheus_client import REGISTRY
 
 import cert_service.metrics  # noqa: F401 (registers the metrics exported_metrics reads)
 import key_service.metrics  # noqa: F401
 import shared.metrics  # noqa: F401
 from cert_service.config import CertServiceConfig
+from cert_service.edge_trust import TRUST_FILE, Trust, write_trust
 from deploy.devstack.gateway import (
     DESCRIPTOR_PATH,
+    DeviceTls,
     GatewayPorts,
+    create_gateway_certificate,
     envoy_command,
     render_envoy_config,
 )
@@ -226,15 +234,24 @@ def test_the_cluster_gateway_is_make_runs_with_the_cluster_addresses() -> None:
     listen address) differ only in where the services are (the headless Services' names
     instead of the loopback address, both resolved by STRICT_DNS clusters with gRPC health
     checks), the stats listener's port (the kernel's pick in `make run`), and where the
-    ConfigMap puts the descriptor set and the OpenAPI document."""
+    ConfigMap puts the descriptor set and the OpenAPI document, and the pod's volumes the
+    device listener's certificate and trust files."""
     cluster_config = one(rendered("overlays/production"), "ConfigMap", _gateway_config_name())
     deployed = yaml.safe_load(cluster_config["data"]["envoy.yaml"])
     assert deployed == yaml.safe_load(render.gateway_config())
     ports = render.GATEWAY_PORTS
+    run = Path(".run")  # make run's, as deploy/devstack/stack.py lays them out
+    local_device = DeviceTls(
+        render.DEVICE_TLS_PORT,
+        run / "gateway" / "gateway.crt",
+        run / "gateway" / "gateway.key",
+        run / "edge-trust",
+    )
     local = yaml.safe_load(
         render_envoy_config(
             GatewayPorts(ports.listen_port, ports.admin_port, ports.cert_port, ports.key_port),
             listen_address="0.0.0.0",
+            device_tls=local_device,
         )
     )
     differences = {path: (a, b) for path, a, b in _differences(local, deployed)}
@@ -249,6 +266,25 @@ def test_the_cluster_gateway_is_make_runs_with_the_cluster_addresses() -> None:
             "127.0.0.1",
             host,
         )
+    device = "/static_resources/listeners/device_tls/filter_chains/0/transport_socket"
+    context = f"{device}/typed_config/common_tls_context"
+    assert differences.pop(f"{context}/tls_certificates/0/certificate_chain/filename") == (
+        str(local_device.server_cert),
+        str(render.GATEWAY_TLS_DIR / "tls.crt"),
+    )
+    assert differences.pop(f"{context}/tls_certificates/0/private_key/filename") == (
+        str(local_device.server_key),
+        str(render.GATEWAY_TLS_DIR / "tls.key"),
+    )
+    sds = f"{context}/validation_context_sds_secret_config/sds_config/path_config_source"
+    assert differences.pop(f"{sds}/path") == (
+        str(local_device.trust_dir / TRUST_FILE),
+        str(render.EDGE_TRUST_DIR / TRUST_FILE),
+    )
+    assert differences.pop(f"{sds}/watched_directory/path") == (
+        str(local_device.trust_dir),
+        str(render.EDGE_TRUST_DIR),
+    )
     for path, (a, b) in differences.items():
         assert Path(a).name == Path(b).name, path
         assert Path(b).parent == render.ENVOY_CONFIG_DIR, path
@@ -268,8 +304,23 @@ def test_envoy_accepts_the_cluster_gateway_config(tmp_path: Path) -> None:
     assert str(render.ENVOY_CONFIG_DIR) in config
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
+    # The device listener's mounts: the gateway-tls Secret and the writer's trust files.
+    tls = create_gateway_certificate(tmp_path / "gateway-tls")
+    (tmp_path / "gateway-tls" / "tls.crt").write_bytes(tls.cert.read_bytes())
+    (tmp_path / "gateway-tls" / "tls.key").write_bytes(tls.key.read_bytes())
+    trust = tmp_path / "edge-trust"
+    write_trust(trust, _device_ca_and_crl(), "myl.zip")
+    for mounted, there in (
+        (render.ENVOY_CONFIG_DIR, tmp_path),
+        (render.GATEWAY_TLS_DIR, tmp_path / "gateway-tls"),
+        (render.EDGE_TRUST_DIR, trust),
+    ):
+        config = config.replace(f'"{mounted}/', f'"{there}/')
+        config = config.replace(f'"{mounted}"', f'"{there}"')
+    assert str(render.EDGE_TRUST_DIR) not in config
+    assert str(render.GATEWAY_TLS_DIR) not in config
     path = tmp_path / "envoy.yaml"
-    path.write_text(config.replace(f"{render.ENVOY_CONFIG_DIR}/", f"{tmp_path}/"))
+    path.write_text(config)
     done = subprocess.run(
         envoy_command(path, concurrency=1, validate_only=True),
         capture_output=True,
@@ -277,6 +328,35 @@ def test_envoy_accepts_the_cluster_gateway_config(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _device_ca_and_crl() -> Trust:
+    """A CA and its empty CRL: trust files of the shape the edge trust writer keeps."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device CA")])
+    now = datetime.now(UTC)
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(name)
+        .last_update(now - timedelta(minutes=1))
+        .next_update(now + timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    return Trust(
+        ca.public_bytes(serialization.Encoding.PEM),
+        (crl.public_bytes(serialization.Encoding.DER),),
+    )
 
 
 def _gateway_config_name() -> str:
@@ -300,7 +380,19 @@ def test_envoy_runs_as_make_run_runs_it_and_finds_the_services() -> None:
     volume = next(v for v in pod["volumes"] if v["name"] == "config")
     assert volume["configMap"]["name"] == _gateway_config_name()
     ports = {p["name"]: p["containerPort"] for p in envoy["ports"]}
-    assert ports == {"http": render.GATEWAY_PORTS.listen_port, "stats": 9902}
+    assert ports == {
+        "http": render.GATEWAY_PORTS.listen_port,
+        "devices": render.DEVICE_TLS_PORT,
+        "stats": 9902,
+    }
+    public = one(objects, "Service", "gateway")["spec"]["ports"]
+    assert {p["name"]: p["targetPort"] for p in public} == {"http": "http", "devices": "devices"}
+    mounts = {m["name"]: m for m in envoy["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert Path(mounts["gateway-tls"]["mountPath"]) == render.GATEWAY_TLS_DIR
+    assert volumes["gateway-tls"]["secret"]["secretName"] == "gateway-tls"
+    assert Path(mounts["edge-trust"]["mountPath"]) == render.EDGE_TRUST_DIR
+    assert mounts["edge-trust"]["readOnly"], "only the writer writes the trust files"
     for name, port in (
         (render.CERT_SERVICE_HOST, render.GATEWAY_PORTS.cert_port),
         (render.KEY_SERVICE_HOST, render.GATEWAY_PORTS.key_port),
@@ -310,6 +402,46 @@ def test_envoy_runs_as_make_run_runs_it_and_finds_the_services() -> None:
         assert {"name": "grpc", "port": port} in [
             {"name": p["name"], "port": p["port"]} for p in service["ports"]
         ]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_gateway_pod_has_its_own_edge_trust_writer(overlay: str) -> None:
+    """The writer is a native sidecar (an init container that keeps running), so it starts
+    before Envoy, which cannot load the device listener without the SDS file: its startup
+    probe waits for that file, in the emptyDir Envoy watches. Its metrics are scraped with
+    the gateway's job, which the edge CRL alerts select."""
+    objects = rendered(f"overlays/{overlay}")
+    pod = one(objects, "Deployment", "gateway")["spec"]["template"]["spec"]
+    (writer,) = pod["initContainers"]
+    assert writer["restartPolicy"] == "Always"
+    assert writer["command"] == ["python", "-m", "cert_service.edge_trust"]
+    env = container_env(objects, writer)
+    assert Path(env["EDGE_TRUST_DIR"]) == render.EDGE_TRUST_DIR
+    assert env["CERT_SERVICE_ADDRESS"].endswith(
+        f"{render.CERT_SERVICE_HOST}:{render.GATEWAY_PORTS.cert_port}"
+    )
+    cert_service = one(objects, "Deployment", "cert-service")["spec"]["template"]["spec"]
+    cert_env = container_env(objects, cert_service["containers"][0])
+    for name in ("CRL_SHARDS", "DNS_ZONE"):
+        assert env[name] == cert_env[name], f"{name}: the writer must read every shard"
+    assert env["HOST"] == "0.0.0.0", "Prometheus reaches the writer's metrics"
+    mount = next(m for m in writer["volumeMounts"] if m["name"] == "edge-trust")
+    assert Path(mount["mountPath"]) == render.EDGE_TRUST_DIR
+    assert not mount.get("readOnly")
+    volume = next(v for v in pod["volumes"] if v["name"] == "edge-trust")
+    assert "emptyDir" in volume, "each replica keeps its own copy"
+    envoy_mounts = {m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    assert "edge-trust" in envoy_mounts
+    startup = writer["startupProbe"]["exec"]["command"]
+    assert startup == ["test", "-s", str(render.EDGE_TRUST_DIR / TRUST_FILE)]
+    ports = {p["name"]: p["containerPort"] for p in writer["ports"]}
+    assert ports == {"metrics": int(env["EDGE_TRUST_METRICS_PORT"])}
+    assert writer["livenessProbe"]["httpGet"]["port"] == "metrics"
+    stats = one(objects, "Service", "gateway-stats")
+    assert stats["metadata"]["labels"]["myl.zip/job"] == "gateway"
+    assert {"name": "metrics", "targetPort": "metrics"} in [
+        {"name": p["name"], "targetPort": p["targetPort"]} for p in stats["spec"]["ports"]
+    ]
 
 
 # -- probes, ports, settings, shutdown ------------------------------------------------------
@@ -455,7 +587,9 @@ def test_prometheus_scrapes_every_job_the_alert_rules_name() -> None:
     assert set(jobs) == {"cert_service", "key_service", "gateway"}
     assert all(job in rules for job in jobs)
     public = one(objects, "Service", "gateway")["spec"]
-    assert [p["name"] for p in public["ports"]] == ["http"], "metrics stay inside the cluster"
+    assert [p["name"] for p in public["ports"]] == ["http", "devices"], (
+        "metrics stay inside the cluster"
+    )
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
