@@ -90,9 +90,14 @@ async def second_replicas(stack: FaultStack) -> AsyncIterator[Replicas]:
         for service in ("cert_service", "key_service")
     ]
     try:
-        for process, address in zip(processes, (cert_address, key_address), strict=True):
+        for process in processes:
             process.start()
-            await wait_serving(process, address)
+        await asyncio.gather(
+            *(
+                wait_serving(process, address)
+                for process, address in zip(processes, (cert_address, key_address), strict=True)
+            )
+        )
         yield Replicas(
             cert_pb2_grpc.CertificateServiceStub(stack.channel(cert_address)),
             key_pb2_grpc.ApiKeyServiceStub(stack.channel(key_address)),
