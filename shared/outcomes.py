@@ -11,7 +11,7 @@ kept in PostgreSQL, beside the write:
 
 * **A write is confirmed before it is answered.** In the write's own transaction (its own
   statement, for a provision batch) a marker row names it: its kind, its subject (the key id,
-  the certificate's serial number) and what undoing it needs (ids, request ids; never a
+  the provisioned device) and what undoing it needs (ids, request ids; never a
   secret). Once the COMMIT has returned, and before the connection goes back to the pool (so
   before the caller is answered), one autocommit DELETE removes the markers of that
   transaction or batch (`Database.on_committed`). Only if it removed every one is the caller
@@ -20,6 +20,13 @@ kept in PostgreSQL, beside the write:
   write stands committed but is answered OUTCOME_UNKNOWN and undone, unless the caller's
   retry with the same request_id claims it first. A credential whose caller was told of it
   is never undone later; one whose caller was not told is never left standing.
+* **Both commits wait for the disk.** The write's, so that the marker of a write that
+  committed survives a crash with it; the confirmation's, so that a write its caller was
+  told of is never undone after one. That is one WAL flush more per write (per provision
+  batch; `python -m tests.bench bench_writes` counts them). The write's own commit could
+  skip its flush, since the confirmation's flush covers it: measured, that saved little
+  (the WAL writer then flushes the write's commit while the confirmation waits for it), and
+  it would leave more writes confirmed but unanswered when a process dies in a stall.
 * **A retry that claims a write deletes its marker in the claiming transaction** (the
   retry revokes the earlier key and hands out another, or takes the certificate over):
   nothing is left to undo. The undo statements also check the rows themselves (the key still
@@ -71,12 +78,6 @@ from shared.tasks import BackgroundTask, run_periodically
 
 log = get_logger(__name__)
 
-# A condition for the statement that writes a marker: its transaction commits without waiting
-# for the WAL to reach the disk. Its confirmation commits synchronously, and that flush covers
-# every earlier commit record, so the write is durable before its caller is answered, at one
-# flush per write as before. A crash before that flush loses the write with its marker, and
-# its caller was not answered.
-ASYNC_COMMIT: Final = "set_config('synchronous_commit', 'off', true) IS NOT NULL"
 # The most markers one sweep transaction takes; a pass goes on while it finds that many.
 SWEEP_BATCH: Final = 50
 # A sweep's transaction may take this long (the undo of a batch is a few statements each).
@@ -123,12 +124,9 @@ class UnconfirmedWrites:
 
     async def mark(self, conn: Connection, write: Unconfirmed) -> None:
         """Record `write` in its own transaction on `conn`, undo it should its outcome become
-        unknown, and confirm it once it has committed. The transaction commits without
-        waiting for its WAL flush (`ASYNC_COMMIT`)."""
+        unknown, and confirm it once it has committed."""
         await conn.execute(
-            sql.SQL("INSERT INTO {} (subject, kind, args) SELECT %s, %s, %s WHERE {}").format(
-                self._name, sql.SQL(ASYNC_COMMIT)
-            ),
+            sql.SQL("INSERT INTO {} (subject, kind, args) VALUES (%s, %s, %s)").format(self._name),
             (write.subject, write.kind, Jsonb(dict(write.args))),
         )
         self.undo_if_unknown(conn, [write])

@@ -42,7 +42,7 @@ from cert_service.storage.requests import RequestRows
 from shared import idempotency
 from shared.clock import Clock
 from shared.db import WRITE_GUARD, Connection, Database
-from shared.outcomes import ASYNC_COMMIT, Unconfirmed, UnconfirmedWrites
+from shared.outcomes import Unconfirmed, UnconfirmedWrites
 
 # The kind of write whose callers must hear of it (shared/outcomes.py): a provision.
 WRITE_PROVISION: Final = "provision"
@@ -179,7 +179,7 @@ class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows,
                     INSERT INTO certificate_unconfirmed_writes (subject, kind, args)
                     SELECT device_id, '{WRITE_PROVISION}',
                            jsonb_build_object('device_id', device_id, 'serial', serial_number)
-                    FROM inserted WHERE {ASYNC_COMMIT}
+                    FROM inserted
                     -- A marker of the device's earlier certificate, gone since (deleted with
                     -- its device): this write's replaces it.
                     ON CONFLICT (subject) DO UPDATE SET kind = excluded.kind,

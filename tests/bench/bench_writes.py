@@ -36,14 +36,17 @@ def summary(label: str, seconds: list[float]) -> str:
     return f"{label:<32} n={len(ordered)} {figures}"
 
 
-async def wal_flushes(conninfo: str) -> int:
+async def wal_flushes(conninfo: str) -> tuple[int, int]:
     """How many times PostgreSQL has flushed its WAL to disk so far (a synchronous commit
-    waits for one; concurrent ones share it)."""
+    waits for one; concurrent ones share it), and how many transactions committed."""
     async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-        cur = await conn.execute("SELECT wal_sync FROM pg_stat_wal")
+        cur = await conn.execute(
+            "SELECT (SELECT wal_sync FROM pg_stat_wal), (SELECT xact_commit FROM "
+            "pg_stat_database WHERE datname = current_database())"
+        )
         row = await cur.fetchone()
     assert row is not None
-    return int(row[0])
+    return int(row[0]), int(row[1])
 
 
 async def measure(cert_address: str, key_address: str, conninfo: str) -> None:
@@ -81,14 +84,15 @@ async def measure(cert_address: str, key_address: str, conninfo: str) -> None:
                 generates.append(time.perf_counter() - started)
         flushes.append(await wal_flushes(conninfo))
     calls = len(devices)
-    print(
-        summary("ProvisionCertificate (key made)", provisions),
-        f" WAL flushes/call {(flushes[1] - flushes[0]) / calls:.2f}",
-    )
-    print(
-        summary("GenerateApiKey", generates),
-        f" WAL flushes/call {(flushes[2] - flushes[1]) / calls:.2f}",
-    )
+    for index, (label, seconds) in enumerate(
+        (("ProvisionCertificate (key made)", provisions), ("GenerateApiKey", generates))
+    ):
+        (syncs, commits), (later_syncs, later_commits) = flushes[index], flushes[index + 1]
+        print(
+            summary(label, seconds),
+            f" WAL flushes/call {(later_syncs - syncs) / calls:.2f}"
+            f"  commits/call {(later_commits - commits) / calls:.2f}",
+        )
 
 
 def main() -> None:
