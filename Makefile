@@ -33,9 +33,11 @@ run: $(STAMP) system-deps
 
 # Workers in parallel, each with its own PostgreSQL, Redis and services (tests/conftest.py);
 # TEST_WORKERS=1 runs the suite in one process.
+# schemathesis's pytest plugin is not used (tests/e2e/test_fuzz.py runs its command): not
+# loading it saves each worker most of a second of CPU.
 TEST_WORKERS ?= 4
 test: $(STAMP) system-deps check
-	$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/pytest -q -p no:cacheprovider -p no:schemathesis -n $(TEST_WORKERS) --dist worksteal
 
 check: lint typecheck buf
 

@@ -381,7 +381,9 @@ def test_stopping_survives_more_signals_and_a_stack_starts_again_after_a_stop_or
     stack = shared_stack.take()
     request.addfinalizer(stack.close)
     recorded = stack.recorded()
-    assert set(recorded) == {"PostgreSQL", "Redis", "cert_service", "key_service", "envoy"}
+    assert set(recorded) == {
+        "PostgreSQL", "Redis", "cert_service", "key_service", "edge_trust", "envoy",
+    }  # fmt: skip
 
     # Ctrl-C, Ctrl-C again while it stops, then SIGTERM to the whole process group.
     stack.signal_group(signal.SIGINT)
