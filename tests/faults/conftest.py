@@ -1,7 +1,9 @@
 """Fixtures of the fault suite: one real stack for all its tests.
 
-`fault_stack` (session) starts PostgreSQL, Redis, cert_service, key_service and Envoy as
-separate processes (see `tests/faults/stack.py`) the first time a fault test needs them; `stack`
+`fault_stack` (package) starts PostgreSQL, Redis, cert_service, key_service and Envoy as
+separate processes (see `tests/faults/stack.py`) the first time a fault test needs them, and
+stops them when the worker goes on to tests outside this package (even idle, a stack takes CPU
+the other tests need); `stack`
 hands it to a test after resuming and restarting whatever an earlier test left stopped. Each
 test makes its own devices and keys, so counts never mix between tests.
 
@@ -19,7 +21,7 @@ import pytest
 from tests.faults.stack import FaultStack, start_fault_stack, stop_fault_stack
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 async def fault_stack() -> AsyncIterator[FaultStack]:
     stack = await start_fault_stack()
     keep = os.environ.get("MYL_FAULTS_KEEP", "") not in ("", "0")

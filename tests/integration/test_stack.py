@@ -137,9 +137,11 @@ def make_runs() -> Iterator[Callable[..., MakeRun]]:
 
 class SharedStack:
     """One default `make run` for the tests that leave it running (per worker, started at
-    the first `get()`): a start costs several seconds of CPU. A test that stops or kills
-    it `take()`s it instead: it is then that test's, and the next `get()` starts another.
-    Whatever is still shared at the end must stop cleanly on Ctrl-C."""
+    the first `get()`): a start costs several seconds of CPU. A test that stops or kills it
+    `take()`s it instead: it is then that test's, and the next `get()` starts another.
+    Whatever is still shared at the end must stop cleanly on Ctrl-C. Its users come one
+    after another in this module, the one that takes it right after them: even idle, a
+    stack takes a fifth of a core."""
 
     def __init__(self) -> None:
         self.stack: MakeRun | None = None
@@ -171,7 +173,7 @@ class SharedStack:
             stack.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def shared_stack() -> Iterator[SharedStack]:
     shared = SharedStack()
     try:
@@ -326,6 +328,53 @@ def test_readme_device_walk_through_runs_as_written(shared_stack: SharedStack) -
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("make-run")
+def test_stopping_survives_more_signals_and_a_stack_starts_again_after_a_stop_or_a_kill(
+    request: pytest.FixtureRequest, shared_stack: SharedStack
+) -> None:
+    stack = shared_stack.take()
+    request.addfinalizer(stack.close)
+    recorded = stack.recorded()
+    assert set(recorded) == {
+        "PostgreSQL", "Redis", "cert_service", "key_service", "edge_trust", "envoy",
+    }  # fmt: skip
+
+    # Ctrl-C, Ctrl-C again while it stops, then SIGTERM to the whole process group.
+    stack.signal_group(signal.SIGINT)
+    while "stopping" not in stack.current():
+        time.sleep(0.05)
+    stack.signal_group(signal.SIGINT)
+    stack.signal_group(signal.SIGTERM)
+    assert stack.wait() == 0, stack.output()
+    assert "already stopping" in stack.current()
+    assert "Traceback" not in stack.output()
+    assert stack.still_running(recorded) == []
+
+    # Started again after a stop; then `make run` itself killed: the next one stops what
+    # it left running and starts.
+    stack.start()
+    recorded = stack.recorded()
+    assert stack.process is not None
+    os.kill(stack.process.pid, signal.SIGKILL)
+    stack.wait()
+    output = stack.start()
+    for name in ("PostgreSQL", "Redis", "cert_service", "key_service"):
+        assert f"stopping {name} (pid {recorded[name][0]}), left running" in output, output
+    assert stack.still_running(recorded) == []
+
+    # A process of the stack dies: reported at once with the end of its log, and the stack
+    # stops rather than answering 503.
+    recorded = stack.recorded()
+    pid = recorded["key_service"][0]
+    os.kill(pid, signal.SIGKILL)
+    assert stack.wait() == 1, stack.output()
+    output = stack.current()
+    assert f"key_service (pid {pid}) was killed by SIGKILL; the end of" in output, output
+    assert '"event": "serving"' in output.split("was killed by SIGKILL", 1)[1], output
+    assert stack.still_running(recorded) == []
+
+
+@pytest.mark.slow
 def test_acme_walk_through_runs_as_written_and_no_alert_fires(
     make_runs: Callable[..., MakeRun],
 ) -> None:
@@ -371,53 +420,6 @@ def test_replicas_on_a_redis_cluster_alert_nothing_and_start_again_after_a_stop(
     stack.start()
     stack.signal_group(signal.SIGINT)
     assert stack.wait() == 0, stack.output()
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("make-run")
-def test_stopping_survives_more_signals_and_a_stack_starts_again_after_a_stop_or_a_kill(
-    request: pytest.FixtureRequest, shared_stack: SharedStack
-) -> None:
-    stack = shared_stack.take()
-    request.addfinalizer(stack.close)
-    recorded = stack.recorded()
-    assert set(recorded) == {
-        "PostgreSQL", "Redis", "cert_service", "key_service", "edge_trust", "envoy",
-    }  # fmt: skip
-
-    # Ctrl-C, Ctrl-C again while it stops, then SIGTERM to the whole process group.
-    stack.signal_group(signal.SIGINT)
-    while "stopping" not in stack.current():
-        time.sleep(0.05)
-    stack.signal_group(signal.SIGINT)
-    stack.signal_group(signal.SIGTERM)
-    assert stack.wait() == 0, stack.output()
-    assert "already stopping" in stack.current()
-    assert "Traceback" not in stack.output()
-    assert stack.still_running(recorded) == []
-
-    # Started again after a stop; then `make run` itself killed: the next one stops what
-    # it left running and starts.
-    stack.start()
-    recorded = stack.recorded()
-    assert stack.process is not None
-    os.kill(stack.process.pid, signal.SIGKILL)
-    stack.wait()
-    output = stack.start()
-    for name in ("PostgreSQL", "Redis", "cert_service", "key_service"):
-        assert f"stopping {name} (pid {recorded[name][0]}), left running" in output, output
-    assert stack.still_running(recorded) == []
-
-    # A process of the stack dies: reported at once with the end of its log, and the stack
-    # stops rather than answering 503.
-    recorded = stack.recorded()
-    pid = recorded["key_service"][0]
-    os.kill(pid, signal.SIGKILL)
-    assert stack.wait() == 1, stack.output()
-    output = stack.current()
-    assert f"key_service (pid {pid}) was killed by SIGKILL; the end of" in output, output
-    assert '"event": "serving"' in output.split("was killed by SIGKILL", 1)[1], output
-    assert stack.still_running(recorded) == []
 
 
 def test_a_busy_redis_cluster_port_or_its_cluster_bus_is_named(tmp_path: Path) -> None:
