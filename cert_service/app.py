@@ -334,6 +334,8 @@ async def create_app(config: CertServiceConfig, *, clock: Clock | None = None) -
         renewal=renewal,
         repository=repository,
         acme_server=acme_server,
+        # The gateway holds our CRLs only: ACME certificates are checked here (the servicer).
+        edge_checks_revocation=ca is not None,
     )
     return CertApp(
         config,

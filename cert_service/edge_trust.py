@@ -19,6 +19,15 @@ Bound: a revocation is in its shard's CRL within one publisher pass (`CRL_INTERV
 `cert_service.crl`), in this directory within one `interval` plus a read, and in Envoy within
 milliseconds of the rename: with `interval` = 1 s, within `CRL_INTERVAL` + 2 s.
 
+Under the ACME issuer (EDGE_TRUST_CA_FILE): the device certificates chain to a public CA, whose
+CRLs Envoy could use only if that CA published them where the writer can read them (Pebble
+publishes none), and a CRL Envoy holds must be signed by the certificate's issuer, so the
+platform cannot publish one for them. The writer then publishes that CA's certificates (the
+file: its roots, and intermediates if wanted) and no CRL; the zone's names are matched as
+ever, and cert_service admits a certificate caller only with the device's current, ACTIVE
+certificate, by the serial Envoy passes on (`cert_service.service`): revocation bites on the
+next request, refused with 403 rather than in the handshake.
+
 Failing closed: a CRL that cannot be refreshed stays as it was; once past its nextUpdate,
 Envoy (BoringSSL) refuses every certificate of its shard ("CRL has expired"), and a shard
 without any CRL refuses its certificates too ("unable to get certificate CRL"). The writer
@@ -31,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -73,7 +83,8 @@ MISSING_SHARDS = Gauge(
 
 @dataclass(frozen=True)
 class Trust:
-    """What the device listener trusts: the CA (PEM) and each shard's CRL (DER)."""
+    """What the device listener trusts: the CA (PEM) and each shard's CRL (DER); no CRLs
+    when the edge checks no revocation (a public CA's certificates, see the module)."""
 
     ca_pem: bytes
     crls: tuple[bytes, ...]
@@ -86,22 +97,23 @@ def _replace(directory: Path, name: str, data: bytes) -> None:
     os.replace(temporary, directory / name)
 
 
-def secret_yaml(directory: Path, zone: str) -> str:
-    """The SDS file: one Secret with the CA, the CRLs and the names a device may have."""
+def secret_yaml(directory: Path, zone: str, *, crls: bool = True) -> str:
+    """The SDS file: one Secret with the CA, the CRLs (unless `crls` is False) and the names
+    a device may have."""
+    validation: dict[str, object] = {"trusted_ca": {"filename": str(directory / CA_FILE)}}
+    if crls:
+        validation["crl"] = {"filename": str(directory / CRLS_FILE)}
+        # The CA signs device certificates only; the CRLs cover those leaves.
+        validation["only_verify_leaf_cert_crl"] = True
+    validation["match_typed_subject_alt_names"] = [
+        {"san_type": "DNS", "matcher": {"suffix": "." + zone}}
+    ]
     secret = {
         "resources": [
             {
                 "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
                 "name": SECRET_NAME,
-                "validation_context": {
-                    "trusted_ca": {"filename": str(directory / CA_FILE)},
-                    "crl": {"filename": str(directory / CRLS_FILE)},
-                    # The CA signs device certificates only; the CRLs cover those leaves.
-                    "only_verify_leaf_cert_crl": True,
-                    "match_typed_subject_alt_names": [
-                        {"san_type": "DNS", "matcher": {"suffix": "." + zone}}
-                    ],
-                },
+                "validation_context": validation,
             }
         ]
     }
@@ -111,12 +123,14 @@ def secret_yaml(directory: Path, zone: str) -> str:
 def write_trust(directory: Path, trust: Trust, zone: str) -> None:
     """Write the CA, the CRLs and the Secret naming them into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
-    pem = b"".join(
-        x509.load_der_x509_crl(der).public_bytes(serialization.Encoding.PEM) for der in trust.crls
-    )
     _replace(directory, CA_FILE, trust.ca_pem)
-    _replace(directory, CRLS_FILE, pem)
-    _replace(directory, TRUST_FILE, secret_yaml(directory, zone).encode())
+    if trust.crls:
+        pem = b"".join(
+            x509.load_der_x509_crl(der).public_bytes(serialization.Encoding.PEM)
+            for der in trust.crls
+        )
+        _replace(directory, CRLS_FILE, pem)
+    _replace(directory, TRUST_FILE, secret_yaml(directory, zone, crls=bool(trust.crls)).encode())
 
 
 def earliest_next_update(crls: Sequence[bytes]) -> float | None:
@@ -126,7 +140,11 @@ def earliest_next_update(crls: Sequence[bytes]) -> float | None:
 
 
 class EdgeTrustWriter:
-    """Reads the CA and the CRLs from cert_service; rewrites the directory when they change."""
+    """Reads the CA and the CRLs from cert_service; rewrites the directory when they change.
+
+    With `public_ca_pem` (the ACME issuer's CA certificates) it publishes those and no CRL,
+    and reads nothing from cert_service (see the module).
+    """
 
     def __init__(
         self,
@@ -137,8 +155,10 @@ class EdgeTrustWriter:
         zone: str,
         interval: float = 1.0,
         timeout: float = 5.0,
+        public_ca_pem: bytes | None = None,
     ) -> None:
         self.stub = stub
+        self.public_ca_pem = public_ca_pem
         self.directory = directory
         self.shards = shards
         self.zone = zone
@@ -159,6 +179,8 @@ class EdgeTrustWriter:
         return data
 
     async def read(self) -> Trust:
+        if self.public_ca_pem is not None:
+            return Trust(self.public_ca_pem, ())
         issuer = await self.stub.GetIssuerCertificate(
             cert_pb2.GetIssuerCertificateRequest(), timeout=self.timeout
         )
@@ -173,7 +195,7 @@ class EdgeTrustWriter:
         """One refresh; True when the files changed."""
         trust = await self.read()
         REFRESHED.set_to_current_time()
-        if not trust.crls:
+        if not trust.crls and self.public_ca_pem is None:
             # Nothing signed yet (a first start): an empty CRL file would be refused by
             # Envoy; the files wait for the publisher's first pass.
             log.warning("no CRL signed yet", shards=self.shards)
@@ -183,7 +205,8 @@ class EdgeTrustWriter:
         await asyncio.to_thread(write_trust, self.directory, trust, self.zone)
         self.written = trust
         WRITES.inc()
-        next_update = earliest_next_update(trust.crls)
+        # No CRL held (a public CA's certificates): none can expire, so none alerts.
+        next_update = earliest_next_update(trust.crls) if trust.crls else math.inf
         if next_update is not None:
             NEXT_UPDATE.set(next_update)
         log.info("edge trust written", crls=len(trust.crls), directory=str(self.directory))
@@ -195,7 +218,14 @@ class EdgeTrustWriter:
         await run_periodically("edge trust", self.run_once, self.interval)
 
 
-async def _serve(address: str, directory: Path, shards: int, zone: str, interval: float) -> None:
+async def _serve(
+    address: str,
+    directory: Path,
+    shards: int,
+    zone: str,
+    interval: float,
+    public_ca_pem: bytes | None,
+) -> None:
     async with grpc.aio.insecure_channel(address) as channel:
         writer = EdgeTrustWriter(
             cert_pb2_grpc.CertificateServiceStub(channel),
@@ -203,8 +233,19 @@ async def _serve(address: str, directory: Path, shards: int, zone: str, interval
             shards=shards,
             zone=zone,
             interval=interval,
+            public_ca_pem=public_ca_pem,
         )
         await writer.run()
+
+
+def _public_ca(path: Path) -> bytes:
+    """The certificates in `path` (PEM), or ConfigError naming EDGE_TRUST_CA_FILE."""
+    try:
+        certificates = x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError) as error:
+        expected = f"a file of PEM certificates ({error})"
+        raise ConfigError("EDGE_TRUST_CA_FILE", str(path), expected) from None
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates)
 
 
 def main() -> int:
@@ -212,7 +253,8 @@ def main() -> int:
     environment: EDGE_TRUST_DIR (required), CERT_SERVICE_ADDRESS (127.0.0.1:50051),
     CRL_SHARDS (128, as cert_service), DNS_ZONE (myl.zip), EDGE_TRUST_INTERVAL (1 s),
     EDGE_TRUST_METRICS_PORT (9466; 0: none) on HOST (127.0.0.1; as the services, a pod sets
-    0.0.0.0 so Prometheus reaches it)."""
+    0.0.0.0 so Prometheus reaches it); under CERT_ISSUER=acme, EDGE_TRUST_CA_FILE: the public
+    CA's certificates (PEM) the device certificates chain to, published with no CRL."""
     env = EnvReader("", dict(os.environ))
     configure_logging()
     try:
@@ -226,13 +268,15 @@ def main() -> int:
         interval = env.number("EDGE_TRUST_INTERVAL", 1.0, minimum=0.05)
         metrics_port = env.port("EDGE_TRUST_METRICS_PORT", 9466)
         metrics_host = env.text("HOST", "127.0.0.1")
+        ca_file = env.text("EDGE_TRUST_CA_FILE", "")
+        public_ca_pem = _public_ca(Path(ca_file)) if ca_file else None
     except ConfigError as error:
         print(f"edge trust: {error}", file=sys.stderr)
         return 2
     if metrics_port:
         start_http_server(metrics_port, addr=metrics_host)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(address, directory, shards, zone, interval))
+        asyncio.run(_serve(address, directory, shards, zone, interval, public_ca_pem))
     return 0
 
 

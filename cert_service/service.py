@@ -9,6 +9,15 @@ certificate caller may act on `device_id` when that device's certificate record 
 caller's name (names are unique among devices, and the gateway admitted only a certificate
 that is on no CRL). Another device, or one that does not exist, is PERMISSION_DENIED alike, so
 a certificate learns nothing about device ids that are not its own.
+
+Under the ACME issuer the gateway cannot check revocation: the certificates chain to a public
+CA, and Envoy accepts CRLs only from the CA that issued a certificate, which we do not hold (and
+Pebble publishes none). So there (`edge_checks_revocation=False`) a certificate caller is
+admitted only with the device's current certificate: the serial Envoy read from the handshake
+(`x-myl-cert-serial`) must be the record's, and the record ACTIVE, else PERMISSION_DENIED
+`CERTIFICATE_NOT_CURRENT`. The record is the one read for the name check anyway (cached, and
+fenced on every write), so the check costs nothing more, and a revocation, a deletion or a
+replacement bites on the next request on every replica, with nothing to refresh.
 Errors are raised as `DomainError`; the shared interceptor turns them into statuses.
 """
 
@@ -53,8 +62,10 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
         renewal: RenewalPolicy,
         repository: PublicRepository | None = None,
         acme_server: AcmeServer | None = None,
+        edge_checks_revocation: bool = True,
     ) -> None:
         self.certificates = certificates
+        self.edge_checks_revocation = edge_checks_revocation
         self.zone = zone
         self.default_validity_days = default_validity_days
         self.clock = clock
@@ -116,6 +127,8 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
                 raise not_found("certificate", "CERTIFICATE_NOT_FOUND", uuid_subdomain=fqdn)
 
         certificate = await self.certificates.lookup(fqdn, via_wildcard, authorize)
+        if caller.device_name is not None:
+            self._require_current(caller, certificate)
         return cert_pb2.LookupCertificateResponse(certificate=certificate)
 
     async def ListCertificates(
@@ -249,9 +262,31 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
             certificate = None
         if certificate is None or certificate.uuid_subdomain != caller.device_name:
             caller.require_device(device_id)  # raises: device_id is unresolved
+        self._require_current(caller, certificate)
         return caller.with_device(device_id), certificate
+
+    def _require_current(self, caller: Caller, certificate: cert_pb2.Certificate | None) -> None:
+        """Where the gateway does not check revocation: PERMISSION_DENIED unless the caller's
+        certificate is `certificate`, ACTIVE (see the module)."""
+        if not self.edge_checks_revocation and not _is_current(certificate, caller.cert_serial):
+            raise permission_denied(
+                "this certificate is not the device's current one (revoked or replaced)",
+                "CERTIFICATE_NOT_CURRENT",
+            )
 
     def _repository(self) -> PublicRepository:
         if self.repository is None:
             raise not_found("public repository (the issuer publishes none)", "NO_REPOSITORY")
         return self.repository
+
+
+def _is_current(certificate: cert_pb2.Certificate | None, serial: str | None) -> bool:
+    """Whether `serial` (hex, as Envoy writes it) is the serial of `certificate`, ACTIVE."""
+    if certificate is None or not serial:
+        return False
+    if certificate.status != cert_pb2.CERTIFICATE_STATUS_ACTIVE:
+        return False
+    try:
+        return int(serial, 16) == int(certificate.serial_number, 16)
+    except ValueError:
+        return False

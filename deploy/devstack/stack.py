@@ -279,8 +279,9 @@ class Stack:
         # Certificates name CRLs and the CA certificate under the local gateway.
         self.env.setdefault("PKI_BASE_URL", f"http://127.0.0.1:{self.gateway_port}")
         self.admin_port = reader.port("ENVOY_ADMIN_PORT", 9901)
-        # Devices with their certificate (mutual TLS); the built-in CA only (ACME-issued
-        # certificates chain to a public CA whose CRLs the gateway does not hold).
+        # Devices with their certificate (mutual TLS). Under CERT_ISSUER=acme the gateway
+        # trusts the ACME CA's roots (the local Pebble's, or EDGE_TRUST_CA_FILE for a CA of
+        # one's own) and cert_service checks revocation (cert_service.edge_trust).
         self.device_port = reader.port("DEVICE_TLS_PORT", 8443)
         self.trust_metrics_port = reader.port("EDGE_TRUST_METRICS_PORT", 9466)
         # Replica i of a service listens on its port + 100 * i (metrics likewise).
@@ -291,9 +292,15 @@ class Stack:
         self.local_acme = cert.text("CERT_ISSUER", "builtin") == "acme" and not cert.text(
             "ACME_DIRECTORY_URL", ""
         )
-        self.device_tls = cert.text("CERT_ISSUER", "builtin") == "builtin" and bool(
-            self.device_port
+        acme = cert.text("CERT_ISSUER", "builtin") == "acme"
+        self.edge_trust_ca_file = (
+            str(RUN / "acme" / "pebble-root.pem")
+            if self.local_acme
+            else reader.text("EDGE_TRUST_CA_FILE", "")
+            if acme
+            else ""
         )
+        self.device_tls = bool(self.device_port) and (not acme or bool(self.edge_trust_ca_file))
         self.knot_port = reader.port("KNOT_PORT", 15353)
         self.pebble_port = reader.port("PEBBLE_PORT", 14000)
         self.pebble_management_port = reader.port("PEBBLE_MANAGEMENT_PORT", 15000)
@@ -608,6 +615,7 @@ class Stack:
                 "EDGE_TRUST_DIR": str(trust),
                 "CERT_SERVICE_ADDRESS": _target(self.cert_ports),
                 "EDGE_TRUST_METRICS_PORT": str(self.trust_metrics_port),
+                "EDGE_TRUST_CA_FILE": self.edge_trust_ca_file,
             },
         )
         deadline = time.monotonic() + 30
@@ -615,7 +623,9 @@ class Stack:
             if writer.poll() is not None:
                 raise DevStackError(f"edge_trust exited with {writer.returncode}")
             if time.monotonic() > deadline:
-                raise DevStackError("edge_trust wrote no CRLs in 30 s (see .run/edge_trust.log)")
+                raise DevStackError(
+                    "edge_trust wrote no trust files in 30 s (see .run/edge_trust.log)"
+                )
             time.sleep(0.1)
         return DeviceTls(self.device_port, gateway.cert, gateway.key, trust)
 

@@ -300,7 +300,7 @@ def test_account_key_is_ec_p256_pkcs8_mode_0600_and_kept(tmp_path: Path) -> None
 
 def _stack(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **env: str) -> stack.Stack:
     monkeypatch.setattr(stack, "RUN", tmp_path)
-    for name in ("CERT_ISSUER", "ACME_DIRECTORY_URL"):
+    for name in ("CERT_ISSUER", "ACME_DIRECTORY_URL", "EDGE_TRUST_CA_FILE"):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(f"CERT_SERVICE_{name}", raising=False)
     for name, value in env.items():
@@ -316,6 +316,8 @@ def test_make_run_starts_neither_by_default_nor_for_an_acme_ca_of_ones_own(
     }):  # fmt: skip
         default = _stack(monkeypatch, tmp_path, **env)
         assert not default.local_acme
+        # An ACME CA of one's own: the device listener needs its roots (EDGE_TRUST_CA_FILE).
+        assert ("DEVICE_TLS_PORT" in default.ports()) is ("ACME_DIRECTORY_URL" not in env)
         assert "KNOT_PORT" not in default.ports()
         default.start_acme()
         assert default.cert_env == {}
@@ -336,6 +338,9 @@ def test_make_run_with_cert_issuer_acme_hands_cert_service_knot_and_pebble(
         **{name: str(port) for name, port in ports.items()},
     )
     assert {name: run.ports()[name] for name in ports} == ports
+    # The device listener trusts Pebble's root, which start_acme writes.
+    assert "DEVICE_TLS_PORT" in run.ports()
+    assert run.edge_trust_ca_file == str(tmp_path / "acme" / "pebble-root.pem")
     assert run.udp_ports() == ["KNOT_PORT"]
     try:
         run.start_acme()
