@@ -40,7 +40,7 @@ Connection = AsyncConnection[TupleRow]
 KEY_COLUMNS: Final = (
     "id, device_id, key_hash, key_prefix, device_name, user_initials, uuid_subdomain, "
     "permissions, rate_limit, expires_at, revoked_at, revocation_reason, rotated_from, "
-    "usage_count, last_used_at, created_at"
+    "usage_count, last_used_at, created_at, version"
 )
 AUDIT_COLUMNS: Final = (
     "seq, event_id, action, key_id, device_id, actor, reason, display_prefix, created_at"
@@ -77,6 +77,9 @@ class ApiKeyRow:
     usage_count: int
     last_used_at: datetime | None
     created_at: datetime
+    # A new one for each change of what the key may do (migration 0008): the cache keeps
+    # the newest (key_service/verify.py).
+    version: int
 
     @property
     def operator(self) -> bool:

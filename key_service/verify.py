@@ -15,7 +15,7 @@ INSUFFICIENT_PERMISSIONS, VALID. Every non-dry-run verify of a live key
 counts against its rate limit, whether or not it then lacks a permission.
 Usage (count, last use) is counted for VALID results only.
 
-The cached record is `usable_until_us|rate_limit|expires_us|revoked_us|`
+The cached record is `usable_until_us|rate_limit|expires_us|revoked_us|version|`
 followed by a serialized VerifyApiKeyResponse carrying the key's identity. It
 holds neither the key nor anything derived from it beyond what the Redis key
 name (the SHA-256 hash) already says.
@@ -60,19 +60,27 @@ _NAMESPACE: Final = "myl:key:{"
 _MEMO_LIMIT: Final = 50_000
 
 # Publishes a changed key's record. KEYS[1]: the record; ARGV[1]: the new record, ARGV[2]:
-# its TTL in ms. A key's record only ever becomes usable for a shorter time (revocation and
-# rotation move `usable_until` earlier, nothing moves it later), so a record already cached
-# that is usable for less time than the new one is newer, and stays.
+# its TTL in ms. The newer version of the row wins (a version is taken in the order changes
+# commit, migration 0008), so replicas publishing out of order cannot bring back an older
+# state, and a revocation undone reaches the cache. For the same version (a record published
+# twice), the one usable for less time stays.
 PUBLISH_SCRIPT: Final = """
+local function header(record)
+  local fields, start = {}, 1
+  for i = 1, 5 do
+    local stop = string.find(record, '|', start, true)
+    if not stop then return nil end
+    fields[i] = tonumber(string.sub(record, start, stop - 1))
+    if not fields[i] then return nil end
+    start = stop + 1
+  end
+  return fields
+end
 local new = ARGV[1]
 local current = redis.call('GET', KEYS[1])
 if current then
-  local h = string.find(current, '|', 1, true)
-  if h then
-    local current_until = tonumber(string.sub(current, 1, h - 1))
-    local new_until = tonumber(string.sub(new, 1, string.find(new, '|', 1, true) - 1))
-    if current_until < new_until then return 0 end
-  end
+  local c, n = header(current), header(new)
+  if c and n and (c[5] > n[5] or (c[5] == n[5] and c[1] < n[1])) then return 0 end
 end
 redis.call('SET', KEYS[1], new, 'PX', ARGV[2])
 return 1
@@ -110,6 +118,7 @@ class KeyRecord:
         "revoked_us",
         "template",
         "usable_until_us",
+        "version",
     )
 
     def __init__(self, header: Sequence[bytes], template: key_pb2.VerifyApiKeyResponse) -> None:
@@ -117,6 +126,7 @@ class KeyRecord:
         self.rate_limit = int(header[1])
         self.expires_us = int(header[2])
         self.revoked_us = int(header[3])
+        self.version = int(header[4])
         self.template = template
         self.key_id = template.key_id
         self.device_id = template.device_id
@@ -127,8 +137,8 @@ class KeyRecord:
     @classmethod
     def from_body(cls, body: bytes) -> KeyRecord:
         """Parse `encode_record`'s bytes."""
-        parts = body.split(b"|", 4)
-        return cls(parts, key_pb2.VerifyApiKeyResponse.FromString(parts[4]))
+        parts = body.split(b"|", 5)
+        return cls(parts, key_pb2.VerifyApiKeyResponse.FromString(parts[5]))
 
     def unusable_result(self, now_us: int) -> int:
         if self.revoked_us and now_us >= self.revoked_us:
@@ -148,7 +158,7 @@ def encode_record(row: ApiKeyRow) -> bytes:
         rate_limit=row.rate_limit,
     )
     template.expire_time.FromDatetime(row.expires_at)
-    header = f"{usable_us}|{row.rate_limit}|{expires_us}|{revoked_us}|".encode()
+    header = f"{usable_us}|{row.rate_limit}|{expires_us}|{revoked_us}|{row.version}|".encode()
     return header + template.SerializeToString()
 
 

@@ -22,17 +22,22 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import psycopg
 import pytest
+import redis.asyncio as aioredis
 from psycopg import sql
 
 from cert_service.storage import CertificateStore, NewCertificate, NewRow
 from deploy.devstack.servers import PostgresServer
-from key_service.storage import ACTION_CREATE, AuditEntry, KeyStore, NewKeyRow
+from key_service import keyformat
+from key_service.storage import ACTION_CREATE, AuditEntry, KeyChange, KeyStore, NewKeyRow
+from key_service.verify import record_key
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
+from myl.key.v1 import key_pb2
 from shared.config import DatabaseConfig
 from shared.db import Database, open_database
 from shared.errors import DomainError
 from shared.idempotency import RequestKey
 from tests.fixtures.cert import RunningCertService, error_reason
+from tests.fixtures.key import RunningKeyService
 
 AUDIT = AuditEntry(ACTION_CREATE, "test", "")
 KEY_MARKERS = "api_key_unconfirmed_writes"
@@ -330,3 +335,52 @@ async def test_a_marker_no_undo_knows_waits_and_does_not_hold_up_the_others(
     assert await store.unconfirmed.sweep() == 1
     assert await revoked(db_conn, left.id)
     assert await markers(db_conn, KEY_MARKERS) == ["from-a-newer-replica"]
+
+
+async def test_a_rotation_nobody_heard_of_gives_the_device_its_key_back_through_the_cache(
+    key_service: RunningKeyService, db_conn: Conn, redis_inspect: aioredis.Redis
+) -> None:
+    """Undoing a rotation makes the old key usable again, which the cache must take although
+    the rotation's record (revoked) is usable for less time: the restored row is a newer
+    version (migration 0008), and a record only gives way to a newer version of its row
+    (key_service/verify.py). Published in the other order, the older state stays out."""
+    plaintext, row = await key_service.issue_device_key("rotated-cached")
+    verify = key_pb2.VerifyApiKeyRequest(api_key=plaintext)
+    assert (await key_service.stub.VerifyApiKey(verify)).result == key_pb2.VERIFY_RESULT_VALID
+    await refuse_confirmations(db_conn, KEY_MARKERS)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await key_service.stub.RotateApiKey(key_pb2.RotateApiKeyRequest(key_id=str(row.id)))
+    assert error_reason(caught.value) == "OUTCOME_UNKNOWN"
+    store, verifier = key_service.app.store, key_service.app.verifier
+
+    async def restored() -> bool:  # the owner's undo has committed
+        current = await store.get(row.id)
+        return current is not None and current.revoked_at is None
+
+    async def applied() -> bool:  # the guard has applied every logged invalidation
+        cur = await db_conn.execute(
+            "SELECT count(*) FROM api_key_cache_invalidations WHERE applied_at IS NULL"
+        )
+        return await cur.fetchone() == (0,)
+
+    await eventually(restored)
+    await eventually(applied)
+    current = await store.get(row.id)
+    assert current is not None
+    # The rotation's state (revoked, the version before the undo) is what Redis holds...
+    rotated = dataclasses.replace(
+        current, revoked_at=key_service.clock.now(), version=current.version - 1
+    )
+    cached = record_key(keyformat.hash_key(plaintext))
+    await redis_inspect.delete(cached)
+    await verifier.publish(KeyChange([rotated], []))
+    assert (await key_service.stub.VerifyApiKey(verify)).result == key_pb2.VERIFY_RESULT_REVOKED
+    # ...until the undo's invalidation is applied: the key verifies again, from the cache.
+    await verifier.drain_invalidations(replay=True)
+    assert (await key_service.stub.VerifyApiKey(verify)).result == key_pb2.VERIFY_RESULT_VALID
+    record = await redis_inspect.get(cached)
+    assert isinstance(record, bytes)
+    assert record.split(b"|")[4] == str(current.version).encode()
+    # A replica publishing the rotation late does not bring the revoked state back.
+    await verifier.publish(KeyChange([rotated], []))
+    assert (await key_service.stub.VerifyApiKey(verify)).result == key_pb2.VERIFY_RESULT_VALID
