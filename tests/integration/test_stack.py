@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -325,6 +326,22 @@ def test_readme_device_walk_through_runs_as_written(shared_stack: SharedStack) -
     assert "it needs device:write" in output, output
     assert '"status":"CERTIFICATE_STATUS_REVOKED"' in output, output
     assert "certificate revoked" in output, output
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("make-run")
+def test_readme_acme_client_walk_through_runs_as_written(shared_stack: SharedStack) -> None:
+    """A device's own ACME clients against `make run`'s ACME server, as the README shows:
+    certbot and lego enroll with EAB, obtain, renew and revoke; both chains verify."""
+    if shutil.which("lego") is None:
+        pytest.skip("lego is not installed (deploy/system-deps.sh)")
+    stack = shared_stack.get()
+    (block,) = readme_blocks(README, "## Devices with their own ACME client (certbot, lego)")
+    output, failed = stack.run_script(block, timeout=120)
+    assert failed == [], output
+    assert output.count(": OK") == 2, output  # both openssl verify
+    assert "'status': 'CERTIFICATE_STATUS_REVOKED'" in output, output
+    assert "'certificateType': 'CERTIFICATE_TYPE_SINGLE'" in output, output
 
 
 @pytest.mark.slow
