@@ -48,8 +48,16 @@ ENVOY_CONCURRENCY = 2
 # The Services Envoy resolves (headless: one A record per ready pod).
 CERT_SERVICE_HOST = "cert-service"
 KEY_SERVICE_HOST = "key-service"
+# cert_service's ACME server (RFC 8555, `/acme/`) listens on ACME_PORT in every pod, as
+# `make run`'s replicas do on their gRPC port + 500.
+ACME_PORT = 50551
 GATEWAY_PORTS = GatewayPorts(
-    listen_port=8080, admin_port=9901, cert_port=50051, key_port=50052, stats_port=9902
+    listen_port=8080,
+    admin_port=9901,
+    cert_port=50051,
+    key_port=50052,
+    stats_port=9902,
+    acme_ports=(ACME_PORT,),
 )
 # The device listener (mutual TLS): the gateway's own certificate from the Secret
 # `gateway-tls` (tls.crt, tls.key), and the trust files the edge trust writer, a sidecar in

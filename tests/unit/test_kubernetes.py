@@ -249,7 +249,14 @@ def test_the_cluster_gateway_is_make_runs_with_the_cluster_addresses() -> None:
     )
     local = yaml.safe_load(
         render_envoy_config(
-            GatewayPorts(ports.listen_port, ports.admin_port, ports.cert_port, ports.key_port),
+            GatewayPorts(
+                ports.listen_port,
+                ports.admin_port,
+                ports.cert_port,
+                ports.key_port,
+                # make run's ACME server: the replica's gRPC port + 500, as in the pods.
+                acme_ports=(ports.cert_port + 500,),
+            ),
             listen_address="0.0.0.0",
             device_tls=local_device,
         )
@@ -261,6 +268,7 @@ def test_the_cluster_gateway_is_make_runs_with_the_cluster_addresses() -> None:
     for cluster, host in (
         ("cert_service", render.CERT_SERVICE_HOST),
         ("key_service", render.KEY_SERVICE_HOST),
+        ("cert_service_acme", render.CERT_SERVICE_HOST),
     ):
         assert differences.pop(f"/static_resources/clusters/{cluster}{endpoint}") == (
             "127.0.0.1",
@@ -456,7 +464,11 @@ def test_probes_and_ports_are_the_services_own(overlay: str, name: str) -> None:
     env = container_env(objects, container)
     config = ServerConfig.from_env(service, 0, 0, env)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": config.port, "metrics": config.metrics_port}
+    expected = {"grpc": config.port, "metrics": config.metrics_port}
+    if service == "cert_service":  # its ACME server, which the gateway's /acme/ route reaches
+        expected["acme"] = int(env["CERT_SERVICE_ACME_SERVER_PORT"])
+        assert expected["acme"] == render.ACME_PORT
+    assert ports == expected
     assert config.host == "0.0.0.0", "the kubelet and Envoy reach the pod's address"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         grpc = container[probe]["grpc"]
