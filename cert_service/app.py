@@ -255,6 +255,7 @@ async def create_app(config: CertServiceConfig, *, clock: Clock | None = None) -
         interval=config.outbox_interval,
         retry_min=config.outbox_retry_min,
         retry_max=config.outbox_retry_max,
+        tls=config.server.tls,
     )
     renewal = RenewalPolicy(
         config.renew_at_fraction, config.ari_explanation_url, config.reissue_issued_before

@@ -46,7 +46,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, cast
 
 import grpc
 from cryptography import x509
@@ -54,9 +54,10 @@ from cryptography.hazmat.primitives import serialization
 from prometheus_client import Counter, Gauge, start_http_server
 
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
-from shared.config import ConfigError, EnvReader
+from shared.config import ConfigError, EnvReader, internal_tls_from_env
 from shared.logging import configure_logging, get_logger
 from shared.tasks import run_periodically
+from shared.tls import CERT_SERVICE, InternalChannel, InternalTls
 
 log = get_logger(__name__)
 
@@ -218,24 +219,26 @@ class EdgeTrustWriter:
         await run_periodically("edge trust", self.run_once, self.interval)
 
 
-async def _serve(
-    address: str,
-    directory: Path,
-    shards: int,
-    zone: str,
-    interval: float,
-    public_ca_pem: bytes | None,
-) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
-        writer = EdgeTrustWriter(
-            cert_pb2_grpc.CertificateServiceStub(channel),
-            directory,
-            shards=shards,
-            zone=zone,
-            interval=interval,
-            public_ca_pem=public_ca_pem,
-        )
+async def _serve(address: str, tls: InternalTls, **settings: Any) -> None:
+    # Its own internal identity (`edge_trust`), allowed GetCrl and GetIssuerCertificate.
+    channel = InternalChannel(address, tls, CERT_SERVICE)
+    writer = EdgeTrustWriter(
+        cast(cert_pb2_grpc.CertificateServiceAsyncStub, _FollowingStub(channel)), **settings
+    )
+    try:
         await writer.run()
+    finally:
+        await channel.close()
+
+
+class _FollowingStub:
+    """The two calls the writer makes, each on the channel of the current certificate."""
+
+    def __init__(self, channel: InternalChannel) -> None:
+        self._channel = channel
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(cert_pb2_grpc.CertificateServiceStub(self._channel.get()), name)
 
 
 def _public_ca(path: Path) -> bytes:
@@ -254,8 +257,10 @@ def main() -> int:
     CRL_SHARDS (128, as cert_service), DNS_ZONE (myl.zip), EDGE_TRUST_INTERVAL (1 s),
     EDGE_TRUST_METRICS_PORT (9466; 0: none) on HOST (127.0.0.1; as the services, a pod sets
     0.0.0.0 so Prometheus reaches it); under CERT_ISSUER=acme, EDGE_TRUST_CA_FILE: the public
-    CA's certificates (PEM) the device certificates chain to, published with no CRL."""
-    env = EnvReader("", dict(os.environ))
+    CA's certificates (PEM) the device certificates chain to, published with no CRL; and its
+    internal TLS identity (`EDGE_TRUST_INTERNAL_TLS_CERT_FILE`, `..._KEY_FILE`, `..._CA_FILE`;
+    shared.config)."""
+    env = EnvReader("EDGE_TRUST", dict(os.environ))
     configure_logging()
     try:
         text = env.text("EDGE_TRUST_DIR", "")
@@ -270,13 +275,25 @@ def main() -> int:
         metrics_host = env.text("HOST", "127.0.0.1")
         ca_file = env.text("EDGE_TRUST_CA_FILE", "")
         public_ca_pem = _public_ca(Path(ca_file)) if ca_file else None
+        production = env.text("ENVIRONMENT", "development") == "production"
+        tls = internal_tls_from_env(env, production=production)
     except ConfigError as error:
         print(f"edge trust: {error}", file=sys.stderr)
         return 2
     if metrics_port:
         start_http_server(metrics_port, addr=metrics_host)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(address, directory, shards, zone, interval, public_ca_pem))
+        asyncio.run(
+            _serve(
+                address,
+                tls,
+                directory=directory,
+                shards=shards,
+                zone=zone,
+                interval=interval,
+                public_ca_pem=public_ca_pem,
+            )
+        )
     return 0
 
 

@@ -31,6 +31,7 @@ from myl.key.v1 import key_pb2, key_pb2_grpc
 from shared.clock import Clock
 from shared.logging import get_logger
 from shared.tasks import run_periodically
+from shared.tls import KEY_SERVICE, InternalChannel, InternalTls
 
 log = get_logger(__name__)
 
@@ -71,6 +72,7 @@ class OutboxRelay:
         interval: float,
         retry_min: float,
         retry_max: float,
+        tls: InternalTls,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -79,9 +81,10 @@ class OutboxRelay:
         self.interval = interval
         self.retry_min = retry_min
         self.retry_max = retry_max
-        self._channel: grpc.aio.Channel | None = None
+        self.tls = tls
+        self._channel = self._open(address)
         self._stub: key_pb2_grpc.ApiKeyServiceAsyncStub | None = None
-        self._closing: set[asyncio.Task[None]] = set()
+        self._stub_channel: grpc.aio.Channel | None = None
         self._wake = asyncio.Event()
 
     def set_address(self, address: str) -> None:
@@ -89,8 +92,15 @@ class OutboxRelay:
         if address == self.address:
             return
         self.address = address
-        self._drop_channel()
+        previous, self._channel = self._channel, self._open(address)
+        previous.reset()
         self._wake.set()
+
+    def _open(self, address: str) -> InternalChannel:
+        # Calls on a channel that is replaced keep it until their deadline.
+        return InternalChannel(
+            address, self.tls, KEY_SERVICE, options=_CHANNEL_OPTIONS, linger=self.timeout
+        )
 
     def lease_until(self, now: datetime) -> datetime:
         """How long a claimed event is reserved for the relay that claimed it."""
@@ -102,9 +112,10 @@ class OutboxRelay:
         return float(min(self.retry_max, self.retry_min * float(2**exponent)))
 
     def _get_stub(self) -> key_pb2_grpc.ApiKeyServiceAsyncStub:
-        if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
-            self._stub = key_pb2_grpc.ApiKeyServiceStub(self._channel)
+        channel = self._channel.get()
+        if self._stub is None or channel is not self._stub_channel:
+            self._stub = key_pb2_grpc.ApiKeyServiceStub(channel)
+            self._stub_channel = channel
         return self._stub
 
     def _drop_channel(self) -> None:
@@ -112,21 +123,7 @@ class OutboxRelay:
 
         The old channel is closed only after the deadline of any call still on it: closing
         it at once would cancel deliveries of the same batch in mid-flight."""
-        channel, self._channel, self._stub = self._channel, None, None
-        if channel is not None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no loop: the channel dies with its loop
-                return
-            task = loop.create_task(self._close_later(channel))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-
-    async def _close_later(self, channel: grpc.aio.Channel) -> None:
-        try:
-            await asyncio.sleep(self.timeout)
-        finally:
-            await channel.close(None)
+        self._channel.reset()
 
     async def deliver(self, event: OutboxEvent) -> bool:
         """One attempt at an event this relay holds the lease of; True when delivered."""
@@ -198,6 +195,4 @@ class OutboxRelay:
             return False
 
     async def close(self) -> None:
-        self._drop_channel()
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+        await self._channel.close(drain=True)

@@ -90,7 +90,9 @@ async def create_app(config: KeyServiceConfig, *, clock: Clock | None = None) ->
     scripts = script_client(config.server.redis)
     store = KeyStore(db, clock)
     usage = usage_buffer(store, config.usage_flush_interval)
-    devices = CertServiceDirectory(config.cert_service_address, config.cert_service_timeout)
+    devices = CertServiceDirectory(
+        config.cert_service_address, config.cert_service_timeout, config.server.tls
+    )
     verifier = Verifier(
         store=store,
         cache=cache,

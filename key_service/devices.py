@@ -24,6 +24,7 @@ import structlog
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from shared.errors import failed_precondition, invalid_argument, not_found, unavailable
 from shared.logging import get_logger
+from shared.tls import CERT_SERVICE, InternalChannel, InternalTls
 
 log = get_logger(__name__)
 
@@ -75,17 +76,26 @@ class DeviceDirectory(Protocol):
 class CertServiceDirectory:
     """DeviceDirectory over cert_service's gRPC contract."""
 
-    def __init__(self, address: str, timeout: float) -> None:
+    def __init__(self, address: str, timeout: float, tls: InternalTls) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        self._stub = cert_pb2_grpc.CertificateServiceStub(self._channel)
+        self._channel = InternalChannel(address, tls, CERT_SERVICE, options=_CHANNEL_OPTIONS)
+        self._stub_channel = self._channel.get()
+        self._stub = cert_pb2_grpc.CertificateServiceStub(self._stub_channel)
+
+    def _current_stub(self) -> cert_pb2_grpc.CertificateServiceAsyncStub:
+        """The stub on the channel that carries this process's current certificate."""
+        channel = self._channel.get()
+        if channel is not self._stub_channel:
+            self._stub_channel = channel
+            self._stub = cert_pb2_grpc.CertificateServiceStub(channel)
+        return self._stub
 
     async def active_certificate(self, device_id: str, now: datetime) -> DeviceCertificate:
         request_id = structlog.contextvars.get_contextvars().get("request_id")
         metadata = (("x-request-id", str(request_id)),) if request_id else None
         try:
-            response = await self._stub.GetCertificate(
+            response = await self._current_stub().GetCertificate(
                 cert_pb2.GetCertificateRequest(device_id=device_id),
                 timeout=self.timeout,
                 metadata=metadata,
@@ -120,4 +130,4 @@ class CertServiceDirectory:
         return DeviceCertificate(device_id, certificate.uuid_subdomain)
 
     async def close(self) -> None:
-        await self._channel.close(None)
+        await self._channel.close()

@@ -13,6 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.tls import InternalTls
+
+# No internal TLS: the default of a ServerConfig built in code, INTERNAL_TLS=off otherwise.
+PLAINTEXT = InternalTls(enabled=False)
+
 
 class ConfigError(Exception):
     """A configuration value is missing or malformed."""
@@ -35,20 +40,21 @@ class EnvReader:
         self.prefix = prefix
         self.environ = os.environ if environ is None else environ
 
-    def _lookup(self, name: str) -> tuple[str, str | None]:
+    def lookup(self, name: str) -> tuple[str, str | None]:
+        """The variable that applies (prefixed or not), and its value."""
         scoped = f"{self.prefix}_{name}" if self.prefix else name
         if scoped in self.environ:
             return scoped, self.environ[scoped]
         return name, self.environ.get(name)
 
     def text(self, name: str, default: str) -> str:
-        _, value = self._lookup(name)
+        _, value = self.lookup(name)
         return default if value is None else value
 
     def integer(
         self, name: str, default: int, *, minimum: int = 0, maximum: int = 2**31 - 1
     ) -> int:
-        key, value = self._lookup(name)
+        key, value = self.lookup(name)
         if value is None or value == "":
             return default
         try:
@@ -60,7 +66,7 @@ class EnvReader:
         return parsed
 
     def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
-        key, value = self._lookup(name)
+        key, value = self.lookup(name)
         if value is None or value == "":
             return default
         try:
@@ -72,7 +78,7 @@ class EnvReader:
         return parsed
 
     def flag(self, name: str, default: bool) -> bool:
-        key, value = self._lookup(name)
+        key, value = self.lookup(name)
         if value is None or value == "":
             return default
         lowered = value.strip().lower()
@@ -83,7 +89,7 @@ class EnvReader:
         raise ConfigError(key, value, "one of true/false/1/0/yes/no/on/off")
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        key, value = self._lookup(name)
+        key, value = self.lookup(name)
         if value is None or value == "":
             return default
         if value not in choices:
@@ -94,7 +100,7 @@ class EnvReader:
         return self.integer(name, default, minimum=0, maximum=65535)
 
     def path(self, name: str, default: Path) -> Path:
-        _, value = self._lookup(name)
+        _, value = self.lookup(name)
         return default if value is None or value == "" else Path(value)
 
 
@@ -238,6 +244,8 @@ class ServerConfig:
     shutdown_grace: float
     database: DatabaseConfig
     redis: RedisConfig
+    # The process's identity on the internal mutual TLS (shared/tls.py).
+    tls: InternalTls = PLAINTEXT
     # After SIGTERM: seconds of serving while health says NOT_SERVING (so that the gateway's
     # health checks move new requests elsewhere), before new RPCs are refused.
     drain_delay: float = 1.5
@@ -272,4 +280,29 @@ class ServerConfig:
             drain_delay=env.number("SHUTDOWN_DRAIN_DELAY", 1.5),
             database=DatabaseConfig.from_env(env, production=environment == "production"),
             redis=RedisConfig.from_env(env),
+            tls=internal_tls_from_env(env, production=environment == "production"),
         )
+
+
+def internal_tls_from_env(env: EnvReader, *, production: bool) -> InternalTls:
+    """`INTERNAL_TLS` (on unless set off) and the identity's three PEM files:
+    `INTERNAL_TLS_CERT_FILE` (the certificate, then any intermediates), `INTERNAL_TLS_KEY_FILE`
+    and `INTERNAL_TLS_CA_FILE` (the internal CA: what a peer's certificate must chain to).
+    Off is for debugging on a developer's machine only: refused in production."""
+    enabled = env.flag("INTERNAL_TLS", True)
+    if not enabled:
+        if production:
+            key, value = env.lookup("INTERNAL_TLS")
+            raise ConfigError(key, value, "on in production (off is for local debugging only)")
+        return PLAINTEXT
+    files = []
+    for name in ("INTERNAL_TLS_CERT_FILE", "INTERNAL_TLS_KEY_FILE", "INTERNAL_TLS_CA_FILE"):
+        key, value = env.lookup(name)
+        if not value:
+            raise ConfigError(
+                key, value, "a PEM file of this process's internal identity (or INTERNAL_TLS=off)"
+            )
+        if not Path(value).is_file():
+            raise ConfigError(key, value, "a readable PEM file")
+        files.append(Path(value))
+    return InternalTls(True, files[0], files[1], files[2])

@@ -30,6 +30,7 @@ from shared.identity import AUTHORIZED_METHOD_HEADER, CERT_NAMES_HEADER, KEY_ID_
 from shared.logging import REQUEST_CONTEXT, get_logger
 from shared.metrics import RPC_LATENCY, RPC_RESULTS
 from shared.reflection import ReflectionServicer
+from shared.tls import allowed_callers, identity_of, peer_spiffe_id
 from shared.wire import MAX_REQUEST_BYTES, Undecodable, tolerant_deserializer, undecodable_error
 
 log = get_logger(__name__)
@@ -59,6 +60,12 @@ def _call_facts(metadata: Any) -> tuple[str, bool, str | None]:
     return request_id or uuid.uuid4().hex, via_gateway, authorized
 
 
+def caller_not_allowed(peer: str | None) -> DomainError:
+    """The caller's internal identity may not call this method (shared.tls.CALLERS)."""
+    who = identity_of(peer or "") or peer or "an unknown identity"
+    return permission_denied(f"{who} may not call this method", "CALLER_NOT_ALLOWED")
+
+
 def unauthorized_method() -> DomainError:
     """The gateway authorized another method than the one about to run."""
     return permission_denied(
@@ -83,10 +90,15 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     a coroutine chain per RPC): it wraps each unary handler once, when the
     service is registered (`wrap_handler`). `intercept_service` remains for
     servers that want it as an ordinary interceptor.
+
+    With `check_callers`, a call is first checked against the internal mutual TLS
+    identity of its caller: PERMISSION_DENIED unless `shared.tls.CALLERS` lets that
+    identity call this method of this service.
     """
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, *, check_callers: bool = False) -> None:
         self.service = service
+        self.check_callers = check_callers
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self._running: set[tuple[str, uuid.UUID]] = set()
 
@@ -138,6 +150,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         running = self._running
         # Whether this method's requests have a request_id field: known at the first call.
         idempotent: list[bool] = []
+        callers = allowed_callers(service, full_method) if self.check_callers else None
 
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             request_id, via_gateway, authorized = _call_facts(context.invocation_metadata())
@@ -145,6 +158,10 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             set_context((request_id, name))
             start = perf_counter()
             try:
+                if callers is not None:
+                    peer = peer_spiffe_id(context)
+                    if peer not in callers:
+                        raise caller_not_allowed(peer)
                 if via_gateway and authorized != full_method:
                     raise unauthorized_method()
                 if request.__class__ is Undecodable:
@@ -257,7 +274,7 @@ class GrpcServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         # No grpc.aio interceptor: handlers are wrapped once, at registration.
-        self.interceptor = RpcInterceptor(config.service)
+        self.interceptor = RpcInterceptor(config.service, check_callers=config.tls.enabled)
         self.server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 0),
@@ -291,7 +308,12 @@ class GrpcServer:
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             ReflectionServicer(names), self.server
         )
-        self.port = self.server.add_insecure_port(self.config.address)
+        tls = self.config.tls
+        if tls.enabled:
+            self.port = self.server.add_secure_port(self.config.address, tls.server_credentials())
+        else:
+            log.warning("internal TLS is off: this port answers anyone (INTERNAL_TLS=off)")
+            self.port = self.server.add_insecure_port(self.config.address)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.address}")
         await self.server.start()
@@ -304,6 +326,7 @@ class GrpcServer:
             address=f"{self.config.host}:{self.port}",
             services=self.service_names,
             metrics_port=self.config.metrics_port or None,
+            internal_tls=tls.enabled,
         )
         return self.port
 

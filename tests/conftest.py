@@ -30,6 +30,7 @@ from deploy.devstack.servers import (
 )
 from shared.config import ServerConfig
 from shared.migrations import MigrationRunner, load_migrations
+from tests.fixtures import internal_tls
 
 pytest_plugins = ["tests.fixtures.cert", "tests.fixtures.key"]
 
@@ -205,6 +206,7 @@ def make_config(
             "ENVIRONMENT": "test",
             "SHUTDOWN_GRACE": "1",
             **cluster_env,
+            **internal_tls.service_env(service),
             **env,
         }
         return ServerConfig.from_env(service, 0, 0, environ)

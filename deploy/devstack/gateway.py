@@ -37,6 +37,7 @@ from shared.identity import (
     PERMISSIONS_HEADER,
     method_policy,
 )
+from shared.tls import CERT_SERVICE, KEY_SERVICE, server_name, spiffe_id
 
 ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
 TEMPLATE_PATH = ENVOY_DIR / "envoy.yaml.tmpl"
@@ -100,6 +101,71 @@ class DeviceTls:
 
     def __post_init__(self) -> None:
         _check_port("device_port", self.port)
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    """The gateway's internal identity, for mutual TLS to the services (shared/tls.py).
+
+    `directory` holds `tls.crt`, `tls.key` and `ca.crt` (cert-manager's Secret layout);
+    `sds_file` is the file-based SDS Secret naming the first two (`identity_sds`). Envoy
+    watches `directory` and reads the certificate and key again when a file is moved into
+    it, so a renewal needs no restart. The services' certificates must chain to `ca.crt`
+    and carry the SPIFFE id of the service each cluster reaches.
+    """
+
+    directory: Path
+    sds_file: Path
+
+
+IDENTITY_SECRET: Final = "internal_identity"
+
+
+def identity_sds(directory: Path) -> str:
+    """The SDS file of the gateway's identity in `directory` (JSON, which is YAML)."""
+    secret = {
+        "resources": [
+            {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+                "name": IDENTITY_SECRET,
+                "tls_certificate": {
+                    "certificate_chain": {"filename": str(directory / "tls.crt")},
+                    "private_key": {"filename": str(directory / "tls.key")},
+                    # Certificate and key are read together when either is replaced.
+                    "watched_directory": {"path": str(directory)},
+                },
+            }
+        ]
+    }
+    return json.dumps(secret, indent=2) + "\n"
+
+
+def _upstream_tls(tls: UpstreamTls | None, service: str) -> str:
+    """The `transport_socket` of the cluster of `service` (YAML, indented for the template)."""
+    if tls is None:
+        return ""
+    lines = [
+        "transport_socket:",
+        "  name: envoy.transport_sockets.tls",
+        "  typed_config:",
+        '    "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3'
+        ".UpstreamTlsContext",
+        f"    sni: {json.dumps(server_name(service))}",
+        "    common_tls_context:",
+        "      alpn_protocols: [h2]",
+        "      tls_params: { tls_minimum_protocol_version: TLSv1_3 }",
+        "      tls_certificate_sds_secret_config:",
+        f"        name: {IDENTITY_SECRET}",
+        "        sds_config:",
+        "          path_config_source:",
+        f"            path: {json.dumps(str(tls.sds_file))}",
+        f"            watched_directory: {{ path: {json.dumps(str(tls.directory))} }}",
+        "      validation_context:",
+        f"        trusted_ca: {{ filename: {json.dumps(str(tls.directory / 'ca.crt'))} }}",
+        "        match_typed_subject_alt_names:",
+        f"          - {{ san_type: URI, matcher: {{ exact: {json.dumps(spiffe_id(service))} }} }}",
+    ]
+    return "\n".join(" " * 6 + line for line in lines)
 
 
 def _check_port(name: str, port: object) -> None:
@@ -243,8 +309,12 @@ def render_envoy_config(
     access_log_path: str | Path = STDOUT,
     template_path: Path = TEMPLATE_PATH,
     device_tls: DeviceTls | None = None,
+    upstream_tls: UpstreamTls | None = None,
 ) -> str:
     """The Envoy bootstrap (YAML) for these ports and hosts.
+
+    `upstream_tls`: the gateway's internal identity, for mutual TLS to the services; None
+    only for services started with INTERNAL_TLS=off (local debugging).
 
     Hosts may be IP addresses or DNS names (the clusters are STRICT_DNS). `access_log_path`
     receives one JSON object per request; the default is Envoy's stdout. With `device_tls`,
@@ -271,6 +341,8 @@ def render_envoy_config(
         descriptor_path=json.dumps(str(descriptor_path)),
         openapi_path=json.dumps(str(openapi_path)),
         access_log_path=json.dumps(str(access_log_path)),
+        cert_tls=_upstream_tls(upstream_tls, CERT_SERVICE),
+        key_tls=_upstream_tls(upstream_tls, KEY_SERVICE),
         device_listener=""
         if device_tls is None
         else render_device_listener(device_tls, listen_address=listen_address),

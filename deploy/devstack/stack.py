@@ -58,10 +58,13 @@ from deploy.devstack.gateway import (
     TRUST_FILE,
     DeviceTls,
     GatewayPorts,
+    UpstreamTls,
     create_gateway_certificate,
     envoy_command,
+    identity_sds,
     render_envoy_config,
 )
+from deploy.devstack.internal_ca import SDS_FILE, Identity, InternalCa, Renewer
 from deploy.devstack.servers import (
     SERVICE_KEY_PATTERNS,
     DevStackError,
@@ -75,6 +78,7 @@ from deploy.devstack.servers import (
     wait_for_port,
 )
 from shared.config import ConfigError, EnvReader
+from shared.tls import EDGE_TRUST, GATEWAY, IDENTITIES, OPERATOR, server_name
 
 ROOT = Path(__file__).resolve().parents[2]
 # A Redis Cluster node also listens on its port + 10000, the cluster bus.
@@ -89,9 +93,26 @@ def say(message: str) -> None:
     print(f"[stack] {message}", flush=True)
 
 
-def wait_healthy(address: str, timeout: float, process: subprocess.Popen[bytes]) -> None:
+def wait_healthy(
+    address: str,
+    timeout: float,
+    process: subprocess.Popen[bytes],
+    *,
+    caller: Identity | None = None,
+    service: str = "",
+) -> None:
+    """Wait until the service at `address` says SERVING; asked as `caller` (an internal
+    identity) of a server that proves it is `service`, or in plaintext without one."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    if caller is None:
+        opened = grpc.insecure_channel(address)
+    else:
+        credentials = grpc.ssl_channel_credentials(
+            caller.ca_file.read_bytes(), caller.key_file.read_bytes(), caller.cert_file.read_bytes()
+        )
+        override = ("grpc.ssl_target_name_override", server_name(service))
+        opened = grpc.secure_channel(address, credentials, options=[override])
+    with opened as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if process.poll() is not None:
@@ -321,6 +342,9 @@ class Stack:
             self.cluster_ports = [base + n for n in range(6)]
         # What this stack started and watches (every one leads its own process group).
         self.children: list[Child] = []
+        # Mutual TLS on the service ports, with identities from RUN/internal-ca (shared/tls.py).
+        self.internal_ca: InternalCa | None = None
+        self.internal_tls = reader.flag("INTERNAL_TLS", True)
 
     def ports(self) -> dict[str, int]:
         """Every port this stack will listen on, by the variable that sets it."""
@@ -512,6 +536,29 @@ class Stack:
                 f"CA_COMMON_NAME); delete {directory} to create a new one"
             )
 
+    def internal_identities(self) -> None:
+        """The internal CA under RUN/internal-ca (made at the first start, kept), a fresh
+        identity for every process, and a thread that renews each at half its lifetime:
+        the services and Envoy take the new files without a restart."""
+        if not self.internal_tls:
+            say("internal TLS is off (INTERNAL_TLS=off): the service ports answer anyone")
+            return
+        ca = InternalCa(RUN / "internal-ca", sds=identity_sds)
+        for name in IDENTITIES:
+            ca.issue(name)
+        self.internal_ca = ca
+        self.env.update(ca.services_env())
+        renewer = Renewer(ca)
+        renewer.start()
+        self.stops.append(renewer.stop)
+        say(
+            f"internal CA: {ca.cert_file} (identities in {ca.directory}, valid "
+            f"{ca.validity}, renewed at half-life)"
+        )
+
+    def operator_identity(self) -> Identity | None:
+        return None if self.internal_ca is None else self.internal_ca.identity(OPERATOR)
+
     def start_acme(self) -> None:
         """Knot and Pebble for CERT_ISSUER=acme, under RUN/knot and RUN/pebble.
 
@@ -597,9 +644,10 @@ class Stack:
                 process = self.spawn(
                     name, [sys.executable, "-m", service, "serve"], extra_env=replica
                 )
-                started.append((port, process))
-        for port, process in started:
-            wait_healthy(f"127.0.0.1:{port}", 30, process)
+                started.append((service, port, process))
+        operator = self.operator_identity()
+        for service, port, process in started:
+            wait_healthy(f"127.0.0.1:{port}", 30, process, caller=operator, service=service)
 
     def start_edge_trust(self) -> DeviceTls | None:
         """The device listener's certificate and trust files: the edge trust writer (beside
@@ -608,6 +656,10 @@ class Stack:
             return None
         gateway = create_gateway_certificate(RUN / "gateway")
         trust = RUN / "edge-trust"
+        # Its own internal identity: GetCrl and GetIssuerCertificate, nothing else.
+        identity = {}
+        if self.internal_ca is not None:
+            identity = self.internal_ca.identity(EDGE_TRUST).env("EDGE_TRUST")
         writer = self.spawn(
             "edge_trust",
             [sys.executable, "-m", "cert_service.edge_trust"],
@@ -616,6 +668,7 @@ class Stack:
                 "CERT_SERVICE_ADDRESS": _target(self.cert_ports),
                 "EDGE_TRUST_METRICS_PORT": str(self.trust_metrics_port),
                 "EDGE_TRUST_CA_FILE": self.edge_trust_ca_file,
+                **identity,
             },
         )
         deadline = time.monotonic() + 30
@@ -641,12 +694,17 @@ class Stack:
             acme_ports=tuple(_acme_port(port) for port in self.cert_ports),
         )
         config_path = RUN / "envoy.yaml"
+        upstream_tls = None
+        if self.internal_ca is not None:
+            directory = self.internal_ca.identity(GATEWAY).directory
+            upstream_tls = UpstreamTls(directory, directory / SDS_FILE)
         config_path.write_text(
             render_envoy_config(
                 ports,
                 listen_address=self.env.get("GATEWAY_HOST", "127.0.0.1"),
                 access_log_path=RUN / "envoy-access.log",
                 device_tls=device_tls,
+                upstream_tls=upstream_tls,
             )
         )
         envoy = self.spawn("envoy", envoy_command(config_path, concurrency=2))
@@ -730,6 +788,11 @@ def say_ready(stack: Stack, key_path: Path) -> None:
     if metrics:
         say(f"  metrics (/metrics)     {_addresses(metrics)}")
     say(f"  operator key           {key_path}")
+    operator = stack.operator_identity()
+    if operator is not None:
+        say(f"  operator identity      {operator.directory} (mutual TLS to the service ports:")
+        say(f"    grpcurl {' '.join(operator.grpcurl_flags())} \\")
+        say(f"      -servername key-service.myl.internal 127.0.0.1:{stack.key_port} list)")
     if stack.local_acme:
         say(f"  Knot DNS (updates)     127.0.0.1:{stack.knot_port}")
         say(f"  Pebble ACME directory  https://127.0.0.1:{stack.pebble_port}/dir")
@@ -759,6 +822,7 @@ def main() -> int:
             stack.start_databases()
             stack.migrate()
             stack.development_ca()
+            stack.internal_identities()
             stack.start_acme()
             stack.start_services()
             stack.start_gateway()

@@ -16,6 +16,7 @@ import pytest
 
 from deploy.devstack.gateway import GatewayPorts, envoy_command, render_envoy_config
 from deploy.devstack.servers import free_port
+from tests.fixtures import internal_tls
 from tests.fixtures.key import RunningKeyService
 
 
@@ -78,7 +79,12 @@ async def gateway(
     config_path = tmp_path / "envoy.yaml"
     access_log = tmp_path / "access.log"
     config_path.write_text(
-        render_envoy_config(ports, listen_address="127.0.0.1", access_log_path=access_log)
+        render_envoy_config(
+            ports,
+            listen_address="127.0.0.1",
+            access_log_path=access_log,
+            upstream_tls=internal_tls.upstream_tls(),
+        )
     )
     process = _start_envoy(config_path, tmp_path / "envoy.log")
     running = Gateway(ports.listen_port, ports.admin_port, config_path, access_log, process)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import grpc
 import httpx
 import pytest
 from acme import client as acme_client
@@ -35,6 +34,7 @@ from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from tests.e2e.conftest import Gateway
 from tests.e2e.test_gateway import operator_key, provision
 from tests.e2e.test_pki import crl_url, fetch_public
+from tests.fixtures import internal_tls
 from tests.fixtures.cert import RunningCertService, StartCertService, make_csr
 from tests.fixtures.key import RunningKeyService
 
@@ -423,7 +423,7 @@ async def test_replicas_share_nonces_accounts_and_orders(
     one orders at the other; an order placed at one is finalized at the other."""
     first = await start_cert_service(ACME_SERVER_PORT="0")
     second = await start_cert_service(ACME_SERVER_PORT="0")
-    async with grpc.aio.insecure_channel(first.address) as channel:
+    async with internal_tls.channel(first.address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         await stub.ProvisionCertificate(
             cert_pb2.ProvisionCertificateRequest(

@@ -34,6 +34,7 @@ from shared.identity import (
 from tests.e2e.conftest import Gateway
 from tests.e2e.test_edge import error_reason
 from tests.e2e.test_gateway import device_key, operator_key, provision
+from tests.fixtures import internal_tls
 from tests.fixtures.key import RunningKeyService
 
 ROUTES = HttpRoutes.build(PUBLIC_SERVICES).routes
@@ -172,7 +173,7 @@ async def test_a_service_refuses_a_method_other_than_the_one_authorized(
         (PERMISSIONS_HEADER, "admin,api:access"),
         (OPERATOR_HEADER, "true"),
     ]
-    async with grpc.aio.insecure_channel(str(cert_service.address)) as channel:
+    async with internal_tls.channel(str(cert_service.address)) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         for authorized in (
             [(AUTHORIZED_METHOD_HEADER, "/myl.cert.v1.CertificateService/LookupCertificate")],
@@ -194,7 +195,7 @@ async def test_a_service_refuses_a_method_other_than_the_one_authorized(
             ],
         )
         assert listed is not None
-    async with grpc.aio.insecure_channel(key_service.address) as channel:
+    async with internal_tls.channel(key_service.address) as channel:
         keys = key_pb2_grpc.ApiKeyServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await keys.ListAuditEvents(key_pb2.ListAuditEventsRequest(), metadata=gateway_identity)

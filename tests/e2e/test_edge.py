@@ -24,6 +24,7 @@ from myl.key.v1 import key_pb2, key_pb2_grpc
 from shared.identity import method_policy
 from tests.e2e.conftest import Gateway
 from tests.e2e.test_gateway import GRPCURL, device_key, operator_key, provision
+from tests.fixtures import internal_tls
 from tests.fixtures.key import RunningKeyService
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,7 +204,12 @@ async def test_a_corrupt_grpc_message_is_invalid_argument(
         (gateway.grpc_address, (("x-api-key", admin),)),
         (cert_service.address, ()),
     ):
-        async with grpc.aio.insecure_channel(address) as channel:
+        opened = (
+            internal_tls.channel(address)
+            if address == cert_service.address
+            else grpc.aio.insecure_channel(address)
+        )
+        async with opened as channel:
             call = channel.unary_unary(
                 "/myl.cert.v1.CertificateService/GetCertificate",
                 request_serializer=bytes,

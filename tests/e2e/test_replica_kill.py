@@ -27,6 +27,7 @@ from deploy.devstack.gateway import GatewayPorts, envoy_command, render_envoy_co
 from deploy.devstack.servers import PostgresServer, RedisServer, free_port, wait_for_port
 from deploy.devstack.stack import OPERATOR_PERMISSIONS, wait_healthy
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
+from tests.fixtures import internal_tls
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,6 +77,7 @@ def replicated_stack(
         "CERT_SERVICE_ADDRESS": "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in cert_ports),
         "KEY_SERVICE_ADDRESS": "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in key_ports),
         "METRICS_PORT": "0", "LOG_LEVEL": "warning", "SHUTDOWN_DRAIN_DELAY": "0",
+        **internal_tls.services_env(),
     }  # fmt: skip
     replicas: dict[str, subprocess.Popen[bytes]] = {}
     try:
@@ -89,7 +91,8 @@ def replicated_stack(
         for name, process in replicas.items():
             kind, number = name.rsplit("-", 1)
             port = (cert_ports if kind == "cert_service" else key_ports)[int(number)]
-            wait_healthy(f"127.0.0.1:{port}", 30, process)
+            caller = internal_tls.identity("operator")
+            wait_healthy(f"127.0.0.1:{port}", 30, process, caller=caller, service=kind)
         created = subprocess.run(
             [sys.executable, "-m", "key_service", "admin", "create-key",
              "--permissions", OPERATOR_PERMISSIONS, "--name", "replica test",
@@ -104,7 +107,10 @@ def replicated_stack(
         config = tmp_path / "envoy.yaml"
         config.write_text(
             render_envoy_config(
-                gateway_ports, listen_address="127.0.0.1", access_log_path=tmp_path / "access.log"
+                gateway_ports,
+                listen_address="127.0.0.1",
+                access_log_path=tmp_path / "access.log",
+                upstream_tls=internal_tls.upstream_tls(),
             )
         )
         command = envoy_command(config, concurrency=1, access_log_flush_ms=100)

@@ -28,6 +28,7 @@ import httpx
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from myl.key.v1 import key_pb2, key_pb2_grpc
 from tests.faults.stack import CHANNEL_OPTIONS, FaultStack
+from tests.fixtures import internal_tls
 
 Kind = Literal["get", "verify", "rest"]
 VALID = "VERIFY_RESULT_VALID"
@@ -97,11 +98,11 @@ class Load:
         self.stopped = 0.0
 
     async def __aenter__(self) -> Load:
-        cert_channel = grpc.aio.insecure_channel(
-            self.stack.address("cert_service"), options=CHANNEL_OPTIONS
+        cert_channel = internal_tls.channel(
+            self.stack.address("cert_service"), service="cert_service", options=CHANNEL_OPTIONS
         )
-        key_channel = grpc.aio.insecure_channel(
-            self.stack.address("key_service"), options=CHANNEL_OPTIONS
+        key_channel = internal_tls.channel(
+            self.stack.address("key_service"), service="key_service", options=CHANNEL_OPTIONS
         )
         self._channels = [cert_channel, key_channel]
         self._cert = cert_pb2_grpc.CertificateServiceStub(cert_channel)

@@ -42,6 +42,7 @@ from deploy.devstack.stack import OPERATOR_PERMISSIONS
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from myl.key.v1 import key_pb2, key_pb2_grpc
 from shared.migrations import MigrationRunner, load_migrations
+from tests.fixtures import internal_tls
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 DATABASE: Final = "myl"
@@ -248,7 +249,8 @@ class FaultStack:
 
     def channel(self, address: str) -> grpc.aio.Channel:
         """A channel (closed with the stack) that reconnects within half a second."""
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        service = "cert_service" if address == self.address("cert_service") else "key_service"
+        channel = internal_tls.channel(address, service=service, options=CHANNEL_OPTIONS)
         self._channels.append(channel)
         return channel
 
@@ -289,6 +291,7 @@ class FaultStack:
             "KEY_SERVICE_ADDRESS": self.address("key_service"),
             "CERT_SERVICE_ACCESS_FLUSH_INTERVAL": str(FLUSH_INTERVAL),
             "KEY_SERVICE_USAGE_FLUSH_INTERVAL": str(FLUSH_INTERVAL),
+            **internal_tls.services_env(),
         }
         for name in ("DB_PASSWORD", "REDIS_PASSWORD", "PGPASSWORD"):
             self.env.pop(name, None)
@@ -335,6 +338,7 @@ class FaultStack:
                 ports,
                 listen_address="127.0.0.1",
                 access_log_path=self.directory / "envoy-access.log",
+                upstream_tls=internal_tls.upstream_tls(),
             )
         )
         self.envoy = ServiceProcess(
@@ -468,8 +472,8 @@ class FaultStack:
         """Wait until the service's health check answers SERVING; returns that moment."""
         process = self.services[service]
         deadline = time.monotonic() + limit
-        async with grpc.aio.insecure_channel(
-            self.address(service), options=CHANNEL_OPTIONS
+        async with internal_tls.channel(
+            self.address(service), service=service, options=CHANNEL_OPTIONS
         ) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while True:

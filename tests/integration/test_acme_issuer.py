@@ -35,6 +35,7 @@ from cert_service.storage import timestamp
 from deploy.devstack.acme import KnotServer, PebbleServer, TsigKey, generate_account_key
 from deploy.devstack.servers import free_port
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
+from tests.fixtures import internal_tls
 from tests.fixtures.cert import RunningCertService, StartCertService, error_reason, make_csr
 
 Stub: TypeAlias = "cert_pb2_grpc.CertificateServiceAsyncStub"
@@ -111,7 +112,7 @@ async def acme_stub(
 ) -> AsyncIterator[tuple[AcmeServers, RunningCertService, Stub]]:
     servers = acme_servers()
     service = await start_cert_service(**servers.env())
-    async with grpc.aio.insecure_channel(service.address) as channel:
+    async with internal_tls.channel(service.address) as channel:
         yield servers, service, cert_pb2_grpc.CertificateServiceStub(channel)
 
 
@@ -195,7 +196,7 @@ async def test_provision_is_pending_then_active_with_a_chain_pebbles_root_verifi
     # challenge records can be watched while they are needed.
     servers = acme_servers(PEBBLE_VA_NOSLEEP="0", PEBBLE_VA_SLEEPTIME="2")
     service = await start_cert_service(**servers.env())
-    async with grpc.aio.insecure_channel(service.address) as channel:
+    async with internal_tls.channel(service.address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         reply = await provision(stub, "acme-device-1", uuid_subdomain="acme-one")
         assert reply.certificate.status == PENDING
@@ -334,7 +335,7 @@ async def test_revocation_cancels_the_pending_renewal_of_the_revoked_key(
 ) -> None:
     servers = acme_servers()
     service = await start_cert_service(**servers.env())
-    async with grpc.aio.insecure_channel(service.address) as channel:
+    async with internal_tls.channel(service.address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         await provision(stub, "acme-revoke-1", uuid_subdomain="acme-revoke")
         first = await wait_for(stub, "acme-revoke-1", is_active)
@@ -391,7 +392,7 @@ async def test_pebble_nonce_rejection_is_survived(
     )
     service = await start_cert_service(**servers.env())
     before = orders_placed()
-    async with grpc.aio.insecure_channel(service.address) as channel:
+    async with internal_tls.channel(service.address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         devices = [f"acme-nonce-{i}" for i in range(6)]
         for device in devices:
@@ -409,7 +410,7 @@ async def test_validation_failures_are_shown_and_retried_and_a_lost_account_is_r
     # Pebble asks a DNS server that does not exist: every validation fails.
     servers = acme_servers(dns_port=free_port())
     service = await start_cert_service(**servers.env())
-    async with grpc.aio.insecure_channel(service.address) as channel:
+    async with internal_tls.channel(service.address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         await provision(stub, "acme-invalid-1", uuid_subdomain="acme-invalid")
         failing = await wait_for(stub, "acme-invalid-1", lambda c: c.pending_issuance.attempts >= 2)
@@ -455,8 +456,8 @@ async def test_two_replicas_never_place_two_orders_for_one_certificate(
     before = orders_placed()
     devices = [f"acme-replica-{i}" for i in range(12)]
     async with (
-        grpc.aio.insecure_channel(first.address) as one,
-        grpc.aio.insecure_channel(second.address) as two,
+        internal_tls.channel(first.address) as one,
+        internal_tls.channel(second.address) as two,
     ):
         stubs = [
             cert_pb2_grpc.CertificateServiceStub(one),
@@ -479,7 +480,7 @@ async def test_the_order_budget_defers_orders_it_has_no_room_for(
 ) -> None:
     servers = acme_servers()
     service = await start_cert_service(**servers.env(ACME_ORDERS="2", ACME_ORDER_PERIOD="3600"))
-    async with grpc.aio.insecure_channel(service.address) as channel:
+    async with internal_tls.channel(service.address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         for device in ("acme-budget-1", "acme-budget-2"):
             await provision(stub, device, uuid_subdomain=device)
@@ -504,7 +505,7 @@ async def test_a_replica_resumes_the_order_another_one_placed(
     worker = first.app.acme_worker
     assert isinstance(worker, AcmeWorker)
     servers.knot.stop()  # orders are placed, then the DNS update fails and is retried
-    async with grpc.aio.insecure_channel(first.address) as channel:
+    async with internal_tls.channel(first.address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         before = orders_placed()
         await provision(stub, "acme-lease-1", uuid_subdomain="acme-lease")
@@ -516,7 +517,7 @@ async def test_a_replica_resumes_the_order_another_one_placed(
     await first.stop()  # the replica goes away with the order placed
     servers.knot.start()
     second = await start_cert_service(**env)
-    async with grpc.aio.insecure_channel(second.address) as channel:
+    async with internal_tls.channel(second.address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         await wait_for(stub, "acme-lease-1", is_active)
     assert orders_placed() - before == 1
@@ -619,7 +620,7 @@ async def test_stopping_gives_up_orders_in_progress_and_another_replica_resumes_
     env = servers.env(ACME_LEASE="3")
     first = await start_cert_service(**env)
     devices = [f"acme-stop-{i}" for i in range(3)]
-    async with grpc.aio.insecure_channel(first.address) as channel:
+    async with internal_tls.channel(first.address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         for device in devices:
             await provision(stub, device, uuid_subdomain=device)
@@ -634,7 +635,7 @@ async def test_stopping_gives_up_orders_in_progress_and_another_replica_resumes_
 
     servers.restart_pebble(PEBBLE_VA_NOSLEEP="1")  # it forgets the accounts and orders too
     second = await start_cert_service(**servers.env())
-    async with grpc.aio.insecure_channel(second.address) as channel:
+    async with internal_tls.channel(second.address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         for device in devices:
             await wait_for(stub, device, is_active)
@@ -676,7 +677,7 @@ async def test_a_devices_acme_client_sees_processing_until_the_cas_certificate_i
     servers = acme_servers()
     service = await start_cert_service(**servers.env(), ACME_SERVER_PORT="0")
     fqdn = "acme-behind.myl.zip"
-    async with grpc.aio.insecure_channel(service.address) as channel:
+    async with internal_tls.channel(service.address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         await provision(stub, "acme-behind", uuid_subdomain="acme-behind")
         await wait_for(stub, "acme-behind", is_active)

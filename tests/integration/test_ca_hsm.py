@@ -30,7 +30,7 @@ from cert_service.storage import RevokedEntry
 from deploy.devstack.softhsm import TOKEN_LABEL, TokenCa
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from shared.config import ConfigError
-from tests.fixtures import gateway_identity
+from tests.fixtures import gateway_identity, internal_tls
 from tests.fixtures.cert import StartCertService, error_reason, make_csr, token_ca_env
 from tests.integration.test_cert_lint import errors, lint_all
 
@@ -292,6 +292,7 @@ def test_serve_with_a_wrong_pin_exits_2_naming_ca_key_uri(token_ca: TokenCa) -> 
         if not key.startswith(("CA_", "CERT_SERVICE_", "DB_", "REDIS_"))
     }
     env.update(token_ca_env(token_ca), CA_KEY_PIN_FILE="", CA_KEY_PIN="not-the-pin")
+    env.update(internal_tls.service_env("cert_service"))
     done = subprocess.run(
         [sys.executable, "-m", "cert_service", "serve"],
         env=env,

@@ -12,6 +12,7 @@ import pytest
 from cryptography import x509
 
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
+from tests.fixtures import internal_tls
 from tests.fixtures.cert import (
     RunningCertService,
     StartCertService,
@@ -39,7 +40,7 @@ async def test_window_is_two_thirds_into_the_lifetime_and_the_worker_agrees(
 ) -> None:
     clock = FakeClock(datetime.now(UTC), frozen=True)
     service = await start_cert_service(clock)
-    async with grpc.aio.insecure_channel(service.address) as channel:
+    async with internal_tls.channel(service.address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         provisioned = await stub.ProvisionCertificate(
             cert_pb2.ProvisionCertificateRequest(device_id="ari", validity_days=30)
@@ -110,7 +111,7 @@ async def test_mass_reissue_makes_older_certificates_due_for_devices_and_worker(
     # A minute ago: the cut-off below must not lie in the (real) future.
     clock = FakeClock(datetime.now(UTC) - timedelta(minutes=1), frozen=True)
     first = await start_cert_service(clock)
-    async with grpc.aio.insecure_channel(first.address) as channel:
+    async with internal_tls.channel(first.address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         await stub.ProvisionCertificate(cert_pb2.ProvisionCertificateRequest(device_id="old"))
     await first.stop()
@@ -119,7 +120,7 @@ async def test_mass_reissue_makes_older_certificates_due_for_devices_and_worker(
     cutoff = (clock.now() + timedelta(seconds=1)).replace(microsecond=0)
     clock.set(cutoff + timedelta(seconds=1))
     second = await start_cert_service(clock, REISSUE_ISSUED_BEFORE=cutoff.isoformat())
-    async with grpc.aio.insecure_channel(second.address) as channel:
+    async with internal_tls.channel(second.address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         await stub.ProvisionCertificate(cert_pb2.ProvisionCertificateRequest(device_id="new"))
         old = await renewal_info(stub, "old")

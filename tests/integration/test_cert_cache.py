@@ -16,6 +16,7 @@ from cert_service import certcache
 from deploy.devstack.servers import RedisServer
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from tests.conftest import standalone_only
+from tests.fixtures import internal_tls
 from tests.fixtures.cert import RunningCertService, StartCertService, make_csr
 
 Stub: TypeAlias = "cert_pb2_grpc.CertificateServiceAsyncStub"
@@ -179,7 +180,7 @@ async def test_every_rpc_works_from_postgresql_while_redis_is_down(
 ) -> None:
     standalone_only(redis_backend)
     service = await start_cert_service(REDIS_BREAKER_RESET="0.05")
-    async with grpc.aio.insecure_channel(service.address) as channel:
+    async with internal_tls.channel(service.address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         await provision(stub)
         await get(stub)  # cached

@@ -15,6 +15,7 @@ from cryptography.x509.oid import ExtensionOID
 
 from cert_service.crl import CrlPublisher
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
+from tests.fixtures import internal_tls
 from tests.fixtures.cert import RunningCertService, StartCertService, make_csr, violated_fields
 
 Stub: TypeAlias = "cert_pb2_grpc.CertificateServiceAsyncStub"
@@ -190,7 +191,7 @@ async def test_replicas_never_publish_conflicting_crl_numbers(
     start_cert_service: StartCertService,
 ) -> None:
     replicas = [await start_cert_service() for _ in range(3)]
-    async with grpc.aio.insecure_channel(replicas[0].address) as channel:
+    async with internal_tls.channel(replicas[0].address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         seen: dict[int, set[int]] = {shard: set() for shard in range(SHARDS)}
         total_signed = 0

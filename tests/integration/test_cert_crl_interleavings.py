@@ -33,6 +33,7 @@ from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from shared.errors import DomainError
 from shared.migrations import MigrationRunner, load_migrations
 from tests.conftest import MIGRATIONS
+from tests.fixtures import internal_tls
 from tests.fixtures.cert import RunningCertService, StartCertService
 from tests.integration.test_cert_crl import (
     Stub,
@@ -68,7 +69,7 @@ async def one_shard(start_cert_service: StartCertService) -> RunningCertService:
 
 @pytest.fixture
 async def stub(one_shard: RunningCertService) -> AsyncIterator[Stub]:
-    async with grpc.aio.insecure_channel(one_shard.address) as channel:
+    async with internal_tls.channel(one_shard.address) as channel:
         yield cert_pb2_grpc.CertificateServiceStub(channel)
 
 
@@ -190,7 +191,7 @@ async def test_a_replica_skipping_a_shard_another_is_signing_loses_no_revocation
     finding the shard locked by A, skips it. B's next pass lists the revocation."""
     a = await start_cert_service(CRL_SHARDS="1")
     b = await start_cert_service(CRL_SHARDS="1")
-    async with grpc.aio.insecure_channel(b.address) as channel:
+    async with internal_tls.channel(b.address) as channel:
         stub_b = cert_pb2_grpc.CertificateServiceStub(channel)
         earlier = await provision(stub_b, "earlier")
         later = await provision(stub_b, "later")

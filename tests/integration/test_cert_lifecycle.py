@@ -6,11 +6,11 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import TypeAlias
 
-import grpc
 import psycopg
 
 from cert_service.lifecycle import LifecycleResult
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
+from tests.fixtures import internal_tls
 from tests.fixtures.cert import RunningCertService, StartCertService
 from tests.fixtures.clock import FakeClock
 
@@ -121,7 +121,7 @@ async def test_replicas_share_the_work_without_renewing_twice(
 ) -> None:
     clock = FakeClock(datetime.now(UTC), frozen=False)
     replicas = [await start_cert_service(clock=clock, LIFECYCLE_BATCH_SIZE="4") for _ in range(3)]
-    async with grpc.aio.insecure_channel(replicas[0].address) as channel:
+    async with internal_tls.channel(replicas[0].address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         await asyncio.gather(*(provision(stub, f"device-{i}", validity_days=3) for i in range(30)))
         await asyncio.gather(

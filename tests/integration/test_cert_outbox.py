@@ -19,6 +19,7 @@ import pytest
 from deploy.devstack.servers import free_port
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from myl.key.v1 import key_pb2
+from tests.fixtures import internal_tls
 from tests.fixtures.cert import RunningCertService, StartCertService, error_reason
 from tests.fixtures.clock import FakeClock
 
@@ -51,7 +52,8 @@ class KeyServiceStandIn:
                 ),
             )
         )
-        assert self.server.add_insecure_port(f"127.0.0.1:{port}") == port
+        credentials = internal_tls.server_credentials("key_service")
+        assert self.server.add_secure_port(f"127.0.0.1:{port}", credentials) == port
         await self.server.start()
 
     async def stop(self) -> None:
@@ -158,7 +160,7 @@ async def test_replicas_deliver_each_event_once(
 ) -> None:
     clock = FakeClock(datetime.now(UTC), frozen=True)  # no retry comes due unless the test says so
     replicas = [await start_cert_service(clock=clock) for _ in range(3)]
-    async with grpc.aio.insecure_channel(replicas[0].address) as channel:
+    async with internal_tls.channel(replicas[0].address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         devices = [f"device-{i}" for i in range(12)]
         for device_id in devices:

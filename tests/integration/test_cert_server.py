@@ -9,18 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deploy.devstack.servers import PostgresServer, RedisServer, free_port
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
+from tests.fixtures import internal_tls
 from tests.fixtures.cert import RunningCertService
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 async def test_health_and_reflection(cert_service: RunningCertService) -> None:
-    async with grpc.aio.insecure_channel(cert_service.address) as channel:
+    async with internal_tls.channel(cert_service.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "myl.cert.v1.CertificateService"):
             reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
@@ -28,9 +28,13 @@ async def test_health_and_reflection(cert_service: RunningCertService) -> None:
 
     grpcurl = Path(sys.executable).parent / "grpcurl"
     # The server runs in this event loop: wait for grpcurl without blocking it.
+    # As an operator does: with the operator's internal certificate, checking the server's.
+    operator = internal_tls.identity("operator")
     process = await asyncio.create_subprocess_exec(
         str(grpcurl),
-        "-plaintext",
+        *operator.grpcurl_flags(),
+        "-servername",
+        "cert-service.myl.internal",
         cert_service.address,
         "list",
         stdout=asyncio.subprocess.PIPE,
@@ -49,7 +53,7 @@ def _env(**extra: str) -> dict[str, str]:
         for key, value in os.environ.items()
         if not key.startswith(("CA_", "CERT_SERVICE_", "DB_", "REDIS_"))
     }
-    env.update(extra)
+    env.update(internal_tls.service_env("cert_service"), **extra)
     return env
 
 
@@ -111,7 +115,7 @@ async def test_serve_runs_until_sigterm_and_drains(
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with internal_tls.channel(f"127.0.0.1:{port}", service="cert_service") as channel:
             stub = cert_pb2_grpc.CertificateServiceStub(channel)
             reply = await stub.ProvisionCertificate(
                 cert_pb2.ProvisionCertificateRequest(device_id="device-1"),

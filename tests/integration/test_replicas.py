@@ -16,6 +16,7 @@ import psycopg
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from myl.key.v1 import key_pb2
 from shared.config import ServerConfig
+from tests.fixtures import internal_tls
 from tests.fixtures.cert import RunningCertService, StartCertService
 from tests.fixtures.clock import FakeClock
 from tests.fixtures.key import RunningKeyService, start_key_service
@@ -24,7 +25,7 @@ Conn = psycopg.AsyncConnection[tuple[object, ...]]
 
 
 def cert_stub(service: RunningCertService) -> tuple[grpc.aio.Channel, Any]:
-    channel = grpc.aio.insecure_channel(service.address)
+    channel = internal_tls.channel(service.address)
     return channel, cert_pb2_grpc.CertificateServiceStub(channel)
 
 
@@ -112,7 +113,7 @@ async def test_counters_of_two_replicas_add_up(
     async with channel:
         await stub.ProvisionCertificate(cert_pb2.ProvisionCertificateRequest(device_id="counted"))
     for cert_replica in replicas:
-        async with grpc.aio.insecure_channel(cert_replica.address) as channel:
+        async with internal_tls.channel(cert_replica.address) as channel:
             stub = cert_pb2_grpc.CertificateServiceStub(channel)
             for _ in range(25):
                 await stub.GetCertificate(cert_pb2.GetCertificateRequest(device_id="counted"))

@@ -22,6 +22,7 @@ from google.rpc import error_details_pb2  # type: ignore[attr-defined]
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from myl.key.v1 import key_pb2
 from shared.config import ServerConfig
+from tests.fixtures import internal_tls
 from tests.fixtures.cert import (
     RunningCertService,
     StartCertService,
@@ -527,7 +528,7 @@ async def test_duplicates_spread_over_replicas_still_execute_once(
             make_config("key_service", PORT="0"), clock, cert_address=certs[1].address
         ),
     ]
-    channels = [grpc.aio.insecure_channel(c.address) for c in certs]
+    channels = [internal_tls.channel(c.address) for c in certs]
     try:
         cert_stubs = [cert_pb2_grpc.CertificateServiceStub(c) for c in channels]
         await cert_stubs[0].ProvisionCertificate(P(device_id="replicated"))

@@ -45,7 +45,8 @@ def _register(server: grpc.aio.Server) -> None:
 
 @pytest.fixture
 async def demo_server() -> AsyncIterator[GrpcServer]:
-    config = ServerConfig.from_env("demo", 0, 0, {"ENVIRONMENT": "test"})
+    # Plaintext (the local debugging switch): what is tested here is not the transport.
+    config = ServerConfig.from_env("demo", 0, 0, {"ENVIRONMENT": "test", "INTERNAL_TLS": "off"})
     server = GrpcServer(config)
     server.add_service("demo.Demo", _register)
     await server.start()
