@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Awaitable
 from pathlib import Path
 
 import grpc
@@ -104,13 +105,14 @@ async def test_each_service_answers_only_the_methods_its_callers_need(
             key_pb2.RevokeDeviceApiKeysRequest(device_id="device-1", reason="deleted")
         )
         assert revoked.revoked_count == 0
-        for call, request in (
-            (keys.ListAuditEvents, key_pb2.ListAuditEventsRequest()),
-            (keys.VerifyApiKey, key_pb2.VerifyApiKeyRequest(api_key="myl_x")),
-            (keys.GenerateApiKey, key_pb2.GenerateApiKeyRequest(device_id="device-1")),
-        ):
+        calls: list[Awaitable[object]] = [
+            keys.ListAuditEvents(key_pb2.ListAuditEventsRequest()),
+            keys.VerifyApiKey(key_pb2.VerifyApiKeyRequest(api_key="myl_x")),
+            keys.GenerateApiKey(key_pb2.GenerateApiKeyRequest(device_id="device-1")),
+        ]
+        for call in calls:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await call(request)  # type: ignore[operator]
+                await call
             assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
             assert error_reason(caught.value) == "CALLER_NOT_ALLOWED"
             assert "cert_service may not call" in (caught.value.details() or "")
