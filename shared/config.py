@@ -302,7 +302,5 @@ def internal_tls_from_env(env: EnvReader, *, production: bool) -> InternalTls:
             raise ConfigError(
                 key, value, "a PEM file of this process's internal identity (or INTERNAL_TLS=off)"
             )
-        if not Path(value).is_file():
-            raise ConfigError(key, value, "a readable PEM file")
         files.append(Path(value))
     return InternalTls(True, files[0], files[1], files[2])

@@ -9,6 +9,8 @@ Each has exactly one source, so the cluster cannot drift from what `make run` an
   files of the ConfigMap under /etc/envoy, the read-only stats listener a scraper can reach,
   and the device TLS listener (its certificate from a Secret, its trust files from the edge
   trust writer beside Envoy in each pod).
+- `base/gateway/identity.yaml`: the file-based SDS Secret of the gateway's internal identity
+  (`identity_sds`), naming the files of the `gateway-internal-tls` Secret where the pod mounts it.
 - `base/gateway/myl.pb`, `base/gateway/openapi.json`: copies of deploy/envoy/'s (kustomize reads
   files only below its kustomization, so the ConfigMap generator cannot name the originals).
 - `components/monitoring/prometheusrule.yaml`: deploy/prometheus/alerts.yml's groups, unchanged,
@@ -33,7 +35,9 @@ from deploy.devstack.gateway import (
     STDOUT,
     DeviceTls,
     GatewayPorts,
+    UpstreamTls,
     envoy_command,
+    identity_sds,
     render_envoy_config,
 )
 
@@ -45,6 +49,10 @@ ALERTS_PATH = KUBERNETES.parent / "prometheus" / "alerts.yml"
 ENVOY_CONFIG_DIR = Path("/etc/envoy")
 ENVOY_BINARY = Path("/usr/local/bin/envoy")
 ENVOY_CONCURRENCY = 2
+# Where each pod mounts its internal identity, a Secret as cert-manager writes it (tls.crt,
+# tls.key, ca.crt; docs/kubernetes.md), and the gateway's SDS file naming it (in the ConfigMap).
+INTERNAL_TLS_DIR = Path("/etc/myl/internal-tls")
+IDENTITY_SDS = "identity.yaml"
 # The Services Envoy resolves (headless: one A record per ready pod).
 CERT_SERVICE_HOST = "cert-service"
 KEY_SERVICE_HOST = "key-service"
@@ -83,6 +91,7 @@ def gateway_config() -> str:
         openapi_path=ENVOY_CONFIG_DIR / OPENAPI_PATH.name,
         access_log_path=STDOUT,
         device_tls=DEVICE_TLS,
+        upstream_tls=UpstreamTls(INTERNAL_TLS_DIR, ENVOY_CONFIG_DIR / IDENTITY_SDS),
     )
 
 
@@ -123,6 +132,7 @@ def rendered_files() -> dict[Path, bytes]:
     envoy_note = GENERATED_NOTE.format(source="deploy/envoy/envoy.yaml.tmpl")
     return {
         Path("base/gateway/envoy.yaml"): (envoy_note + gateway_config()).encode(),
+        Path("base/gateway/identity.yaml"): identity_sds(INTERNAL_TLS_DIR).encode(),
         Path("base/gateway/myl.pb"): DESCRIPTOR_PATH.read_bytes(),
         Path("base/gateway/openapi.json"): OPENAPI_PATH.read_bytes(),
         Path("components/monitoring/prometheusrule.yaml"): prometheus_rule().encode(),

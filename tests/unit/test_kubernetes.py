@@ -42,15 +42,19 @@ from deploy.devstack.gateway import (
     DESCRIPTOR_PATH,
     DeviceTls,
     GatewayPorts,
+    UpstreamTls,
     create_gateway_certificate,
     envoy_command,
     render_envoy_config,
 )
+from deploy.devstack.internal_ca import SDS_FILE
 from deploy.kubernetes import render
 from key_service.config import KeyServiceConfig
 from myl.cert.v1 import cert_pb2
 from myl.key.v1 import key_pb2
 from shared.config import ServerConfig
+from shared.tls import server_name
+from tests.fixtures import internal_tls
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -247,6 +251,7 @@ def test_the_cluster_gateway_is_make_runs_with_the_cluster_addresses() -> None:
         run / "gateway" / "gateway.key",
         run / "edge-trust",
     )
+    identity = run / "internal-ca" / "gateway"
     local = yaml.safe_load(
         render_envoy_config(
             GatewayPorts(
@@ -259,9 +264,17 @@ def test_the_cluster_gateway_is_make_runs_with_the_cluster_addresses() -> None:
             ),
             listen_address="0.0.0.0",
             device_tls=local_device,
+            upstream_tls=UpstreamTls(identity, identity / SDS_FILE),
         )
     )
     differences = {path: (a, b) for path, a, b in _differences(local, deployed)}
+    # The gateway's internal identity: a directory of its own, mounted from a Secret.
+    for path in [
+        p
+        for p, (a, b) in differences.items()
+        if (a, b) == (str(identity), str(render.INTERNAL_TLS_DIR))
+    ]:
+        differences.pop(path)
     stats = "/static_resources/listeners/stats/address/socket_address/port_value"
     assert differences.pop(stats) == (0, ports.stats_port)
     endpoint = "/load_assignment/endpoints/0/lb_endpoints/0/endpoint/address/socket_address/address"
@@ -295,7 +308,7 @@ def test_the_cluster_gateway_is_make_runs_with_the_cluster_addresses() -> None:
     )
     for path, (a, b) in differences.items():
         assert Path(a).name == Path(b).name, path
-        assert Path(b).parent == render.ENVOY_CONFIG_DIR, path
+        assert Path(b).parent in (render.ENVOY_CONFIG_DIR, render.INTERNAL_TLS_DIR), path
     clusters = {c["name"]: c for c in deployed["static_resources"]["clusters"]}
     for name in ("cert_service", "key_service"):
         assert clusters[name]["type"] == "STRICT_DNS"
@@ -304,7 +317,8 @@ def test_the_cluster_gateway_is_make_runs_with_the_cluster_addresses() -> None:
 
 def test_envoy_accepts_the_cluster_gateway_config(tmp_path: Path) -> None:
     """The ConfigMap's files, laid out as the pod mounts them (in a temporary directory
-    instead of /etc/envoy), pass Envoy's own validation (the binary the tests run)."""
+    instead of /etc/envoy, and the internal identity's Secret beside it), pass Envoy's own
+    validation (the binary the tests run)."""
     data = config_map(rendered("overlays/production"), "gateway-config")
     files = {name: text.encode() for name, text in data["data"].items()}
     files |= {name: base64.b64decode(blob) for name, blob in data["binaryData"].items()}
@@ -318,15 +332,28 @@ def test_envoy_accepts_the_cluster_gateway_config(tmp_path: Path) -> None:
     (tmp_path / "gateway-tls" / "tls.key").write_bytes(tls.key.read_bytes())
     trust = tmp_path / "edge-trust"
     write_trust(trust, _device_ca_and_crl(), "myl.zip")
-    for mounted, there in (
+    # The gateway's internal identity: the gateway-internal-tls Secret.
+    secret = tmp_path / "internal-tls"
+    shutil.copytree(internal_tls.identity("gateway").directory, secret)
+    mounts = (
         (render.ENVOY_CONFIG_DIR, tmp_path),
         (render.GATEWAY_TLS_DIR, tmp_path / "gateway-tls"),
         (render.EDGE_TRUST_DIR, trust),
-    ):
-        config = config.replace(f'"{mounted}/', f'"{there}/')
-        config = config.replace(f'"{mounted}"', f'"{there}"')
+        (render.INTERNAL_TLS_DIR, secret),
+    )
+
+    def mounted(text: str) -> str:
+        for inside, there in mounts:
+            text = text.replace(f'"{inside}/', f'"{there}/')
+            text = text.replace(f'"{inside}"', f'"{there}"')
+        return text
+
+    config = mounted(config)
+    identity = tmp_path / render.IDENTITY_SDS
+    identity.write_text(mounted(identity.read_text()))
     assert str(render.EDGE_TRUST_DIR) not in config
     assert str(render.GATEWAY_TLS_DIR) not in config
+    assert str(render.INTERNAL_TLS_DIR) not in config
     path = tmp_path / "envoy.yaml"
     path.write_text(config)
     done = subprocess.run(
@@ -375,7 +402,7 @@ def _gateway_config_name() -> str:
 def test_the_gateway_configmap_carries_the_descriptor_set_envoy_reads() -> None:
     data = config_map(rendered("overlays/production"), "gateway-config")
     assert base64.b64decode(data["binaryData"]["myl.pb"]) == DESCRIPTOR_PATH.read_bytes()
-    assert set(data["data"]) == {"envoy.yaml", "openapi.json"}
+    assert set(data["data"]) == {"envoy.yaml", "identity.yaml", "openapi.json"}
 
 
 def test_envoy_runs_as_make_run_runs_it_and_finds_the_services() -> None:
@@ -471,9 +498,21 @@ def test_probes_and_ports_are_the_services_own(overlay: str, name: str) -> None:
     assert ports == expected
     assert config.host == "0.0.0.0", "the kubelet and Envoy reach the pod's address"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        grpc = container[probe]["grpc"]
-        # The name GrpcServer sets SERVING (shared/server.py), as Envoy's health checks ask.
-        assert (grpc["port"], grpc["service"]) == (config.port, descriptor.full_name), probe
+        command = container[probe]["exec"]["command"]
+        assert command[0] == "grpc_health_probe", probe
+        flags = dict(flag.lstrip("-").partition("=")[::2] for flag in command[1:])
+        # The name GrpcServer sets SERVING (shared/server.py), as Envoy's health checks ask,
+        # over mutual TLS with the pod's own identity, from the server that proves it.
+        assert flags["addr"] == f"127.0.0.1:{config.port}", probe
+        assert flags["service"] == descriptor.full_name, probe
+        assert "tls" in flags, probe
+        assert (flags["tls-client-cert"], flags["tls-client-key"], flags["tls-ca-cert"]) == tuple(
+            map(str, config.tls.files)
+        ), probe
+        assert flags["tls-server-name"] == server_name(service), probe
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert str(render.INTERNAL_TLS_DIR) in mounts
+    assert all(path.parent == render.INTERNAL_TLS_DIR for path in config.tls.files)
     headless = one(objects, "Service", name)["spec"]
     assert {p["targetPort"] for p in headless["ports"]} == set(ports)
 
