@@ -28,7 +28,8 @@ of a certificate caller by that name (`Caller.device_name`), which is unique amo
 Only the gateway sets any `x-myl-*` header: it drops every client-sent one on both listeners
 before anything reads it. A call without `x-myl-key-id` and without `x-myl-cert-names` comes
 from inside the platform (a gRPC stub of another service, or an operator on the service port)
-and is trusted: the service ports listen on internal addresses only. A call with either came
+and is trusted: the service ports speak mutual TLS with the platform's own identities only, and
+each identity may call only the methods `shared.tls.CALLERS` gives it. A call with either came
 through the gateway, and a device key or certificate may act only on its own device.
 """
 

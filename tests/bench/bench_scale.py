@@ -705,6 +705,8 @@ def run(devices: int, baseline: int, requests: int, in_flight: int, seed: int) -
                 "REDIS_PORT": str(cache_server.port),
                 "REDIS_DB": str(stack.redis_db),
                 "LOG_LEVEL": "warning",
+                # Plaintext, as harness.Databases.env (bench_internal_tls: the cost of TLS).
+                "INTERNAL_TLS": "off",
             }
             cert_port, key_port = free_port(), free_port()
             cert_env = {

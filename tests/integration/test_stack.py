@@ -292,7 +292,8 @@ def test_readme_walk_throughs_run_as_written_and_no_alert_fires(shared_stack: Sh
     assert '"status": "API_KEY_STATUS_REVOKED"' in output  # grpcurl's revoke
     assert "Code: Unauthenticated\n  Message: API key revoked" in output
     assert '"content_type": "application/pkix-crl"' in output  # GetCrl
-    assert '"action": "AUDIT_ACTION_REVOKE"' in output  # straight to key_service
+    assert '"action": "AUDIT_ACTION_REVOKE"' in output  # straight to key_service, mutual TLS
+    assert "\nrefused\n" in output  # ... and not without the operator's certificate
     # The device key was shown once, and written nowhere.
     keys = output.rsplit("KEYS ", 1)[1].split()
     assert len(keys) == 2, output
