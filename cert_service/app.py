@@ -38,7 +38,7 @@ from cert_service.storage.acme_server import AcmeServerStore
 from myl.cert.v1 import cert_pb2_grpc
 from shared.cache import Cache
 from shared.clock import Clock, SystemClock
-from shared.config import ConfigError
+from shared.config import ConfigError, require_internal_tls
 from shared.db import Database, DatabaseUnavailable, open_database
 from shared.invalidation import CacheGuard, CacheTrust
 from shared.limits import Limiter
@@ -388,6 +388,7 @@ def main() -> int:
     """`python -m cert_service serve`."""
     try:
         config = CertServiceConfig.from_env()
+        require_internal_tls(config.server.tls)
     except ConfigError as exc:
         print(f"cert_service: {exc}", file=sys.stderr)
         return 2

@@ -54,7 +54,7 @@ from cryptography.hazmat.primitives import serialization
 from prometheus_client import Counter, Gauge, start_http_server
 
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
-from shared.config import ConfigError, EnvReader, internal_tls_from_env
+from shared.config import ConfigError, EnvReader, internal_tls_from_env, require_internal_tls
 from shared.logging import configure_logging, get_logger
 from shared.tasks import run_periodically
 from shared.tls import CERT_SERVICE, InternalChannel, InternalTls
@@ -277,6 +277,7 @@ def main() -> int:
         public_ca_pem = _public_ca(Path(ca_file)) if ca_file else None
         production = env.text("ENVIRONMENT", "development") == "production"
         tls = internal_tls_from_env(env, production=production)
+        require_internal_tls(tls)
     except ConfigError as error:
         print(f"edge trust: {error}", file=sys.stderr)
         return 2

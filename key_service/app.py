@@ -18,7 +18,7 @@ from myl.envoy.service.auth.v3 import external_auth_pb2_grpc
 from myl.key.v1 import key_pb2_grpc
 from shared.cache import Cache
 from shared.clock import Clock, SystemClock
-from shared.config import ConfigError
+from shared.config import ConfigError, require_internal_tls
 from shared.db import Database, DatabaseUnavailable, open_database
 from shared.invalidation import CacheGuard, CacheTrust
 from shared.limits import Limiter
@@ -164,6 +164,7 @@ async def _serve(config: KeyServiceConfig) -> None:
 def main() -> int:
     try:
         config = KeyServiceConfig.from_env()
+        require_internal_tls(config.server.tls)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

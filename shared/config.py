@@ -288,19 +288,32 @@ def internal_tls_from_env(env: EnvReader, *, production: bool) -> InternalTls:
     """`INTERNAL_TLS` (on unless set off) and the identity's three PEM files:
     `INTERNAL_TLS_CERT_FILE` (the certificate, then any intermediates), `INTERNAL_TLS_KEY_FILE`
     and `INTERNAL_TLS_CA_FILE` (the internal CA: what a peer's certificate must chain to).
-    Off is for debugging on a developer's machine only: refused in production."""
+    Off is for debugging on a developer's machine only: refused in production. A file that is
+    not named is found by `require_internal_tls`, when a process is about to serve or call."""
     enabled = env.flag("INTERNAL_TLS", True)
     if not enabled:
         if production:
             key, value = env.lookup("INTERNAL_TLS")
             raise ConfigError(key, value, "on in production (off is for local debugging only)")
         return PLAINTEXT
-    files = []
-    for name in ("INTERNAL_TLS_CERT_FILE", "INTERNAL_TLS_KEY_FILE", "INTERNAL_TLS_CA_FILE"):
+    files: list[Path] = []
+    unset: list[str] = []
+    for name in INTERNAL_TLS_FILES:
         key, value = env.lookup(name)
+        files.append(Path(value) if value else Path())
         if not value:
-            raise ConfigError(
-                key, value, "a PEM file of this process's internal identity (or INTERNAL_TLS=off)"
-            )
-        files.append(Path(value))
-    return InternalTls(True, files[0], files[1], files[2])
+            unset.append(key)
+    return InternalTls(True, files[0], files[1], files[2], unset=tuple(unset))
+
+
+INTERNAL_TLS_FILES = ("INTERNAL_TLS_CERT_FILE", "INTERNAL_TLS_KEY_FILE", "INTERNAL_TLS_CA_FILE")
+
+
+def require_internal_tls(tls: InternalTls) -> None:
+    """ConfigError naming the first identity file that is not set, unless TLS is off."""
+    if tls.enabled and tls.unset:
+        raise ConfigError(
+            tls.unset[0],
+            None,
+            "a PEM file of this process's internal identity (or INTERNAL_TLS=off)",
+        )

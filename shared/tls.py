@@ -129,6 +129,8 @@ class InternalTls:
     cert_file: Path = Path()
     key_file: Path = Path()
     ca_file: Path = Path()
+    # The variables of files that were not named (shared.config.require_internal_tls).
+    unset: tuple[str, ...] = ()
 
     @property
     def files(self) -> tuple[Path, Path, Path]:
@@ -149,6 +151,8 @@ class InternalTls:
     def read(self) -> tuple[bytes, bytes, bytes]:
         """(certificate chain, key, CA certificates), PEM. OSError also when the key is not
         the certificate's: a reader caught between the renames of a renewal."""
+        if self.unset:
+            raise FileNotFoundError(f"{self.unset[0]} is not set (internal TLS)")
         chain, key, ca = (path.read_bytes() for path in self.files)
         certificate = x509.load_pem_x509_certificate(chain)
         private = serialization.load_pem_private_key(key, password=None)

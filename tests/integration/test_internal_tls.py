@@ -6,8 +6,11 @@ service in the suite does; the doors are tried as a local process would try them
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import Awaitable
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from cryptography import x509
 from deploy.devstack.internal_ca import Identity, InternalCa
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from myl.key.v1 import key_pb2, key_pb2_grpc
-from shared.config import ConfigError, ServerConfig
+from shared.config import ConfigError, ServerConfig, require_internal_tls
 from shared.tls import CERT_SERVICE, KEY_SERVICE, InternalChannel, InternalTls, server_name
 from tests.fixtures import internal_tls
 from tests.fixtures.cert import RunningCertService, StartCertService, error_reason
@@ -175,4 +178,18 @@ def test_internal_tls_is_off_only_outside_production() -> None:
     with pytest.raises(ConfigError, match="INTERNAL_TLS"):
         ServerConfig.from_env("demo", 0, 0, {"INTERNAL_TLS": "off", "ENVIRONMENT": "production"})
     with pytest.raises(ConfigError, match="INTERNAL_TLS_CERT_FILE"):
-        ServerConfig.from_env("demo", 0, 0, {})
+        require_internal_tls(ServerConfig.from_env("demo", 0, 0, {}).tls)
+
+
+def test_a_service_without_its_identity_does_not_start() -> None:
+    env = {k: v for k, v in os.environ.items() if "INTERNAL_TLS" not in k}
+    done = subprocess.run(
+        [sys.executable, "-m", "key_service", "serve"],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "INTERNAL_TLS_CERT_FILE" in done.stderr
