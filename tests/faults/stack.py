@@ -247,9 +247,11 @@ class FaultStack:
         port = self.cert_port if service == "cert_service" else self.key_port
         return f"127.0.0.1:{port}"
 
-    def channel(self, address: str) -> grpc.aio.Channel:
-        """A channel (closed with the stack) that reconnects within half a second."""
-        service = "cert_service" if address == self.address("cert_service") else "key_service"
+    def channel(self, address: str, service: ServiceName | None = None) -> grpc.aio.Channel:
+        """A channel (closed with the stack) that reconnects within half a second, to
+        `service` (by default, the one of this stack at `address`) over mutual TLS."""
+        if service is None:
+            service = "cert_service" if address == self.address("cert_service") else "key_service"
         channel = internal_tls.channel(address, service=service, options=CHANNEL_OPTIONS)
         self._channels.append(channel)
         return channel

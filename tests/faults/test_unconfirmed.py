@@ -35,6 +35,7 @@ from deploy.devstack.servers import free_port
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from myl.key.v1 import key_pb2, key_pb2_grpc
 from tests.faults.stack import CHANNEL_OPTIONS, FaultStack, ServiceProcess, unique
+from tests.fixtures import internal_tls
 from tests.fixtures.cert import error_reason
 
 pytestmark = pytest.mark.slow
@@ -54,7 +55,8 @@ class Replicas:
 
 async def wait_serving(process: ServiceProcess, address: str, limit: float = 30) -> None:
     deadline = time.monotonic() + limit
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    service = process.name.rsplit("-", 1)[0]
+    async with internal_tls.channel(address, service=service, options=CHANNEL_OPTIONS) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while True:
             assert process.running, process.log_tail()
@@ -99,8 +101,8 @@ async def second_replicas(stack: FaultStack) -> AsyncIterator[Replicas]:
             )
         )
         yield Replicas(
-            cert_pb2_grpc.CertificateServiceStub(stack.channel(cert_address)),
-            key_pb2_grpc.ApiKeyServiceStub(stack.channel(key_address)),
+            cert_pb2_grpc.CertificateServiceStub(stack.channel(cert_address, "cert_service")),
+            key_pb2_grpc.ApiKeyServiceStub(stack.channel(key_address, "key_service")),
         )
     finally:
         for process in processes:
