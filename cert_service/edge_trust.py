@@ -223,7 +223,7 @@ async def _serve(address: str, tls: InternalTls, **settings: Any) -> None:
     # Its own internal identity (`edge_trust`), allowed GetCrl and GetIssuerCertificate.
     channel = InternalChannel(address, tls, CERT_SERVICE)
     writer = EdgeTrustWriter(
-        cast(cert_pb2_grpc.CertificateServiceAsyncStub, _FollowingStub(channel)), **settings
+        cast("cert_pb2_grpc.CertificateServiceAsyncStub", _FollowingStub(channel)), **settings
     )
     try:
         await writer.run()
