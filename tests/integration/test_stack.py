@@ -326,7 +326,9 @@ def test_readme_device_walk_through_runs_as_written(shared_stack: SharedStack) -
     assert '"reason":"DEVICE_MISMATCH"' in output, output
     assert "it needs device:write" in output, output
     assert '"status":"CERTIFICATE_STATUS_REVOKED"' in output, output
-    assert "certificate revoked" in output, output
+    # TLS 1.3 checks the client's certificate after the client's side of the handshake:
+    # curl reads the gateway's alert, or finds the connection closed while it sends.
+    assert "certificate revoked" in output or "Broken pipe" in output, output
 
 
 @pytest.mark.slow
