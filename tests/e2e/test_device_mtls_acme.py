@@ -26,7 +26,7 @@ from deploy.devstack.gateway import (
 from deploy.devstack.servers import free_port
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from tests.e2e.conftest import Gateway, _start_envoy, _wait_healthy
-from tests.fixtures import gateway_identity
+from tests.fixtures import gateway_identity, internal_tls
 from tests.fixtures.cert import StartCertService
 from tests.fixtures.key import RunningKeyService
 from tests.integration.test_acme_issuer import (  # noqa: F401 (acme_servers: a fixture)
@@ -80,6 +80,7 @@ async def acme_device_gateway(
             listen_address="127.0.0.1",
             access_log_path=tmp_path / "access.log",
             device_tls=DeviceTls(device_port, server.cert, server.key, trust),
+            upstream_tls=internal_tls.upstream_tls(),
         )
     )
     process = _start_envoy(config_path, tmp_path / "envoy.log")
