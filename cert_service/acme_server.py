@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -64,6 +65,8 @@ from cert_service.storage.acme_server import AcmeServerStore, DeviceAccount, Dev
 from shared.clock import Clock
 from shared.errors import DomainError, ErrorKind, not_found
 from shared.logging import REQUEST_CONTEXT, get_logger
+from shared.tasks import BackgroundTask, run_periodically
+from shared.tls import GATEWAY, InternalTls, peer_identity_of
 
 log = get_logger(__name__)
 
@@ -840,24 +843,77 @@ def _from_domain(error: DomainError, *, csr: bool = False) -> Problem:
 
 
 class AcmeHttpServer:
-    """The aiohttp runner of `AcmeServer` on its own port (the gateway routes `/acme/` to it)."""
+    """The aiohttp runner of `AcmeServer` on its own port (the gateway routes `/acme/` to it).
 
-    def __init__(self, server: AcmeServer, host: str, port: int) -> None:
+    With internal TLS (`tls.enabled`, shared/tls.py) the port speaks TLS 1.3 and takes only
+    the gateway's internal identity: a connection without a certificate from the internal CA
+    is refused in the handshake, and one with another identity gets 403 (docs/security.md).
+    Renewed identity files are loaded every `REFRESH_SECONDS` without a restart."""
+
+    REFRESH_SECONDS: Final = 5.0
+
+    def __init__(
+        self, server: AcmeServer, host: str, port: int, tls: InternalTls | None = None
+    ) -> None:
         self.server = server
         self.host = host
         self.port = port
+        self.tls = tls if tls is not None and tls.enabled else None
         self._runner: web.AppRunner | None = None
+        self._context: ssl.SSLContext | None = None
+        self._refresher = BackgroundTask("acme server identity", self._refresh)
 
     async def start(self) -> int:
-        runner = web.AppRunner(self.server.application(), access_log=None)
+        application = self.server.application()
+        context = None
+        if self.tls is not None:
+            context = self.tls.ssl_context()
+            application.middlewares.insert(0, _only_the_gateway)
+        runner = web.AppRunner(application, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+        site = web.TCPSite(runner, self.host, self.port, reuse_address=True, ssl_context=context)
         await site.start()
         self._runner = runner
         self.port = int(runner.addresses[0][1])
+        if context is not None:
+            self._context = context
+            self._refresher.start()
         return self.port
 
+    async def _refresh(self) -> None:
+        tls, context = self.tls, self._context
+        assert tls is not None
+        assert context is not None
+        seen = tls.stamp()
+
+        async def look() -> None:
+            nonlocal seen
+            seen = tls.refresh(context, seen)
+
+        await run_periodically("acme server identity", look, self.REFRESH_SECONDS, wait_first=True)
+
     async def stop(self) -> None:
+        await self._refresher.stop()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+
+
+@web.middleware
+async def _only_the_gateway(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """The ACME port answers the gateway alone (its internal identity, shared/tls.py)."""
+    transport = request.transport
+    peer = transport.get_extra_info("peercert") if transport is not None else None
+    if peer_identity_of(peer) != GATEWAY:
+        return web.json_response(
+            {
+                "type": "urn:ietf:params:acme:error:unauthorized",
+                "detail": "this port answers the gateway only",
+                "status": 403,
+            },
+            status=403,
+            content_type="application/problem+json",
+        )
+    return await handler(request)

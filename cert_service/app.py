@@ -326,7 +326,9 @@ async def create_app(config: CertServiceConfig, *, clock: Clock | None = None) -
             renewal,
             terms_url=config.acme_terms_url,
         )
-        acme_http = AcmeHttpServer(acme_server, config.server.host, config.acme_server_port)
+        acme_http = AcmeHttpServer(
+            acme_server, config.server.host, config.acme_server_port, config.server.tls
+        )
     servicer = CertificateServicer(
         certificates,
         config.dns_zone,

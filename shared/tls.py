@@ -27,6 +27,7 @@ docs/security.md shows the table.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -104,6 +105,17 @@ def identity_of(spiffe: str) -> str | None:
     """The identity name in a SPIFFE id of this trust domain, else None."""
     prefix = f"spiffe://{TRUST_DOMAIN}/"
     return spiffe[len(prefix) :] if spiffe.startswith(prefix) else None
+
+
+def peer_identity_of(peercert: Mapping[str, Any] | None) -> str | None:
+    """The identity in the SPIFFE URI of a peer certificate as `ssl` reports it
+    (`SSLSocket.getpeercert()`), else None."""
+    for kind, value in (peercert or {}).get("subjectAltName", ()):
+        if kind == "URI":
+            found = identity_of(str(value))
+            if found is not None:
+                return found
+    return None
 
 
 def allowed_callers(service: str, full_method: str) -> frozenset[str]:
@@ -190,6 +202,33 @@ class InternalTls:
             fetch,  # type: ignore[arg-type]  # None: keep the current configuration
             require_client_authentication=True,
         )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A server context for an HTTP port (cert_service's ACME server): TLS 1.3 only, a
+        client certificate from the internal CA required. `refresh` loads renewed files
+        into it; handshakes after that present them."""
+        self.read()  # a readable, matching pair, or the error now
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(self.ca_file))
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+    def refresh(
+        self, context: ssl.SSLContext, seen: tuple[tuple[int, int], ...]
+    ) -> tuple[tuple[int, int], ...]:
+        """Load the files into `context` again if they changed since `seen` (and are a
+        matching pair); returns the stamp now in use."""
+        stamp = self.stamp()
+        if stamp == seen:
+            return seen
+        try:
+            self.read()
+            context.load_verify_locations(cafile=str(self.ca_file))
+            context.load_cert_chain(self.cert_file, self.key_file)
+        except (OSError, ValueError, ssl.SSLError):
+            return seen  # caught mid-replacement: the next look takes it
+        return stamp
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         chain, key, ca = self.read()

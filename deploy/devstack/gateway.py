@@ -140,8 +140,9 @@ def identity_sds(directory: Path) -> str:
     return json.dumps(secret, indent=2) + "\n"
 
 
-def _upstream_tls(tls: UpstreamTls | None, service: str) -> str:
-    """The `transport_socket` of the cluster of `service` (YAML, indented for the template)."""
+def _upstream_tls(tls: UpstreamTls | None, service: str, alpn: str = "h2") -> str:
+    """The `transport_socket` of the cluster of `service` (YAML, indented for the template);
+    `alpn`: h2 for the gRPC ports, http/1.1 for the ACME server's."""
     if tls is None:
         return ""
     lines = [
@@ -152,7 +153,7 @@ def _upstream_tls(tls: UpstreamTls | None, service: str) -> str:
         ".UpstreamTlsContext",
         f"    sni: {json.dumps(server_name(service))}",
         "    common_tls_context:",
-        "      alpn_protocols: [h2]",
+        f"      alpn_protocols: [{json.dumps(alpn)}]",
         "      tls_params:",
         "        tls_minimum_protocol_version: TLSv1_3",
         "        tls_maximum_protocol_version: TLSv1_3",
@@ -345,6 +346,7 @@ def render_envoy_config(
         access_log_path=json.dumps(str(access_log_path)),
         cert_tls=_upstream_tls(upstream_tls, CERT_SERVICE),
         key_tls=_upstream_tls(upstream_tls, KEY_SERVICE),
+        acme_tls=_upstream_tls(upstream_tls, CERT_SERVICE, alpn="http/1.1"),
         device_listener=""
         if device_tls is None
         else render_device_listener(device_tls, listen_address=listen_address),

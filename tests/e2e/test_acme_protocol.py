@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import json
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ from hypothesis import strategies as st
 from josepy import jwa, jwk
 
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
+from shared.tls import GATEWAY, OPERATOR
 from tests.e2e.conftest import Gateway
 from tests.e2e.test_gateway import operator_key, provision
 from tests.e2e.test_pki import crl_url, fetch_public
@@ -433,14 +435,16 @@ async def test_replicas_share_nonces_accounts_and_orders(
         eab = await stub.CreateAcmeEabCredentials(
             cert_pb2.CreateAcmeEabCredentialsRequest(device_id="replicated")
         )
+    # Each replica's ACME port directly, as the gateway reaches it: TLS, the gateway's identity.
     replicas = [
-        f"http://127.0.0.1:{running.app.acme_http.port}"  # type: ignore[union-attr]
+        f"https://127.0.0.1:{running.app.acme_http.port}"  # type: ignore[union-attr]
         for running in (first, second)
     ]
-    base = "http://acme.test/acme"
+    base = "https://acme.test/acme"
+    as_gateway = as_identity(GATEWAY)
 
     def exercise() -> None:
-        with httpx.Client(timeout=30, headers={"Host": "acme.test"}) as http:
+        with httpx.Client(timeout=30, headers={"Host": "acme.test"}, verify=as_gateway) as http:
 
             def at(replica: int, path: str) -> str:
                 return f"{replicas[replica]}/acme/{path}"
@@ -499,3 +503,36 @@ async def test_replicas_share_nonces_accounts_and_orders(
             assert reply.json()["status"] == "valid"
 
     await asyncio.to_thread(exercise)
+
+
+def as_identity(name: str | None) -> ssl.SSLContext:
+    """A client context that trusts the internal CA and presents `name`'s identity (none:
+    no certificate). The services' certificates name them, not 127.0.0.1."""
+    ca = internal_tls.internal_ca().identity(GATEWAY).ca_file
+    context = ssl.create_default_context(cafile=str(ca))
+    context.check_hostname = False
+    if name is not None:
+        caller = internal_tls.identity(name)
+        context.load_cert_chain(caller.cert_file, caller.key_file)
+    return context
+
+
+async def test_the_acme_port_answers_the_gateway_alone(
+    start_cert_service: StartCertService,
+) -> None:
+    """With internal TLS the ACME server's own port refuses a plaintext or certificate-less
+    client in the handshake, and another internal identity with 403 (shared/tls.py)."""
+    service = await start_cert_service(ACME_SERVER_PORT="0")
+    port = service.app.acme_http.port  # type: ignore[union-attr]
+    directory = f"https://127.0.0.1:{port}/acme/directory"
+
+    def call(context: ssl.SSLContext | None) -> int:
+        url = directory if context is not None else directory.replace("https", "http")
+        with httpx.Client(timeout=10, verify=context or False) as http:
+            return http.get(url).status_code
+
+    assert await asyncio.to_thread(call, as_identity(GATEWAY)) == 200
+    assert await asyncio.to_thread(call, as_identity(OPERATOR)) == 403
+    for refused in (as_identity(None), None):
+        with pytest.raises(httpx.TransportError):
+            await asyncio.to_thread(call, refused)
