@@ -118,18 +118,21 @@ async def _run_ids(client: aioredis.Redis) -> frozenset[str]:
 class CacheTrust:
     """Whether a guarded cache may be read: its circuit breaker, and the signal to drain.
 
-    The breaker lets no request probe Redis (`half_open=False`): only the guard closes it,
-    after a drain. Any opening, and any change that Redis did not take (`distrust`), wakes
-    the guard at once. The trust is built before what needs it, so that no one is wired
-    after construction: the cache is built with its breaker, whatever applies changes to
-    Redis (the key verifier, the certificate cache) with the trust, and the `CacheGuard`,
-    last, with the trust, the cache and the drain those provide.
+    The breaker opens at the first failure and lets no request probe Redis
+    (`half_open=False`): only the guard closes it, after a drain. Any opening, and any
+    change that Redis did not take (`distrust`), wakes the guard at once. The trust is built
+    before what needs it, so that no one is wired after construction: the cache is built
+    with its breaker, whatever applies changes to Redis (the key verifier, the certificate
+    cache) with the trust, and the `CacheGuard`, last, with the trust, the cache and the
+    drain those provide.
     """
 
     def __init__(self, config: RedisConfig) -> None:
         self.wake = asyncio.Event()
+        # One failure opens it (not REDIS_BREAKER_THRESHOLD's several): a Redis that failed
+        # may come back from an older copy, and what it holds is not read before a drain.
         self.breaker = CircuitBreaker(
-            config.breaker_threshold,
+            1,
             config.breaker_reset,
             half_open=False,
             on_trip=self.wake.set,

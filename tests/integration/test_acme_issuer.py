@@ -24,6 +24,7 @@ import dns.rdatatype
 import grpc
 import httpx
 import pytest
+import requests.adapters
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -35,6 +36,7 @@ from cert_service.storage import timestamp
 from deploy.devstack.acme import KnotServer, PebbleServer, TsigKey, generate_account_key
 from deploy.devstack.servers import free_port
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
+from shared.tls import GATEWAY
 from tests.fixtures import internal_tls
 from tests.fixtures.cert import RunningCertService, StartCertService, error_reason, make_csr
 
@@ -685,11 +687,13 @@ async def test_a_devices_acme_client_sees_processing_until_the_cas_certificate_i
             cert_pb2.CreateAcmeEabCredentialsRequest(device_id="acme-behind")
         )
         assert service.app.acme_http is not None
-        url = f"http://127.0.0.1:{service.app.acme_http.port}/acme/directory"
+        # The ACME port directly, as the gateway reaches it: TLS with the gateway's identity.
+        url = f"https://127.0.0.1:{service.app.acme_http.port}/acme/directory"
 
         def obtain() -> tuple[list[str], str]:
             key = jwk.JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
             net = acme_client.ClientNetwork(key, alg=jwa.ES256, user_agent="myl-tests")
+            net.session.mount("https://", _AsGateway())
             directory = acme_client.ClientV2.get_directory(url, net)
             client = acme_client.ClientV2(directory, net)
             binding = messages.ExternalAccountBinding.from_data(
@@ -726,3 +730,17 @@ async def test_a_devices_acme_client_sees_processing_until_the_cas_certificate_i
         assert format(leaf.serial_number, "x") in current.serial_number
         verified = openssl_verify(servers.pebble.root_pem(), chain, tmp_path)
         assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+class _AsGateway(requests.adapters.HTTPAdapter):
+    """HTTPS as the gateway: its internal identity, the internal CA trusted, and no host name
+    check (the service's certificate names it, not 127.0.0.1)."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        gateway = internal_tls.identity(GATEWAY)
+        context = ssl.create_default_context(cafile=str(gateway.ca_file))
+        context.check_hostname = False
+        context.load_cert_chain(gateway.cert_file, gateway.key_file)
+        kwargs["ssl_context"] = context
+        kwargs["assert_hostname"] = False
+        super().init_poolmanager(*args, **kwargs)
