@@ -77,6 +77,9 @@ class CircuitBreaker:
         self.on_trip = on_trip
         self.failures = 0
         self.opened_at: float | None = None
+        # Every failure and trip, open or not: whoever closes the circuit after work of its
+        # own (the cache guard's drain) closes it only if none happened meanwhile.
+        self.setbacks = 0
         self.probing = False
 
     def allow(self) -> bool:
@@ -102,6 +105,7 @@ class CircuitBreaker:
             log.info("redis circuit closed")
 
     def failure(self) -> None:
+        self.setbacks += 1
         if self.probing:
             self.probing = False
             self.opened_at = self.clock()
@@ -118,6 +122,7 @@ class CircuitBreaker:
         """Open now, whatever the count, saying why (`reason`, else the failure count). A
         fresh process opens it before it has applied the invalidation log: nothing has
         failed then, so `warn=False` logs it as information."""
+        self.setbacks += 1
         self.probing = False
         if self.opened_at is None:
             self.opened_at = self.clock()

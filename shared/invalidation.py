@@ -175,6 +175,7 @@ class CacheGuard:
         """One drain; True when the log is applied and the cache trusted."""
         if self.cache.client is None:
             return False
+        setbacks = self.trust.breaker.setbacks
         try:
             # An empty log proves nothing about Redis: it must answer before it is trusted.
             servers = await self.cache.apply(_run_ids)
@@ -191,6 +192,11 @@ class CacheGuard:
             return False  # PostgreSQL away: nothing new can be written to the log either
         if applied:
             log.info("cache invalidations applied from the log", count=applied, replay=replay)
+        if self.trust.breaker.setbacks != setbacks:
+            # Redis failed while this pass ran (a request's failure opened the circuit after
+            # `replay` was decided): it may since have come back from an older copy. Not
+            # trusted; the next pass replays.
+            return False
         self._servers = servers
         self.trust.breaker.success()
         return True
