@@ -13,9 +13,10 @@ Why an entry can never contradict an acknowledged change:
 1. The change and its log row commit together, before the RPC answers. A crash at any point
    leaves either neither or both.
 2. A replica reads Redis only while its cache is *trusted*: its circuit is closed, and the
-   guard closes it only after a drain that applied every row in the log succeeded. Any Redis
-   failure (a timeout, a refused connection, a failed invalidation) opens the circuit again,
-   and a fresh process starts with it open. So after Redis hung, crashed or restarted, no
+   guard closes it only after a drain that applied every row in the log succeeded, and only
+   if nothing failed while it ran. A failed invalidation opens the circuit again at once;
+   failed requests (a timeout, a refused connection) after `REDIS_BREAKER_THRESHOLD` in a
+   row; a fresh process starts with it open. So after Redis hung, crashed or restarted, no
    replica answers from it before the log has been applied, including rows written by others
    while it was away. Reads meanwhile go to PostgreSQL, which is the truth.
 3. Applying a row writes what PostgreSQL holds now, and the writes are monotonic (a key's
@@ -25,8 +26,9 @@ Why an entry can never contradict an acknowledged change:
    replica that had not received it). Such an event opens the circuit when requests fail on
    it, and is seen by the guard's next pass in any case (the server's run id changes); the
    drain that follows re-applies every row applied within the cache TTL, so no entry older
-   than the lost write survives. A restart that no request noticed is thus caught within
-   `interval` seconds.
+   than the lost write survives. A restart that fewer requests noticed than open the
+   circuit is thus caught within `interval` seconds (a request in between may read the older
+   copy: the one window of this kind, bounded by `interval`).
 
 What remains is a replica that reaches Redis while the one that made the change does not (a
 partition between them, not an outage): it trusts Redis until its next drain, at most
@@ -118,7 +120,7 @@ async def _run_ids(client: aioredis.Redis) -> frozenset[str]:
 class CacheTrust:
     """Whether a guarded cache may be read: its circuit breaker, and the signal to drain.
 
-    The breaker opens at the first failure and lets no request probe Redis
+    The breaker opens after REDIS_BREAKER_THRESHOLD failures and lets no request probe Redis
     (`half_open=False`): only the guard closes it, after a drain. Any opening, and any
     change that Redis did not take (`distrust`), wakes the guard at once. The trust is built
     before what needs it, so that no one is wired after construction: the cache is built
@@ -129,10 +131,8 @@ class CacheTrust:
 
     def __init__(self, config: RedisConfig) -> None:
         self.wake = asyncio.Event()
-        # One failure opens it (not REDIS_BREAKER_THRESHOLD's several): a Redis that failed
-        # may come back from an older copy, and what it holds is not read before a drain.
         self.breaker = CircuitBreaker(
-            1,
+            config.breaker_threshold,
             config.breaker_reset,
             half_open=False,
             on_trip=self.wake.set,
