@@ -57,7 +57,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from deploy.devstack.servers import DevStackError, free_port, log_tail, stop_process_group
+from deploy.devstack.servers import (
+    DevStackError,
+    free_port,
+    log_tail,
+    stop_process_group,
+    write_private,
+)
 
 # Records are meant to change quickly (a challenge's TXT lives for seconds): every TTL,
 # and the negative-caching TTL (SOA minimum), is one minute.
@@ -318,13 +324,6 @@ def _key_usage(
     )
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-
-
 class PebbleServer:
     """Pebble on 127.0.0.1:`port` (ACME) and 127.0.0.1:`management_port` (its management
     interface: roots, intermediates, certificate status), validating DNS-01 against the
@@ -418,7 +417,7 @@ class PebbleServer:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
             .sign(key, hashes.SHA256())
         )
-        _write_private(key_path, _pem_key(key))
+        write_private(key_path, _pem_key(key))
         self.ca_bundle.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cert, key
 
@@ -448,7 +447,7 @@ class PebbleServer:
             )
             .sign(ca_key, hashes.SHA256())
         )
-        _write_private(self.tls_dir / "key.pem", _pem_key(key))
+        write_private(self.tls_dir / "key.pem", _pem_key(key))
         (self.tls_dir / "cert.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
 
     def _config(self) -> dict[str, object]:

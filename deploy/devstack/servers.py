@@ -390,9 +390,9 @@ class RedisAcl:
         the process list): the ACL file, and the user a Cluster replica replicates as."""
         directory.mkdir(parents=True, exist_ok=True)
         acl_path = directory / "users.acl"
-        _write_private(acl_path, "\n".join(self.rules()) + "\n")
+        write_private(acl_path, "\n".join(self.rules()) + "\n")
         config = directory / "acl.conf"
-        _write_private(
+        write_private(
             config,
             f"aclfile {acl_path}\nmasteruser admin\nmasterauth {self.passwords['admin']}\n",
         )
@@ -412,14 +412,17 @@ def stored_password(directory: Path, user: str) -> str:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = directory / f"{user}.password"
     if not path.exists():
-        _write_private(path, secrets.token_urlsafe(32))
+        write_private(path, secrets.token_urlsafe(32))
     return path.read_text().strip()
 
 
-def _write_private(path: Path, text: str) -> None:
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(text)
+def write_private(path: Path, data: str | bytes) -> None:
+    """`data` in a new file at `path` that only its owner can read (mode 0600, whatever a
+    file there had)."""
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data.encode() if isinstance(data, str) else data)
 
 
 def _cluster_args(directory: Path, port: int) -> tuple[str, ...]:
