@@ -243,8 +243,8 @@ class InternalChannel:
     `peer` is the identity the server must prove (its DNS SAN is checked, whatever address
     it is reached at). `get()` returns the channel for the next call: a new one, with the
     new files, once they changed (looked at no more than once a second); the previous one
-    is closed after `linger` seconds, so calls already on it finish. With internal TLS off,
-    a plaintext channel.
+    is closed once the calls already on it finished (at most `linger` seconds). With
+    internal TLS off, a plaintext channel.
     """
 
     def __init__(
@@ -318,14 +318,17 @@ class InternalChannel:
         task.add_done_callback(self._closing.discard)
 
     async def _close_after_linger(self, channel: grpc.aio.Channel) -> None:
+        # grpc's own grace: new calls are refused at once, and the close returns as soon as
+        # the calls already on the channel are done (at most `linger` seconds).
         try:
-            await asyncio.sleep(self.linger)
-        finally:
+            await channel.close(self.linger)
+        except asyncio.CancelledError:
             await channel.close(None)
+            raise
 
     async def close(self, *, drain: bool = False) -> None:
-        """Close every channel; with `drain`, only after calls already on them had their
-        `linger` to finish."""
+        """Close every channel; with `drain`, once the calls already on them finished (at
+        most `linger` seconds)."""
         self.reset()
         if not drain:
             for task in self._closing:

@@ -1,8 +1,8 @@
 """Test harness: a throwaway PostgreSQL and Redis for the whole session.
 
-Each test that asks for `database` gets a fresh database cloned from a
-template that already carries both services' migrations, and `redis_server`
-users get a flushed Redis. Both servers stop when the session ends.
+Each test that asks for `database` gets an empty, migrated database (the worker's
+own, emptied before the test: `WorkerDatabase`), and `redis_server` users get a
+flushed Redis. Both servers stop when the session ends.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import psycopg
 import pytest
 import redis
 import redis.asyncio as aioredis
+from psycopg import sql
 from redis.asyncio.cluster import RedisCluster
 
 from deploy.devstack.servers import (
@@ -65,15 +66,96 @@ async def template_db(pg_server: PostgresServer) -> str:
     return TEMPLATE_DB
 
 
+# What a test may change in its database beyond its rows: relations and their columns,
+# constraints, triggers, functions, rules, policies, grants, migrations.
+_SHAPE = """
+SELECT (SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace),
+       (SELECT coalesce(sum(relnatts), 0) FROM pg_class
+         WHERE relnamespace = 'public'::regnamespace),
+       (SELECT string_agg(coalesce(relacl::text, ''), ',' ORDER BY oid) FROM pg_class
+         WHERE relnamespace = 'public'::regnamespace),
+       (SELECT count(*) FROM pg_constraint WHERE connamespace = 'public'::regnamespace),
+       (SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+         WHERE c.relnamespace = 'public'::regnamespace),
+       (SELECT string_agg(tgenabled::text, '' ORDER BY t.oid) FROM pg_trigger t
+         JOIN pg_class c ON c.oid = t.tgrelid WHERE c.relnamespace = 'public'::regnamespace),
+       (SELECT count(*) FROM pg_proc WHERE pronamespace = 'public'::regnamespace),
+       (SELECT count(*) FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
+         WHERE c.relnamespace = 'public'::regnamespace),
+       (SELECT count(*) FROM pg_policy),
+       (SELECT count(*) FROM pg_db_role_setting),
+       (SELECT count(*) FROM migration_history)
+"""
+
+
+class WorkerDatabase:
+    """This worker's migrated database, emptied before each test instead of cloned afresh.
+
+    A clone of the template costs PostgreSQL about 0.2 s of CPU; emptying every table costs
+    about 0.01 s. Emptied means as a fresh clone is: every row gone (the migration history
+    kept), every sequence restarted, no session of an earlier test left connected. A test
+    that changed the shape (rolled a migration back, added a column) gets a fresh clone.
+    """
+
+    def __init__(self, server: PostgresServer, template: str) -> None:
+        self.server = server
+        self.template = template
+        self.name = f"t_{uuid.uuid4().hex[:12]}"
+        self.server.create_database(self.name, template=template)
+        self.shape = self._shape()
+
+    def _shape(self) -> tuple[object, ...]:
+        with psycopg.connect(self.server.conninfo(self.name), autocommit=True) as conn:
+            row = conn.execute(_SHAPE).fetchone()
+        assert row is not None
+        return tuple(row)
+
+    def _recreate(self) -> None:
+        self.server.drop_database(self.name)
+        self.server.create_database(self.name, template=self.template)
+
+    def reset(self) -> str:
+        with psycopg.connect(self.server.conninfo("postgres"), autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (self.name,),
+            )
+        try:
+            if self._shape() != self.shape:
+                self._recreate()
+                return self.name
+            with psycopg.connect(self.server.conninfo(self.name)) as conn:
+                # Replica mode: the audit trail's append-only triggers do not fire.
+                conn.execute("SET LOCAL session_replication_role = replica")
+                conn.execute("SET LOCAL lock_timeout = '5s'")
+                tables = conn.execute(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+                    "AND tablename <> 'migration_history'"
+                ).fetchall()
+                for (table,) in tables:
+                    conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
+                sequences = conn.execute(
+                    "SELECT sequencename FROM pg_sequences WHERE schemaname = 'public'"
+                ).fetchall()
+                for (sequence,) in sequences:
+                    conn.execute(
+                        sql.SQL("ALTER SEQUENCE {} RESTART").format(sql.Identifier(sequence))
+                    )
+        except psycopg.Error:
+            self._recreate()
+        return self.name
+
+
+@pytest.fixture(scope="session")
+def worker_database(pg_server: PostgresServer, template_db: str) -> WorkerDatabase:
+    return WorkerDatabase(pg_server, template_db)
+
+
 @pytest.fixture
-def database(pg_server: PostgresServer, template_db: str) -> Iterator[str]:
-    """A fresh, migrated database for this test; dropped afterwards."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    pg_server.create_database(name, template=template_db)
-    try:
-        yield name
-    finally:
-        pg_server.drop_database(name)
+def database(worker_database: WorkerDatabase) -> str:
+    """A migrated database with nothing in it, for this test alone."""
+    return worker_database.reset()
 
 
 @pytest.fixture
