@@ -30,6 +30,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from shared.config import RedisConfig
@@ -188,9 +189,12 @@ class Cache:
             socket_connect_timeout=config.socket_timeout,
             health_check_interval=0,
             max_connections=256,
-            # No client-side retries: the circuit breaker decides when to try again,
-            # and a retry loop would hold every call for seconds while Redis is down.
-            retry=Retry(NoBackoff(), 0),
+            # One immediate retry, on a broken connection only: after Redis restarted, each
+            # pooled connection fails once when next used (the old socket is gone), and the
+            # request would go to PostgreSQL for nothing, or fail while PostgreSQL is away.
+            # Nothing else is retried (not a timeout): the circuit breaker decides when to
+            # try again, and a retry loop would hold every call while Redis is down.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         return cls(client, breaker)
 

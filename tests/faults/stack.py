@@ -519,6 +519,7 @@ class FaultStack:
         if self.envoy is None or not self.envoy.running:
             await self._start_envoy()
         await self.wait_gateway_healthy()
+        await self._wait_redis_trusted(limit=10)
         if not await self._writes_work(limit=5):
             # A service that never recovered from an earlier fault: that test has failed
             # already; the next one starts from fresh processes.
@@ -528,6 +529,17 @@ class FaultStack:
             await self.wait_gateway_healthy()
             if not await self._writes_work(limit=10):
                 raise StackError("the services cannot write even after a restart")
+
+    async def _wait_redis_trusted(self, limit: float) -> None:
+        """Until every service's Redis circuit is closed: a test that starts while one is
+        still open (Redis restarted by the test before, the guard's pass not yet run) sees the
+        in-process fallbacks, e.g. a limit that admits one request per unseen bucket."""
+        deadline = time.monotonic() + limit
+        for service in SERVICES:
+            while await self.metric(service, "myl_redis_circuit_open") == 1:
+                if time.monotonic() > deadline:
+                    raise StackError(f"{service}'s Redis circuit still open after {limit}s")
+                await asyncio.sleep(0.05)
 
     async def _writes_work(self, limit: float) -> bool:
         """Whether both services can write (a provision, then a key), trying for `limit` s."""

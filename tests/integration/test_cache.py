@@ -109,6 +109,31 @@ async def test_redis_down_answers_misses_fast_and_recovers(clean_redis: RedisSer
     await cache.close()
 
 
+async def test_connections_broken_by_a_redis_restart_cost_no_request_a_miss(
+    clean_redis: RedisServer,
+) -> None:
+    """Every pooled connection dies with the server; the next use of each must not turn a
+    cached read into a miss (it would go to PostgreSQL, and fail while that is away too)."""
+    cache = _cache(clean_redis)
+    keys = [f"myl:test:{{pooled-{n}}}" for n in range(8)]
+    # Eight reads at once: eight pooled connections.
+    await asyncio.gather(*(cache.set(key, b"v", ttl=60) for key in keys))
+    assert cache.client is not None
+    pool = cache.client.connection_pool
+    assert len(pool._available_connections) >= 8
+
+    clean_redis.stop()
+    clean_redis.start()
+    refill = aioredis.Redis(host=clean_redis.host, port=clean_redis.port)
+    await asyncio.gather(*(refill.set(key, b"v") for key in keys))
+    await refill.aclose()
+
+    failures = cache.breaker.setbacks
+    assert await asyncio.gather(*(cache.get(key) for key in keys)) == [b"v"] * len(keys)
+    assert cache.breaker.setbacks == failures
+    await cache.close()
+
+
 @contextmanager
 def hung(server: RedisServer) -> Iterator[None]:
     """Redis stops answering (its process is stopped) but keeps its connections open."""
