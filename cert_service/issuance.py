@@ -218,15 +218,34 @@ def _request_pair(request: RequestKey | None) -> tuple[uuid.UUID, bytes] | None:
     return (request.request_id, request.fingerprint) if request else None
 
 
-class SigningIssuer:
+class _RowIssuer:
+    """What both issuers do with a row they wrote: its cache entries are fenced before the
+    caller answers from it, so no reader is served the certificate it replaced."""
+
+    def __init__(self, store: CertificateStore, changed: Changed) -> None:
+        self.store = store
+        self.changed = changed
+
+    async def _wrote(
+        self, written: tuple[CertificateRecord, int] | None
+    ) -> CertificateRecord | None:
+        """The row as written (None: nothing was, the row changed since it was read), once
+        `changed` has been told of its logged invalidation."""
+        if written is None:
+            return None
+        record, invalidation = written
+        await self.changed(record.device_id, record.uuid_subdomain, invalidation)
+        return record
+
+
+class SigningIssuer(_RowIssuer):
     """CERT_ISSUER=local: the built-in CA signs in the request."""
 
     def __init__(
         self, ca: Issuer, store: CertificateStore, changed: Changed, default_validity_days: int
     ) -> None:
+        super().__init__(store, changed)
         self.ca = ca
-        self.store = store
-        self.changed = changed
         self.default_validity_days = default_validity_days
 
     def issue(
@@ -275,21 +294,21 @@ class SigningIssuer:
             occasion="provision",
             not_after=record.expires_at,
         )
-        replaced = await self.store.supersede_provision(
-            record.device_id, request_id, record.serial_number, new, now
+        superseded = await self._wrote(
+            await self.store.supersede_provision(
+                record.device_id, request_id, record.serial_number, new, now
+            )
         )
-        if replaced is None:
+        if superseded is None:
             # Another retry replaced it first, or it was renewed or revoked meanwhile: the
             # retry of this one sees which.
             raise in_progress(request_id)
-        record, invalidation = replaced
-        await self.changed(record.device_id, record.uuid_subdomain, invalidation)
         log.info(
             "provision retried: certificate superseded",
-            device_id=record.device_id,
-            serial=record.serial_number,
+            device_id=superseded.device_id,
+            serial=superseded.serial_number,
         )
-        return record
+        return superseded
 
     async def renew(
         self,
@@ -309,12 +328,11 @@ class SigningIssuer:
             CSR_UNCHANGED if csr_pem is None else csr_pem,
             occasion="renew",
         )
-        replaced = await self.store.replace_certificate(source, new, now, _request_pair(request))
-        if replaced is None:
-            return None
-        record, invalidation = replaced
-        await self.changed(record.device_id, record.uuid_subdomain, invalidation)
-        log.info("certificate renewed", device_id=source.device_id, serial=new.serial_number)
+        record = await self._wrote(
+            await self.store.replace_certificate(source, new, now, _request_pair(request))
+        )
+        if record is not None:
+            log.info("certificate renewed", device_id=source.device_id, serial=new.serial_number)
         return record
 
     async def renew_batch(
@@ -353,7 +371,7 @@ class SigningIssuer:
         return self.ca.ca_chain_pem()
 
 
-class OrderingIssuer:
+class OrderingIssuer(_RowIssuer):
     """CERT_ISSUER=acme: orders are queued on the rows, and the worker completes them."""
 
     def __init__(
@@ -363,10 +381,28 @@ class OrderingIssuer:
         changed: Changed,
         wake: Callable[[], None],
     ) -> None:
+        super().__init__(store, changed)
         self.queue = queue
-        self.store = store
-        self.changed = changed
         self.wake = wake
+
+    async def _wrote(
+        self, written: tuple[CertificateRecord, int] | None
+    ) -> CertificateRecord | None:
+        """A row with an order queued on it also wakes the worker that completes orders."""
+        record = await super()._wrote(written)
+        if record is not None:
+            self.wake()
+        return record
+
+    @staticmethod
+    def _check_names(csr_pem: str, fqdn: str, certificate_type: str) -> list[str]:
+        """The certificate's names, which a device's CSR must name exactly
+        (INVALID_ARGUMENT on csr_pem when it does not)."""
+        names = certificate_names(fqdn, certificate_type == "wildcard")
+        problem = csr_names_problem(csr_pem, names)
+        if problem is not None:
+            raise invalid_argument("csr_pem", problem)
+        return names
 
     def issue(
         self,
@@ -381,14 +417,12 @@ class OrderingIssuer:
         """A PENDING row's certificate: no chain or serial yet, the key and the CSR the order
         is finalized with recorded: the device's (which must name exactly the certificate's
         names) or one made with the key generated for it."""
-        names = certificate_names(fqdn, certificate_type == "wildcard")
         if private_key_pem:
+            names = certificate_names(fqdn, certificate_type == "wildcard")
             order_csr = device_csr(private_key_pem, names)
         else:
             assert csr_pem is not None
-            problem = csr_names_problem(csr_pem, names)
-            if problem is not None:
-                raise invalid_argument("csr_pem", problem)
+            names = self._check_names(csr_pem, fqdn, certificate_type)
             order_csr = csr_pem
         data = {
             "public_key_sha256": hashlib.sha256(spki_der(public_key)).hexdigest(),
@@ -414,19 +448,15 @@ class OrderingIssuer:
         now: datetime,
     ) -> CertificateRecord | None:
         names = certificate_names(record.uuid_subdomain, record.certificate_type == "wildcard")
-        queued = await self.queue.request(
-            record.device_id,
-            device_csr(private_key_pem, names),
-            "provision",
-            now,
-            record.serial_number,
+        return await self._wrote(
+            await self.queue.request(
+                record.device_id,
+                device_csr(private_key_pem, names),
+                "provision",
+                now,
+                record.serial_number,
+            )
         )
-        if queued is None:
-            return None
-        record, invalidation = queued
-        await self.changed(record.device_id, record.uuid_subdomain, invalidation)
-        self.wake()
-        return record
 
     async def renew(
         self,
@@ -438,10 +468,7 @@ class OrderingIssuer:
     ) -> CertificateRecord | None:
         """Queue an order for the new CSR, or the stored one."""
         if csr_pem is not None:
-            names = certificate_names(source.uuid_subdomain, source.certificate_type == "wildcard")
-            problem = csr_names_problem(csr_pem, names)
-            if problem is not None:
-                raise invalid_argument("csr_pem", problem)
+            self._check_names(csr_pem, source.uuid_subdomain, source.certificate_type)
         order_csr = csr_pem or source.csr_pem
         if order_csr is None:
             raise failed_precondition(
@@ -450,14 +477,13 @@ class OrderingIssuer:
                 "CSR_REQUIRED",
                 device_id=source.device_id,
             )
-        queued = await self.queue.request(
-            source.device_id, order_csr, "renew", now, source.serial_number
+        record = await self._wrote(
+            await self.queue.request(
+                source.device_id, order_csr, "renew", now, source.serial_number
+            )
         )
-        if queued is None:
+        if record is None:
             return None
-        record, invalidation = queued
-        await self.changed(record.device_id, record.uuid_subdomain, invalidation)
-        self.wake()
         log.info("certificate renewal queued", device_id=source.device_id)
         if request is not None:
             await self.store.record_request(
