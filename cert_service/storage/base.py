@@ -17,8 +17,9 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from google.protobuf import timestamp_pb2
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb
 
 from myl.cert.v1 import cert_pb2
 from shared.db import Database
@@ -54,6 +55,11 @@ COLUMNS: Final = """device_id, uuid_subdomain, certificate_type, status,
     revoked_at, revocation_reason, last_accessed_at, access_count, created_at, updated_at,
     issuance_requested_at, issuance_attempts, issuance_error, issuance_due_at"""
 
+
+# The columns a RenewalSource is built from, in order.
+RENEWAL_COLUMNS: Final = """device_id, uuid_subdomain, certificate_type, status, serial_number,
+    certificate_data->>'public_key_pem', certificate_data->>'public_key_sha256',
+    (certificate_data->>'validity_days')::integer, expires_at, certificate_data->>'csr_pem'"""
 
 # Forgets a wanted ACME order (its lease too, so a worker's completion of it is discarded):
 # a revocation cancels the renewal of the revoked key.
@@ -159,6 +165,13 @@ def to_record(row: TupleRow) -> CertificateRecord:
     return CertificateRecord(*row)
 
 
+async def changed_row(cur: AsyncCursor[TupleRow]) -> tuple[CertificateRecord, int] | None:
+    """The row a statement ending in `SELECT changed.*, logged.id` (see `LOG_CHANGED`) wrote,
+    and the id of the cache invalidation logged with it; None when it wrote none."""
+    row = await cur.fetchone()
+    return None if row is None else (to_record(row[:-1]), row[-1])
+
+
 @dataclass(frozen=True)
 class NewCertificate:
     """What an issuance writes: the certificate's columns and its certificate_data document."""
@@ -168,6 +181,17 @@ class NewCertificate:
     not_before: datetime
     not_after: datetime
     data: dict[str, Any]
+
+    def params(self) -> dict[str, Any]:
+        """The parameters a statement writing these columns names: %(data)s, %(serial)s,
+        %(fingerprint)s, %(not_before)s and %(not_after)s."""
+        return {
+            "data": Jsonb(self.data),
+            "serial": self.serial_number,
+            "fingerprint": self.fingerprint_sha256,
+            "not_before": self.not_before,
+            "not_after": self.not_after,
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,12 +18,12 @@ from typing import Any, Final
 import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg.rows import TupleRow
-from psycopg.types.json import Jsonb
 
 from cert_service.storage.base import (
     CANCEL_ISSUANCE,
     COLUMNS,
     LOG_CHANGED,
+    RENEWAL_COLUMNS,
     CertificateRecord,
     Conflict,
     ListQuery,
@@ -32,6 +32,7 @@ from cert_service.storage.base import (
     OutboxEvent,
     RenewalSource,
     RequestTaken,
+    changed_row,
     to_record,
 )
 from cert_service.storage.fleet import FleetRows
@@ -308,11 +309,7 @@ class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows,
                 SELECT changed.*, logged.id FROM changed, logged
                 """,
                 {
-                    "data": Jsonb(certificate.data),
-                    "serial": certificate.serial_number,
-                    "fingerprint": certificate.fingerprint_sha256,
-                    "not_before": certificate.not_before,
-                    "not_after": certificate.not_after,
+                    **certificate.params(),
                     "now": now,
                     "device": device_id,
                     "request_id": request_id,
@@ -321,8 +318,7 @@ class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows,
                 },
                 binary=True,
             )
-            row = await cur.fetchone()
-        return None if row is None else (to_record(row[:-1]), row[-1])
+            return await changed_row(cur)
 
     async def get_by_device(self, device_id: str) -> CertificateRecord | None:
         async with self.connection() as conn:
@@ -385,13 +381,8 @@ class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows,
     async def renewal_source(self, device_id: str) -> RenewalSource | None:
         async with self.connection() as conn:
             cur = await conn.execute(
-                """
-                SELECT device_id, uuid_subdomain, certificate_type, status, serial_number,
-                       certificate_data->>'public_key_pem',
-                       certificate_data->>'public_key_sha256',
-                       (certificate_data->>'validity_days')::integer, expires_at,
-                       certificate_data->>'csr_pem'
-                FROM device_certificates WHERE device_id = %s
+                f"""
+                SELECT {RENEWAL_COLUMNS} FROM device_certificates WHERE device_id = %s
                 """,
                 (device_id,),
                 binary=True,
@@ -425,8 +416,7 @@ class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows,
                 if exc.diag.constraint_name != "certificate_requests_pkey":
                     raise
                 raise RequestTaken from exc
-            row = await cur.fetchone()
-        return None if row is None else (to_record(row[:-1]), row[-1])
+            return await changed_row(cur)
 
     async def _replace_certificate(
         self,
@@ -461,11 +451,7 @@ class CertificateStore(RequestRows, LifecycleRows, InvalidationRows, OutboxRows,
                 SELECT changed.*, logged.id FROM changed, logged
                 """,
             {
-                "data": Jsonb(certificate.data),
-                "serial": certificate.serial_number,
-                "fingerprint": certificate.fingerprint_sha256,
-                "not_before": certificate.not_before,
-                "not_after": certificate.not_after,
+                **certificate.params(),
                 "now": now,
                 "certificate_type": source.certificate_type,
                 "device": source.device_id,

@@ -11,6 +11,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 
 from cert_service.storage.base import (
+    RENEWAL_COLUMNS,
     NewCertificate,
     RenewalSource,
     StoreBase,
@@ -57,12 +58,8 @@ class LifecycleRows(StoreBase):
         """
         async with self.connection(watched=False) as conn, conn.transaction():
             cur = await conn.execute(
-                """
-                SELECT device_id, uuid_subdomain, certificate_type, status, serial_number,
-                       certificate_data->>'public_key_pem',
-                       certificate_data->>'public_key_sha256',
-                       (certificate_data->>'validity_days')::integer, expires_at,
-                       certificate_data->>'csr_pem'
+                f"""
+                SELECT {RENEWAL_COLUMNS}
                 FROM device_certificates
                 WHERE status = 'active' AND auto_renewal AND issuance_csr IS NULL
                   AND (CASE WHEN certificate_data ? 'ari_renew_at'

@@ -19,11 +19,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Final
+from typing import Final, LiteralString
 
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
-from psycopg.types.json import Jsonb
 
 from cert_service.storage.base import (
     CANCEL_ISSUANCE,
@@ -32,7 +31,7 @@ from cert_service.storage.base import (
     CertificateRecord,
     NewCertificate,
     StoreBase,
-    to_record,
+    changed_row,
 )
 from shared.db import WRITE_GUARD
 from shared.limits import Limit, gcra_step
@@ -91,8 +90,7 @@ class IssuanceQueue(StoreBase):
                 },
                 binary=True,
             )
-            row = await cur.fetchone()
-        return None if row is None else (to_record(row[:-1]), row[-1])
+            return await changed_row(cur)
 
     async def claim(self, now: datetime, limit: int, lease: timedelta) -> list[IssuanceJob]:
         """Lease up to `limit` due orders, oldest due first; each claim counts an attempt."""
@@ -119,25 +117,26 @@ class IssuanceQueue(StoreBase):
             rows = await cur.fetchall()
         return [IssuanceJob(*row) for row in rows]
 
-    async def extend(self, job: IssuanceJob, until: datetime) -> bool:
-        """Keep the lease; False when it is no longer ours (the worker should stop)."""
+    async def _while_leased(
+        self, job: IssuanceJob, assignments: LiteralString, *values: object
+    ) -> bool:
+        """Set `assignments` (their parameters: `values`) on the job's row while its lease is
+        still the job's; False when it is not (the worker should stop)."""
         async with self.connection() as conn:
             cur = await conn.execute(
-                "UPDATE device_certificates SET issuance_lease_until = %s "
+                "UPDATE device_certificates SET " + assignments + " "
                 "WHERE device_id = %s AND issuance_lease = %s",
-                (until, job.device_id, job.lease),
+                (*values, job.device_id, job.lease),
             )
             return cur.rowcount == 1
 
+    async def extend(self, job: IssuanceJob, until: datetime) -> bool:
+        """Keep the lease; False when it is no longer ours (the worker should stop)."""
+        return await self._while_leased(job, "issuance_lease_until = %s", until)
+
     async def record_order(self, job: IssuanceJob, order_url: str) -> bool:
         """Remember the placed order, so a takeover resumes it instead of placing another."""
-        async with self.connection() as conn:
-            cur = await conn.execute(
-                "UPDATE device_certificates SET acme_order_url = %s "
-                "WHERE device_id = %s AND issuance_lease = %s",
-                (order_url, job.device_id, job.lease),
-            )
-            return cur.rowcount == 1
+        return await self._while_leased(job, "acme_order_url = %s", order_url)
 
     async def fail(
         self,
@@ -151,19 +150,17 @@ class IssuanceQueue(StoreBase):
         """Give the job back with its error, due again at `due_at` (None: only a new request
         helps). `keep_order=False` forgets the order (it is invalid: the next attempt places
         another); `count_attempt=False` for a job that was not tried (the budget deferred it)."""
-        async with self.connection() as conn:
-            cur = await conn.execute(
-                """
-                UPDATE device_certificates SET
-                    issuance_error = %s, issuance_due_at = %s,
-                    issuance_lease = NULL, issuance_lease_until = NULL,
-                    acme_order_url = CASE WHEN %s THEN acme_order_url END,
-                    issuance_attempts = issuance_attempts - CASE WHEN %s THEN 0 ELSE 1 END
-                WHERE device_id = %s AND issuance_lease = %s
-                """,
-                (error[:2000], due_at, keep_order, count_attempt, job.device_id, job.lease),
-            )
-            return cur.rowcount == 1
+        return await self._while_leased(
+            job,
+            """issuance_error = %s, issuance_due_at = %s,
+                issuance_lease = NULL, issuance_lease_until = NULL,
+                acme_order_url = CASE WHEN %s THEN acme_order_url END,
+                issuance_attempts = issuance_attempts - CASE WHEN %s THEN 0 ELSE 1 END""",
+            error[:2000],
+            due_at,
+            keep_order,
+            count_attempt,
+        )
 
     async def complete(
         self, job: IssuanceJob, certificate: NewCertificate, now: datetime, directory_url: str
@@ -191,19 +188,14 @@ class IssuanceQueue(StoreBase):
                 """,
                 {
                     "directory": directory_url,
-                    "data": Jsonb(certificate.data),
-                    "serial": certificate.serial_number,
-                    "fingerprint": certificate.fingerprint_sha256,
-                    "not_before": certificate.not_before,
-                    "not_after": certificate.not_after,
+                    **certificate.params(),
                     "now": now,
                     "device": job.device_id,
                     "lease": job.lease,
                 },
                 binary=True,
             )
-            row = await cur.fetchone()
-        return None if row is None else (to_record(row[:-1]), row[-1])
+            return await changed_row(cur)
 
     @staticmethod
     async def queue_renewals(
