@@ -102,11 +102,31 @@ class WorkerDatabase:
         self.template = template
         self.name = f"t_{uuid.uuid4().hex[:12]}"
         self.server.create_database(self.name, template=template)
-        self.shape = self._shape()
-
-    def _shape(self) -> tuple[object, ...]:
         with psycopg.connect(self.server.conninfo(self.name), autocommit=True) as conn:
-            row = conn.execute(_SHAPE).fetchone()
+            self.shape = self._shape(conn)
+            tables = conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+                "AND tablename <> 'migration_history' ORDER BY 1"
+            ).fetchall()
+            sequences = conn.execute(
+                "SELECT sequencename FROM pg_sequences WHERE schemaname = 'public' ORDER BY 1"
+            ).fetchall()
+        # One round trip. Replica mode: the audit trail's append-only triggers do not fire.
+        self.empty = sql.SQL("; ").join(
+            [
+                sql.SQL("SET LOCAL session_replication_role = replica"),
+                sql.SQL("SET LOCAL lock_timeout = '5s'"),
+                *(sql.SQL("DELETE FROM {}").format(sql.Identifier(t)) for (t,) in tables),
+                *(
+                    sql.SQL("ALTER SEQUENCE {} RESTART").format(sql.Identifier(q))
+                    for (q,) in sequences
+                ),
+            ]
+        )
+
+    @staticmethod
+    def _shape(conn: psycopg.Connection[tuple[object, ...]]) -> tuple[object, ...]:
+        row = conn.execute(_SHAPE).fetchone()
         assert row is not None
         return tuple(row)
 
@@ -115,33 +135,18 @@ class WorkerDatabase:
         self.server.create_database(self.name, template=self.template)
 
     def reset(self) -> str:
-        with psycopg.connect(self.server.conninfo("postgres"), autocommit=True) as conn:
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = %s AND pid <> pg_backend_pid()",
-                (self.name,),
-            )
         try:
-            if self._shape() != self.shape:
-                self._recreate()
-                return self.name
             with psycopg.connect(self.server.conninfo(self.name)) as conn:
-                # Replica mode: the audit trail's append-only triggers do not fire.
-                conn.execute("SET LOCAL session_replication_role = replica")
-                conn.execute("SET LOCAL lock_timeout = '5s'")
-                tables = conn.execute(
-                    "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
-                    "AND tablename <> 'migration_history'"
-                ).fetchall()
-                for (table,) in tables:
-                    conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(table)))
-                sequences = conn.execute(
-                    "SELECT sequencename FROM pg_sequences WHERE schemaname = 'public'"
-                ).fetchall()
-                for (sequence,) in sequences:
-                    conn.execute(
-                        sql.SQL("ALTER SEQUENCE {} RESTART").format(sql.Identifier(sequence))
-                    )
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+                if self._shape(conn) != self.shape:
+                    conn.rollback()
+                    conn.close()
+                    self._recreate()
+                    return self.name
+                conn.execute(self.empty)
         except psycopg.Error:
             self._recreate()
         return self.name

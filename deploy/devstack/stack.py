@@ -73,7 +73,7 @@ from deploy.devstack.servers import (
     RedisClusterServers,
     RedisServer,
     log_tail,
-    stop_process_group,
+    stop_process_groups,
     stored_password,
     wait_for_port,
 )
@@ -290,7 +290,9 @@ def stop_leftovers(run: Path, timeout: float = 15.0) -> None:
 class Stack:
     def __init__(self) -> None:
         self.env = dict(os.environ)
-        self.stops: list[Callable[[], None]] = []
+        # What stops what was started, in the order of starting: a function, or a process
+        # this stack spawned (the processes started one after another stop together).
+        self.stops: list[Callable[[], None] | subprocess.Popen[bytes]] = []
         # What `migrate up` runs as: the owner role, granting each service's role its tables.
         self.migration_env: dict[str, str] = {}
         reader = EnvReader("", self.env)
@@ -615,7 +617,7 @@ class Stack:
             argv, env=env, cwd=ROOT, stdout=log, stderr=log, start_new_session=True
         )
         log.close()
-        self.stops.append(lambda: stop_process_group(process))
+        self.stops.append(process)
         self.watch(name, process, log_path)
         say(f"{name} started (pid {process.pid}, log {log_path})")
         return process
@@ -731,9 +733,21 @@ class Stack:
         return path
 
     def stop(self) -> None:
-        for stop in reversed(self.stops):
-            with contextlib.suppress(Exception):
-                stop()
+        """Stop everything in the reverse order of starting; the gateway and the services
+        together (signalled at once, so their drain delays overlap: with the gateway gone
+        nothing is routed to them any more)."""
+        together: list[subprocess.Popen[bytes]] = []
+        for stop in [*reversed(self.stops), None]:
+            if isinstance(stop, subprocess.Popen):
+                together.append(stop)
+                continue
+            if together:
+                with contextlib.suppress(Exception):
+                    stop_process_groups(together)
+                together = []
+            if stop is not None:
+                with contextlib.suppress(Exception):
+                    stop()
         self.stops.clear()
         if all(child.process.poll() is not None for child in self.children):
             with contextlib.suppress(FileNotFoundError):
