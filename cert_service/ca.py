@@ -49,6 +49,7 @@ from cert_service.issuer import (
     IssuedCertificate,
     PublicKey,
     checked_key,
+    private_key_pem,
     serial_hex,
     spki_der,
 )
@@ -306,20 +307,7 @@ class LocalCertificateAuthority:
             for shard in range(self._locations.crl_shards)
         ]
         self._basic_constraints = x509.BasicConstraints(ca=False, path_length=None)
-        self._leaf_key_usage = {
-            is_rsa: x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=is_rsa,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            )
-            for is_rsa in (False, True)
-        }
+        self._leaf_key_usage = {is_rsa: leaf_key_usage(rsa=is_rsa) for is_rsa in (False, True)}
         self._eku = x509.ExtendedKeyUsage(
             [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
         )
@@ -462,6 +450,22 @@ class LocalCertificateAuthority:
         )
 
 
+def leaf_key_usage(*, rsa: bool = False) -> x509.KeyUsage:
+    """What a TLS certificate's key is for: signing its handshakes, and for an RSA key also
+    key encipherment (TLS 1.2's RSA key exchange)."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=rsa,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def load_ca_certificate(path: Path) -> x509.Certificate:
     """A PEM CA certificate (``CA_CERT_FILE``); errors name the path."""
     try:
@@ -495,17 +499,38 @@ def ca_certificate(
     (no path length: a root that may later sign an intermediate), keyCertSign and cRLSign,
     valid for 10 years from one hour before ``now``."""
     public_key = signer.public_key()
-    name = subject.name()
     now = (now or datetime.now(UTC)).replace(microsecond=0)
-    builder = (
+    builder = self_signed_ca(
+        subject.name(),
+        public_key,
+        now - timedelta(hours=1),
+        now + _DEVELOPMENT_CA_VALIDITY,
+        path_length=None,
+    ).add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key), critical=False)
+    return signer.sign_certificate(builder, ca_hash_algorithm(public_key))
+
+
+def self_signed_ca(
+    name: x509.Name,
+    public_key: CaPublicKey,
+    not_before: datetime,
+    not_after: datetime,
+    *,
+    path_length: int | None,
+) -> x509.CertificateBuilder:
+    """A self-signed CA certificate up to its signature: `name` as subject and issuer, a
+    random serial, CA=true with `path_length`, keyCertSign and cRLSign only (both critical)
+    and its subjectKeyIdentifier. Every CA the project makes (the development CA, the local
+    stack's internal and ACME TLS CAs) starts from it, so they agree on what a CA key is for."""
+    return (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + _DEVELOPMENT_CA_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=False,
@@ -521,11 +546,7 @@ def ca_certificate(
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key), critical=False
-        )
     )
-    return signer.sign_certificate(builder, ca_hash_algorithm(public_key))
 
 
 def create_development_ca(directory: Path, subject: CaSubject | None = None) -> tuple[Path, Path]:
@@ -551,11 +572,7 @@ def create_development_ca(directory: Path, subject: CaSubject | None = None) -> 
     directory.mkdir(parents=True, exist_ok=True)
     private_key = ec.generate_private_key(ec.SECP256R1())
     certificate = ca_certificate(KeySigner(private_key), subject or CaSubject())
-    key_pem = private_key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    key_pem = private_key_pem(private_key)
     # Key first: a crash in between leaves a key without a certificate, which is refused above
     # instead of silently pairing a new certificate with an old key.
     _write_new_file(key_path, key_pem, 0o600)

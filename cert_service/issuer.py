@@ -218,18 +218,23 @@ def load_public_key(pem: str) -> PublicKey:
     return checked_key(key, PublicKeyError)
 
 
+def private_key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+    """The unencrypted PKCS#8 PEM of `key`: what the service hands out with a generated key,
+    and what every key file it and the local stack write holds (protected by the file's mode)."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
 def generate_private_key() -> tuple[PublicKey, str]:
     """Generate a P-256 key; return its public key and the unencrypted PKCS#8 PEM private key.
 
     The PEM is meant to be handed to the caller once and never stored.
     """
     private_key = ec.generate_private_key(ec.SECP256R1())
-    pem = private_key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode("ascii")
-    return private_key.public_key(), pem
+    return private_key.public_key(), private_key_pem(private_key).decode("ascii")
 
 
 def spki_der(key: PublicKey | x509.Certificate) -> bytes:

@@ -57,10 +57,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cert_service.ca import leaf_key_usage, self_signed_ca
+from cert_service.issuer import private_key_pem
 from deploy.devstack.servers import (
     DevStackError,
     free_port,
     log_tail,
+    spawn_logged,
     stop_process_group,
     write_private,
 )
@@ -222,15 +225,7 @@ zone:
     def start(self, timeout: float = 10.0) -> None:
         binary = self.binary()
         self.write_config()
-        log = open(self.log_path, "ab")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [binary, "-c", str(self.config_path)],
-            stdout=log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        log.close()
+        self.process = spawn_logged([binary, "-c", str(self.config_path)], self.log_path)
         try:
             self._wait_serving(timeout)
         except BaseException:
@@ -290,7 +285,7 @@ def generate_account_key(path: Path) -> Path:
     every ACME server to support), PKCS#8 PEM, mode 0600. An existing file is kept as it
     is: the account is that key."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    pem = _pem_key(ec.generate_private_key(ec.SECP256R1()))
+    pem = private_key_pem(ec.generate_private_key(ec.SECP256R1()))
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -298,30 +293,6 @@ def generate_account_key(path: Path) -> Path:
     with os.fdopen(fd, "wb") as out:
         out.write(pem)
     return path
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _key_usage(
-    *, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False
-) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=digital_signature,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=key_cert_sign,
-        crl_sign=crl_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
 
 
 class PebbleServer:
@@ -404,20 +375,14 @@ class PebbleServer:
                 x509.NameAttribute(NameOID.COMMON_NAME, "myl local Pebble TLS CA"),
             ]
         )
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-            .sign(key, hashes.SHA256())
-        )
-        write_private(key_path, _pem_key(key))
+        cert = self_signed_ca(
+            name,
+            key.public_key(),
+            now - dt.timedelta(minutes=5),
+            now + dt.timedelta(days=3650),
+            path_length=0,
+        ).sign(key, hashes.SHA256())
+        write_private(key_path, private_key_pem(key))
         self.ca_bundle.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cert, key
 
@@ -439,7 +404,7 @@ class PebbleServer:
             .not_valid_after(min(now + dt.timedelta(days=365), ca_cert.not_valid_after_utc))
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_key_usage(digital_signature=True), critical=True)
+            .add_extension(leaf_key_usage(), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
             .add_extension(
@@ -447,7 +412,7 @@ class PebbleServer:
             )
             .sign(ca_key, hashes.SHA256())
         )
-        write_private(self.tls_dir / "key.pem", _pem_key(key))
+        write_private(self.tls_dir / "key.pem", private_key_pem(key))
         (self.tls_dir / "cert.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
 
     def _config(self) -> dict[str, object]:
@@ -478,8 +443,7 @@ class PebbleServer:
         binary = self.binary()
         self.write_config()
         env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", **self.extra_env}
-        log = open(self.log_path, "ab")  # noqa: SIM115
-        self.process = subprocess.Popen(
+        self.process = spawn_logged(
             [
                 binary,
                 "-config",
@@ -488,13 +452,9 @@ class PebbleServer:
                 f"{self.host}:{self.dns_port}",
                 "-strict",
             ],
-            env=env,
-            stdout=log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            self.log_path,
+            env,
         )
-        log.close()
         try:
             # The management interface starts in its own goroutine: wait for both.
             self._wait_ok(self.directory_url, timeout)

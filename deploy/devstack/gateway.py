@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf import descriptor_pool
 
+from cert_service.issuer import private_key_pem
 from key_service.permissions import API_ACCESS, CERTIFICATE_PERMISSIONS, grants
 from myl.cert.v1 import cert_pb2
 from myl.key.v1 import key_pb2
@@ -363,12 +364,6 @@ class GatewayCertificate:
     key: Path
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
 def create_gateway_certificate(
     directory: Path, names: tuple[str, ...] = ("localhost",)
 ) -> GatewayCertificate:
@@ -418,7 +413,7 @@ def create_gateway_certificate(
     )
     directory.mkdir(parents=True, exist_ok=True)
     found.key.touch(mode=0o600)
-    found.key.write_bytes(_pem_key(key))
+    found.key.write_bytes(private_key_pem(key))
     found.cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     found.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     return found

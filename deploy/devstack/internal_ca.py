@@ -33,6 +33,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cert_service.ca import self_signed_ca
+from cert_service.issuer import private_key_pem
 from shared.tls import CERT_SERVICE, GATEWAY, IDENTITIES, KEY_SERVICE, server_name, spiffe_id
 
 CA_VALIDITY: Final = timedelta(days=3650)
@@ -131,43 +133,10 @@ class InternalCa:
             ]
         )
         now = self.now()
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + CA_VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
-            .sign(key, hashes.SHA256())
-        )
-        _write(
-            key_file,
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-            private=True,
-        )
+        certificate = self_signed_ca(
+            name, key.public_key(), now - timedelta(minutes=5), now + CA_VALIDITY, path_length=0
+        ).sign(key, hashes.SHA256())
+        _write(key_file, private_key_pem(key), private=True)
         _write(self.cert_file, certificate.public_bytes(serialization.Encoding.PEM))
 
     def identity(self, name: str) -> Identity:
@@ -212,15 +181,7 @@ class InternalCa:
         with self._lock:
             identity.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             _write(identity.ca_file, self.cert_file.read_bytes())
-            _write(
-                identity.key_file,
-                key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                ),
-                private=True,
-            )
+            _write(identity.key_file, private_key_pem(key), private=True)
             _write(identity.cert_file, certificate.public_bytes(serialization.Encoding.PEM))
             if name == GATEWAY and self.sds is not None:
                 _write(identity.directory / SDS_FILE, self.sds(identity.directory).encode())

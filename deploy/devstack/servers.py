@@ -18,7 +18,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -552,6 +552,23 @@ class RedisClusterServers:
         stop_process_groups([node.process for node in self.nodes if node.process is not None])
         for node in self.nodes:
             node.process = None
+
+
+def spawn_logged(
+    argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start `argv` in a session of its own (so `stop_process_group` stops all it starts),
+    its output appended to `log_path`, with no stdin; `env`: its whole environment (None:
+    ours)."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            argv,
+            env=env,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
 def stop_process_group(
