@@ -38,11 +38,11 @@ from cert_service.storage.acme_server import AcmeServerStore
 from myl.cert.v1 import cert_pb2_grpc
 from shared.cache import Cache
 from shared.clock import Clock, SystemClock
-from shared.config import ConfigError, require_internal_tls
+from shared.config import load_for_serving
 from shared.db import Database, DatabaseUnavailable, open_database
 from shared.invalidation import CacheGuard, CacheTrust
 from shared.limits import Limiter
-from shared.logging import configure_logging, get_logger
+from shared.logging import get_logger
 from shared.monitoring import ResourceSampler
 from shared.server import GrpcServer
 
@@ -388,11 +388,7 @@ async def _serve(config: CertServiceConfig) -> int:
 
 def main() -> int:
     """`python -m cert_service serve`."""
-    try:
-        config = CertServiceConfig.from_env()
-        require_internal_tls(config.server.tls)
-    except ConfigError as exc:
-        print(f"cert_service: {exc}", file=sys.stderr)
+    config = load_for_serving(SERVICE, CertServiceConfig.from_env)
+    if config is None:
         return 2
-    configure_logging(config.server.log_level, config.server.log_format, SERVICE)
     return asyncio.run(_serve(config))

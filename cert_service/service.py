@@ -27,6 +27,7 @@ from typing import Any
 
 import grpc
 from google.api import httpbody_pb2  # type: ignore[attr-defined]
+from google.protobuf.message import Message
 
 from cert_service import validation
 from cert_service.acme_server import PREFIX, AcmeServer
@@ -44,6 +45,7 @@ from shared.errors import (
     not_found,
     permission_denied,
 )
+from shared.idempotency import RequestKey
 from shared.identity import Caller, caller_from_metadata
 
 SERVICE_NAME = cert_pb2.DESCRIPTOR.services_by_name["CertificateService"].full_name
@@ -85,8 +87,7 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
         public_key = (
             None if csr_pem is None else validation.csr_public_key(csr_pem, fqdn, certificate_type)
         )
-        request_key = idempotency.request_key("provision", request)
-        caller, _ = await self._authorize(context, device_id)
+        caller, request_key = await self._authorize_change(context, device_id, "provision", request)
         certificate, private_key_pem = await self.certificates.provision(
             ProvisionRequest(
                 device_id=device_id,
@@ -163,8 +164,7 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
     ) -> cert_pb2.RenewCertificateResponse:
         device_id = validation.device_id(request.device_id)
         csr_pem = validation.csr_text(request.csr_pem)
-        request_key = idempotency.request_key("renew", request)
-        await self._authorize(context, device_id)
+        _, request_key = await self._authorize_change(context, device_id, "renew", request)
         certificate = await self.certificates.renew(device_id, csr_pem, request_key)
         return cert_pb2.RenewCertificateResponse(certificate=certificate)
 
@@ -173,8 +173,7 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
     ) -> cert_pb2.RevokeCertificateResponse:
         device_id = validation.device_id(request.device_id)
         reason = validation.revocation_reason(request.reason)
-        request_key = idempotency.request_key("revoke", request)
-        await self._authorize(context, device_id)
+        _, request_key = await self._authorize_change(context, device_id, "revoke", request)
         certificate = await self.certificates.revoke(device_id, reason, request_key)
         return cert_pb2.RevokeCertificateResponse(certificate=certificate)
 
@@ -182,8 +181,7 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
         self, request: cert_pb2.DeleteDeviceRequest, context: Context
     ) -> cert_pb2.DeleteDeviceResponse:
         device_id = validation.device_id(request.device_id)
-        request_key = idempotency.request_key("delete", request)
-        await self._authorize(context, device_id)
+        _, request_key = await self._authorize_change(context, device_id, "delete", request)
         await self.certificates.delete(device_id, request_key)
         return cert_pb2.DeleteDeviceResponse()
 
@@ -264,6 +262,15 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
             caller.require_device(device_id)  # raises: device_id is unresolved
         self._require_current(caller, certificate)
         return caller.with_device(device_id), certificate
+
+    async def _authorize_change(
+        self, context: Context, device_id: str, method: str, request: Message
+    ) -> tuple[Caller, RequestKey | None]:
+        """`_authorize` for a request that changes `device_id`, and the request's AIP-155 key
+        (read first: a malformed request_id is INVALID_ARGUMENT whoever asks)."""
+        request_key = idempotency.request_key(method, request)
+        caller, _ = await self._authorize(context, device_id)
+        return caller, request_key
 
     def _require_current(self, caller: Caller, certificate: cert_pb2.Certificate | None) -> None:
         """Where the gateway does not check revocation: PERMISSION_DENIED unless the caller's

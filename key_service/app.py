@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 
 from key_service.authz import AuthorizationServicer
 from key_service.config import SERVICE, KeyServiceConfig
@@ -18,11 +17,11 @@ from myl.envoy.service.auth.v3 import external_auth_pb2_grpc
 from myl.key.v1 import key_pb2_grpc
 from shared.cache import Cache
 from shared.clock import Clock, SystemClock
-from shared.config import ConfigError, require_internal_tls
+from shared.config import load_for_serving
 from shared.db import Database, DatabaseUnavailable, open_database
 from shared.invalidation import CacheGuard, CacheTrust
 from shared.limits import Limiter
-from shared.logging import configure_logging, get_logger
+from shared.logging import get_logger
 from shared.monitoring import ResourceSampler
 from shared.seal import Seal
 from shared.server import GrpcServer
@@ -162,13 +161,9 @@ async def _serve(config: KeyServiceConfig) -> None:
 
 
 def main() -> int:
-    try:
-        config = KeyServiceConfig.from_env()
-        require_internal_tls(config.server.tls)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    config = load_for_serving(SERVICE, KeyServiceConfig.from_env)
+    if config is None:
         return 2
-    configure_logging(config.server.log_level, config.server.log_format, SERVICE)
     try:
         # asyncio's own loop: grpc.aio on uvloop measured several times slower here.
         asyncio.run(_serve(config))

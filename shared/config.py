@@ -9,10 +9,13 @@ naming the variable, its value and what was expected.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
+from shared.logging import configure_logging
 from shared.tls import InternalTls
 
 # No internal TLS: the default of a ServerConfig built in code, INTERNAL_TLS=off otherwise.
@@ -317,3 +320,25 @@ def require_internal_tls(tls: InternalTls) -> None:
             None,
             "a PEM file of this process's internal identity (or INTERNAL_TLS=off)",
         )
+
+
+class _ServiceConfig(Protocol):
+    @property
+    def server(self) -> ServerConfig: ...
+
+
+_Config = TypeVar("_Config", bound=_ServiceConfig)
+
+
+def load_for_serving(service: str, load: Callable[[], _Config]) -> _Config | None:
+    """A service's settings for `serve` (`load`, then the internal identity files it needs to
+    serve), with logging configured by them; None, with the reason on stderr, when they are
+    unusable: the process then exits with status 2, before it touches anything."""
+    try:
+        config = load()
+        require_internal_tls(config.server.tls)
+    except ConfigError as exc:
+        print(f"{service}: {exc}", file=sys.stderr)
+        return None
+    configure_logging(config.server.log_level, config.server.log_format, service)
+    return config
