@@ -24,7 +24,7 @@ from google.api import httpbody_pb2  # type: ignore[attr-defined]
 from cert_service.ari import RenewalPolicy, ari_cert_id
 from cert_service.ca import LocalCertificateAuthority
 from cert_service.crl import CrlPublisher, parse_crl_file_name
-from cert_service.storage import timestamp
+from cert_service.storage import to_pb_timestamp
 from myl.cert.v1 import cert_pb2
 from shared.errors import invalid_argument, not_found
 
@@ -95,7 +95,7 @@ def renewal_info(
     )
     return cert_pb2.GetRenewalInfoResponse(
         suggested_window=cert_pb2.RenewalWindow(
-            start=timestamp(window.start), end=timestamp(window.end)
+            start=to_pb_timestamp(window.start), end=to_pb_timestamp(window.end)
         ),
         explanation_url=window.explanation_url,
         serial_number=certificate.serial_number,

@@ -34,7 +34,7 @@ from cert_service.acme_server import PREFIX, AcmeServer
 from cert_service.ari import RenewalPolicy
 from cert_service.certificates import DeviceCertificates, ProvisionRequest
 from cert_service.pki import PublicRepository, issuer_key_id, renewal_info
-from cert_service.storage import timestamp
+from cert_service.storage import to_pb_timestamp
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from shared import idempotency, pagination, wire
 from shared.clock import Clock
@@ -224,7 +224,7 @@ class CertificateServicer(cert_pb2_grpc.CertificateServiceServicer):
         return cert_pb2.CreateAcmeEabCredentialsResponse(
             kid=credentials.kid,
             hmac_key=credentials.hmac_key,
-            expire_time=timestamp(credentials.expires_at),
+            expire_time=to_pb_timestamp(credentials.expires_at),
             directory_path=f"{PREFIX}/directory",
         )
 

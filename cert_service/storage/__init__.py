@@ -33,7 +33,7 @@ from cert_service.storage.base import (
     RenewalSource,
     RequestTaken,
     StoreBase,
-    timestamp,
+    to_pb_timestamp,
 )
 from cert_service.storage.certificates import CertificateStore
 from cert_service.storage.crls import CrlStore, PublishedCrl, RevokedEntry
@@ -65,5 +65,5 @@ __all__ = [
     "RequestTaken",
     "RevokedEntry",
     "StoreBase",
-    "timestamp",
+    "to_pb_timestamp",
 ]

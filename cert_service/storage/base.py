@@ -77,7 +77,9 @@ LOG_CHANGED: Final = """logged AS (
                 )"""
 
 
-def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+def to_pb_timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    """The protobuf Timestamp of an aware `value`, to the microsecond (what
+    `shared.wire.timestamp` reads back from a request)."""
     delta = value - _EPOCH
     return timestamp_pb2.Timestamp(
         seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000
@@ -134,30 +136,30 @@ class CertificateRecord:
             issuer=self.issuer,
             dns_names=self.dns_names,
             auto_renewal=self.auto_renewal,
-            create_time=timestamp(self.created_at),
-            update_time=timestamp(self.updated_at),
+            create_time=to_pb_timestamp(self.created_at),
+            update_time=to_pb_timestamp(self.updated_at),
             access_count=self.access_count,
             renewal_count=self.renewal_count,
         )
         if self.serial_number:
             # A pending certificate has none: no validity to show yet.
-            certificate.not_before.CopyFrom(timestamp(self.issued_at))
-            certificate.not_after.CopyFrom(timestamp(self.expires_at))
+            certificate.not_before.CopyFrom(to_pb_timestamp(self.issued_at))
+            certificate.not_after.CopyFrom(to_pb_timestamp(self.expires_at))
         if self.issuance_requested_at is not None:
             pending = certificate.pending_issuance
-            pending.request_time.CopyFrom(timestamp(self.issuance_requested_at))
+            pending.request_time.CopyFrom(to_pb_timestamp(self.issuance_requested_at))
             pending.attempts = self.issuance_attempts
             pending.last_error = self.issuance_error or ""
             if self.issuance_due_at is not None:
-                pending.next_attempt_time.CopyFrom(timestamp(self.issuance_due_at))
+                pending.next_attempt_time.CopyFrom(to_pb_timestamp(self.issuance_due_at))
         if self.revoked_at is not None:
-            certificate.revoke_time.CopyFrom(timestamp(self.revoked_at))
+            certificate.revoke_time.CopyFrom(to_pb_timestamp(self.revoked_at))
             certificate.revocation_reason = REASON_TO_PB.get(
                 self.revocation_reason or "unspecified",
                 cert_pb2.REVOCATION_REASON_UNSPECIFIED,
             )
         if self.last_accessed_at is not None:
-            certificate.last_access_time.CopyFrom(timestamp(self.last_accessed_at))
+            certificate.last_access_time.CopyFrom(to_pb_timestamp(self.last_accessed_at))
         return certificate
 
 

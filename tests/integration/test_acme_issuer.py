@@ -32,7 +32,7 @@ from prometheus_client import REGISTRY
 
 from cert_service.acme_worker import AcmeWorker
 from cert_service.ari import ari_cert_id
-from cert_service.storage import timestamp
+from cert_service.storage import to_pb_timestamp
 from deploy.devstack.acme import KnotServer, PebbleServer, TsigKey, generate_account_key
 from deploy.devstack.servers import free_port
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
@@ -663,7 +663,7 @@ async def test_listing_by_status_pending_shows_only_certificates_not_yet_issued(
     assert await listed(status=ACTIVE) == ["acme-list-issued"]
     # A pending certificate has no expiry: no "expires before" filter matches it.
     far = service.clock.now() + timedelta(days=36_500)
-    assert await listed(expire_before=timestamp(far)) == ["acme-list-issued"]
+    assert await listed(expire_before=to_pb_timestamp(far)) == ["acme-list-issued"]
 
 
 async def test_a_devices_acme_client_sees_processing_until_the_cas_certificate_is_issued(

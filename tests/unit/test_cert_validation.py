@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from cert_service import validation
 from cert_service.certcache import device_key, name_key
 from cert_service.names import SubdomainError, normalize_lookup_name
-from cert_service.storage import timestamp
+from cert_service.storage import to_pb_timestamp
 from shared import pagination, wire
 from shared.errors import DomainError
 
@@ -119,7 +119,7 @@ def test_page_tokens_are_bound_to_their_filters_and_checked() -> None:
 
 def test_timestamps_and_cache_keys() -> None:
     moment = datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
-    stamp = timestamp(moment)
+    stamp = to_pb_timestamp(moment)
     assert stamp.ToDatetime(tzinfo=UTC) == moment
     assert wire.timestamp(stamp, "expire_before") == moment
     assert device_key("dev-1") == "myl:cert:{dev-1}:device"
