@@ -173,7 +173,13 @@ class MigrationRunner:
     async def _connect(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
         conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
         await conn.execute("SELECT pg_advisory_lock(%s)", (_lock_id(self.service),))
-        await conn.execute(HISTORY_DDL)
+        # Every service's runner creates the shared history table if it is missing: two
+        # creating it at once would collide in the catalog, so they take turns for that.
+        await conn.execute("SELECT pg_advisory_lock(%s)", (_lock_id("migration_history"),))
+        try:
+            await conn.execute(HISTORY_DDL)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(%s)", (_lock_id("migration_history"),))
         return conn
 
     async def _states(

@@ -52,6 +52,7 @@ REDIS_TIMEOUT: Final = 0.25
 REDIS_BREAKER_RESET: Final = 2.0
 # Counters are flushed every second here, so a test sees them without waiting long.
 FLUSH_INTERVAL: Final = 1.0
+METRICS_INTERVAL: Final = 1.0
 SHUTDOWN_GRACE: Final = 5.0
 # Channels reconnect quickly after a restart (gRPC's default backoff starts at 1 s and grows).
 CHANNEL_OPTIONS: Final = [
@@ -293,6 +294,9 @@ class FaultStack:
             "KEY_SERVICE_ADDRESS": self.address("key_service"),
             "CERT_SERVICE_ACCESS_FLUSH_INTERVAL": str(FLUSH_INTERVAL),
             "KEY_SERVICE_USAGE_FLUSH_INTERVAL": str(FLUSH_INTERVAL),
+            # Sampled gauges (Redis, the fleet, the outbox) every second, not every 5: the
+            # monitoring tests wait for them to move.
+            "METRICS_INTERVAL": str(METRICS_INTERVAL),
             **internal_tls.services_env(),
         }
         for name in ("DB_PASSWORD", "REDIS_PASSWORD", "PGPASSWORD"):

@@ -40,7 +40,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], limit: float = 20.0) -> None:
-    """Sampled gauges move within METRICS_INTERVAL (5 s by default, as here)."""
+    """Sampled gauges move within METRICS_INTERVAL (1 s here, 5 s by default)."""
     deadline = time.monotonic() + limit
     while not await check():
         assert time.monotonic() < deadline, "the metric did not move in time"
