@@ -37,9 +37,14 @@ run: $(STAMP) system-deps
 # services' request budgets then time out under the suite's own load).
 # schemathesis's pytest plugin is not used (tests/e2e/test_fuzz.py runs its command): not
 # loading it saves each worker most of a second of CPU.
+# The suite starts a few hundred Python processes (services, migrations, `make run`): they
+# keep their compiled modules (__pycache__, ignored by git) even where the environment says
+# not to (PYTHONDONTWRITEBYTECODE), instead of each compiling the project anew.
 TEST_WORKERS ?= 2
 test: $(STAMP) system-deps check
-	$(BIN)/pytest -q -p no:cacheprovider -p no:schemathesis -n $(TEST_WORKERS) --dist worksteal
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m compileall -q cert_service key_service shared deploy protos
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/pytest -q -p no:cacheprovider -p no:schemathesis \
+	  -n $(TEST_WORKERS) --dist worksteal
 
 check: lint typecheck buf
 
