@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import sys
 import time
 from pathlib import Path
 
-from tests.bench.harness import percentile, start_process, stop_process, throwaway_databases
+from tests.bench.harness import percentile, start_service, throwaway_databases
 
 
 async def run_batch(address: str, batch: int, prefix: str) -> tuple[list[float], float]:
@@ -65,7 +64,6 @@ def main(argv: list[str]) -> int:
 
     from deploy.devstack.acme import KnotServer, PebbleServer, TsigKey, generate_account_key
     from deploy.devstack.servers import free_port
-    from deploy.devstack.stack import wait_healthy
 
     with (
         throwaway_databases("myl-bench-acme-", durable=True, migrate=["cert_service"]) as dbs,
@@ -87,28 +85,20 @@ def main(argv: list[str]) -> int:
         account_key = directory / "account.key"
         generate_account_key(account_key)
         port = free_port()
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_"))},
-            **dbs.env(),
-            **knot.env(),
-            **pebble.env(),
-            "CERT_ISSUER": "acme",
-            "ACME_ACCOUNT_KEY_FILE": str(account_key),
-            "ACME_CONCURRENCY": str(args.concurrency),
-            "ACME_ORDERS": "100000",
-            "CERT_SERVICE_PORT": str(port),
-            "CERT_SERVICE_METRICS_PORT": "0",
-            "LOG_LEVEL": "warning",
-        }
-        process = start_process(
-            [sys.executable, "-m", "cert_service", "serve"],
-            env,
-            port,
-            log=directory / "cert_service.log",
-            timeout=60,
+        env = dbs.service_env(
+            {
+                **knot.env(),
+                **pebble.env(),
+                "CERT_ISSUER": "acme",
+                "ACME_ACCOUNT_KEY_FILE": str(account_key),
+                "ACME_CONCURRENCY": str(args.concurrency),
+                "ACME_ORDERS": "100000",
+                "CERT_SERVICE_PORT": str(port),
+            }
         )
-        stops.callback(stop_process, process)
-        wait_healthy(f"127.0.0.1:{port}", 60, process)
+        start_service(
+            "cert_service", env, port, stops, log=directory / "cert_service.log", timeout=60
+        )
         address = f"127.0.0.1:{port}"
         try:
             asyncio.run(run_batch(address, 2, "warm-up"))  # registers the account

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import sys
 import time
 import uuid
@@ -26,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from tests.bench.harness import percentile, start_process, stop_process, throwaway_databases
+from tests.bench.harness import percentile, start_service, throwaway_databases
 
 CONCURRENCY = 32
 
@@ -42,9 +41,7 @@ def main(argv: list[str]) -> int:
     from cryptography.hazmat.primitives.asymmetric import ec
     from josepy import jwa, jwk
 
-    from cert_service.ca import create_development_ca
     from deploy.devstack.servers import free_port
-    from deploy.devstack.stack import wait_healthy
     from tests.fixtures.cert import make_csr
 
     devices = args.single + CONCURRENCY * args.rounds
@@ -55,27 +52,16 @@ def main(argv: list[str]) -> int:
         contextlib.ExitStack() as stops,
     ):
         directory: Path = dbs.directory
-        ca_cert, ca_key = create_development_ca(directory / "ca")
         port, acme_port = free_port(), free_port()
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_"))},
-            **dbs.env(),
-            "CA_CERT_FILE": str(ca_cert),
-            "CA_KEY_FILE": str(ca_key),
-            "CERT_SERVICE_PORT": str(port),
-            "CERT_SERVICE_METRICS_PORT": "0",
-            "CERT_SERVICE_ACME_SERVER_PORT": str(acme_port),
-            "LOG_LEVEL": "warning",
-        }
-        process = start_process(
-            [sys.executable, "-m", "cert_service", "serve"],
-            env,
-            port,
-            log=directory / "cert_service.log",
-            timeout=60,
+        env = dbs.service_env(
+            {
+                **dbs.ca_env(),
+                "CERT_SERVICE_PORT": str(port),
+                "CERT_SERVICE_ACME_SERVER_PORT": str(acme_port),
+            }
         )
-        stops.callback(stop_process, process)
-        wait_healthy(f"127.0.0.1:{port}", 60, process)
+        log = directory / "cert_service.log"
+        start_service("cert_service", env, port, stops, log=log, timeout=60)
         directory_url = f"http://127.0.0.1:{acme_port}/acme/directory"
         credentials = asyncio.run(_enroll(f"127.0.0.1:{port}", devices))
 

@@ -46,6 +46,7 @@ from tests.bench.harness import (
     grpc_frame,
     serve_until_sigterm,
     start_process,
+    start_service,
     stop_process,
     throwaway_databases,
 )
@@ -296,7 +297,6 @@ def run(devices: int, quick: bool) -> None:
 
     from cert_service.ca import create_development_ca
     from deploy.devstack.servers import free_port
-    from deploy.devstack.stack import wait_healthy
     from tests.fixtures.cert import make_csr
 
     scale = 0.2 if quick else 1.0
@@ -338,23 +338,10 @@ def run(devices: int, quick: bool) -> None:
         )
 
         echo_port, cert_port = free_port(), free_port()
-        env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_"))},
-            **databases.env(),
-            "CERT_SERVICE_PORT": str(cert_port),
-            "CERT_SERVICE_METRICS_PORT": "0",
-            "CA_CERT_FILE": str(ca_cert),
-            "CA_KEY_FILE": str(ca_key),
-            "LOG_LEVEL": "warning",
-        }
-        service = start_process(
-            [sys.executable, "-m", "cert_service", "serve"],
-            env,
-            cert_port,
-            log=directory / "cert_service.log",
-            timeout=60,
+        env = databases.service_env({**databases.ca_env(), "CERT_SERVICE_PORT": str(cert_port)})
+        service = start_service(
+            "cert_service", env, cert_port, stops, log=directory / "cert_service.log", timeout=60
         )
-        stops.callback(stop_process, service)
         echo = start_process(
             [sys.executable, "-m", "tests.bench.bench_cert", "echo-server", str(echo_port)],
             None,
@@ -363,7 +350,6 @@ def run(devices: int, quick: bool) -> None:
         stops.callback(stop_process, echo)
         cert_address = f"127.0.0.1:{cert_port}"
         echo_address = f"127.0.0.1:{echo_port}"
-        wait_healthy(cert_address, 60, service)
 
         def phase(
             label: str,

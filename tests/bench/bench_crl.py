@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tests.bench.harness import start_process, stop_process, throwaway_databases
+from tests.bench.harness import start_service, throwaway_databases
 
 CERTIFICATES = 10_000_000
 REVOKED_FRACTION = 0.01
@@ -214,9 +213,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--shards", type=int, default=128)
     args = parser.parse_args(argv)
 
-    from cert_service.ca import create_development_ca
     from deploy.devstack.servers import free_port
-    from deploy.devstack.stack import wait_healthy
 
     per_shard, size = crl_size(args.shards)
     print(
@@ -230,29 +227,18 @@ def main(argv: list[str]) -> int:
         throwaway_databases("myl-bench-crl-", durable=True, migrate=["cert_service"]) as databases,
         contextlib.ExitStack() as stops,
     ):
-        ca_cert, ca_key = create_development_ca(databases.directory / "ca")
         ports = [free_port() for _ in range(args.replicas)]
         for index, port in enumerate(ports):
-            env = {
-                **{k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_"))},
-                **databases.env(),
-                "CERT_SERVICE_PORT": str(port),
-                "CERT_SERVICE_METRICS_PORT": "0",
-                "CA_CERT_FILE": str(ca_cert),
-                "CA_KEY_FILE": str(ca_key),
-                "CRL_SHARDS": str(args.shards),
-                "PKI_BASE_URL": "http://pki.myl.zip",
-                "LOG_LEVEL": "warning",
-            }
-            process = start_process(
-                [sys.executable, "-m", "cert_service", "serve"],
-                env,
-                port,
-                log=databases.directory / f"cert_service-{index}.log",
-                timeout=60,
+            env = databases.service_env(
+                {
+                    **databases.ca_env(),
+                    "CERT_SERVICE_PORT": str(port),
+                    "CRL_SHARDS": str(args.shards),
+                    "PKI_BASE_URL": "http://pki.myl.zip",
+                }
             )
-            stops.callback(stop_process, process)
-            wait_healthy(f"127.0.0.1:{port}", 60, process)
+            log = databases.directory / f"cert_service-{index}.log"
+            start_service("cert_service", env, port, stops, log=log, timeout=60)
         time.sleep(3)  # the first pass signs every shard's first CRL
         delays = asyncio.run(measure_delay(f"127.0.0.1:{ports[0]}", args.rounds))
         delays.sort()

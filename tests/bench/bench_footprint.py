@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import secrets
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,12 +36,12 @@ from typing import Any
 import grpc
 import redis
 
-from cert_service.ca import LocalCertificateAuthority, create_development_ca
+from cert_service.ca import LocalCertificateAuthority
 from cert_service.crl import sign_crl
 from cert_service.storage.crls import RevokedEntry
 from deploy.devstack.gateway import GatewayPorts, envoy_command, render_envoy_config
 from deploy.devstack.servers import free_port
-from deploy.devstack.stack import wait_gateway_healthy, wait_healthy
+from deploy.devstack.stack import wait_gateway_healthy
 from myl.cert.v1 import cert_pb2
 from myl.key.v1 import key_pb2, key_pb2_grpc
 from tests.bench.bench_replicas import HOT_RATE_LIMIT, seed
@@ -53,6 +51,7 @@ from tests.bench.harness import (
     cpu_seconds,
     run_h2load,
     start_process,
+    start_service,
     stop_process,
     throwaway_databases,
 )
@@ -139,26 +138,22 @@ def main() -> None:
         contextlib.ExitStack() as stops,
     ):
         directory = databases.directory
-        ca_cert, ca_key = create_development_ca(directory / "ca")
         cert_port, key_port = free_port(), free_port()
         ports = GatewayPorts(free_port(), free_port(), cert_port, key_port)
-        env = {
-            **os.environ, **databases.env(),
-            "CA_CERT_FILE": str(ca_cert), "CA_KEY_FILE": str(ca_key),
+        ca = databases.ca_env()
+        env = databases.service_env({
+            **ca,
             "CERT_SERVICE_PORT": str(cert_port), "KEY_SERVICE_PORT": str(key_port),
             "CERT_SERVICE_ADDRESS": f"127.0.0.1:{cert_port}",
             "KEY_SERVICE_ADDRESS": f"127.0.0.1:{key_port}",
             "CERT_SERVICE_METRICS_PORT": str(free_port()),
             "KEY_SERVICE_METRICS_PORT": str(free_port()),
-            "KEY_SERVICE_MAX_RATE_LIMIT": str(HOT_RATE_LIMIT), "LOG_LEVEL": "warning",
-        }  # fmt: skip
+            "KEY_SERVICE_MAX_RATE_LIMIT": str(HOT_RATE_LIMIT),
+        })  # fmt: skip
         processes: dict[str, subprocess.Popen[bytes]] = {}
         for service, port in (("cert_service", cert_port), ("key_service", key_port)):
             log = directory / f"{service}.log"
-            process = start_process([sys.executable, "-m", service, "serve"], env, port, log=log)
-            stops.callback(stop_process, process)
-            wait_healthy(f"127.0.0.1:{port}", 30, process)
-            processes[service] = process
+            processes[service] = start_service(service, env, port, stops, log=log)
         config = directory / "envoy.yaml"
         config.write_text(
             render_envoy_config(ports, listen_address="127.0.0.1", access_log_path="/dev/null")
@@ -179,7 +174,9 @@ def main() -> None:
         fixed = measured_run(processes, url, api_key, body, directory / "fixed.log", FIXED_RATE)
         peak = {name: rss_kib(p.pid, "VmHWM") for name, p in processes.items()}
         asyncio.run(verify_a_plain_key(f"127.0.0.1:{key_port}"))
-        crls = crl_costs(LocalCertificateAuthority.from_files(ca_cert, ca_key))
+        crls = crl_costs(
+            LocalCertificateAuthority.from_files(Path(ca["CA_CERT_FILE"]), Path(ca["CA_KEY_FILE"]))
+        )
         with redis.Redis(host=databases.redis.host, port=databases.redis.port) as client:
             keys = redis_keys(client)
             used = client.info("memory")["used_memory"]

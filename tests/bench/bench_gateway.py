@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import os
 import subprocess
 import sys
 import time
@@ -46,7 +45,6 @@ from pathlib import Path
 
 import grpc
 
-from cert_service.ca import create_development_ca
 from cert_service.edge_trust import MISSING_SHARDS, EdgeTrustWriter
 from deploy.devstack.gateway import (
     DeviceTls,
@@ -57,7 +55,7 @@ from deploy.devstack.gateway import (
     render_envoy_config,
 )
 from deploy.devstack.servers import free_port
-from deploy.devstack.stack import OPERATOR_PERMISSIONS, wait_gateway_healthy, wait_healthy
+from deploy.devstack.stack import OPERATOR_PERMISSIONS, wait_gateway_healthy
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from tests.bench.harness import (
     GRPC_HEADERS,
@@ -66,6 +64,7 @@ from tests.bench.harness import (
     percentile,
     run_h2load,
     start_process,
+    start_service,
     stop_process,
     throwaway_databases,
 )
@@ -175,21 +174,16 @@ def main() -> int:
         contextlib.ExitStack() as stops,  # stops the servers, last started first
     ):
         directory = databases.directory
-        ca_cert, ca_key = create_development_ca(directory / "ca")
         cert_port, key_port = free_port(), free_port()
         ports = GatewayPorts(free_port(), free_port(), cert_port, key_port)
-        env = {
-            **os.environ, **databases.env(),
-            "CA_CERT_FILE": str(ca_cert), "CA_KEY_FILE": str(ca_key),
+        env = databases.service_env({
+            **databases.ca_env(),
             "CERT_SERVICE_PORT": str(cert_port), "KEY_SERVICE_PORT": str(key_port),
             "CERT_SERVICE_ADDRESS": f"127.0.0.1:{cert_port}",
             "KEY_SERVICE_ADDRESS": f"127.0.0.1:{key_port}",
-            "METRICS_PORT": "0", "LOG_LEVEL": "warning",
-        }  # fmt: skip
+        })  # fmt: skip
         for service, port in (("cert_service", cert_port), ("key_service", key_port)):
-            process = start_process([sys.executable, "-m", service, "serve"], env, port)
-            stops.callback(stop_process, process)
-            wait_healthy(f"127.0.0.1:{port}", 30, process)
+            start_service(service, env, port, stops)
         trust = directory / "edge-trust"
         write_trust(cert_port, trust)
         server = create_gateway_certificate(directory / "gateway")

@@ -24,12 +24,11 @@ from typing import Any
 
 import grpc
 
-from cert_service.ca import create_development_ca
 from deploy.devstack.servers import free_port
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from myl.key.v1 import key_pb2, key_pb2_grpc
 from tests.bench.bench_verify import VERIFY_PATH, grpc_body, h2load
-from tests.bench.harness import start_process, stop_process, throwaway_databases
+from tests.bench.harness import start_process, start_service, stop_process, throwaway_databases
 
 GET_PATH = "/myl.cert.v1.CertificateService/GetCertificate"
 SECONDS = 8
@@ -38,16 +37,14 @@ HOT_RATE_LIMIT = 60_000_000
 
 
 def start_replicas(
-    service: str, count: int, env: dict[str, str], directory: Path
+    service: str, count: int, env: dict[str, str], directory: Path, stops: contextlib.ExitStack
 ) -> list[tuple[int, subprocess.Popen[bytes]]]:
     started = []
-    prefix = service.upper()
     for index in range(count):
         port = free_port()
-        replica_env = {**env, f"{prefix}_PORT": str(port), f"{prefix}_METRICS_PORT": "0"}
-        command = [sys.executable, "-m", service, "serve"]
+        replica_env = {**env, f"{service.upper()}_PORT": str(port)}
         log = directory / f"{service}-{index}.log"
-        started.append((port, start_process(command, replica_env, port, log=log)))
+        started.append((port, start_service(service, replica_env, port, stops, log=log)))
     return started
 
 
@@ -93,18 +90,14 @@ def main() -> None:
         contextlib.ExitStack() as stops,
     ):
         directory = databases.directory
-        ca_cert, ca_key = create_development_ca(directory / "ca")
-        env = {
-            **os.environ, **databases.env(),
-            "CA_CERT_FILE": str(ca_cert), "CA_KEY_FILE": str(ca_key),
-            "KEY_SERVICE_MAX_RATE_LIMIT": str(HOT_RATE_LIMIT),
-            "CERT_SERVICE_LOG_LEVEL": "warning", "KEY_SERVICE_LOG_LEVEL": "warning",
-        }  # fmt: skip
+        env = databases.service_env(
+            {**databases.ca_env(), "KEY_SERVICE_MAX_RATE_LIMIT": str(HOT_RATE_LIMIT)}
+        )
         for replicas in (1, 2):
             with contextlib.ExitStack() as running:
-                certs = start_replicas("cert_service", replicas, env, directory)
+                certs = start_replicas("cert_service", replicas, env, directory, running)
                 env["CERT_SERVICE_ADDRESS"] = f"127.0.0.1:{certs[0][0]}"
-                keys = start_replicas("key_service", replicas, env, directory)
+                keys = start_replicas("key_service", replicas, env, directory, running)
                 echoes = []
                 for _ in range(replicas):
                     port = free_port()
@@ -115,9 +108,9 @@ def main() -> None:
                         "--echo",
                         str(port),
                     ]
-                    echoes.append((port, start_process(command, dict(os.environ), port)))
-                for _, process in [*certs, *keys, *echoes]:
-                    running.callback(stop_process, process)
+                    echo = start_process(command, dict(os.environ), port)
+                    running.callback(stop_process, echo)
+                    echoes.append((port, echo))
                 api_key = asyncio.run(seed(f"127.0.0.1:{certs[0][0]}", f"127.0.0.1:{keys[0][0]}"))
                 verify_body = grpc_body(
                     directory / "verify.bin", key_pb2.VerifyApiKeyRequest(api_key=api_key)

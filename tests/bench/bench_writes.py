@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import sys
 import time
 import uuid
 
 import grpc
 import psycopg
 
-from cert_service.ca import create_development_ca
 from deploy.devstack.servers import free_port
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from myl.key.v1 import key_pb2, key_pb2_grpc
-from tests.bench.harness import percentile, start_process, stop_process, throwaway_databases
+from tests.bench.harness import percentile, start_service, throwaway_databases
 
 CALLS = 200
 WARM_UP = 20
@@ -103,19 +100,14 @@ def main() -> None:
         contextlib.ExitStack() as running,
     ):
         directory = databases.directory
-        ca_cert, ca_key = create_development_ca(directory / "ca")
         cert_port, key_port = free_port(), free_port()
-        env = {
-            **os.environ, **databases.env(),
-            "CA_CERT_FILE": str(ca_cert), "CA_KEY_FILE": str(ca_key),
+        env = databases.service_env({
+            **databases.ca_env(),
             "CERT_SERVICE_PORT": str(cert_port), "KEY_SERVICE_PORT": str(key_port),
-            "METRICS_PORT": "0", "LOG_LEVEL": "warning",
             "CERT_SERVICE_ADDRESS": f"127.0.0.1:{cert_port}",
-        }  # fmt: skip
+        })  # fmt: skip
         for service, port in (("cert_service", cert_port), ("key_service", key_port)):
-            command = [sys.executable, "-m", service, "serve"]
-            process = start_process(command, env, port, log=directory / f"{service}.log")
-            running.callback(stop_process, process)
+            start_service(service, env, port, running, log=directory / f"{service}.log")
         asyncio.run(measure(f"127.0.0.1:{cert_port}", f"127.0.0.1:{key_port}", databases.conninfo))
 
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,26 @@ class Databases:
             # Plaintext service ports, as the echo ceilings they are compared with and the
             # figures of earlier runs; bench_internal_tls measures what mutual TLS adds.
             "INTERNAL_TLS": "off",
+        }
+
+    def ca_env(self) -> dict[str, str]:
+        """CA_CERT_FILE and CA_KEY_FILE of a development CA under the directory (made the
+        first time: every service of a run signs with the same CA)."""
+        from cert_service.ca import create_development_ca
+
+        ca_cert, ca_key = create_development_ca(self.directory / "ca")
+        return {"CA_CERT_FILE": str(ca_cert), "CA_KEY_FILE": str(ca_key)}
+
+    def service_env(self, settings: Mapping[str, str]) -> dict[str, str]:
+        """A service's environment: ours without its DB_ and REDIS_ settings (these servers
+        replace them), these servers', no metrics port, warnings only; then `settings`."""
+        return {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_"))},
+            **self.env(),
+            "CERT_SERVICE_METRICS_PORT": "0",
+            "KEY_SERVICE_METRICS_PORT": "0",
+            "LOG_LEVEL": "warning",
+            **settings,
         }
 
 
@@ -122,6 +143,27 @@ def start_process(
     except BaseException:
         stop_process(process)
         raise
+    return process
+
+
+def start_service(
+    service: str,
+    env: Mapping[str, str],
+    port: int,
+    stops: contextlib.ExitStack,
+    *,
+    log: Path | None = None,
+    timeout: float = 30,
+) -> subprocess.Popen[bytes]:
+    """`python -m <service> serve` on 127.0.0.1:`port` (see `start_process`), stopped when
+    `stops` closes; returned once it answers SERVING, within `timeout` seconds."""
+    from deploy.devstack.stack import wait_healthy
+
+    process = start_process(
+        [sys.executable, "-m", service, "serve"], env, port, log=log, timeout=timeout
+    )
+    stops.callback(stop_process, process)
+    wait_healthy(f"127.0.0.1:{port}", timeout, process)
     return process
 
 
