@@ -40,11 +40,19 @@ run: $(STAMP) system-deps
 # The suite starts a few hundred Python processes (services, migrations, `make run`): they
 # keep their compiled modules (__pycache__, ignored by git) even where the environment says
 # not to (PYTHONDONTWRITEBYTECODE), instead of each compiling the project anew.
+# The static checks (`make check`) run beside the suite, their output printed after it:
+# either failing fails `make test`.
 TEST_WORKERS ?= 2
-test: $(STAMP) system-deps check
-	env -u PYTHONDONTWRITEBYTECODE $(PY) -m compileall -q cert_service key_service shared deploy protos
+test: $(STAMP) system-deps
+	@checks=$$(mktemp); \
+	$(MAKE) --no-print-directory check > $$checks 2>&1 & checking=$$!; \
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m compileall -q cert_service key_service shared deploy protos; \
 	env -u PYTHONDONTWRITEBYTECODE $(BIN)/pytest -q -p no:cacheprovider -p no:schemathesis \
-	  -n $(TEST_WORKERS) --dist worksteal
+	  -n $(TEST_WORKERS) --dist worksteal; tested=$$?; \
+	wait $$checking; checked=$$?; \
+	echo "--- make check"; cat $$checks; rm -f $$checks; \
+	if [ $$checked -ne 0 ]; then echo "make check failed"; fi; \
+	exit $$(( tested || checked ))
 
 check: lint typecheck buf
 
