@@ -138,6 +138,17 @@ async def commits_held(stack: FaultStack, prefix: str) -> AsyncIterator[Session]
         await conn.execute("ALTER SYSTEM SET synchronous_commit = 'local'")
         await conn.execute("ALTER SYSTEM SET synchronous_standby_names = 'myl_test_nobody'")
         await conn.execute("SELECT pg_reload_conf()")
+        # The reload is asynchronous: once a new session sees the setting, the postmaster has
+        # read it and signalled every backend (the services' pooled ones too), which apply it
+        # before their next command.
+        deadline = time.monotonic() + 10
+        while True:
+            async with await psycopg.AsyncConnection.connect(stack.conninfo) as probe:
+                cursor = await probe.execute("SHOW synchronous_standby_names")
+                if (await cursor.fetchone()) == ("myl_test_nobody",):
+                    break
+            assert time.monotonic() < deadline, "the configuration was not reloaded"
+            await asyncio.sleep(0.02)
         yield conn
     finally:
         with contextlib.suppress(psycopg.Error):
