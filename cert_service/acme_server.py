@@ -103,7 +103,13 @@ class EabKeys:
         return hmac.new(purpose, self._root, hashlib.sha256).digest()
 
     def new_kid(self) -> str:
-        return "eab_" + secrets.token_urlsafe(18)
+        """A fresh key id whose HMAC key does not begin with `-` once encoded: a client's
+        command line would read such a key as an option (`certbot --eab-hmac-key -Qx...`
+        stops at "expected one argument"), one enrolment in 64."""
+        while True:
+            kid = "eab_" + secrets.token_urlsafe(18)
+            if not b64encode(self.hmac_key(kid)).startswith("-"):
+                return kid
 
     def hmac_key(self, kid: str) -> bytes:
         return hmac.new(self._secret, kid.encode("utf-8"), hashlib.sha256).digest()

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from cert_service.acme_jws import (
     Problem,
+    b64encode,
     load_jwk,
     parse_jws,
     public_jwk,
@@ -27,6 +28,7 @@ from cert_service.acme_jws import (
     verify_hs256,
     verify_signature,
 )
+from cert_service.acme_server import EabKeys
 
 
 def b64(data: bytes) -> str:
@@ -150,3 +152,11 @@ def problem_of(call: Callable[[], object]) -> Problem | None:
     except Problem as problem:
         return problem
     return None
+
+
+def test_no_eab_hmac_key_begins_with_a_dash_that_a_command_line_reads_as_an_option() -> None:
+    """One base64url key in 64 begins with `-`; certbot's `--eab-hmac-key KEY` then fails."""
+    keys = EabKeys(b"a test secret")
+    encoded = [b64encode(keys.hmac_key(keys.new_kid())) for _ in range(2000)]
+    assert not [key for key in encoded if key.startswith("-")]
+    assert len({key[0] for key in encoded}) > 32  # every other first character still occurs
