@@ -11,12 +11,18 @@ import asyncio
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 import redis
 from redis.asyncio.client import Pipeline
 from redis.crc import key_slot
 
-from deploy.devstack.servers import RedisClusterServers, RedisServer
+from deploy.devstack.servers import (
+    RedisAcl,
+    RedisClusterServers,
+    RedisServer,
+    free_cluster_ports,
+)
 from key_service import keyformat
 from key_service.ratelimit import VERIFY_SCRIPT
 from key_service.scriptclient import ClusterScriptClient, Script
@@ -162,3 +168,30 @@ async def test_verification_follows_a_master_failover_and_never_answers_a_revoke
         # Bring the dead node back as a replica, so later tests see a full cluster.
         master.start()
         redis_cluster.wait_ok()
+
+
+def test_a_cluster_starts_again_in_its_directory_after_a_stop(tmp_path: Path) -> None:
+    """`REDIS_CLUSTER=1 make run` a second time: each node's `nodes.conf` still names the
+    first cluster, and `--cluster create` refuses a node that is not empty; the nodes are
+    made one new cluster again, with the ACL users of the first start."""
+    ports = free_cluster_ports(6)
+    acl = RedisAcl(tmp_path / "users")
+    cluster = RedisClusterServers(tmp_path / "cluster", ports, acl=acl)
+    try:
+        cluster.start()
+        assert all((node.directory / "nodes.conf").exists() for node in cluster.nodes)
+        cluster.stop()
+        cluster.start()
+        node = cluster.nodes[0]
+        client = redis.Redis(
+            host=node.host, port=node.port, username="admin", password=acl.passwords["admin"]
+        )
+        try:
+            info = client.execute_command("CLUSTER", "INFO")
+            text = info.decode() if isinstance(info, bytes) else str(info)
+            assert "cluster_state:ok" in text
+            assert "cluster_known_nodes:6" in text
+        finally:
+            client.close()
+    finally:
+        cluster.stop()
