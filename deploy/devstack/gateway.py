@@ -49,6 +49,8 @@ DESCRIPTOR_PATH = ENVOY_DIR / "myl.pb"
 OPENAPI_PATH = ENVOY_DIR / "openapi.json"
 # Envoy opens this like any file; it is the gateway process's own stdout.
 STDOUT = "/dev/stdout"
+# Seconds a request waits for key_service's check (ext_authz) before the gateway answers 503.
+KEY_CHECK_TIMEOUT: Final = 0.5
 
 LogLevel = Literal["trace", "debug", "info", "warning", "warn", "error", "critical", "off"]
 
@@ -314,6 +316,7 @@ def render_envoy_config(
     template_path: Path = TEMPLATE_PATH,
     device_tls: DeviceTls | None = None,
     upstream_tls: UpstreamTls | None = None,
+    key_check_timeout: float = KEY_CHECK_TIMEOUT,
 ) -> str:
     """The Envoy bootstrap (YAML) for these ports and hosts.
 
@@ -323,6 +326,8 @@ def render_envoy_config(
     Hosts may be IP addresses or DNS names (the clusters are STRICT_DNS). `access_log_path`
     receives one JSON object per request; the default is Envoy's stdout. With `device_tls`,
     the gateway also listens for devices that authenticate with their certificate.
+    `key_check_timeout`: seconds a request waits for key_service's check before the gateway
+    answers 503; only a stack that measures something else on a busy machine changes it.
     """
     for name, value in (
         ("listen_address", listen_address),
@@ -345,6 +350,7 @@ def render_envoy_config(
         descriptor_path=json.dumps(str(descriptor_path)),
         openapi_path=json.dumps(str(openapi_path)),
         access_log_path=json.dumps(str(access_log_path)),
+        key_check_timeout=f"{key_check_timeout:g}s",
         cert_tls=_upstream_tls(upstream_tls, CERT_SERVICE),
         key_tls=_upstream_tls(upstream_tls, KEY_SERVICE),
         acme_tls=_upstream_tls(upstream_tls, CERT_SERVICE, alpn="http/1.1"),

@@ -14,7 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy.devstack.gateway import GatewayPorts, envoy_command, render_envoy_config
+from deploy.devstack.gateway import (
+    KEY_CHECK_TIMEOUT,
+    GatewayPorts,
+    envoy_command,
+    render_envoy_config,
+)
 from deploy.devstack.servers import free_port
 from tests.fixtures import internal_tls
 from tests.fixtures.key import RunningKeyService
@@ -62,8 +67,18 @@ def _start_envoy(config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
 
 
 @pytest.fixture
+def key_check_timeout() -> float:
+    """Seconds the gateway waits for key_service's check: the product's setting, which a
+    test module overrides only when its subject is not how fast the check answers."""
+    return KEY_CHECK_TIMEOUT
+
+
+@pytest.fixture
 async def gateway(
-    cert_service: object, key_service: RunningKeyService, tmp_path: Path
+    cert_service: object,
+    key_service: RunningKeyService,
+    tmp_path: Path,
+    key_check_timeout: float,
 ) -> AsyncIterator[Gateway]:
     cert_port = int(str(getattr(cert_service, "address")).rsplit(":", 1)[1])  # noqa: B009
     key_port = int(key_service.address.rsplit(":", 1)[1])
@@ -84,6 +99,7 @@ async def gateway(
             listen_address="127.0.0.1",
             access_log_path=access_log,
             upstream_tls=internal_tls.upstream_tls(),
+            key_check_timeout=key_check_timeout,
         )
     )
     process = _start_envoy(config_path, tmp_path / "envoy.log")
