@@ -13,7 +13,10 @@ throughput), three ways:
 3. REST `GET /api/v1/devices/{id}/certificate` through Envoy over HTTP/1.1
    (transcoded, then as 2).
 
-The difference of the p50s is what the gateway adds, ext_authz included.
+The difference of the p50s is what the gateway adds, ext_authz included; their ratio (through
+Envoy over direct) is the hop ratio. The three are measured in turns, `ROUNDS` rounds of a
+tenth of the requests each, so that a shared machine's load, which comes and goes, falls on
+all three alike: the ratios printed are the median of the rounds' ratios, at p50 and at p99.
 
 Then a device's own way in, mutual TLS on the device listener (no key, no ext_authz), against
 the same services in the same run. h2load cannot present a client certificate, so these three
@@ -36,11 +39,12 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import statistics
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -73,18 +77,49 @@ DEVICE = "bench-device"
 GET_PATH = "/myl.cert.v1.CertificateService/GetCertificate"
 
 
-def h2load(url: str, log: Path, requests: int, *extra: str) -> dict[str, float]:
+ROUNDS = 10
+# The three ways to GetCertificate that h2load measures (compare.py reads these rows).
+DIRECT, VIA_GRPC, VIA_REST = (
+    "direct gRPC to cert_service", "gRPC through Envoy", "REST through Envoy (HTTP/1.1)"
+)  # fmt: skip
+
+
+def h2load(url: str, log: Path, extra: Sequence[str], requests: int) -> tuple[int, list[float]]:
+    """(requests answered 200, their durations in ms less the first tenth) of one h2load run
+    of `requests`, one at a time on one new connection, with the options `extra`."""
+    log.unlink(missing_ok=True)  # h2load appends to its log file
     run = run_h2load(url, log, ["-n", str(requests), "-c", "1", "-m", "1", *extra])
     # h2load logs requests in completion order; the first tenth warms
     # connections and caches and is left out of the percentiles.
     durations = [us / 1000 for us in run.latencies_us]  # milliseconds
-    measured = sorted(durations[len(durations) // 10 :]) if len(durations) >= 10 else durations
-    return {
-        "ok": float(len(durations)),
-        "p50": percentile(measured, 50),
-        "p90": percentile(measured, 90),
-        "p99": percentile(measured, 99),
-    }
+    return len(durations), durations[len(durations) // 10 :] if len(durations) >= 10 else durations
+
+
+def percentiles(durations: list[float]) -> dict[str, float]:
+    measured = sorted(durations)
+    return {pct: percentile(measured, float(pct[1:])) for pct in ("p50", "p90", "p99")}
+
+
+def in_turns(
+    runs: dict[str, Callable[[int], tuple[int, list[float]]]], requests: int, rounds: int
+) -> tuple[dict[str, dict[str, float]], list[dict[str, dict[str, float]]]]:
+    """Each of `runs` (a name: an h2load of n requests) in turn, `rounds` times, `requests` in
+    all each: (each one's ok count and percentiles over all rounds, each round's
+    percentiles)."""
+    per_round: list[dict[str, dict[str, float]]] = []
+    ok = dict.fromkeys(runs, 0)
+    durations: dict[str, list[float]] = {name: [] for name in runs}
+    for index in range(rounds):
+        chunk = requests // rounds + (index < requests % rounds)
+        this_round = {}
+        for name, run in runs.items():
+            answered, measured = run(chunk)
+            ok[name] += answered
+            durations[name] += measured
+            this_round[name] = percentiles(measured)
+        per_round.append(this_round)
+    overall = {name: {"ok": float(ok[name]), **percentiles(durations[name])} for name in runs}
+    return overall, per_round
 
 
 def sequential_calls(call: Callable[[], object], requests: int) -> dict[str, float]:
@@ -227,27 +262,45 @@ def main() -> int:
         body = directory / "get.bin"
         body.write_bytes(grpc_frame(payload))
         n = args.requests
-        results = {
-            "direct gRPC to cert_service": h2load(
-                f"http://127.0.0.1:{cert_port}{GET_PATH}", directory / "direct.log", n,
-                *GRPC_HEADERS, "-d", str(body),
-            ),
-            "gRPC through Envoy": h2load(
-                f"http://127.0.0.1:{ports.listen_port}{GET_PATH}", directory / "gw-grpc.log", n,
-                *GRPC_HEADERS, "-H", f"x-api-key: {key}", "-d", str(body),
-            ),
-            "REST through Envoy (HTTP/1.1)": h2load(
-                f"http://127.0.0.1:{ports.listen_port}/api/v1/devices/{DEVICE}/certificate",
-                directory / "gw-rest.log", n, "--h1", "-H", f"x-api-key: {key}",
-            ),
-        }  # fmt: skip
-        print(f"GetCertificate, {n} sequential requests each (h2load -c 1 -m 1), cache hit")
+        results, rounds = in_turns(
+            {
+                DIRECT: functools.partial(
+                    h2load, f"http://127.0.0.1:{cert_port}{GET_PATH}", directory / "direct.log",
+                    [*GRPC_HEADERS, "-d", str(body)],
+                ),
+                VIA_GRPC: functools.partial(
+                    h2load, f"http://127.0.0.1:{ports.listen_port}{GET_PATH}",
+                    directory / "gw-grpc.log",
+                    [*GRPC_HEADERS, "-H", f"x-api-key: {key}", "-d", str(body)],
+                ),
+                VIA_REST: functools.partial(
+                    h2load,
+                    f"http://127.0.0.1:{ports.listen_port}/api/v1/devices/{DEVICE}/certificate",
+                    directory / "gw-rest.log", ["--h1", "-H", f"x-api-key: {key}"],
+                ),
+            },
+            n,
+            ROUNDS,
+        )  # fmt: skip
+        print(
+            f"GetCertificate, {n} sequential requests each (h2load -c 1 -m 1), cache hit,"
+            f" in {ROUNDS} rounds of the three in turn"
+        )
         print(f"{'path':<32} {'ok':>6} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
         for name, r in results.items():
             print(f"{name:<32} {r['ok']:>6.0f} {r['p50']:>8.3f} {r['p90']:>8.3f} {r['p99']:>8.3f}")
-        base = results["direct gRPC to cert_service"]["p50"]
-        for name in ("gRPC through Envoy", "REST through Envoy (HTTP/1.1)"):
+        base = results[DIRECT]["p50"]
+        for name in (VIA_GRPC, VIA_REST):
             print(f"gateway adds at p50 ({name}): {results[name]['p50'] - base:.3f} ms")
+        for name in (VIA_GRPC, VIA_REST):
+            ratios = {
+                pct: statistics.median(r[name][pct] / r[DIRECT][pct] for r in rounds)
+                for pct in ("p50", "p99")
+            }
+            print(
+                f"hop ratio ({name} / direct, median of {ROUNDS} rounds):"
+                f" p50 {ratios['p50']:.2f}, p99 {ratios['p99']:.2f}"
+            )
 
         request = cert_pb2.GetCertificateRequest(device_id=DEVICE)
         credentials = grpc.ssl_channel_credentials(
