@@ -198,11 +198,13 @@ def _replica_ports(port: int, replicas: int) -> list[str]:
     return [f"127.0.0.1:{port + 100 * index}" for index in range(replicas)]
 
 
-def assert_no_alert(stack: MakeRun, replicas: int = 1) -> dict[str, set[str]]:
-    """Scrape the stack with a real Prometheus, the shipped configuration and the shipped
-    rules, until each target is up, every replica's sampled gauges are in and every rule
-    group has been evaluated since: then no alert is pending or firing. Returns the job
-    names that export each `myl_` metric."""
+@contextlib.contextmanager
+def prometheus_of(stack: MakeRun, replicas: int = 1) -> Iterator[Callable[[], dict[str, set[str]]]]:
+    """A real Prometheus with the shipped configuration and the shipped rules, scraping the
+    stack from now on (while a walk-through runs, its start overlaps it); yields `no_alert`,
+    which waits until each target is up, every replica's sampled gauges are in and every
+    rule group has been evaluated since it was called, asserts that no alert is pending or
+    firing, and returns the job names that export each `myl_` metric."""
     ports = stack.ports
     targets = {
         "cert_service": _replica_ports(ports["CERT_SERVICE_METRICS_PORT"], replicas),
@@ -225,29 +227,35 @@ def assert_no_alert(stack: MakeRun, replicas: int = 1) -> dict[str, set[str]]:
             active = http.get("/api/v1/targets").json()["data"]["activeTargets"]
             return len(active) == 2 * replicas + 1 and all(t["health"] == "up" for t in active)
 
-        _until(all_up, 60, "every target up")
-        # Every replica has sampled its gauges (Redis for both, the fleet for cert_service).
-        _until(lambda: len(query("myl_redis_up")) == 2 * replicas, 60, "myl_redis_up")
-        _until(
-            lambda: len(query("myl_fleet_sample_timestamp_seconds > 0")) == replicas,
-            60,
-            "the fleet gauges",
-        )
-        since = time.time()
-
-        def evaluated() -> bool:
-            groups = http.get("/api/v1/rules").json()["data"]["groups"]
-            return bool(groups) and all(
-                datetime.fromisoformat(g["lastEvaluation"]).timestamp() > since + 1 for g in groups
+        def no_alert() -> dict[str, set[str]]:
+            _until(all_up, 60, "every target up")
+            # Every replica has sampled its gauges (Redis for both, the fleet for cert_service).
+            _until(lambda: len(query("myl_redis_up")) == 2 * replicas, 60, "myl_redis_up")
+            _until(
+                lambda: len(query("myl_fleet_sample_timestamp_seconds > 0")) == replicas,
+                60,
+                "the fleet gauges",
             )
+            since = time.time()
 
-        _until(evaluated, 30, "every rule group evaluated")
-        alerts = http.get("/api/v1/alerts").json()["data"]["alerts"]
-        assert alerts == [], alerts
-        exporters: dict[str, set[str]] = {}
-        for series in query('{__name__=~"myl_.+"}'):
-            exporters.setdefault(series["metric"]["__name__"], set()).add(series["metric"]["job"])
-        return exporters
+            def evaluated() -> bool:
+                groups = http.get("/api/v1/rules").json()["data"]["groups"]
+                return bool(groups) and all(
+                    datetime.fromisoformat(g["lastEvaluation"]).timestamp() > since + 1
+                    for g in groups
+                )
+
+            _until(evaluated, 30, "every rule group evaluated")
+            alerts = http.get("/api/v1/alerts").json()["data"]["alerts"]
+            assert alerts == [], alerts
+            exporters: dict[str, set[str]] = {}
+            for series in query('{__name__=~"myl_.+"}'):
+                exporters.setdefault(series["metric"]["__name__"], set()).add(
+                    series["metric"]["job"]
+                )
+            return exporters
+
+        yield no_alert
 
 
 CERT_SERVICE_ONLY = (
@@ -274,7 +282,9 @@ def test_readme_walk_throughs_run_as_written_and_no_alert_fires(shared_stack: Sh
     assert len(rest) == 2
     assert len(grpc) == 1
     keys_shown = 'echo "KEYS $DEVICE_KEY $GRPC_KEY"\n'
-    output, failed = stack.run_script("\n".join([*rest, *grpc, keys_shown]))
+    with prometheus_of(stack) as no_alert:
+        output, failed = stack.run_script("\n".join([*rest, *grpc, keys_shown]))
+        exporters = no_alert()
     # Only what the README shows failing fails: the revoked certificate does not verify,
     # and grpcurl's call with the revoked key exits non-zero.
     assert [command.split()[:2] for command in failed] == [
@@ -303,7 +313,6 @@ def test_readme_walk_throughs_run_as_written_and_no_alert_fires(shared_stack: Sh
             text = path.read_text(errors="replace")
             assert not any(key in text for key in keys), path
 
-    exporters = assert_no_alert(stack)
     assert "myl_ca_certificate_not_after_timestamp_seconds" in exporters
     for name, jobs in exporters.items():
         if name.startswith(CERT_SERVICE_ONLY):
@@ -391,7 +400,9 @@ def test_acme_walk_through_runs_as_written_and_a_killed_make_run_is_cleaned_up_a
     stack = make_runs(stack_ports(), CERT_ISSUER="acme")
     stack.start()
     (block,) = readme_blocks(ROOT / "docs" / "acme.md", "## What a device sees")
-    output, failed = stack.run_script(block, timeout=90)
+    with prometheus_of(stack) as no_alert:
+        output, failed = stack.run_script(block, timeout=90)
+        exporters = no_alert()
     assert failed == [], output
     assert "CERTIFICATE_STATUS_PENDING" in output, output
     assert output.rstrip().endswith("}"), output
@@ -399,7 +410,6 @@ def test_acme_walk_through_runs_as_written_and_a_killed_make_run_is_cleaned_up_a
     assert "CERTIFICATE_STATUS_ACTIVE" in last, output
     assert "Pebble" in last, output
 
-    exporters = assert_no_alert(stack)
     # The CA is Pebble's, not ours to watch: no expiry exported, so none can alert.
     assert "myl_ca_certificate_not_after_timestamp_seconds" not in exporters
     assert exporters["myl_certificates_pending_issuance"] == {"cert_service"}
@@ -426,11 +436,12 @@ def test_replicas_on_a_redis_cluster_alert_nothing_and_stop_with_nothing_left(
     where the cluster is made: tests/integration/test_redis_cluster.py."""
     ports = stack_ports(replicas=True, cluster=True)
     stack = make_runs(ports, CERT_SERVICE_REPLICAS="2", KEY_SERVICE_REPLICAS="2", REDIS_CLUSTER="1")
-    banner = stack.start()
-    for name in ("CERT_SERVICE_PORT", "KEY_SERVICE_PORT"):
-        both = f"127.0.0.1:{ports[name]}, 127.0.0.1:{ports[name] + 100}"
-        assert both in banner, banner
-    assert_no_alert(stack, replicas=2)
+    with prometheus_of(stack, replicas=2) as no_alert:
+        banner = stack.start()
+        for name in ("CERT_SERVICE_PORT", "KEY_SERVICE_PORT"):
+            both = f"127.0.0.1:{ports[name]}, 127.0.0.1:{ports[name] + 100}"
+            assert both in banner, banner
+        no_alert()
 
     recorded = stack.recorded()
     stack.signal_group(signal.SIGINT)
