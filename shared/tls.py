@@ -313,11 +313,11 @@ class InternalChannel:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop: the channel dies with its loop
             return
-        task = loop.create_task(self._close_after_linger(channel))
+        task = loop.create_task(self._close_when_done(channel))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _close_after_linger(self, channel: grpc.aio.Channel) -> None:
+    async def _close_when_done(self, channel: grpc.aio.Channel) -> None:
         # grpc's own grace: new calls are refused at once, and the close returns as soon as
         # the calls already on the channel are done (at most `linger` seconds).
         try:

@@ -555,7 +555,10 @@ class RedisClusterServers:
 
 
 def spawn_logged(
-    argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None
+    argv: Sequence[str],
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start `argv` in a session of its own (so `stop_process_group` stops all it starts),
     its output appended to `log_path`, with no stdin; `env`: its whole environment (None:
@@ -564,6 +567,7 @@ def spawn_logged(
         return subprocess.Popen(
             argv,
             env=env,
+            cwd=cwd,
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,

@@ -73,6 +73,7 @@ from deploy.devstack.servers import (
     RedisClusterServers,
     RedisServer,
     log_tail,
+    spawn_logged,
     stop_process_groups,
     stored_password,
     wait_for_port,
@@ -490,7 +491,8 @@ class Stack:
         """What `process` printed; DevStackError with its errors when it failed."""
         out, err = process.communicate()
         if process.returncode != 0:
-            command = " ".join(str(arg) for arg in process.args[1:])  # type: ignore[index]
+            argv = process.args if isinstance(process.args, list) else [process.args]
+            command = " ".join(str(arg) for arg in argv[1:])
             raise DevStackError(f"{command} failed:\n{err.strip()}")
         return out
 
@@ -626,12 +628,7 @@ class Stack:
         self, name: str, argv: list[str], extra_env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
         log_path = RUN / f"{name}.log"
-        log = open(log_path, "ab")  # noqa: SIM115
-        env = {**self.env, **(extra_env or {})}
-        process = subprocess.Popen(
-            argv, env=env, cwd=ROOT, stdout=log, stderr=log, start_new_session=True
-        )
-        log.close()
+        process = spawn_logged(argv, log_path, {**self.env, **(extra_env or {})}, cwd=ROOT)
         self.stops.append(process)
         self.watch(name, process, log_path)
         say(f"{name} started (pid {process.pid}, log {log_path})")
