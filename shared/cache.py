@@ -59,7 +59,10 @@ class CircuitBreaker:
 
     A guarded breaker (`half_open=False`, built by `shared.invalidation.CacheTrust`) lets no
     call probe: only its guard closes it (`success`), once the invalidation log is applied.
-    `on_trip` is told whenever the circuit opens (the guard drains the log then).
+    `on_trip` is told whenever the circuit opens (the guard drains the log then), and
+    `on_broken` whenever a connection to Redis is found broken, which a request then retries
+    on a new one without counting a failure: Redis may have restarted from an older copy
+    (the guard looks at once).
     """
 
     def __init__(
@@ -70,12 +73,14 @@ class CircuitBreaker:
         *,
         half_open: bool = True,
         on_trip: Callable[[], None] = lambda: None,
+        on_broken: Callable[[], None] = lambda: None,
     ) -> None:
         self.threshold = threshold
         self.reset_after = reset_after
         self.clock = clock
         self.half_open = half_open
         self.on_trip = on_trip
+        self.on_broken = on_broken
         self.failures = 0
         self.opened_at: float | None = None
         # Every failure and trip, open or not: whoever closes the circuit after work of its
@@ -131,6 +136,32 @@ class CircuitBreaker:
             why = {"reason": reason} if reason else {"failures": self.failures}
             (log.warning if warn else log.info)("redis circuit opened", **why)
             self.on_trip()
+
+
+class _RetryBrokenOnce(Retry):
+    """One immediate retry of a call whose connection was broken (nothing else), each broken
+    connection told to the breaker (`CircuitBreaker.on_broken`)."""
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        super().__init__(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+        self._breaker = breaker
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _RetryBrokenOnce:
+        # redis-py copies the retry into each connection: the copies tell the same breaker.
+        return _RetryBrokenOnce(self._breaker)
+
+    async def call_with_retry(
+        self,
+        do: Callable[[], Awaitable[T]],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        async def failed(error: Exception, *count: int) -> Any:
+            self._breaker.on_broken()
+            return await fail(error, *count)
+
+        return await super().call_with_retry(do, failed, is_retryable, with_failure_count)
 
 
 class CacheUnavailable(Exception):
@@ -194,7 +225,7 @@ class Cache:
             # request would go to PostgreSQL for nothing, or fail while PostgreSQL is away.
             # Nothing else is retried (not a timeout): the circuit breaker decides when to
             # try again, and a retry loop would hold every call while Redis is down.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            retry=_RetryBrokenOnce(breaker),
         )
         return cls(client, breaker)
 

@@ -24,11 +24,12 @@ Why an entry can never contradict an acknowledged change:
    fenced), so a late or repeated application never undoes a newer one.
 4. Redis may lose a write it acknowledged (a restart from an older snapshot, a failover to a
    replica that had not received it). Such an event opens the circuit when requests fail on
-   it, and is seen by the guard's next pass in any case (the server's run id changes); the
-   drain that follows re-applies every row applied within the cache TTL, so no entry older
-   than the lost write survives. A restart that fewer requests noticed than open the
-   circuit is thus caught within `interval` seconds (a request in between may read the older
-   copy: the one window of this kind, bounded by `interval`).
+   it, wakes the guard when a request finds its pooled connection broken (it is retried on a
+   new one, not counted as a failure), and is seen by the guard's next pass in any case (the
+   server's run id changes); the drain that follows re-applies every row applied within the
+   cache TTL, so no entry older than the lost write survives. A request in between may read
+   the older copy: the one window of this kind, from the restart to the guard's replay, at
+   most `interval` seconds.
 
 What remains is a replica that reaches Redis while the one that made the change does not (a
 partition between them, not an outage): it trusts Redis until its next drain, at most
@@ -136,6 +137,7 @@ class CacheTrust:
             config.breaker_reset,
             half_open=False,
             on_trip=self.wake.set,
+            on_broken=self.wake.set,
         )
         if config.enabled:
             # Untrusted until the first drain: a fresh process does not know what it missed.

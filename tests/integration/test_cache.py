@@ -129,8 +129,29 @@ async def test_connections_broken_by_a_redis_restart_cost_no_request_a_miss(
     await refill.aclose()
 
     failures = cache.breaker.setbacks
+    broken: list[None] = []
+    cache.breaker.on_broken = lambda: broken.append(None)
     assert await asyncio.gather(*(cache.get(key) for key in keys)) == [b"v"] * len(keys)
     assert cache.breaker.setbacks == failures
+    # ... but each broken connection is told (a guard looks for a restarted Redis at once).
+    assert len(broken) >= 8
+    await cache.close()
+
+
+async def test_a_guard_is_woken_when_a_request_finds_redis_restarted(
+    clean_redis: RedisServer,
+) -> None:
+    config = RedisConfig(host=clean_redis.host, port=clean_redis.port, socket_timeout=0.25)
+    trust = CacheTrust(config)
+    cache = Cache.from_config(config, trust.breaker)
+    trust.breaker.success()
+    await cache.set("myl:test:{woken}", b"v", ttl=60)
+    trust.wake.clear()
+    clean_redis.stop()
+    clean_redis.start()
+    assert await cache.get("myl:test:{woken}") is None  # a new, empty Redis, reached
+    assert trust.wake.is_set()
+    assert not trust.breaker.is_open
     await cache.close()
 
 
