@@ -186,17 +186,22 @@ async def test_killing_a_cert_service_replica_fails_no_api_key_write(
     a write that never reached the killed replica does not fail."""
     url, operator_key, replicas = replicated_stack
     headers = {"X-API-Key": operator_key}
-    devices = [f"writer-{index}" for index in range(24)]
+    # Each device may have 20 new keys a day (NewApiKeysPerDevice): 48 devices give the four
+    # writers room for 960 calls, and a writer that used its devices' room stops.
+    devices = [f"writer-{index}" for index in range(48)]
+    room = 20 * len(devices) // 4
     outcomes: Counter[str] = Counter()
     stop = asyncio.Event()
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=10) as client:
-        for device in devices:
-            provisioned = await client.post("/api/v1/ssl/provision", json={"deviceId": device})
+        provisions = await asyncio.gather(
+            *(client.post("/api/v1/ssl/provision", json={"deviceId": d}) for d in devices)
+        )
+        for provisioned in provisions:
             assert provisioned.status_code == 200, provisioned.text
 
         async def generate(worker: int) -> None:
             sent = 0
-            while not stop.is_set():
+            while not stop.is_set() and sent < room:
                 device = devices[(worker + 4 * sent) % len(devices)]
                 sent += 1
                 reply = await client.post(
