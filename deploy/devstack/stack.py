@@ -259,11 +259,27 @@ def _stop_group(pgid: int, sig: signal.Signals, timeout: float) -> bool:
             os.killpg(pgid, signum)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
+            if not _group_running(pgid):
                 return True
-            time.sleep(0.1)
+            time.sleep(0.05)
+    return False
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs. One that has exited but is not yet
+    reaped (its parent, `make run`, was killed: init reaps it when it gets to it, two
+    seconds later on some machines) holds no port or file any more and counts as gone."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_path.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[2] == str(pgid) and fields[0] != "Z":
+            return True
     return False
 
 

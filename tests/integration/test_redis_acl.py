@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from deploy.devstack.servers import RedisAcl, RedisServer, free_port
 from key_service import keyformat
@@ -35,9 +37,16 @@ def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisS
         server.stop()
 
 
+# redis-py retries a refused login (an AuthenticationError is a ConnectionError) with
+# seconds of back-off by default; the services' clients do not retry it (shared/cache.py).
+NO_RETRY = Retry(NoBackoff(), 0)
+
+
 def login(server: RedisServer, acl: RedisAcl | None, user: str | None) -> redis.Redis:
     password = acl.passwords[user] if acl is not None and user is not None else None
-    return redis.Redis(host=server.host, port=server.port, username=user, password=password)
+    return redis.Redis(
+        host=server.host, port=server.port, username=user, password=password, retry=NO_RETRY
+    )
 
 
 def test_a_connection_that_did_not_log_in_can_do_nothing(
@@ -47,7 +56,11 @@ def test_a_connection_that_did_not_log_in_can_do_nothing(
     with login(server, None, None) as anonymous, pytest.raises(redis.AuthenticationError):
         anonymous.set("myl:key:{x}:rec", b"VALID")
     wrong = redis.Redis(
-        host=server.host, port=server.port, username="key_service", password="guess"
+        host=server.host,
+        port=server.port,
+        username="key_service",
+        password="guess",
+        retry=NO_RETRY,
     )
     with wrong, pytest.raises(redis.AuthenticationError):
         wrong.ping()
