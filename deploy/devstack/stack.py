@@ -655,6 +655,9 @@ class Stack:
         # answers); the gateway balances over all of them.
         self.env.setdefault("CERT_SERVICE_ADDRESS", _target(self.cert_ports))
         self.env.setdefault("KEY_SERVICE_ADDRESS", _target(self.key_ports))
+        # No drain delay: the stack stops its gateway with its services (and stops whole when
+        # a part dies), so no gateway is left to move traffic away while a service waits.
+        self.env.setdefault("SHUTDOWN_DRAIN_DELAY", "0")
         started = []
         for service, ports, metrics in (
             ("cert_service", self.cert_ports, 9464),
