@@ -189,6 +189,14 @@ def continue_until_exit(process: subprocess.Popen[bytes], limit: float) -> None:
                 raise
 
 
+def _stopped(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+
 def _exists(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
 
@@ -371,7 +379,8 @@ class FaultStack:
             if process.process is not None:
                 await process.wait_exit(10)
         await asyncio.to_thread(self.redis.stop)
-        await asyncio.to_thread(self.postgres.stop)
+        # Not PostgresServer.stop: after a hang, runuser may be stopped (stop_postgres).
+        await self.stop_postgres()
 
     # -- faults ----------------------------------------------------------------------------------
 
@@ -393,9 +402,22 @@ class FaultStack:
         self._hung.add(part)
 
     def resume(self, part: PartName) -> None:
-        """SIGCONT the part's processes."""
-        signal_tree(self._process_of(part), signal.SIGCONT)
+        """SIGCONT the part's processes. PostgreSQL's `runuser` (when we are root) stops
+        itself once more when it sees, after the SIGCONT, that its child had stopped: it is
+        continued until it runs, or a later stop would wait for it forever."""
+        process = self._process_of(part)
+        signal_tree(process, signal.SIGCONT)
         self._hung.discard(part)
+        if process is None or part != "postgres":
+            return
+        start = time.monotonic()
+        while time.monotonic() - start < 2:
+            if _stopped(process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGCONT)
+            elif time.monotonic() - start > 0.05:
+                return
+            time.sleep(0.005)
 
     async def stop_postgres(self, *, kill: bool = False) -> None:
         """Stop PostgreSQL: a fast shutdown (SIGINT), or SIGKILL of every process of it."""
@@ -420,7 +442,9 @@ class FaultStack:
             # A fast shutdown: the postmaster stops its backends itself.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(postmaster, signal.SIGINT)
-            await asyncio.to_thread(process.wait, 30)
+            # runuser may have stopped itself again after a hang's resume (above): continued,
+            # it reaps the postmaster and exits.
+            await asyncio.to_thread(continue_until_exit, process, 30)
         await wait_gone([postmaster])
         self.postgres.process = None
 
