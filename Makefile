@@ -32,9 +32,11 @@ run: $(STAMP) system-deps
 	$(PY) -m deploy.devstack.stack
 
 # Workers in parallel, each with its own PostgreSQL, Redis and services (tests/conftest.py);
-# TEST_WORKERS=1 runs the suite in one process. Two, one per core: the suite is CPU-bound, and
-# more only make each request wait longer for a core (the gateway's 0.5 s key check and the
-# services' request budgets then time out under the suite's own load).
+# TEST_WORKERS=1 runs the suite in one process. Three on this 2-core machine: about a third of
+# the suite waits on real servers (timeouts, failovers, alerts, flush intervals), and a third
+# worker fills the core two would leave idle then; more only make each request wait longer for
+# a core (the gateway's 0.5 s key check and the services' request budgets would then time out
+# under the suite's own load).
 # schemathesis's pytest plugin is not used (tests/e2e/test_fuzz.py runs its command): not
 # loading it saves each worker most of a second of CPU.
 # The suite starts a few hundred Python processes (services, migrations, `make run`): they
@@ -42,7 +44,7 @@ run: $(STAMP) system-deps
 # not to (PYTHONDONTWRITEBYTECODE), instead of each compiling the project anew.
 # The static checks (`make check`) run beside the suite, their output printed after it:
 # either failing fails `make test`.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test: $(STAMP) system-deps
 	@checks=$$(mktemp); \
 	$(MAKE) --no-print-directory check > $$checks 2>&1 & checking=$$!; \
