@@ -77,8 +77,13 @@ def run_module(tree: Path, module: str, *args: str) -> str:
 
 
 def gateway_figures(output: str) -> dict[str, float]:
-    p50 = {match.group(1): float(match.group(3)) for match in _GATEWAY_ROW.finditer(output)}
-    p99 = {match.group(1): float(match.group(5)) for match in _GATEWAY_ROW.finditer(output)}
+    """The h2load table's figures: the first row of each path (bench_gateway prints a Python
+    client's table after it, whose direct row has the same label and a slower client)."""
+    p50: dict[str, float] = {}
+    p99: dict[str, float] = {}
+    for match in _GATEWAY_ROW.finditer(output):
+        p50.setdefault(match.group(1), float(match.group(3)))
+        p99.setdefault(match.group(1), float(match.group(5)))
     direct = p50["direct gRPC to cert_service"]
     return {
         "direct p50 ms": direct,
