@@ -554,6 +554,17 @@ class RedisClusterServers:
             node.process = None
 
 
+def proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of `/proc/<pid>/stat` after the command name: the state first ("Z" for a
+    process that exited and is not yet reaped), then the parent's pid, the process group, ...
+    (proc(5)'s numbering minus three); None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()
+
+
 def spawn_logged(
     argv: Sequence[str],
     log_path: Path,

@@ -73,6 +73,7 @@ from deploy.devstack.servers import (
     RedisClusterServers,
     RedisServer,
     log_tail,
+    proc_stat,
     spawn_logged,
     stop_process_groups,
     stored_password,
@@ -232,11 +233,8 @@ class Child:
 
 def _start_time(pid: int) -> str | None:
     """The kernel's start time of `pid`: with the pid, it names one process for good."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    fields = proc_stat(pid)
+    return fields[19] if fields is not None else None
 
 
 def record_children(run: Path, children: list[Child]) -> None:
@@ -273,12 +271,9 @@ def _group_running(pgid: int) -> bool:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
-    for stat_path in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat_path.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[2] == str(pgid) and fields[0] != "Z":
+    for entry in os.listdir("/proc"):
+        fields = proc_stat(entry) if entry.isdigit() else None
+        if fields is not None and fields[2] == str(pgid) and fields[0] != "Z":
             return True
     return False
 

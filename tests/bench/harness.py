@@ -23,6 +23,7 @@ from deploy.devstack.servers import (
     PostgresServer,
     RedisServer,
     free_port,
+    proc_stat,
     stop_process_group,
     wait_for_port,
 )
@@ -174,9 +175,8 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (all its threads) so far, from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+    fields = proc_stat(pid)
+    if fields is None:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 

@@ -37,7 +37,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cert_service.ca import create_development_ca
 from deploy.devstack.gateway import GatewayPorts, envoy_command, render_envoy_config
-from deploy.devstack.servers import PostgresServer, RedisServer, free_port
+from deploy.devstack.servers import PostgresServer, RedisServer, free_port, proc_stat
 from deploy.devstack.stack import OPERATOR_PERMISSIONS
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
 from myl.key.v1 import key_pb2, key_pb2_grpc
@@ -131,13 +131,8 @@ def _parents() -> dict[int, int]:
     """pid -> parent pid of every live (not zombie) process, from /proc."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
+        fields = proc_stat(entry) if entry.isdigit() else None
+        if fields is not None and fields[0] != "Z":
             parents[int(entry)] = int(fields[1])
     return parents
 
@@ -190,11 +185,8 @@ def continue_until_exit(process: subprocess.Popen[bytes], limit: float) -> None:
 
 
 def _stopped(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] == "T"
+    fields = proc_stat(pid)
+    return fields is not None and fields[0] == "T"
 
 
 def _exists(pid: int) -> bool:
