@@ -11,12 +11,14 @@ seconds, then the shutdown hooks (flush counters, close pools) run in order.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
+import secrets
 import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, NoReturn, cast
+from typing import Any, Final, NoReturn, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -43,6 +45,18 @@ REQUEST_ID_HEADER = "x-request-id"
 _CHECK_PREFIX = "/envoy.service.auth.v3.Authorization/"
 
 
+# The id of a call that brought none (logs carry it): this process's random prefix and a
+# counter, unique without a system call per request. uuid4 reads os.urandom, which releases
+# the GIL on a server whose gRPC threads want it: about 8 us of CPU per call (a Check sent
+# straight to key_service, 263-267 -> 253-260 us; the gateway sends an id of its own).
+_ID_PREFIX: Final = secrets.token_hex(8)
+_ID_COUNTER: Final = itertools.count()
+
+
+def _new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
 def _call_facts(metadata: Any) -> tuple[str, bool, str | None]:
     """The request id, whether the gateway authorized the call (a key id, or a device
     certificate's names), and the method it authorized, in one pass over the metadata."""
@@ -57,7 +71,7 @@ def _call_facts(metadata: Any) -> tuple[str, bool, str | None]:
             via_gateway = True
         elif key == AUTHORIZED_METHOD_HEADER and isinstance(value, str):
             authorized = value
-    return request_id or uuid.uuid4().hex, via_gateway, authorized
+    return request_id or _new_request_id(), via_gateway, authorized
 
 
 def caller_not_allowed(peer: str | None) -> DomainError:
