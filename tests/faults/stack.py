@@ -372,7 +372,8 @@ class FaultStack:
                 await process.wait_exit(10)
         await asyncio.to_thread(self.redis.stop)
         # Not PostgresServer.stop: after a hang, runuser may be stopped (stop_postgres).
-        await self.stop_postgres()
+        if self.postgres.process is not None and self.postgres.process.poll() is None:
+            await self.stop_postgres()
 
     # -- faults ----------------------------------------------------------------------------------
 
