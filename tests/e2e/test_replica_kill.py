@@ -27,6 +27,7 @@ from deploy.devstack.gateway import GatewayPorts, envoy_command, render_envoy_co
 from deploy.devstack.servers import PostgresServer, RedisServer, free_port, wait_for_port
 from deploy.devstack.stack import OPERATOR_PERMISSIONS, wait_healthy
 from myl.cert.v1 import cert_pb2, cert_pb2_grpc
+from shared.limits import DEFAULT_LIMITS, LimitName
 from tests.fixtures import internal_tls
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -186,10 +187,10 @@ async def test_killing_a_cert_service_replica_fails_no_api_key_write(
     a write that never reached the killed replica does not fail."""
     url, operator_key, replicas = replicated_stack
     headers = {"X-API-Key": operator_key}
-    # Each device may have 20 new keys a day (NewApiKeysPerDevice): 48 devices give the four
-    # writers room for 960 calls, and a writer that used its devices' room stops.
+    # Each device may have so many new keys a day (NewApiKeysPerDevice, 20): 48 devices give
+    # the four writers room for 960 calls, and a writer that used its devices' room stops.
     devices = [f"writer-{index}" for index in range(48)]
-    room = 20 * len(devices) // 4
+    room = DEFAULT_LIMITS[LimitName.NEW_API_KEYS_PER_DEVICE].burst * len(devices) // 4
     outcomes: Counter[str] = Counter()
     stop = asyncio.Event()
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=10) as client:

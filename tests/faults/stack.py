@@ -184,11 +184,6 @@ def continue_until_exit(process: subprocess.Popen[bytes], limit: float) -> None:
                 raise
 
 
-def _stopped(pid: int) -> bool:
-    fields = proc_stat(pid)
-    return fields is not None and fields[0] == "T"
-
-
 def _exists(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
 
@@ -395,22 +390,11 @@ class FaultStack:
         self._hung.add(part)
 
     def resume(self, part: PartName) -> None:
-        """SIGCONT the part's processes. PostgreSQL's `runuser` (when we are root) stops
-        itself once more when it sees, after the SIGCONT, that its child had stopped: it is
-        continued until it runs, or a later stop would wait for it forever."""
-        process = self._process_of(part)
-        signal_tree(process, signal.SIGCONT)
+        """SIGCONT the part's processes. (PostgreSQL's `runuser`, when we are root, may stop
+        itself again on seeing that its child had stopped: harmless while PostgreSQL runs,
+        and `stop_postgres` continues it until it exits.)"""
+        signal_tree(self._process_of(part), signal.SIGCONT)
         self._hung.discard(part)
-        if process is None or part != "postgres":
-            return
-        start = time.monotonic()
-        while time.monotonic() - start < 2:
-            if _stopped(process.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, signal.SIGCONT)
-            elif time.monotonic() - start > 0.05:
-                return
-            time.sleep(0.005)
 
     async def stop_postgres(self, *, kill: bool = False) -> None:
         """Stop PostgreSQL: a fast shutdown (SIGINT), or SIGKILL of every process of it."""
@@ -435,8 +419,8 @@ class FaultStack:
             # A fast shutdown: the postmaster stops its backends itself.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(postmaster, signal.SIGINT)
-            # runuser may have stopped itself again after a hang's resume (above): continued,
-            # it reaps the postmaster and exits.
+            # runuser may have stopped itself again after a hang's resume: continued, it
+            # reaps the postmaster and exits.
             await asyncio.to_thread(continue_until_exit, process, 30)
         await wait_gone([postmaster])
         self.postgres.process = None
