@@ -11,6 +11,10 @@ a constant (the ceiling one Python process can reach).
 - cache hit: h2load sends the same VerifyApiKey request (a key with a rate
   limit high enough to admit everything) to each server: saturation
   throughput, then latency at half of the saturation rate (`--rps`).
+  The ratios to the ceiling are taken in `--rounds` rounds (3), each an echo
+  run and a key_service run back to back, in alternating order, and the
+  median round is printed beside every round's figures: load that comes and
+  goes on a shared machine then falls on both sides of a ratio.
 - gateway check: the same with Envoy's ext_authz `Check` (a CheckRequest
   shaped like the ones Envoy sends, carrying the hot key), against the echo
   server's constant `Check`.
@@ -33,6 +37,7 @@ import asyncio
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -248,7 +253,16 @@ def load_keys(conninfo: str) -> tuple[str, list[str]]:
     return plaintexts[0], plaintexts[1:]
 
 
-def main() -> None:
+def median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median req/s, its CPU per call the median of all the runs'."""
+    ordered = sorted(runs, key=lambda run: run["rps"])
+    middle = dict(ordered[len(ordered) // 2])
+    middle["cpu_us"] = statistics.median(run["cpu_us"] for run in runs)
+    middle["succeeded"] = sum(run["succeeded"] for run in runs)
+    return middle
+
+
+def main(rounds: int) -> None:
     with (
         throwaway_databases("myl-bench-", durable=False, migrate=["key_service"]) as databases,
         contextlib.ExitStack() as stops,  # stops the servers, last started first
@@ -278,27 +292,49 @@ def main() -> None:
         check = asyncio.run(load_distinct(f"127.0.0.1:{key_port}", [hot_key], 1))
         assert check["results"] == {"VERIFY_RESULT_VALID": 1}, check
 
-        seconds, clients, streams = 10, 4, 32
+        seconds, clients, streams = 5, 4, 32
         check_bin = check_body(directory / "check.bin", hot_key)
         pids = {echo_port: echo.pid, key_port: key_service.pid}
-        runs = (
-            ("echo", echo_port, body, VERIFY_PATH),
-            ("verify_hit", key_port, body, VERIFY_PATH),
-            ("echo_check", echo_port, check_bin, CHECK_PATH),
-            ("check_hit", key_port, check_bin, CHECK_PATH),
+        # Each pair: the echo ceiling and the real server on the same request.
+        pairs = (
+            ("echo", "verify_hit", body, VERIFY_PATH),
+            ("echo_check", "check_hit", check_bin, CHECK_PATH),
         )
-        report: dict[str, Any] = {}
-        for name, port, data, path in runs:
-            report[name] = h2load(
-                port, data, directory / f"{name}.log",
-                seconds=seconds, clients=clients, streams=streams, path=path,
-            )  # fmt: skip
-            before = cpu_seconds(pids[port])
-            h2load(
-                port, data, directory / f"{name}-cpu.log", seconds=seconds,
-                clients=clients, streams=streams, path=path, requests=CPU_REQUESTS,
-            )  # fmt: skip
-            report[name]["cpu_us"] = (cpu_seconds(pids[port]) - before) / CPU_REQUESTS * 1e6
+        runs = tuple(
+            (name, port, data, path)
+            for echo_name, hit_name, data, path in pairs
+            for name, port in ((echo_name, echo_port), (hit_name, key_port))
+        )
+        # The ratio to the ceiling is taken per round, from an echo run and a real run
+        # back to back (their order alternating), so load that comes and goes on a shared
+        # machine falls on both sides of one ratio; the median round is reported.
+        samples: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in runs}
+        for round_number in range(rounds):
+            for echo_name, hit_name, data, path in pairs:
+                order = [(echo_name, echo_port), (hit_name, key_port)]
+                if round_number % 2:
+                    order.reverse()
+                for name, port in order:
+                    run = h2load(
+                        port, data, directory / f"{name}-{round_number}.log",
+                        seconds=seconds, clients=clients, streams=streams, path=path,
+                    )  # fmt: skip
+                    before = cpu_seconds(pids[port])
+                    h2load(
+                        port, data, directory / f"{name}-{round_number}-cpu.log",
+                        seconds=seconds, clients=clients, streams=streams, path=path,
+                        requests=CPU_REQUESTS,
+                    )  # fmt: skip
+                    run["cpu_us"] = (cpu_seconds(pids[port]) - before) / CPU_REQUESTS * 1e6
+                    samples[name].append(run)
+        report: dict[str, Any] = {name: median_run(found) for name, found in samples.items()}
+        report["rounds"] = {
+            hit_name: [
+                (hit["rps"] / echo["rps"], echo["cpu_us"] / hit["cpu_us"])
+                for echo, hit in zip(samples[echo_name], samples[hit_name], strict=True)
+            ]
+            for echo_name, hit_name, *_ in pairs
+        }
         for name, port, data, path in runs:
             half = report[name]["rps"] / 2
             report[f"{name}_half"] = h2load(
@@ -348,13 +384,13 @@ def print_report(report: dict[str, Any], counted: int) -> None:
         r = report[name]
         cpu_us = f"{r['cpu_us']:>13.0f}" if "cpu_us" in r else ""
         print(f"{label:<30}{r['rps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{cpu_us}")
-    for label, hit, echo in (
-        ("verify", "verify_hit", "echo"),
-        ("Check", "check_hit", "echo_check"),
-    ):
-        ratio = report[hit]["rps"] / report[echo]["rps"]
-        cpu_ratio = report[echo]["cpu_us"] / report[hit]["cpu_us"]
+    for label, hit in (("verify", "verify_hit"), ("Check", "check_hit")):
+        rounds = report["rounds"][hit]
+        ratio = statistics.median(r for r, _ in rounds)
+        cpu_ratio = statistics.median(c for _, c in rounds)
         print(f"{label} cache hit / echo ceiling: {ratio:.0%} (req/s), {cpu_ratio:.0%} (CPU/call)")
+        each = ", ".join(f"{r:.2f}/{c:.2f}" for r, c in rounds)
+        print(f"  {label} per round, req/s / CPU: {each} (median of {len(rounds)})")
     print(f"miss results: {report['verify_miss']['results']}")
     h2load_total = sum(report[n]["succeeded"] for n in ("verify_hit", "verify_hit_half"))
     print(f"hot key usage_count after graceful stop: {counted} (h2load VerifyApiKey "
@@ -373,10 +409,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--echo", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--loader", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="echo/real pairs per ratio (median reported)"
+    )
     args = parser.parse_args()
     if args.echo:
         asyncio.run(serve_echo(args.echo))
     elif args.loader:
         _loader_main(args.loader)
     else:
-        main()
+        main(args.rounds)
