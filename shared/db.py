@@ -351,8 +351,10 @@ class Database:
         the latest; by default `budget` (default `operation_timeout`) after the connection is
         handed out. The watchdog cuts the connection then if the server still owes an
         answer, and writes may not take effect after it (`write_deadline`). Background jobs
-        that hold a connection for long pass `watched=False`. Every held connection is cut
-        when the database is found unreachable."""
+        that hold a connection for long pass `watched=False`. When the database is found
+        unreachable, the connections that cannot still commit a write are cut at once
+        (unwatched ones, and watched ones past their deadline); the watchdog cuts each
+        other one at its deadline."""
         if self.down_since is not None or self._closed:
             raise database_unavailable(self.service)
         pool = self.pool

@@ -8,6 +8,7 @@
   (the delete cascade) and `fleet` (the gauges' read).
 * `queue`: the ACME order queue, revocations to send, the account and the order budget.
 * `crls`: the revocation log, its queue and the stored CRLs.
+* `acme_server`: the RFC 8555 server's EAB keys, accounts, nonces and orders.
 
 Statements are literal and parameterized; the one that is composed (the list filters) is
 assembled from fixed fragments with `psycopg.sql`. Time always comes from the caller (the
