@@ -326,10 +326,17 @@ class AcmeWorker:
         await self.queue.fail(job, str(failure), due, keep_order=not failure.order_invalid)
 
     async def _keep_lease(self, job: IssuanceJob) -> None:
+        """Extend the job's lease every third of it while its order runs (`_work` cancels
+        this then); ends by itself once the lease is no longer the job's. A failed extension
+        (the database away) is counted, not logged: the next one may succeed in time."""
         lease = self.settings.lease
-        while True:
-            await asyncio.sleep(lease / 3)
-            with contextlib.suppress(Exception):
-                until = self.clock.now() + timedelta(seconds=lease)
-                if not await self.queue.extend(job, until):
-                    return
+
+        async def extend() -> None:
+            if not await self.queue.extend(job, self.clock.now() + timedelta(seconds=lease)):
+                # Taken over, or the request cancelled: nothing left to keep. A cancellation
+                # of its own task is what ends `run_periodically`.
+                keeper = asyncio.current_task()
+                assert keeper is not None
+                keeper.cancel()
+
+        await run_periodically("acme lease", extend, lease / 3, wait_first=True, quiet=(Exception,))
