@@ -104,10 +104,6 @@ class CertApp:
     def port(self) -> int:
         return self.grpc.port
 
-    def set_key_service_address(self, address: str) -> None:
-        """Where the delete cascade calls key_service from now on."""
-        self.outbox.set_address(address)
-
     async def start(self) -> int:
         """Listen, start the workers; returns the bound port."""
         # Apply the invalidation log before the first request (see shared/invalidation.py).

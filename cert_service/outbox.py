@@ -12,8 +12,8 @@ idempotent, so delivering twice is harmless, and losing a delivery is impossible
 * A failed call schedules the next attempt with exponential backoff, from `OUTBOX_RETRY_MIN` up
   to `OUTBOX_RETRY_MAX` seconds; events are never dropped.
 
-The key_service address is read when a call is made: `set_address` switches it at run time
-(tests start key_service after cert_service).
+The key_service address is fixed at construction (`KEY_SERVICE_ADDRESS`); the connection is
+made when a call is made, so key_service may start after cert_service.
 """
 
 from __future__ import annotations
@@ -82,25 +82,12 @@ class OutboxRelay:
         self.retry_min = retry_min
         self.retry_max = retry_max
         self.tls = tls
-        self._channel = self._open(address)
+        # Calls on a channel that is replaced (`_drop_channel`) keep it until their deadline.
+        self._channel = InternalChannel(
+            address, tls, KEY_SERVICE, options=_CHANNEL_OPTIONS, linger=timeout
+        )
         self._stub: key_pb2_grpc.ApiKeyServiceAsyncStub | None = None
         self._stub_channel: grpc.aio.Channel | None = None
-        self._wake = asyncio.Event()
-
-    def set_address(self, address: str) -> None:
-        """Send the next deliveries to `address`."""
-        if address == self.address:
-            return
-        self.address = address
-        previous, self._channel = self._channel, self._open(address)
-        previous.reset()
-        self._wake.set()
-
-    def _open(self, address: str) -> InternalChannel:
-        # Calls on a channel that is replaced keep it until their deadline.
-        return InternalChannel(
-            address, self.tls, KEY_SERVICE, options=_CHANNEL_OPTIONS, linger=self.timeout
-        )
 
     def lease_until(self, now: datetime) -> datetime:
         """How long a claimed event is reserved for the relay that claimed it."""
@@ -181,9 +168,9 @@ class OutboxRelay:
         return RelayResult(delivered, failed)
 
     async def run(self) -> None:
-        """Poll every `interval` seconds (or when woken) until cancelled; nothing else ends
-        it (a pass that fails in any way is logged and the next one follows)."""
-        await run_periodically("outbox relay", self.run_once, self.interval, wake=self._wake)
+        """Poll every `interval` seconds until cancelled; nothing else ends it (a pass that
+        fails in any way is logged and the next one follows)."""
+        await run_periodically("outbox relay", self.run_once, self.interval)
 
     async def try_deliver(self, event: OutboxEvent) -> bool:
         """`deliver`, for callers that must not fail: an error leaves the event to the relay,

@@ -139,17 +139,17 @@ async def test_cascade_survives_key_service_being_down(
     await provision(cert_stub, "device-1")
 
 
-async def test_key_service_address_can_be_changed_at_run_time(
+async def test_the_relay_delivers_once_key_service_listens(
     cert_stub: Stub,
     cert_service: RunningCertService,
     key_standin: KeyServiceStandIn,
     db_conn: Conn,
 ) -> None:
+    """The background relay alone (no `run_once`): key_service starts after the delete, at
+    the address cert_service was built with, and the waiting event reaches it."""
     await provision(cert_stub, "device-1")
     await delete(cert_stub, "device-1")
-    port = free_port()
-    await key_standin.start(port)
-    cert_service.app.set_key_service_address(f"127.0.0.1:{port}")
+    await key_standin.start(cert_service.key_service_port)
     cert_service.clock.advance(minutes=5)
     await eventually(lambda: _empty(db_conn))
     assert key_standin.revoked == [("device-1", "device deleted")]
@@ -159,7 +159,11 @@ async def test_replicas_deliver_each_event_once(
     start_cert_service: StartCertService, key_standin: KeyServiceStandIn, db_conn: Conn
 ) -> None:
     clock = FakeClock(datetime.now(UTC), frozen=True)  # no retry comes due unless the test says so
-    replicas = [await start_cert_service(clock=clock) for _ in range(3)]
+    port = free_port()  # key_service's: it listens once the events wait in the outbox
+    replicas = [
+        await start_cert_service(clock=clock, KEY_SERVICE_ADDRESS=f"127.0.0.1:{port}")
+        for _ in range(3)
+    ]
     async with internal_tls.channel(replicas[0].address) as channel:
         stub = cert_pb2_grpc.CertificateServiceStub(channel)
         devices = [f"device-{i}" for i in range(12)]
@@ -168,10 +172,7 @@ async def test_replicas_deliver_each_event_once(
             await delete(stub, device_id)
     assert len(await outbox_rows(db_conn)) == 12
 
-    port = free_port()
     await key_standin.start(port)
-    for replica in replicas:
-        replica.app.set_key_service_address(f"127.0.0.1:{port}")
     clock.advance(minutes=5)
     results = await asyncio.gather(*(r.app.outbox.run_once() for r in replicas))
     await eventually(lambda: _empty(db_conn))

@@ -56,7 +56,9 @@ async def test_two_outbox_relays_deliver_each_cascade_once(
     db_conn: Conn,
 ) -> None:
     first = await start_cert_service()
-    second = await start_cert_service()
+    # A second replica, whose relay calls the same key_service: the one listening where the
+    # first was told (KEY_SERVICE_ADDRESS).
+    await start_cert_service(KEY_SERVICE_ADDRESS=first.key_service_address)
     keys = await start_key_service(
         make_config("key_service", PORT=str(first.key_service_port)),
         FakeClock(datetime.now(UTC).replace(microsecond=0), frozen=True),
@@ -85,7 +87,6 @@ async def test_two_outbox_relays_deliver_each_cascade_once(
             FakeClock(datetime.now(UTC).replace(microsecond=0), frozen=True),
             cert_address=first.address,
         )
-        second.app.set_key_service_address(keys.address)
         for _ in range(100):  # both relays poll every 0.1 s
             cur = await db_conn.execute("SELECT count(*) FROM device_events_outbox")
             if await cur.fetchone() == (0,):
