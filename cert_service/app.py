@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from functools import partial
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -42,11 +41,9 @@ from shared.config import load_for_serving
 from shared.db import Database, DatabaseUnavailable, open_database
 from shared.invalidation import CacheGuard, CacheTrust
 from shared.limits import Limiter
-from shared.logging import get_logger
 from shared.monitoring import ResourceSampler
 from shared.server import GrpcServer
-
-log = get_logger(__name__)
+from shared.tasks import BackgroundTask
 
 
 class CertApp:
@@ -96,7 +93,18 @@ class CertApp:
             lambda server: cert_pb2_grpc.add_CertificateServiceServicer_to_server(servicer, server),
         )
         self.grpc.on_shutdown(self._close)
-        self._tasks: list[asyncio.Task[None]] = []
+        # The workers that own no task of their own (the guard, the access counters, the
+        # unconfirmed writes and the resource sampler start and stop theirs, as in key_service).
+        self._workers = [BackgroundTask("cert_service outbox relay", outbox.run)]
+        if config.lifecycle_interval > 0:
+            run_lifecycle = partial(lifecycle.run, config.lifecycle_interval)
+            self._workers.append(BackgroundTask("cert_service lifecycle", run_lifecycle))
+        if crl_publisher is not None and config.crl_interval > 0:
+            self._workers.append(BackgroundTask("cert_service crl publisher", crl_publisher.run))
+        if acme_worker is not None:
+            self._workers.append(BackgroundTask("cert_service acme worker", acme_worker.run))
+        run_fleet = partial(fleet.run, config.metrics_interval)
+        self._workers.append(BackgroundTask("cert_service fleet sampler", run_fleet))
         self._started = False
         self._closed = False
 
@@ -112,34 +120,13 @@ class CertApp:
         self._started = True
         if self.acme_http is not None:
             await self.acme_http.start()
-        self._spawn(self.outbox.run, "outbox relay")
-        self._spawn(self.store.unconfirmed.run, "unconfirmed writes")
+        self.store.unconfirmed.start()
         self.guard.start()
         self.access.start()
-        # Each worker gets its own interval bound now (a closure over one shared local
-        # would see only the last value assigned to it).
-        lifecycle_interval = self.config.lifecycle_interval
-        if lifecycle_interval > 0:
-            self._spawn(lambda: self.lifecycle.run(lifecycle_interval), "lifecycle")
-        if self.crl_publisher is not None and self.config.crl_interval > 0:
-            self._spawn(self.crl_publisher.run, "crl publisher")
-        if self.acme_worker is not None:
-            self._spawn(self.acme_worker.run, "acme worker")
-        self._spawn(self.resources.run, "resource sampler")
-        metrics_interval = self.config.metrics_interval
-        self._spawn(lambda: self.fleet.run(metrics_interval), "fleet sampler")
+        self.resources.start()
+        for worker in self._workers:
+            worker.start()
         return port
-
-    def _spawn(self, work: Callable[[], Awaitable[None]], name: str) -> None:
-        async def guarded() -> None:
-            try:
-                await work()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("background task stopped", task=name)
-
-        self._tasks.append(asyncio.create_task(guarded(), name=f"cert_service {name}"))
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain RPCs, then stop the workers, flush access counters, close pool and Redis."""
@@ -152,12 +139,9 @@ class CertApp:
         if self._closed:
             return
         self._closed = True
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*(worker.stop() for worker in self._workers))
+        await self.store.unconfirmed.stop()
+        await self.resources.stop()
         if self.acme_http is not None:
             await self.acme_http.stop()
         await self.guard.stop()

@@ -82,7 +82,9 @@ async def run_periodically(
 
 
 class BackgroundTask:
-    """One background coroutine its owner starts once and stops (cancels and awaits)."""
+    """One background coroutine its owner starts once and stops (cancels and awaits): how
+    every service starts its background work. Work that ends with an error (`run_periodically`
+    never does) is logged when it ends, and `stop` does not raise it."""
 
     def __init__(self, name: str, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
         self.name = name
@@ -91,7 +93,13 @@ class BackgroundTask:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self.work(), name=self.name)
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
+
+    async def _run(self) -> None:
+        try:
+            await self.work()
+        except Exception:
+            log.exception("background task stopped", task=self.name)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
