@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import partial
 from typing import Final
 
 from cryptography.hazmat.primitives import serialization
@@ -21,7 +22,7 @@ from cert_service import certcache
 from cert_service.access import AccessRecorder
 from cert_service.batching import Coalescer
 from cert_service.certcache import NOT_FOUND, CertificateCache
-from cert_service.issuance import CertificateIssuer
+from cert_service.issuance import CertificateIssuer, Issued
 from cert_service.issuer import (
     PublicKey,
     PublicKeyError,
@@ -256,7 +257,7 @@ class DeviceCertificates:
         deadline = time.monotonic() + self.store.db.operation_timeout
         for _ in range(_ATTEMPTS):
             now = self.clock.now()
-            issued = self.issuer.issue(
+            issued, record = await self.issuer.issue(
                 public_key,
                 private_key_pem,
                 request.fqdn,
@@ -264,22 +265,9 @@ class DeviceCertificates:
                 request.validity_days,
                 request.csr_pem,
                 now,
+                partial(self._insert, request, now, deadline),
             )
             key = request.request
-            record = await self._inserts.submit(
-                NewRow(
-                    request.device_id,
-                    request.fqdn,
-                    request.certificate_type,
-                    request.auto_renewal,
-                    issued.certificate,
-                    now,
-                    key.request_id if key else None,
-                    key.fingerprint if key else None,
-                    issued.order_csr,
-                    deadline,
-                )
-            )
             if record is not None:
                 certificate = record.to_pb(now)
                 keys = [certcache.device_key(request.device_id)]
@@ -289,7 +277,6 @@ class DeviceCertificates:
                 if issued.pending:
                     # Not cached (see `_from_database`); a cached "not found" goes.
                     await self.cache.invalidate(*keys)
-                    self.issuer.queued()
                 else:
                     await self.cache.publish_new(certificate, *keys)
                 log.info(
@@ -342,6 +329,27 @@ class DeviceCertificates:
             "WRITE_NOT_COMPLETED",
             metadata={"device_id": request.device_id},
             retry_after=1.0,
+        )
+
+    async def _insert(
+        self, request: ProvisionRequest, now: datetime, deadline: float, issued: Issued
+    ) -> CertificateRecord | None:
+        """Store a provision's row (the issuer's `store`): the row, or None when the device
+        or the name is taken."""
+        key = request.request
+        return await self._inserts.submit(
+            NewRow(
+                request.device_id,
+                request.fqdn,
+                request.certificate_type,
+                request.auto_renewal,
+                issued.certificate,
+                now,
+                key.request_id if key else None,
+                key.fingerprint if key else None,
+                issued.order_csr,
+                deadline,
+            )
         )
 
     async def _replay_provision(

@@ -76,6 +76,11 @@ class Issued:
         return self.order_csr is not None
 
 
+StoreProvision = Callable[[Issued], Awaitable[CertificateRecord | None]]
+"""Stores a provision's row with the certificate `issue` made (the operations' batched
+INSERT): the row as stored, or None when none was (the device or the name is taken)."""
+
+
 @dataclass(frozen=True)
 class RenewedBatch:
     """What one lifecycle batch did: certificates signed (to store), orders queued, and the
@@ -89,7 +94,7 @@ class RenewedBatch:
 class CertificateIssuer(Protocol):
     """Where the certificates of the operations come from (see the module docstring)."""
 
-    def issue(
+    async def issue(
         self,
         public_key: PublicKey,
         private_key_pem: str,
@@ -98,14 +103,12 @@ class CertificateIssuer(Protocol):
         validity_days: int,
         csr_pem: str | None,
         now: datetime,
-    ) -> Issued:
+        store: StoreProvision,
+    ) -> tuple[Issued, CertificateRecord | None]:
         """A provision's certificate for `public_key` (`private_key_pem`: the key the service
-        generated for it, else ""; `csr_pem`: the device's CSR, else None). INVALID_ARGUMENT
-        when the CA would refuse the CSR."""
-        ...
-
-    def queued(self) -> None:
-        """Rows were stored with an order wanted: start on them now."""
+        generated for it, else ""; `csr_pem`: the device's CSR, else None), stored with
+        `store`; returns it and what `store` returned. INVALID_ARGUMENT when the CA would
+        refuse the CSR (nothing is stored then)."""
         ...
 
     async def reissue(
@@ -248,7 +251,7 @@ class SigningIssuer(_RowIssuer):
         self.ca = ca
         self.default_validity_days = default_validity_days
 
-    def issue(
+    async def issue(
         self,
         public_key: PublicKey,
         private_key_pem: str,
@@ -257,8 +260,9 @@ class SigningIssuer(_RowIssuer):
         validity_days: int,
         csr_pem: str | None,
         now: datetime,
-    ) -> Issued:
-        return Issued(
+        store: StoreProvision,
+    ) -> tuple[Issued, CertificateRecord | None]:
+        issued = Issued(
             issue_device_certificate(
                 self.ca,
                 public_key,
@@ -270,9 +274,7 @@ class SigningIssuer(_RowIssuer):
                 occasion="provision",
             )
         )
-
-    def queued(self) -> None:
-        pass  # nothing is ever queued
+        return issued, await store(issued)
 
     async def reissue(
         self,
@@ -404,7 +406,7 @@ class OrderingIssuer(_RowIssuer):
             raise invalid_argument("csr_pem", problem)
         return names
 
-    def issue(
+    async def issue(
         self,
         public_key: PublicKey,
         private_key_pem: str,
@@ -413,10 +415,12 @@ class OrderingIssuer(_RowIssuer):
         validity_days: int,
         csr_pem: str | None,
         now: datetime,
-    ) -> Issued:
+        store: StoreProvision,
+    ) -> tuple[Issued, CertificateRecord | None]:
         """A PENDING row's certificate: no chain or serial yet, the key and the CSR the order
         is finalized with recorded: the device's (which must name exactly the certificate's
-        names) or one made with the key generated for it."""
+        names) or one made with the key generated for it. The row stored is the order
+        queued: the worker is woken then, to claim it at once."""
         if private_key_pem:
             names = certificate_names(fqdn, certificate_type == "wildcard")
             order_csr = device_csr(private_key_pem, names)
@@ -433,10 +437,11 @@ class OrderingIssuer(_RowIssuer):
             "validity_days": validity_days,
             "csr_pem": order_csr,
         }
-        return Issued(NewCertificate("", "", now, now, data), order_csr)
-
-    def queued(self) -> None:
-        self.wake()
+        issued = Issued(NewCertificate("", "", now, now, data), order_csr)
+        record = await store(issued)
+        if record is not None:
+            self.wake()
+        return issued, record
 
     async def reissue(
         self,
@@ -501,7 +506,15 @@ class OrderingIssuer(_RowIssuer):
         )
         for device in broken:
             log.error("no CSR stored to renew with; auto-renewal switched off", device_id=device)
+        if done:
+            # The orders are there for the worker to claim once the batch has committed.
+            self.queue.db.on_committed(conn, self._wake_committed)
         return RenewedBatch([], len(done), broken)
+
+    async def _wake_committed(self, conn: AsyncConnection[TupleRow]) -> bool:
+        """`Database.on_committed`'s hook: wake the worker; never fails the write."""
+        self.wake()
+        return True
 
     async def renewal_time(self, device_id: str, serial_number: str) -> datetime | None:
         return await self.queue.renewal_time(device_id, serial_number)

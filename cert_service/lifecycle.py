@@ -97,8 +97,6 @@ class LifecycleWorker:
             ]
             if keys:
                 await self.cache.invalidate(*keys)
-            if batch.queued:
-                self.issuer.queued()
             renewed += len(batch.signed) + batch.queued
             failed += len(batch.broken)
             if len(sources) < self.batch_size:
