@@ -9,8 +9,9 @@ nothing. A worker renews its lease while it works, so a lease expires only when 
 holding it is gone; the replica taking over resumes the order whose URL was recorded.
 
 The orders-per-period budget is a GCRA bucket (`acme_order_budget`), one row per ACME
-directory, spent in PostgreSQL so that every replica shares it exactly; its arithmetic is that
-of `shared.limits.gcra_step`, with the same `Limit` (`spend_order`).
+directory, that every replica shares exactly: `shared.limits.gcra_step` decides each spend on
+the TAT it read, and a compare-and-set stores the new TAT only if the row still holds that one
+(`spend_order`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ from shared.limits import Limit, gcra_step
 _REQUEST: Final = """issuance_attempts = 0, issuance_error = NULL, issuance_lease = NULL,
     issuance_lease_until = NULL, acme_order_url = NULL"""
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+# How many times one spend of the order budget reads, decides and compare-and-sets before it
+# waits one interval: each lost CAS is an order admitted elsewhere meanwhile.
+_ORDER_SPEND_ATTEMPTS: Final = 8
 
 
 @dataclass(frozen=True)
@@ -313,50 +317,56 @@ class IssuanceQueue(StoreBase):
         """Spend one order from the budget; zero when admitted, else how long until an order
         would be.
 
-        GCRA as `shared.limits.gcra_step` defines it for every limit, with `budget`'s emission
-        interval (`Limit.interval_us`) and tolerance (`Limit.tolerance_us`, burst x
-        interval): the UPDATE admits when max(TAT, now) + interval - tolerance <= now and
-        stores max(TAT, now) + interval as the new TAT, and a refusal's wait is `gcra_step`'s
-        own answer for the TAT the statement read. The arithmetic runs in PostgreSQL so that every
-        replica spends from one bucket, one row per ACME directory, exactly.
+        The decision is `shared.limits.gcra_step`'s, the one GCRA arithmetic of every limit,
+        with `budget`'s emission interval and tolerance: read the bucket's TAT (its row is
+        created at `now`, a full bucket, the first time), take the step in Python, and when
+        it admits, store the step's new TAT with a compare-and-set, an UPDATE that writes only
+        if the row still holds the TAT that was read. Every step moves the TAT forward, so a
+        CAS that changes no row means another replica spent in between: the spend reads and
+        decides again, up to `_ORDER_SPEND_ATTEMPTS` times. Every replica thus spends from
+        one bucket, one row per ACME directory, exactly: an order is admitted only by a CAS
+        that moved the very TAT its step read, and no two can move the same one. A refusal's
+        wait is the step's own. A spend that lost every CAS (an order was admitted elsewhere
+        each time) waits one interval: right after an admission, the next order is at most
+        one interval away.
 
         Each statement is its own transaction (the store's connections autocommit): the
         bucket's row is locked only while the server runs the UPDATE, never across a round
         trip, so a replica that stalls between statements cannot hold up the others."""
-        interval = timedelta(microseconds=budget.interval_us)
-        tolerance = timedelta(microseconds=budget.tolerance_us)
+        now_us = _micros(now)
+        params: dict[str, object] = {"url": directory_url, "now": now}
         async with self.connection() as conn:
-            await conn.execute(
-                "INSERT INTO acme_order_budget (directory_url, tat) VALUES (%s, %s) "
-                "ON CONFLICT DO NOTHING",
-                (directory_url, now - tolerance),
-            )
-            # The outer SELECT sees the row as it was before the UPDATE (one snapshot).
-            cur = await conn.execute(
-                """
-                WITH spent AS (
-                    UPDATE acme_order_budget
-                    SET tat = GREATEST(tat, %(now)s) + %(interval)s
-                    WHERE directory_url = %(url)s
-                      AND GREATEST(tat, %(now)s) + %(interval)s - %(tolerance)s <= %(now)s
-                    RETURNING tat
+            for _ in range(_ORDER_SPEND_ATTEMPTS):
+                read = await _order_tat(conn, params)
+                step = gcra_step(_micros(read), now_us, budget.interval_us, budget.tolerance_us, 1)
+                if not step.allowed:
+                    return timedelta(microseconds=step.retry_after_us)
+                new = _EPOCH + timedelta(microseconds=step.new_tat_us)
+                cur = await conn.execute(
+                    "UPDATE acme_order_budget SET tat = %(new)s "
+                    "WHERE directory_url = %(url)s AND tat = %(read)s",
+                    {**params, "new": new, "read": read},
                 )
-                SELECT EXISTS (SELECT 1 FROM spent), tat
-                FROM acme_order_budget WHERE directory_url = %(url)s
-                """,
-                {"url": directory_url, "now": now, "interval": interval, "tolerance": tolerance},
-            )
-            row = await cur.fetchone()
-        assert row is not None
-        if row[0]:
-            return timedelta(0)
-        tat: datetime = row[1]
-        step = gcra_step(_micros(tat), _micros(now), budget.interval_us, budget.tolerance_us, 1)
-        if step.allowed:
-            # Another replica spent the last order between the snapshot and the UPDATE
-            # (which then saw its row); the next one is at most one interval away.
-            return interval
-        return timedelta(microseconds=step.retry_after_us)
+                if cur.rowcount == 1:
+                    return timedelta(0)
+        return timedelta(microseconds=budget.interval_us)
+
+
+async def _order_tat(conn: AsyncConnection[TupleRow], params: dict[str, object]) -> datetime:
+    """The order budget's TAT for `params["url"]`, its row inserted at `params["now"]` (a
+    full bucket) when there is none yet."""
+    select = "SELECT tat FROM acme_order_budget WHERE directory_url = %(url)s"
+    row = await (await conn.execute(select, params)).fetchone()
+    if row is None:
+        await conn.execute(
+            "INSERT INTO acme_order_budget (directory_url, tat) VALUES (%(url)s, %(now)s) "
+            "ON CONFLICT DO NOTHING",
+            params,
+        )
+        row = await (await conn.execute(select, params)).fetchone()
+    assert row is not None  # the row, once inserted, is never deleted
+    tat: datetime = row[0]
+    return tat
 
 
 def _micros(moment: datetime) -> int:

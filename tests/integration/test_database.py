@@ -127,7 +127,10 @@ async def _read_late(db: Database, budget: float) -> None:
 
 
 async def test_the_order_budget_admits_exactly_its_orders_under_contention(
-    db: Database, pg_server: PostgresServer, database: str
+    db: Database,
+    pg_server: PostgresServer,
+    database: str,
+    db_conn: psycopg.AsyncConnection[tuple[object, ...]],
 ) -> None:
     queues = [IssuanceQueue(db) for _ in range(2)]
     now = datetime.now(UTC)
@@ -146,6 +149,64 @@ async def test_the_order_budget_admits_exactly_its_orders_under_contention(
     later = await queues[0].spend_order(url, now + interval, budget)
     assert later == timedelta(0)
     assert await queues[1].spend_order(url, now + interval, budget) > timedelta(0)
+    # Each admitted order moved the TAT by one interval: none was written over another.
+    cur = await db_conn.execute(
+        "SELECT tat FROM acme_order_budget WHERE directory_url = %s", (url,)
+    )
+    assert await cur.fetchone() == (now + 6 * interval,)
+
+
+async def test_an_order_spent_elsewhere_between_read_and_write_is_decided_again(
+    pg_server: PostgresServer, database: str, db_conn: psycopg.AsyncConnection[tuple[object, ...]]
+) -> None:
+    """Another replica spends between this one's read of the budget's TAT and its
+    compare-and-set: the CAS writes nothing, and the spend decides again on the TAT the other
+    replica left (the budget's second and last order), never over it."""
+    config = DatabaseConfig(
+        host=pg_server.host,
+        port=pg_server.port,
+        name=database,
+        user=pg_server.user,
+        sslmode="disable",
+        operation_timeout=30.0,  # the spend waits for the other replica's commit
+    )
+    db = await open_database(config, "test")
+    queue = IssuanceQueue(db)
+    now = datetime.now(UTC)
+    interval = timedelta(minutes=30)  # 2 per hour
+    budget = Limit(2, 2, HOUR_US)
+    url = "https://acme.example/directory"
+    await db_conn.execute(
+        "INSERT INTO acme_order_budget (directory_url, tat) VALUES (%s, %s)", (url, now)
+    )
+    try:
+        async with await psycopg.AsyncConnection.connect(pg_server.conninfo(database)) as other:
+            # The other replica's spend, written and not committed yet: the row stays as it
+            # was for readers, and this replica's CAS waits for the other to commit.
+            await other.execute(
+                "UPDATE acme_order_budget SET tat = %s WHERE directory_url = %s",
+                (now + interval, url),
+            )
+            spend = asyncio.create_task(queue.spend_order(url, now, budget))
+            deadline = time.monotonic() + 30
+            while not spend.done() and time.monotonic() < deadline:
+                cur = await db_conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock')"
+                )
+                if await cur.fetchone() == (True,):
+                    break
+                await asyncio.sleep(0.01)
+            assert not spend.done(), "the spend did not wait to write the TAT it read"
+            await other.commit()
+        assert await spend == timedelta(0)
+        cur = await db_conn.execute(
+            "SELECT tat FROM acme_order_budget WHERE directory_url = %s", (url,)
+        )
+        assert await cur.fetchone() == (now + 2 * interval,)
+        assert await queue.spend_order(url, now, budget) == interval
+    finally:
+        await db.close()
 
 
 async def test_a_pool_that_cannot_reopen_after_an_outage_is_retried_until_it_does(
