@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 from typing import Final
 
-from shared.limits import LUA_GCRA_STEP, Limit, LocalBuckets, Step, gcra_step
+from shared.limits import LUA_GCRA_STEP, Limit, LocalBuckets, Step
 
 MINUTE_US: Final = 60_000_000
 
@@ -58,31 +58,22 @@ class Decision:
         )
 
 
-def emission_interval_us(limit: int) -> int:
-    return max(1, MINUTE_US // limit)
+@functools.lru_cache(maxsize=4096)
+def per_minute(limit: int) -> Limit:
+    """A key's limit as a `shared.limits.Limit`: `limit` per minute, burst `limit`. Its
+    `interval_us` is the key's emission interval, 60 s / `limit` in whole microseconds and at
+    least one (the count is capped at a minute's microseconds): the one Python source of it,
+    which the Lua computes alike from the cached record's limit."""
+    return Limit(limit, min(limit, MINUTE_US), MINUTE_US)
 
 
-def gcra(tat_us: int | None, now_us: int, limit: int, apply: bool) -> tuple[int | None, Decision]:
-    """One GCRA step (`shared.limits.gcra_step`, cost 1). Returns the TAT to store (None:
-    leave it) and the decision.
+def step_decision(step: Step, now_us: int, apply: bool) -> Decision:
+    """A key's `Decision` from one `shared.limits.gcra_step` (cost 1) at `now_us`.
 
     `apply=False` is a dry run: it reports what a request would get and changes nothing;
     its `remaining` and `reset_us` are those of the state as it is (the request not
     counted), one request more and one interval less than an applied request's.
     """
-    interval = emission_interval_us(limit)
-    step = gcra_step(tat_us, now_us, interval, interval * limit, 1)
-    return (step.new_tat_us if step.allowed and apply else None), _decision(step, now_us, apply)
-
-
-@functools.lru_cache(maxsize=4096)
-def per_minute(limit: int) -> Limit:
-    """A key's limit as a `shared.limits.Limit`: `limit` per minute, burst `limit`, the
-    emission interval `emission_interval_us(limit)` (at least one microsecond)."""
-    return Limit(limit, min(limit, MINUTE_US), MINUTE_US)
-
-
-def _decision(step: Step, now_us: int, apply: bool) -> Decision:
     if not step.allowed:
         return Decision(False, 0, step.tat_us - now_us, step.retry_after_us)
     if apply:
@@ -90,8 +81,10 @@ def _decision(step: Step, now_us: int, apply: bool) -> Decision:
     return Decision(True, step.remaining + 1, step.tat_us - now_us, 0)
 
 
-# Mirrors `gcra` above; the integration tests run both on the same inputs. The limit is the
-# record's; the step is shared.limits' LUA_GCRA_STEP, over KEYS[2] (the key's TAT).
+# The Lua twin of `LocalLimiter.check`, which the integration tests run on the same inputs:
+# `per_minute(limit)`'s interval and tolerance, computed here from the record's limit (it
+# lives in Redis), shared.limits' LUA_GCRA_STEP over KEYS[2] (the key's TAT), and
+# `step_decision`'s numbers.
 _LUA_GCRA: Final = (
     LUA_GCRA_STEP
     + """
@@ -148,4 +141,4 @@ class LocalLimiter(LocalBuckets):
         super().__init__(max_keys)
 
     def check(self, key: bytes, limit: int, now_us: int, apply: bool) -> Decision:
-        return _decision(self.step(key, per_minute(limit), now_us, 1, apply), now_us, apply)
+        return step_decision(self.step(key, per_minute(limit), now_us, 1, apply), now_us, apply)

@@ -12,13 +12,15 @@ import redis.asyncio as aioredis
 
 from deploy.devstack.servers import RedisServer
 from key_service import keyformat
-from key_service.ratelimit import POPULATE_SCRIPT, VERIFY_SCRIPT, gcra
+from key_service.ratelimit import POPULATE_SCRIPT, VERIFY_SCRIPT, LocalLimiter, per_minute
 from key_service.verify import VERIFY, rate_key, record_key
 from myl.key.v1 import key_pb2
 from shared.config import ServerConfig
+from shared.limits import fallback_seed
 from tests.conftest import all_keys, standalone_only
 from tests.fixtures.clock import FakeClock
 from tests.fixtures.key import RunningKeyService, start_key_service
+from tests.unit.test_key_ratelimit import gcra
 
 R = key_pb2.VerifyApiKeyRequest
 
@@ -229,6 +231,8 @@ async def test_dry_run_counts_nothing(key_service: RunningKeyService, db_conn: A
 
 
 async def test_lua_and_python_gcra_agree(clean_redis: RedisServer) -> None:
+    """The scripts and the Python step (`per_minute`, `gcra_step`, `step_decision`) from a
+    fresh key."""
     client = _redis(clean_redis)
     verify = client.register_script(VERIFY_SCRIPT)
     populate = client.register_script(POPULATE_SCRIPT)
@@ -247,6 +251,38 @@ async def test_lua_and_python_gcra_agree(clean_redis: RedisServer) -> None:
         new_tat, expected = gcra(tat, now, limit, apply)
         if new_tat is not None:
             tat = new_tat
+        assert reply[0] == record
+        assert reply[1:] == [
+            int(expected.allowed),
+            expected.remaining,
+            expected.reset_us,
+            expected.retry_after_us,
+        ], f"step {i}"
+    await client.aclose()
+
+
+@pytest.mark.parametrize("limit", [1, 7, 20])
+async def test_lua_and_the_local_limiter_agree(clean_redis: RedisServer, limit: int) -> None:
+    """The scripts and `LocalLimiter.check`, the runtime's Python step, on the same TAT: the
+    Redis bucket starts where the limiter seeds an unseen key."""
+    client = _redis(clean_redis)
+    verify = client.register_script(VERIFY_SCRIPT)
+    populate = client.register_script(POPULATE_SCRIPT)
+    record = f"{10**16}|{limit}|{10**16}|0|payload".encode()
+    keys = ["myl:key:{s}:rec", "myl:key:{s}:rl"]
+    now = 1_700_000_000_000_000
+    await client.set(keys[1], fallback_seed(per_minute(limit), now))
+    limiter = LocalLimiter()
+    interval = per_minute(limit).interval_us
+    steps = [0, 0, 1, interval - 1, 0, interval, 0, 5 * interval, 0, 0, 60_000_000, 0, 0, 0]
+    for i, step in enumerate(steps):
+        now += step
+        apply = i % 4 != 3
+        if i == 0:
+            reply = await populate(keys=keys, args=[now, 1 if apply else 0, record, 60_000])
+        else:
+            reply = await verify(keys=keys, args=[now, 1 if apply else 0])
+        expected = limiter.check(b"k", limit, now, apply)
         assert reply[0] == record
         assert reply[1:] == [
             int(expected.allowed),

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from key_service.ratelimit import LocalLimiter, emission_interval_us, gcra
+from key_service.ratelimit import Decision, LocalLimiter, per_minute, step_decision
+from shared.limits import gcra_step
 
 T0 = 1_700_000_000_000_000
+
+
+def gcra(tat: int | None, now: int, limit: int, apply: bool) -> tuple[int | None, Decision]:
+    """One step of a key's limit from `tat` (None: a fresh key), as `LocalLimiter.check`
+    takes it: the TAT to store (None: leave it) and the decision."""
+    key_limit = per_minute(limit)
+    step = gcra_step(tat, now, key_limit.interval_us, key_limit.tolerance_us, 1)
+    return (step.new_tat_us if step.allowed and apply else None), step_decision(step, now, apply)
 
 
 def run(limit: int, times: list[int], apply: bool = True) -> list[bool]:
@@ -20,7 +29,7 @@ def run(limit: int, times: list[int], apply: bool = True) -> list[bool]:
 
 def test_burst_equals_the_limit_then_one_per_interval() -> None:
     limit = 10
-    interval = emission_interval_us(limit)
+    interval = per_minute(limit).interval_us
     assert interval == 6_000_000
     assert run(limit, [T0] * 12) == [True] * 10 + [False] * 2
     times = [T0] * 10 + [T0 + interval - 1, T0 + interval, T0 + interval]
@@ -60,9 +69,9 @@ def test_dry_run_changes_nothing() -> None:
 def test_exactly_the_limit_is_admitted_for_any_limit() -> None:
     for limit in (1, 3, 7, 13, 999):
         assert run(limit, [T0] * (limit + 2)) == [True] * limit + [False] * 2
-    assert emission_interval_us(7) == 8_571_428
-    assert emission_interval_us(60_000_000) == 1
-    assert emission_interval_us(100_000_000) == 1
+    assert per_minute(7).interval_us == 8_571_428
+    assert per_minute(60_000_000).interval_us == 1
+    assert per_minute(100_000_000).interval_us == 1
 
 
 def test_local_limiter_keeps_state_per_key_and_evicts_recovered_ones() -> None:
@@ -86,7 +95,7 @@ def test_local_limiter_seeds_an_unseen_key_with_its_burst_spent() -> None:
     # only the steady rate.
     limiter = LocalLimiter()
     assert [limiter.check(b"k", 20, T0, True).allowed for _ in range(5)] == [True] + [False] * 4
-    interval = emission_interval_us(20)
+    interval = per_minute(20).interval_us
     assert limiter.check(b"k", 20, T0 + interval, True).allowed
     assert not limiter.check(b"k", 20, T0 + interval, True).allowed
     # A minute of the steady rate after the first request: 20 more, never a burst.
