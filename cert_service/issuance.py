@@ -3,13 +3,16 @@
 `CertificateIssuer` is what the certificate operations (`cert_service.certificates`) and the
 lifecycle worker call; `create_app` builds one of its two implementations (`CERT_ISSUER`):
 
-* `SigningIssuer` (the built-in CA): a provision, renewal or auto-renewal signs in the request
-  (one signature, CPU work done without holding a database connection) and stores an ACTIVE
-  certificate.
+* `SigningIssuer` (the built-in CA): a provision or renewal signs in the request (one
+  signature, before a database connection is taken) and stores an ACTIVE certificate; the
+  lifecycle's auto-renewal signs each certificate of a batch on the batch's connection, with
+  its rows locked, and stores them in the same transaction.
 * `OrderingIssuer` (ACME): nothing is signed here. A provision stores a PENDING row with the CSR
   the order is finalized with; a renewal queues an order on the row (which stays as it is until
   the order completes). The ACME worker (`cert_service.acme_worker`) completes the orders in the
-  background and makes the row ACTIVE; `queued()` wakes it.
+  background and makes the row ACTIVE; the issuer wakes it itself once what it queued has
+  committed (a stored provision, or the lifecycle batch's transaction), so a new order does not
+  wait for the worker's next poll. The certificate logic never asks which issuer it has.
 
 Both write the row themselves (`renew`, `reissue`): the signing one replaces the certificate,
 the ordering one queues an order, and each returns the row as it left it. The caller then
