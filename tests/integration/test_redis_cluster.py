@@ -112,7 +112,11 @@ async def test_script_client_follows_ask_and_moved_while_a_slot_migrates(
     refreshes = client.refreshes
     reply = await client.run(VERIFY, absent, (b"2", b"1"))
     assert reply[1] == 1
-    await asyncio.sleep(0.1)  # the map is re-read in the background
+    # The MOVED reply started a re-read of the map in the background: wait for it to end.
+    refreshing = client._refreshing
+    assert refreshing is not None
+    async with asyncio.timeout(10):
+        await refreshing
     assert client.refreshes > refreshes
     assert client._slots[slot] == (target.host, target.port)
     await client.close()
