@@ -26,6 +26,7 @@ import pytest
 from tests.e2e.conftest import Gateway
 from tests.e2e.test_gateway import device_key, operator_key, provision
 from tests.fixtures.key import RunningKeyService
+from tests.fixtures.wait import access_log_through
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 # Not `unsupported_method`: Envoy itself refuses QUERY without a content type before any
@@ -163,7 +164,7 @@ async def test_schemathesis_finds_nothing_with_an_operator_or_a_device_key(
         assert generated is not None, report[-3000:]
         assert int(generated.group(1)) >= 100, report[-3000:]
         cases += int(generated.group(1))
-    await asyncio.sleep(0.3)  # the access log is flushed every 100 ms
+    await access_log_through(gateway.url, gateway.access_log)
     ended = where_requests_ended(gateway.access_log)
     print(f"\nschemathesis seed {seed}: {cases} cases; requests ended: {dict(ended)}")
     # The run reached the services: the lockout did not answer it instead.

@@ -17,7 +17,9 @@ import pytest
 
 from myl.key.v1 import key_pb2
 from tests.faults.load import VALID
-from tests.faults.stack import REDIS_BREAKER_RESET, FaultStack
+from tests.faults.stack import FaultStack
+from tests.faults.test_monitoring import scrape, value
+from tests.fixtures.wait import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -74,10 +76,28 @@ async def test_revoked_key_stays_revoked_across_redis_hang_and_key_service_resta
         await stack.start_service("key_service")  # while Redis is still hung
         await asyncio.sleep(0.5)
         stack.resume("redis")
-        resumed = time.monotonic()
         await stack.wait_gateway_healthy()
-        # Long enough for the breaker to close and the cache to be read again.
-        await asyncio.sleep(max(0.0, REDIS_BREAKER_RESET + 0.5 - (time.monotonic() - resumed)))
+        # Watched until the circuit has closed (key_service's cache guard has applied the log
+        # to Redis) and the checks read the key from Redis again: when a stale VALID would show.
+
+        async def circuit_closed() -> bool:
+            return await stack.metric("key_service", "myl_redis_circuit_open") == 0
+
+        async def cache_hits() -> float:
+            return value(
+                await scrape(stack, "key_service"),
+                "myl_cache_total",
+                namespace="api_key",
+                result="hit",
+            )
+
+        await eventually(circuit_closed, "key_service's Redis circuit closes")
+        hits = await cache_hits()
+
+        async def cache_read_again() -> bool:
+            return await cache_hits() > hits
+
+        await eventually(cache_read_again, "key_service reads the key from Redis again")
     finally:
         done.set()
         answers = await watcher
