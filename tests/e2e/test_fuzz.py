@@ -137,6 +137,8 @@ def key_service_env(tmp_path: Path) -> dict[str, str]:
     return {"LIMITS_FILE": str(limits)}
 
 
+# The fuzzer's run in `make test`; `make fuzz` (MYL_FUZZ_RANDOM) runs as long as it takes.
+@pytest.mark.timeout(0 if os.environ.get("MYL_FUZZ_RANDOM") else 180)
 async def test_schemathesis_finds_nothing_with_an_operator_or_a_device_key(
     gateway: Gateway, key_service: RunningKeyService, tmp_path: Path
 ) -> None:

@@ -107,6 +107,7 @@ async def open_loop(
     await asyncio.gather(*tasks)
 
 
+@pytest.mark.timeout(180)  # a 30 s scenario of freezes under load
 async def test_random_freezes_under_write_load_leave_no_write_nobody_knows_of(
     stack: FaultStack,
 ) -> None:

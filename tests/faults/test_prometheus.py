@@ -49,6 +49,7 @@ async def until(check: Callable[[], Awaitable[bool]], limit: float, what: str) -
         await asyncio.sleep(0.25)
 
 
+@pytest.mark.timeout(180)  # waits for scrapes and for an alert's `for:` period
 async def test_prometheus_scrapes_the_stack_and_alerts_when_a_service_stops(
     stack: FaultStack, prometheus: str
 ) -> None:

@@ -24,6 +24,9 @@ from deploy.devstack.servers import free_port
 from tests.fixtures.makerun import MakeRun, readme_blocks, stack_ports
 from tests.fixtures.prometheus import prometheus_config, running_prometheus
 
+# Each test here starts (or shares) a whole `make run`: 10-30 s on a quiet machine.
+pytestmark = pytest.mark.timeout(180)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
