@@ -102,7 +102,18 @@ class CircuitBreaker:
     def is_open(self) -> bool:
         return self.opened_at is not None
 
+    def answered(self) -> None:
+        """A request that Redis answered. The failure count starts again; an open circuit is
+        closed by its probe (half-open) and by nothing else here: a request that began before
+        the circuit opened and was answered then says nothing about Redis since. A guarded
+        circuit is closed only by its guard (`success`)."""
+        if self.opened_at is None:
+            self.failures = 0
+        elif self.probing:
+            self.success()
+
     def success(self) -> None:
+        """Close the circuit: the probe succeeded, or the guard has applied the log."""
         self.failures = 0
         self.probing = False
         if self.opened_at is not None:
@@ -260,7 +271,7 @@ class Cache:
             raise
         REDIS_LATENCY.observe(time.perf_counter() - started)
         if breaker.failures or breaker.probing:
-            breaker.success()
+            breaker.answered()
         return result
 
     async def apply(self, operation: Callable[[aioredis.Redis], Awaitable[T]]) -> T:

@@ -286,3 +286,51 @@ def test_half_open_lets_exactly_one_probe_through_and_the_gauge_follows() -> Non
     breaker.success()
     assert REGISTRY.get_sample_value(gauge) == 0.0
     assert all(breaker.allow() for _ in range(10))
+
+
+async def test_a_request_answered_after_the_circuit_opened_does_not_close_a_guarded_one(
+    clean_redis: RedisServer,
+) -> None:
+    """Only the guard closes a guarded circuit: a request that Redis answered but whose caller
+    resumed after other requests had opened the circuit (Redis hung meanwhile, or failed over
+    to a copy that may have lost writes) says nothing about Redis now, nor about the
+    invalidation log."""
+    config = RedisConfig(host=clean_redis.host, port=clean_redis.port, socket_timeout=0.25)
+    trust = CacheTrust(config)
+    cache = Cache.from_config(config, trust.breaker)
+    trust.breaker.success()  # the guard's first pass
+    await cache.set("myl:test:{late}", b"v", ttl=60)
+    answered = asyncio.Event()
+    resume = asyncio.Event()
+
+    async def late_get(client: aioredis.Redis) -> bytes | str | None:
+        value = await client.get("myl:test:{late}")
+        answered.set()
+        await resume.wait()  # its caller runs again only after the circuit has opened
+        return value
+
+    late = asyncio.create_task(cache.run(late_get, None))
+    await answered.wait()
+    with hung(clean_redis):
+        for _ in range(config.breaker_threshold):
+            assert await cache.get("myl:test:{late}") is None  # timed out: counted
+        assert trust.breaker.is_open
+        resume.set()
+        assert await late == b"v"
+        assert trust.breaker.is_open, "a request answered before the hang closed the circuit"
+        assert await cache.get("myl:test:{late}") is None  # still answered without Redis
+    trust.breaker.success()  # the guard, once it has applied the log
+    assert await cache.get("myl:test:{late}") == b"v"
+    await cache.close()
+
+
+def test_a_half_open_circuit_is_closed_by_its_probe_not_by_an_earlier_request() -> None:
+    clock = FakeMonotonic()
+    breaker = CircuitBreaker(1, 2.0, clock)
+    breaker.failure()
+    breaker.answered()  # a request that began before the circuit opened
+    assert breaker.is_open
+    clock.now += 2.0
+    assert breaker.allow()  # the probe
+    breaker.answered()
+    assert not breaker.is_open
