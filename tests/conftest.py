@@ -13,7 +13,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -29,7 +29,7 @@ from deploy.devstack.servers import (
     free_cluster_ports,
     free_port,
 )
-from shared.config import ServerConfig
+from shared.config import DatabaseConfig, ServerConfig
 from shared.migrations import MigrationRunner, load_migrations
 from tests.fixtures import internal_tls
 
@@ -163,6 +163,23 @@ def worker_database(pg_server: PostgresServer, template_db: str) -> WorkerDataba
 def database(worker_database: WorkerDatabase) -> str:
     """A migrated database with nothing in it, for this test alone."""
     return worker_database.reset()
+
+
+@pytest.fixture
+def db_config(pg_server: PostgresServer, database: str) -> Callable[..., DatabaseConfig]:
+    """`db_config(**settings)`: a `DatabaseConfig` for this test's database, as the server's
+    superuser unless `settings` say otherwise."""
+
+    def make(**settings: Any) -> DatabaseConfig:
+        where: dict[str, Any] = {
+            "host": pg_server.host,
+            "port": pg_server.port,
+            "name": database,
+            "user": pg_server.user,
+        }
+        return DatabaseConfig(**(where | settings))
+
+    return make
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -32,12 +32,8 @@ OPERATION_TIMEOUT = 0.3
 
 
 @pytest.fixture
-async def db(pg_server: PostgresServer, database: str) -> AsyncIterator[Database]:
-    config = DatabaseConfig(
-        host=pg_server.host,
-        port=pg_server.port,
-        name=database,
-        user=pg_server.user,
+async def db(db_config: Callable[..., DatabaseConfig]) -> AsyncIterator[Database]:
+    config = db_config(
         sslmode="disable",
         operation_timeout=OPERATION_TIMEOUT,
     )
@@ -86,16 +82,12 @@ async def test_a_statement_waiting_on_a_lock_fails_alone_and_the_database_stays_
 
 
 async def test_an_answer_that_arrived_while_the_process_was_busy_is_not_cut(
-    pg_server: PostgresServer, database: str
+    db_config: Callable[..., DatabaseConfig],
 ) -> None:
     # A budget the server's answer to SELECT 42 surely beats, even on a busy machine:
     # the point is an answer that arrived and was not read, not a slow server.
     timeout = 1.0
-    config = DatabaseConfig(
-        host=pg_server.host,
-        port=pg_server.port,
-        name=database,
-        user=pg_server.user,
+    config = db_config(
         sslmode="disable",
         operation_timeout=timeout,
     )
@@ -157,16 +149,15 @@ async def test_the_order_budget_admits_exactly_its_orders_under_contention(
 
 
 async def test_an_order_spent_elsewhere_between_read_and_write_is_decided_again(
-    pg_server: PostgresServer, database: str, db_conn: psycopg.AsyncConnection[tuple[object, ...]]
+    pg_server: PostgresServer,
+    db_config: Callable[..., DatabaseConfig],
+    database: str,
+    db_conn: psycopg.AsyncConnection[tuple[object, ...]],
 ) -> None:
     """Another replica spends between this one's read of the budget's TAT and its
     compare-and-set: the CAS writes nothing, and the spend decides again on the TAT the other
     replica left (the budget's second and last order), never over it."""
-    config = DatabaseConfig(
-        host=pg_server.host,
-        port=pg_server.port,
-        name=database,
-        user=pg_server.user,
+    config = db_config(
         sslmode="disable",
         operation_timeout=30.0,  # the spend waits for the other replica's commit
     )
@@ -210,7 +201,9 @@ async def test_an_order_spent_elsewhere_between_read_and_write_is_decided_again(
 
 
 async def test_a_pool_that_cannot_reopen_after_an_outage_is_retried_until_it_does(
-    pg_server: PostgresServer, database: str, db_conn: psycopg.AsyncConnection[tuple[object, ...]]
+    db_config: Callable[..., DatabaseConfig],
+    database: str,
+    db_conn: psycopg.AsyncConnection[tuple[object, ...]],
 ) -> None:
     """The server answers a probe but refuses the pool's connections (it is at its connection
     limit: here a role's, which refuses with the same SQLSTATE 53300 as `max_connections`
@@ -220,10 +213,7 @@ async def test_a_pool_that_cannot_reopen_after_an_outage_is_retried_until_it_doe
     await db_conn.execute(
         sql.SQL("CREATE ROLE {} LOGIN CONNECTION LIMIT 4").format(sql.Identifier(role))
     )
-    config = DatabaseConfig(
-        host=pg_server.host,
-        port=pg_server.port,
-        name=database,
+    config = db_config(
         user=role,
         sslmode="disable",
         pool_min=2,

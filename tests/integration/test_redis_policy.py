@@ -9,7 +9,7 @@ alert (deploy/prometheus/alerts.yml). The test stacks run Redis with `noeviction
 from __future__ import annotations
 
 import tempfile
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
-from deploy.devstack.servers import PostgresServer, RedisServer, free_port
+from deploy.devstack.servers import RedisServer, free_port
 from shared.cache import Cache
 from shared.config import DatabaseConfig, RedisConfig
 from shared.db import Database, open_database
@@ -28,11 +28,8 @@ WARNING = "redis may evict keys"
 
 
 @pytest.fixture
-async def db(pg_server: PostgresServer, database: str) -> AsyncIterator[Database]:
-    config = DatabaseConfig(
-        host=pg_server.host, port=pg_server.port, name=database, user=pg_server.user
-    )
-    opened = await open_database(config, SERVICE)
+async def db(db_config: Callable[..., DatabaseConfig]) -> AsyncIterator[Database]:
+    opened = await open_database(db_config(), SERVICE)
     try:
         yield opened
     finally:

@@ -26,7 +26,6 @@ import redis.asyncio as aioredis
 from psycopg import sql
 
 from cert_service.storage import CertificateStore, NewCertificate, NewRow
-from deploy.devstack.servers import PostgresServer
 from key_service import keyformat
 from key_service.storage import ACTION_CREATE, AuditEntry, KeyChange, KeyStore, NewKeyRow
 from key_service.verify import record_key
@@ -46,10 +45,8 @@ Conn = psycopg.AsyncConnection[tuple[object, ...]]
 
 
 @pytest.fixture
-def config(pg_server: PostgresServer, database: str) -> DatabaseConfig:
-    return DatabaseConfig(
-        host=pg_server.host, port=pg_server.port, name=database, user=pg_server.user
-    )
+def config(db_config: Callable[..., DatabaseConfig]) -> DatabaseConfig:
+    return db_config()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import os
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -154,14 +155,11 @@ async def test_provisions_queued_behind_a_table_lock_are_answered_by_their_deadl
 
 async def test_a_key_answered_unavailable_while_waiting_on_its_request_id_is_never_stored(
     pg_server: PostgresServer,
+    db_config: Callable[..., DatabaseConfig],
     database: str,
     db_conn: psycopg.AsyncConnection[tuple[object, ...]],
 ) -> None:
-    config = DatabaseConfig(
-        host=pg_server.host,
-        port=pg_server.port,
-        name=database,
-        user=pg_server.user,
+    config = db_config(
         sslmode="disable",
         operation_timeout=OPERATION_TIMEOUT,
     )
