@@ -39,7 +39,7 @@ from cert_service.storage import IssuanceJob, IssuanceQueue, NewCertificate
 from shared.clock import Clock
 from shared.limits import SECOND_US, Limit
 from shared.logging import get_logger
-from shared.tasks import run_periodically
+from shared.tasks import STOP, run_periodically
 
 log = get_logger(__name__)
 
@@ -331,12 +331,9 @@ class AcmeWorker:
         (the database away) is counted, not logged: the next one may succeed in time."""
         lease = self.settings.lease
 
-        async def extend() -> None:
+        async def extend() -> object:
             if not await self.queue.extend(job, self.clock.now() + timedelta(seconds=lease)):
-                # Taken over, or the request cancelled: nothing left to keep. A cancellation
-                # of its own task is what ends `run_periodically`.
-                keeper = asyncio.current_task()
-                assert keeper is not None
-                keeper.cancel()
+                return STOP  # taken over, or the request cancelled: nothing left to keep
+            return None
 
         await run_periodically("acme lease", extend, lease / 3, wait_first=True, quiet=(Exception,))

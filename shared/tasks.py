@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Final
 
 from shared.logging import get_logger
 from shared.metrics import BACKGROUND_FAILURES
@@ -31,6 +31,10 @@ def stop_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
+# What a step returns when there is nothing left for it to do: `run_periodically` then ends.
+STOP: Final = object()
+
+
 async def run_periodically(
     name: str,
     step: Callable[[], Awaitable[object]],
@@ -43,12 +47,13 @@ async def run_periodically(
     on_error: Callable[[Exception], object] | None = None,
 ) -> None:
     """`step()`, then wait `interval` seconds (a callable: asked after each pass), until
-    cancelled. `wait_first`: wait before the first pass too. `wake`: setting it ends a wait
-    early; it is cleared after each pass, so a pass that sets it (its own failure pokes it)
-    does not start the next one at once. `woken_by_others`: it is cleared before each pass
-    instead, so work announced while a pass runs (a job queued meanwhile) starts the next
-    pass at once. A failure is counted; one of the `quiet` kinds (an
-    outage the next pass simply retries) is not logged; `on_error` sees every failure."""
+    cancelled or a step returns `STOP`. `wait_first`: wait before the first pass too.
+    `wake`: setting it ends a wait early; it is cleared after each pass, so a pass that sets
+    it (its own failure pokes it) does not start the next one at once. `woken_by_others`:
+    it is cleared before each pass instead, so work announced while a pass runs (a job
+    queued meanwhile) starts the next pass at once. A failure is counted; one of the `quiet`
+    kinds (an outage the next pass simply retries) is not logged; `on_error` sees every
+    failure."""
 
     async def pause() -> None:
         delay = interval() if callable(interval) else interval
@@ -67,7 +72,8 @@ async def run_periodically(
         if wake is not None and woken_by_others:
             wake.clear()
         try:
-            await step()
+            if await step() is STOP:
+                return
         except asyncio.CancelledError:
             stop_if_cancelled()
             log.warning("background pass cancelled from within; going on", task=name)

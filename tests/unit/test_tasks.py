@@ -1,5 +1,5 @@
-"""The background loop: a failed pass is counted and the next one follows; only a
-cancellation of its own task stops it."""
+"""The background loop: a failed pass is counted and the next one follows; a cancellation of
+its own task stops it, and so does a step that says it has nothing left to do."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from prometheus_client import REGISTRY
 
-from shared.tasks import BackgroundTask, run_periodically
+from shared.tasks import STOP, BackgroundTask, run_periodically
 
 
 def _failures(task: str) -> float:
@@ -83,3 +83,15 @@ async def test_work_announced_during_a_pass_starts_the_next_one_at_once() -> Non
     with pytest.raises(asyncio.CancelledError):
         await task
     assert passes == 2
+
+
+async def test_a_step_with_nothing_left_to_do_ends_the_loop() -> None:
+    passes = 0
+
+    async def step() -> object:
+        nonlocal passes
+        passes += 1
+        return STOP if passes == 3 else None
+
+    await asyncio.wait_for(run_periodically("ending pass", step, 0), 5)
+    assert passes == 3
