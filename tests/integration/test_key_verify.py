@@ -12,7 +12,13 @@ import redis.asyncio as aioredis
 
 from deploy.devstack.servers import RedisServer
 from key_service import keyformat
-from key_service.ratelimit import POPULATE_SCRIPT, VERIFY_SCRIPT, LocalLimiter, per_minute
+from key_service.ratelimit import (
+    POPULATE_SCRIPT,
+    VERIFY_SCRIPT,
+    Decision,
+    LocalLimiter,
+    per_minute,
+)
 from key_service.verify import VERIFY, rate_key, record_key
 from myl.key.v1 import key_pb2
 from shared.config import ServerConfig
@@ -231,6 +237,16 @@ async def test_dry_run_counts_nothing(key_service: RunningKeyService, db_conn: A
     assert (await cur.fetchone())[0] == 1
 
 
+def script_reply(decision: Decision) -> list[int]:
+    """What the verify scripts answer after the record for `decision`."""
+    return [
+        int(decision.allowed),
+        decision.remaining,
+        decision.reset_us,
+        decision.retry_after_us,
+    ]
+
+
 async def test_lua_and_python_gcra_agree(clean_redis: RedisServer) -> None:
     """The scripts and the Python step (`per_minute`, `gcra_step`, `step_decision`) from a
     fresh key."""
@@ -253,12 +269,7 @@ async def test_lua_and_python_gcra_agree(clean_redis: RedisServer) -> None:
         if new_tat is not None:
             tat = new_tat
         assert reply[0] == record
-        assert reply[1:] == [
-            int(expected.allowed),
-            expected.remaining,
-            expected.reset_us,
-            expected.retry_after_us,
-        ], f"step {i}"
+        assert reply[1:] == script_reply(expected), f"step {i}"
     await client.aclose()
 
 
@@ -285,12 +296,7 @@ async def test_lua_and_the_local_limiter_agree(clean_redis: RedisServer, limit: 
             reply = await verify(keys=keys, args=[now, 1 if apply else 0])
         expected = limiter.check(b"k", limit, now, apply)
         assert reply[0] == record
-        assert reply[1:] == [
-            int(expected.allowed),
-            expected.remaining,
-            expected.reset_us,
-            expected.retry_after_us,
-        ], f"step {i}"
+        assert reply[1:] == script_reply(expected), f"step {i}"
     await client.aclose()
 
 
